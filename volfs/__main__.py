@@ -1,0 +1,5 @@
+import sys
+
+from volfs.cli import main
+
+sys.exit(main())

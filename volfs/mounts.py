@@ -1,0 +1,69 @@
+"""The host's mount table as volfs sees it, and detaching FUSE mounts."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+from pathlib import Path
+from typing import NamedTuple
+
+FSTYPE = "fuse.volfs"
+
+
+class MountEntry(NamedTuple):
+    device: str  #: "major:minor"
+    mountpoint: str
+    fstype: str
+    source: str
+    options: str
+
+
+def _unescape(field: str) -> str:
+    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), field)
+
+
+def mount_table() -> list[MountEntry]:
+    """Every mount of this process's mount namespace, from /proc/self/mountinfo."""
+    entries = []
+    with open("/proc/self/mountinfo") as info:
+        for line in info:
+            fields = line.split()
+            sep = fields.index("-")
+            entries.append(
+                MountEntry(
+                    fields[2],
+                    _unescape(fields[4]),
+                    fields[sep + 1],
+                    _unescape(fields[sep + 2]),
+                    fields[5],
+                )
+            )
+    return entries
+
+
+def find_mount(mountpoint: str | Path) -> MountEntry | None:
+    """The topmost mount at *mountpoint*, if any."""
+    path = str(mountpoint)
+    found = None
+    for entry in mount_table():
+        if entry.mountpoint == path:
+            found = entry
+    return found
+
+
+def volfs_mounts() -> list[MountEntry]:
+    return [e for e in mount_table() if e.fstype == FSTYPE]
+
+
+def detach(mountpoint: str | Path, lazy: bool = False) -> str | None:
+    """Unmount a FUSE mount; return None on success, else fusermount3's complaint."""
+    args = ["fusermount3", "-uz" if lazy else "-u", str(mountpoint)]
+    try:
+        done = subprocess.run(args, capture_output=True, text=True, timeout=60)
+    except FileNotFoundError:
+        return "fusermount3 is not installed (apt-get install fuse3)"
+    except subprocess.TimeoutExpired:
+        return "fusermount3 did not finish within 60 s"
+    if done.returncode == 0:
+        return None
+    return (done.stderr.strip().splitlines() or ["failed"])[-1]

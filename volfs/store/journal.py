@@ -1,0 +1,109 @@
+"""The metadata journal: the records that describe every change to a volume, and checkpoints.
+
+Each file system operation is written as ONE log frame whose meta part is a list of records,
+so an operation is in the store entirely or not at all.  A record is a msgpack array whose
+first element is its kind:
+
+=========  ==================================================================================
+INODE      ``[1, ino, mode, uid, gid, rdev, size, atime_ns, mtime_ns, ctime_ns, target]``
+           creates the inode or replaces its attributes; a smaller size truncates the file.
+LINK       ``[2, parent, name, ino]`` adds a directory entry.
+UNLINK     ``[3, parent, name]`` removes a directory entry.
+RENAME     ``[4, old_parent, old_name, new_parent, new_name]`` moves an entry (the target name
+           is free: a replaced target is UNLINKed first in the same frame).
+EXCHANGE   ``[5, parent_a, name_a, parent_b, name_b]`` swaps what two entries point to.
+WRITE      ``[6, ino, offset, length, sums, mtime_ns]``: the frame's data part holds the bytes;
+           ``sums`` are their block checksums.  ``mtime_ns`` None marks a relocation by the
+           compactor, which changes no attribute.
+XATTR      ``[7, ino, name, value]``; value None removes the attribute.
+SYNC       ``[8, seg, pos]``: everything before this log position was on stable storage
+           before this record was written (see ``Volume.sync``).
+EXTENTS    ``[9, ino, [[start, length, skip, seg, pos, frame_length, sums], ...]]``
+CHECKPOINT ``[10, format, seg, pos, next_ino]``: a checkpoint covers the log up to (seg, pos).
+=========  ==================================================================================
+
+EXTENTS and CHECKPOINT appear only in checkpoint files.  Link counts are not stored: they are
+counted from LINK/UNLINK, so they cannot disagree with the directory tree.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Iterator
+
+from volfs.store import frame
+
+INODE = 1
+LINK = 2
+UNLINK = 3
+RENAME = 4
+EXCHANGE = 5
+WRITE = 6
+XATTR = 7
+SYNC = 8
+EXTENTS = 9
+CHECKPOINT = 10
+
+CHECKPOINT_FILE = "checkpoint"
+_CHECKPOINT_TMP = "checkpoint.tmp"
+#: Records per checkpoint frame: big enough to amortise the header, small enough to decode.
+RECORDS_PER_FRAME = 4096
+
+
+class CheckpointDamage(Exception):
+    pass
+
+
+def write_checkpoint(dir_fd: int, records: Iterable[list]) -> int:
+    """Write *records* as the volume's checkpoint, atomically and durably; return its size."""
+    fd = os.open(
+        _CHECKPOINT_TMP,
+        os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC,
+        0o600,
+        dir_fd=dir_fd,
+    )
+    size = 0
+    try:
+        with os.fdopen(fd, "wb", buffering=1 << 20, closefd=False) as out:
+            batch: list[list] = []
+            for record in records:
+                batch.append(record)
+                if len(batch) == RECORDS_PER_FRAME:
+                    size += sum(out.write(b) for b in frame.encode(batch))
+                    batch = []
+            if batch:
+                size += sum(out.write(b) for b in frame.encode(batch))
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.rename(_CHECKPOINT_TMP, CHECKPOINT_FILE, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+    os.fsync(dir_fd)
+    return size
+
+
+def read_checkpoint(dir_fd: int) -> Iterator[list] | None:
+    """The records of the volume's checkpoint, or None if it has none yet.
+
+    Raises `CheckpointDamage` if any frame fails its checksum: a checkpoint was written and
+    synced before it replaced the previous one, so damage here is never a torn write.
+    """
+    try:
+        fd = os.open(CHECKPOINT_FILE, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
+    except FileNotFoundError:
+        return None
+    return _checkpoint_records(fd)
+
+
+def _checkpoint_records(fd: int) -> Iterator[list]:
+    with os.fdopen(fd, "rb", buffering=1 << 20) as src:
+        offset = 0
+        while header := src.read(frame.HEADER.size):
+            try:
+                meta_len, data_len, _ = frame.decode_header(header)
+                batch = frame.decode_meta(header, src.read(meta_len))
+            except frame.FrameError as exc:
+                raise CheckpointDamage(f"checkpoint frame at offset {offset}: {exc}") from None
+            if data_len or not isinstance(batch, list):
+                raise CheckpointDamage(f"checkpoint frame at offset {offset} is not a record list")
+            yield from batch
+            offset += len(header) + meta_len

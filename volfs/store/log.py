@@ -1,0 +1,246 @@
+"""The append-only log of a volume: numbered segment files of frames.
+
+This is the storage backend interface of a volume: frames go in at the end (``append``), data
+parts come back by position (``read``), ``sync`` makes everything appended so far durable, and
+``frames`` replays the log from a position.  Everything above it (the volume model, the FUSE
+operations) sees only positions ``(segment, offset)``; an object-store backend would keep
+segments as objects and offer the same five calls.
+
+Each segment starts with a header frame naming the volume and the segment number, so a segment
+copied from elsewhere or renamed is refused rather than replayed.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+from collections.abc import Iterator
+from typing import NamedTuple
+
+from volfs.store import frame
+
+log = logging.getLogger(__name__)
+
+SEGMENT_PREFIX = "seg-"
+SEGMENT_SUFFIX = ".log"
+SEGMENT_KIND = "volfs-segment"
+#: Open segment files kept for reading; older ones are closed and reopened on demand.
+MAX_OPEN_SEGMENTS = 256
+OPEN_FLAGS = os.O_NOFOLLOW | os.O_CLOEXEC
+
+
+class Position(NamedTuple):
+    seg: int
+    pos: int
+
+
+class LogFrame(NamedTuple):
+    """A frame found while replaying the log."""
+
+    at: Position  #: where the frame starts
+    end: Position  #: where the next frame starts
+    meta: object
+    data_pos: int
+    data_len: int
+
+
+class LogDamage(Exception):
+    """A frame that failed its checksum, with where it is."""
+
+    def __init__(self, at: Position, reason: str) -> None:
+        super().__init__(f"segment {at.seg} offset {at.pos}: {reason}")
+        self.at = at
+        self.reason = reason
+
+
+def segment_name(seg: int) -> str:
+    return f"{SEGMENT_PREFIX}{seg:08d}{SEGMENT_SUFFIX}"
+
+
+class SegmentLog:
+    """Append frames to, and read data back from, the segment files in one directory."""
+
+    def __init__(self, dir_fd: int, volume_id: str, segment_size: int) -> None:
+        self._dir_fd = dir_fd
+        self._volume_id = volume_id
+        self.segment_size = segment_size
+        self._fds: dict[int, int] = {}
+        self._dirty: set[int] = set()
+        self._dir_dirty = False
+        self.segments: list[int] = sorted(self._list_segments())
+        self.head = Position(0, 0)  #: where the next frame goes; set by ``start_appending``
+
+    def _list_segments(self) -> Iterator[int]:
+        for name in os.listdir(self._dir_fd):
+            if name.startswith(SEGMENT_PREFIX) and name.endswith(SEGMENT_SUFFIX):
+                number = name[len(SEGMENT_PREFIX) : -len(SEGMENT_SUFFIX)]
+                if number.isdigit():
+                    yield int(number)
+
+    def _fd(self, seg: int) -> int:
+        fd = self._fds.get(seg)
+        if fd is None:
+            if len(self._fds) >= MAX_OPEN_SEGMENTS:
+                victim = next(s for s in self._fds if s != self.head.seg)
+                os.close(self._fds.pop(victim))
+            fd = os.open(segment_name(seg), os.O_RDWR | OPEN_FLAGS, dir_fd=self._dir_fd)
+            self._fds[seg] = fd
+        return fd
+
+    def _segment_header(self, seg: int) -> list[bytes]:
+        return frame.encode([SEGMENT_KIND, self._volume_id, seg])
+
+    # -- replay -------------------------------------------------------------------------
+
+    def frames(self, start: Position) -> Iterator[LogFrame]:
+        """Yield every frame from *start* to the end of the log.
+
+        Raises `LogDamage` at the first frame whose header or meta fails its checksum (or is
+        cut short); what follows it cannot be located, so replay has to stop there.
+        """
+        for seg in self.segments:
+            if seg < start.seg:
+                continue
+            fd = self._fd(seg)
+            size = os.fstat(fd).st_size
+            pos = start.pos if seg == start.seg else 0
+            if pos == 0:
+                pos = self._check_segment_header(seg, fd, size)
+            while pos < size:
+                header = os.pread(fd, frame.HEADER.size, pos)
+                at = Position(seg, pos)
+                try:
+                    meta_len, data_len, _ = frame.decode_header(header)
+                    meta = frame.decode_meta(header, os.pread(fd, meta_len, pos + len(header)))
+                except frame.FrameError as exc:
+                    raise LogDamage(at, str(exc)) from None
+                data_pos = pos + frame.HEADER.size + meta_len
+                end = data_pos + data_len
+                if end > size:
+                    raise LogDamage(at, "data part cut short")
+                yield LogFrame(at, Position(seg, end), meta, data_pos, data_len)
+                pos = end
+
+    def _check_segment_header(self, seg: int, fd: int, size: int) -> int:
+        header = os.pread(fd, frame.HEADER.size, 0)
+        at = Position(seg, 0)
+        if not header and seg == self.segments[-1]:
+            return 0  # created, then cut off before its header reached the disk
+        try:
+            meta_len, _, _ = frame.decode_header(header)
+            meta = frame.decode_meta(header, os.pread(fd, meta_len, frame.HEADER.size))
+        except frame.FrameError as exc:
+            raise LogDamage(at, f"segment header: {exc}") from None
+        if meta != [SEGMENT_KIND, self._volume_id, seg]:
+            raise LogDamage(at, f"segment header names another segment or volume: {meta!r}")
+        return frame.HEADER.size + meta_len
+
+    def discard_after(self, at: Position) -> int:
+        """Cut the log back to *at*, dropping later segments; return the bytes dropped."""
+        dropped = 0
+        for seg in [s for s in self.segments if s > at.seg]:
+            dropped += os.stat(segment_name(seg), dir_fd=self._dir_fd).st_size
+            self.remove_segment(seg)
+        if at.seg in self.segments:
+            fd = self._fd(at.seg)
+            dropped += max(0, os.fstat(fd).st_size - at.pos)
+            os.ftruncate(fd, at.pos)
+            os.fsync(fd)
+        return dropped
+
+    # -- appending ----------------------------------------------------------------------
+
+    def start_appending(self, at: Position) -> None:
+        """Continue the log at *at*, the end that replay found (``(0, 0)``: nothing found)."""
+        self.discard_after(at)  # anything beyond the end replay found holds no valid frame
+        if at.seg == 0:
+            self._new_segment(1)
+        elif at.pos == 0:
+            end = self._write(self._fd(at.seg), self._segment_header(at.seg), 0)
+            self.head = Position(at.seg, end)
+            self._dirty.add(at.seg)
+        else:
+            self.head = at
+
+    def _new_segment(self, seg: int) -> None:
+        fd = os.open(
+            segment_name(seg),
+            os.O_RDWR | os.O_CREAT | os.O_EXCL | OPEN_FLAGS,
+            0o600,
+            dir_fd=self._dir_fd,
+        )
+        self._fds[seg] = fd
+        self.segments.append(seg)
+        self._dir_dirty = True
+        self._dirty.add(seg)
+        end = self._write(fd, self._segment_header(seg), 0)
+        self.head = Position(seg, end)
+
+    @staticmethod
+    def _write(fd: int, buffers: list[bytes], pos: int) -> int:
+        """Write all of *buffers* at *pos*; on failure leave nothing of them behind."""
+        total = sum(len(b) for b in buffers)
+        try:
+            done = os.pwritev(fd, buffers, pos)
+            if done < total:  # rare: a signal or a nearly full disk; finish piece by piece
+                rest = memoryview(b"".join(buffers))
+                while done < total:
+                    n = os.pwrite(fd, rest[done:], pos + done)
+                    if n == 0:
+                        raise OSError(errno.EIO, "store write made no progress")
+                    done += n
+        except OSError:
+            try:
+                os.ftruncate(fd, pos)
+            except OSError:
+                log.exception("could not cut a failed frame off the log at offset %d", pos)
+            raise
+        return pos + total
+
+    def append(self, meta_obj: object, data: bytes = b"") -> tuple[Position, int]:
+        """Append one frame; return where it starts and where its data part starts."""
+        buffers = frame.encode(meta_obj, data)
+        if self.head.pos >= self.segment_size:
+            self._new_segment(self.head.seg + 1)
+        seg, pos = self.head
+        end = self._write(self._fds.get(seg) or self._fd(seg), buffers, pos)
+        self._dirty.add(seg)
+        self.head = Position(seg, end)
+        return Position(seg, pos), end - len(data)
+
+    # -- reading, syncing, cleaning ------------------------------------------------------
+
+    def read(self, seg: int, pos: int, length: int) -> bytes:
+        data = os.pread(self._fds.get(seg) or self._fd(seg), length, pos)
+        if len(data) != length:
+            raise LogDamage(Position(seg, pos), f"segment ends {length - len(data)} bytes early")
+        return data
+
+    def sync(self) -> Position:
+        """Make every frame appended so far durable; return the durable end of the log."""
+        for seg in sorted(self._dirty):
+            os.fdatasync(self._fd(seg))
+        self._dirty.clear()
+        if self._dir_dirty:
+            os.fsync(self._dir_fd)
+            self._dir_dirty = False
+        return self.head
+
+    def segment_bytes(self) -> int:
+        """Bytes held by all segment files."""
+        return sum(os.fstat(self._fd(s)).st_size for s in self.segments)
+
+    def remove_segment(self, seg: int) -> None:
+        fd = self._fds.pop(seg, None)
+        if fd is not None:
+            os.close(fd)
+        os.unlink(segment_name(seg), dir_fd=self._dir_fd)
+        self.segments.remove(seg)
+        self._dirty.discard(seg)
+        self._dir_dirty = True
+
+    def close(self) -> None:
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()

@@ -1,0 +1,506 @@
+"""One volume: its metadata held in memory, every change journaled to the log before it counts.
+
+`Volume` is the persistent model under the FUSE operations.  Its mutating methods assume the
+caller has already checked POSIX rules (the FUSE layer does that and picks the errno); each
+method builds the journal records for one operation, appends them as one frame, and only then
+applies them to memory through `_apply`, the same code that replays the log at mount.  So the
+state after a crash is exactly the state built from the frames that reached the store.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import stat
+from collections.abc import Iterator
+
+from volfs.errors import DataDamaged, VolumeDamaged
+from volfs.store import frame, journal
+from volfs.store.dirents import DirEntries
+from volfs.store.extents import ExtentMap, Frame
+from volfs.store.journal import (
+    CHECKPOINT,
+    EXCHANGE,
+    EXTENTS,
+    INODE,
+    LINK,
+    RENAME,
+    SYNC,
+    UNLINK,
+    WRITE,
+    XATTR,
+)
+from volfs.store.log import LogDamage, Position, SegmentLog
+
+log = logging.getLogger(__name__)
+
+ROOT_INO = 1
+FORMAT = 1
+#: Take a checkpoint when the log has grown this much since the last one, or by the size of
+#: the last checkpoint if that is larger, so checkpoint cost stays proportional to writes.
+CHECKPOINT_AFTER = 256 * 1024 * 1024
+
+
+class Inode:
+    __slots__ = (
+        "atime_ns",
+        "ctime_ns",
+        "entries",
+        "extents",
+        "gid",
+        "ino",
+        "lookups",
+        "mode",
+        "mtime_ns",
+        "nlink",
+        "opens",
+        "parent",
+        "rdev",
+        "size",
+        "stored",
+        "target",
+        "uid",
+        "xattrs",
+    )
+
+    def __init__(self, ino: int, mode: int) -> None:
+        self.ino = ino
+        self.mode = mode
+        self.uid = self.gid = self.rdev = self.size = 0
+        self.stored = 0  #: bytes of data in the log (holes excluded)
+        self.atime_ns = self.mtime_ns = self.ctime_ns = 0
+        self.target: bytes | None = None
+        self.xattrs: dict[bytes, bytes] | None = None
+        self.entries = DirEntries() if stat.S_ISDIR(mode) else None
+        self.extents = ExtentMap() if stat.S_ISREG(mode) else None
+        self.parent = 0
+        # A directory counts "." and its entry in the parent; the root is its own parent.
+        self.nlink = (2 if ino == ROOT_INO else 1) if stat.S_ISDIR(mode) else 0
+        self.lookups = 0  #: references the kernel holds (lookup counts)
+        self.opens = 0  #: open file handles
+
+    def record(self) -> list:
+        return [
+            INODE,
+            self.ino,
+            self.mode,
+            self.uid,
+            self.gid,
+            self.rdev,
+            self.size,
+            self.atime_ns,
+            self.mtime_ns,
+            self.ctime_ns,
+            self.target,
+        ]
+
+
+class Volume:
+    """The live state of one volume and the log that makes it durable."""
+
+    def __init__(self, name: str, dir_fd: int, volume_id: str, segment_size: int) -> None:
+        self.name = name
+        self._dir_fd = dir_fd
+        self.log = SegmentLog(dir_fd, volume_id, segment_size)
+        self.inodes: dict[int, Inode] = {}
+        self.live: dict[int, int] = {}  #: segment -> bytes of it that files still use
+        self.next_ino = ROOT_INO + 1
+        self.checkpoint_at = Position(0, 0)
+        self._checkpoint_size = 0
+        self._appended_since_checkpoint = 0
+
+    # -- opening and replay ---------------------------------------------------------------
+
+    def load(self, now_ns: int) -> None:
+        """Rebuild the state from the checkpoint and the log after it; create a new volume."""
+        start = Position(0, 0)
+        try:
+            records = journal.read_checkpoint(self._dir_fd)
+            if records is not None:
+                for record in records:
+                    if record[0] == CHECKPOINT:
+                        start = Position(record[2], record[3])
+                        self.next_ino = record[4]
+                    else:
+                        self._apply(record, 0, 0)
+        except (journal.CheckpointDamage, LookupError, TypeError, ValueError) as exc:
+            raise VolumeDamaged(f"volume {self.name}: checkpoint is damaged: {exc}") from None
+        self.checkpoint_at = start
+        head = self._replay(start)
+        for ino in [i.ino for i in self.inodes.values() if i.nlink == 0]:
+            self._free(self.inodes[ino])  # open but unlinked when the volume went down
+        self.log.start_appending(head)
+        if ROOT_INO not in self.inodes:
+            root = Inode(ROOT_INO, stat.S_IFDIR | 0o755)
+            root.uid, root.gid = os.getuid(), os.getgid()
+            root.atime_ns = root.mtime_ns = root.ctime_ns = now_ns
+            self.commit([root.record()])
+
+    def _replay(self, start: Position) -> Position:
+        """Apply every intact frame after *start*; cut off a torn tail; return the log's end."""
+        head = start
+        proven = start  # everything before this was durable before the crash, if any
+        try:
+            for lf in self.log.frames(start):
+                records = lf.meta
+                if lf.data_len and lf.at >= proven and not self._data_intact(lf):
+                    self._cut_tail(lf.at, "data part does not match its checksums")
+                    return lf.at
+                try:
+                    for record in records:
+                        if record[0] == SYNC:
+                            proven = max(proven, Position(record[1], record[2]))
+                        else:
+                            self._apply(record, lf.at.seg, lf.data_pos)
+                except (LookupError, TypeError, ValueError) as exc:
+                    raise VolumeDamaged(
+                        f"volume {self.name}: log record at segment {lf.at.seg} offset "
+                        f"{lf.at.pos} does not fit the volume ({exc!r}); run fsck"
+                    ) from None
+                head = lf.end
+        except LogDamage as damage:
+            if damage.at < proven:
+                raise VolumeDamaged(
+                    f"volume {self.name}: log damaged before its last durable point, at {damage}"
+                ) from None
+            self._cut_tail(damage.at, damage.reason)
+            return damage.at
+        return head
+
+    def _data_intact(self, lf) -> bool:
+        write = next((r for r in lf.meta if r[0] == WRITE), None)
+        if write is None or write[3] != lf.data_len:
+            return False
+        data = self.log.read(lf.at.seg, lf.data_pos, lf.data_len)
+        return not frame.bad_blocks(data, 0, write[4])
+
+    def _cut_tail(self, at: Position, reason: str) -> None:
+        dropped = self.log.discard_after(at)
+        log.warning(
+            "volume %s: dropped %d bytes of torn log tail at segment %d offset %d (%s): "
+            "writes that were never acknowledged or never synced",
+            self.name,
+            dropped,
+            at.seg,
+            at.pos,
+            reason,
+        )
+
+    # -- applying records (live and replay) -------------------------------------------------
+
+    def _apply(self, record: list, seg: int, data_pos: int) -> None:
+        kind = record[0]
+        if kind == WRITE:
+            _, ino, offset, length, sums, mtime_ns = record
+            inode = self.inodes[ino]
+            self._put(inode, offset, Frame(seg, data_pos, length, tuple(sums)))
+            if mtime_ns is not None:
+                inode.size = max(inode.size, offset + length)
+                inode.mtime_ns = inode.ctime_ns = mtime_ns
+        elif kind == INODE:
+            _, ino, mode, uid, gid, rdev, size, atime, mtime, ctime, target = record
+            inode = self.inodes.get(ino)
+            if inode is None:
+                inode = self.inodes[ino] = Inode(ino, mode)
+                self.next_ino = max(self.next_ino, ino + 1)
+            elif stat.S_IFMT(mode) != stat.S_IFMT(inode.mode):
+                raise ValueError(f"inode {ino} cannot change its type")
+            if inode.extents is not None and size < inode.size:
+                inode.stored -= self._release(inode.extents.truncate(size))
+            inode.mode, inode.uid, inode.gid, inode.rdev, inode.size = mode, uid, gid, rdev, size
+            inode.atime_ns, inode.mtime_ns, inode.ctime_ns = atime, mtime, ctime
+            inode.target = target
+        elif kind == LINK:
+            _, parent_ino, name, ino = record
+            parent, child = self.inodes[parent_ino], self.inodes[ino]
+            if name in parent.entries:
+                raise ValueError(f"entry {name!r} exists in {parent_ino}")
+            parent.entries.add(name, ino)
+            child.nlink += 1
+            if child.entries is not None:
+                parent.nlink += 1
+                child.parent = parent_ino
+        elif kind == UNLINK:
+            _, parent_ino, name = record
+            parent = self.inodes[parent_ino]
+            child = self.inodes[parent.entries.remove(name)]
+            if child.entries is not None:
+                parent.nlink -= 1
+                child.nlink = 0
+            else:
+                child.nlink -= 1
+        elif kind == RENAME:
+            _, old_parent_ino, old_name, new_parent_ino, new_name = record
+            old_parent, new_parent = self.inodes[old_parent_ino], self.inodes[new_parent_ino]
+            if new_name in new_parent.entries:
+                raise ValueError(f"entry {new_name!r} exists in {new_parent_ino}")
+            child = self.inodes[old_parent.entries.remove(old_name)]
+            new_parent.entries.add(new_name, child.ino)
+            if child.entries is not None:
+                old_parent.nlink -= 1
+                new_parent.nlink += 1
+                child.parent = new_parent_ino
+        elif kind == EXCHANGE:
+            _, parent_a_ino, name_a, parent_b_ino, name_b = record
+            parent_a, parent_b = self.inodes[parent_a_ino], self.inodes[parent_b_ino]
+            a = self.inodes[parent_a.entries.remove(name_a)]
+            b = self.inodes[parent_b.entries.remove(name_b)]
+            parent_a.entries.add(name_a, b.ino)
+            parent_b.entries.add(name_b, a.ino)
+            for child, old, new in ((a, parent_a, parent_b), (b, parent_b, parent_a)):
+                if child.entries is not None:
+                    old.nlink -= 1
+                    new.nlink += 1
+                    child.parent = new.ino
+        elif kind == XATTR:
+            _, ino, name, value = record
+            inode = self.inodes[ino]
+            if value is not None:
+                if inode.xattrs is None:
+                    inode.xattrs = {}
+                inode.xattrs[name] = value
+            elif inode.xattrs is not None:
+                inode.xattrs.pop(name, None)
+        elif kind == EXTENTS:
+            _, ino, extents = record
+            inode = self.inodes[ino]
+            for start, length, skip, eseg, epos, flen, sums in extents:
+                self._put(inode, start, Frame(eseg, epos, flen, tuple(sums)), length, skip)
+        elif kind != SYNC:  # SYNC matters only to replay, which reads it before applying
+            raise ValueError(f"unknown record kind {kind!r}")
+
+    def _put(self, inode: Inode, offset: int, fr: Frame, length: int = -1, skip: int = 0) -> None:
+        if length < 0:
+            length = fr.length
+        inode.stored += length - self._release(inode.extents.put(offset, length, fr, skip))
+        self.live[fr.seg] = self.live.get(fr.seg, 0) + length
+
+    def _release(self, pieces: list[tuple[Frame, int]]) -> int:
+        """Account for log data no longer used; return how many bytes that was."""
+        live = self.live
+        total = 0
+        for fr, length in pieces:
+            live[fr.seg] -= length
+            total += length
+        return total
+
+    def _free(self, inode: Inode) -> None:
+        if inode.extents is not None:
+            self._release(inode.extents.truncate(0))
+        del self.inodes[inode.ino]
+
+    # -- committing -------------------------------------------------------------------------
+
+    def commit(self, records: list[list], data: bytes = b"") -> None:
+        """Journal *records* (one operation) as one frame, then apply them."""
+        at, data_pos = self.log.append(records, data)
+        self._appended_since_checkpoint += data_pos + len(data) - at.pos
+        for record in records:
+            self._apply(record, at.seg, data_pos)
+
+    @property
+    def checkpoint_due(self) -> bool:
+        return self._appended_since_checkpoint > max(CHECKPOINT_AFTER, self._checkpoint_size)
+
+    def new_inode(self, mode: int, uid: int, gid: int, rdev: int, now_ns: int) -> Inode:
+        """An inode that exists only in memory until a record for it is committed."""
+        inode = Inode(self.next_ino, mode)
+        self.next_ino += 1
+        inode.uid, inode.gid, inode.rdev = uid, gid, rdev
+        inode.atime_ns = inode.mtime_ns = inode.ctime_ns = now_ns
+        return inode
+
+    @staticmethod
+    def _touched(inode: Inode, now_ns: int, mtime: bool = True) -> list:
+        """The INODE record of *inode* with its change (and modification) time set to now."""
+        record = inode.record()
+        record[9] = now_ns
+        if mtime:
+            record[8] = now_ns
+        return record
+
+    def set_attrs(
+        self,
+        inode: Inode,
+        *,
+        mode: int | None = None,
+        uid: int | None = None,
+        gid: int | None = None,
+        size: int | None = None,
+        atime_ns: int | None = None,
+        mtime_ns: int | None = None,
+        ctime_ns: int,
+    ) -> None:
+        record = inode.record()
+        for index, value in ((2, mode), (3, uid), (4, gid), (6, size), (7, atime_ns)):
+            if value is not None:
+                record[index] = value
+        if mtime_ns is not None:
+            record[8] = mtime_ns
+        record[9] = ctime_ns
+        self.commit([record])
+
+    def create(self, parent: Inode, name: bytes, inode: Inode, now_ns: int) -> None:
+        """Add the new *inode* (from `new_inode`) to the volume as *parent*/*name*."""
+        self.commit(
+            [inode.record(), [LINK, parent.ino, name, inode.ino], self._touched(parent, now_ns)]
+        )
+
+    def link(self, inode: Inode, parent: Inode, name: bytes, now_ns: int) -> None:
+        self.commit(
+            [
+                [LINK, parent.ino, name, inode.ino],
+                self._touched(inode, now_ns, mtime=False),
+                self._touched(parent, now_ns),
+            ]
+        )
+
+    def unlink(self, parent: Inode, name: bytes, child: Inode, now_ns: int) -> None:
+        records = [[UNLINK, parent.ino, name], self._touched(parent, now_ns)]
+        if child.entries is None and child.nlink > 1:
+            records.append(self._touched(child, now_ns, mtime=False))
+        self.commit(records)
+        self.forget(child)
+
+    def rename(
+        self,
+        old_parent: Inode,
+        old_name: bytes,
+        new_parent: Inode,
+        new_name: bytes,
+        replaced: Inode | None,
+        now_ns: int,
+    ) -> None:
+        """Move an entry, replacing *replaced* (the inode at the new name) if given."""
+        records = []
+        if replaced is not None:
+            records.append([UNLINK, new_parent.ino, new_name])
+        records.append([RENAME, old_parent.ino, old_name, new_parent.ino, new_name])
+        records += self._touched_parents(old_parent, new_parent, now_ns)
+        moved = self.inodes[old_parent.entries.get(old_name)]
+        records.append(self._touched(moved, now_ns, mtime=False))
+        self.commit(records)
+        if replaced is not None:
+            self.forget(replaced)
+
+    def exchange(
+        self, parent_a: Inode, name_a: bytes, parent_b: Inode, name_b: bytes, now_ns: int
+    ) -> None:
+        records = [[EXCHANGE, parent_a.ino, name_a, parent_b.ino, name_b]]
+        self.commit(records + self._touched_parents(parent_a, parent_b, now_ns))
+
+    def _touched_parents(self, a: Inode, b: Inode, now_ns: int) -> list[list]:
+        return [self._touched(a, now_ns)] if a is b else [self._touched(p, now_ns) for p in (a, b)]
+
+    def set_xattr(self, inode: Inode, name: bytes, value: bytes | None, now_ns: int) -> None:
+        self.commit([[XATTR, inode.ino, name, value], self._touched(inode, now_ns, mtime=False)])
+
+    def write(self, inode: Inode, offset: int, data: bytes, now_ns: int) -> None:
+        sums = frame.block_sums(data)
+        self.commit([[WRITE, inode.ino, offset, len(data), sums, now_ns]], data)
+
+    def read(self, inode: Inode, offset: int, size: int) -> bytes:
+        """Read from a regular file; raises `DataDamaged` rather than return wrong bytes."""
+        end = min(offset + size, inode.size)
+        if offset >= end:
+            return b""
+        parts = []
+        for piece_offset, length, fr, skip in inode.extents.pieces(offset, end):
+            if fr is None:
+                parts.append(bytes(length))
+            else:
+                parts.append(self._read_frame(inode, piece_offset, fr, skip, length))
+        return parts[0] if len(parts) == 1 else b"".join(parts)
+
+    def _read_frame(self, inode: Inode, offset: int, fr: Frame, skip: int, length: int) -> bytes:
+        first = skip // frame.BLOCK_SIZE
+        start = first * frame.BLOCK_SIZE
+        stop = min(fr.length, -(-(skip + length) // frame.BLOCK_SIZE) * frame.BLOCK_SIZE)
+        try:
+            buf = self.log.read(fr.seg, fr.pos + start, stop - start)
+        except LogDamage as damage:
+            log.error("volume %s: inode %d: %s", self.name, inode.ino, damage)
+            raise DataDamaged(str(damage)) from None
+        bad = frame.bad_blocks(buf, first, fr.sums)
+        if bad:
+            block = bad[0]
+            log.error(
+                "volume %s: inode %d: data block %d of the chunk at segment %d offset %d "
+                "(file offset %d) fails its checksum",
+                self.name,
+                inode.ino,
+                block,
+                fr.seg,
+                fr.pos,
+                offset - skip + block * frame.BLOCK_SIZE,
+            )
+            raise DataDamaged(f"inode {inode.ino} chunk at segment {fr.seg} offset {fr.pos}")
+        if start == skip and len(buf) == length:
+            return buf
+        return buf[skip - start : skip - start + length]
+
+    def forget(self, inode: Inode) -> None:
+        """Drop *inode* from memory if nothing refers to it any more."""
+        if inode.nlink == 0 and inode.lookups <= 0 and inode.opens <= 0 and inode.ino != ROOT_INO:
+            self._free(inode)
+
+    # -- durability -------------------------------------------------------------------------
+
+    def sync(self) -> None:
+        """Make everything committed so far durable.
+
+        The SYNC record written afterwards (and made durable by a later sync) tells replay
+        that the log before it was synced: damage there is decay to report, not a torn tail
+        to cut off.
+        """
+        end = self.log.sync()
+        self.commit([[SYNC, end.seg, end.pos]])
+
+    def checkpoint(self) -> None:
+        """Write the whole state as a checkpoint so replay starts from the log's end."""
+        end = self.log.sync()
+        self._checkpoint_size = journal.write_checkpoint(self._dir_fd, self._state_records(end))
+        self.checkpoint_at = end
+        self._appended_since_checkpoint = 0
+        for seg in list(self.log.segments):
+            if seg < end.seg and self.live.get(seg, 0) == 0:
+                self.log.remove_segment(seg)
+                self.live.pop(seg, None)
+        self.log.sync()
+
+    def _state_records(self, end: Position) -> Iterator[list]:
+        yield [CHECKPOINT, FORMAT, end.seg, end.pos, self.next_ino]
+        for inode in self.inodes.values():
+            yield inode.record()
+            if inode.xattrs:
+                for name, value in inode.xattrs.items():
+                    yield [XATTR, inode.ino, name, value]
+            if inode.extents:
+                yield [
+                    EXTENTS,
+                    inode.ino,
+                    [
+                        [e.start, e.length, e.skip, *e.frame[:3], list(e.frame.sums)]
+                        for e in inode.extents
+                    ],
+                ]
+        for inode in self.inodes.values():
+            if inode.entries is not None:
+                for name, ino in inode.entries.names():
+                    yield [LINK, inode.ino, name, ino]
+
+    def close(self) -> None:
+        """Checkpoint (so the next mount starts fast) and close the log."""
+        self.checkpoint()
+        self.log.close()
+        os.close(self._dir_fd)
+
+    # -- figures --------------------------------------------------------------------------
+
+    def disk_stats(self) -> os.statvfs_result:
+        """Capacity figures of the file system that holds the store."""
+        return os.statvfs(self._dir_fd)
+
+    def used_bytes(self) -> int:
+        """Bytes of file data the volume holds (holes and overwritten data not counted)."""
+        return sum(self.live.values())

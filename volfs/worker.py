@@ -1,0 +1,142 @@
+"""The mount worker: one process that serves one volume at one mount point.
+
+pyfuse3 keeps its session in process-global state, so each served volume needs a process of
+its own; the CLI (and later the supervisor) starts this module as that process.  The worker
+reports readiness on a pipe once the mount is live, so its starter can return only then.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import logging
+import os
+import signal
+import sys
+from pathlib import Path
+
+import pyfuse3
+import trio
+
+from volfs import mounts
+from volfs.errors import VolfsError
+from volfs.fsops import VolumeOperations
+from volfs.store.root import StoreRoot
+from volfs.store.volume import Volume
+
+log = logging.getLogger(__name__)
+
+#: How often the worker checks whether a checkpoint is due.
+HOUSEKEEPING_INTERVAL = 1.0
+#: Larger kernel read-ahead for the mount: reads otherwise arrive in 128 KiB pieces.
+READ_AHEAD_KB = 1024
+
+
+def mount_options(name: str, read_only: bool) -> set[str]:
+    options = set(pyfuse3.default_options)  # default_permissions: the kernel checks modes
+    options |= {f"fsname={name}", "subtype=volfs"}
+    if os.geteuid() == 0 or _user_allow_other():
+        options.add("allow_other")  # containers run as other uids
+    if read_only:
+        options.add("ro")
+    return options
+
+
+def _user_allow_other() -> bool:
+    try:
+        with open("/etc/fuse.conf") as conf:
+            return any(line.strip() == "user_allow_other" for line in conf)
+    except OSError:
+        return False
+
+
+def _raise_read_ahead(mountpoint: Path) -> None:
+    """Best effort: only root may write the mount's bdi settings.
+
+    The device number comes from the mount table: a stat() of the mount point would wait for
+    this very process to answer it.
+    """
+    entry = mounts.find_mount(mountpoint)
+    if entry is None:
+        return
+    try:
+        Path(f"/sys/class/bdi/{entry.device}/read_ahead_kb").write_text(str(READ_AHEAD_KB))
+    except OSError as exc:
+        log.debug("could not raise read-ahead of %s: %s", mountpoint, exc)
+
+
+async def _housekeeping(volume: Volume) -> None:
+    while True:
+        await trio.sleep(HOUSEKEEPING_INTERVAL)
+        if volume.checkpoint_due:
+            volume.checkpoint()
+
+
+async def _stop_on_signals() -> None:
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
+        async for signum in signals:
+            log.info("received %s: unmounting", signal.Signals(signum).name)
+            pyfuse3.terminate()
+            return
+
+
+async def _serve(volume: Volume) -> None:
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(_housekeeping, volume)
+        nursery.start_soon(_stop_on_signals)
+        await pyfuse3.main()
+        nursery.cancel_scope.cancel()
+
+
+def serve(root: Path, name: str, mountpoint: Path, read_only: bool, ready_fd: int | None) -> None:
+    """Serve volume *name* at *mountpoint* until it is unmounted or a signal arrives."""
+    volume = StoreRoot(root).open_volume(name)
+    operations = VolumeOperations(volume, read_only=read_only)
+    try:
+        pyfuse3.init(operations, str(mountpoint), mount_options(name, read_only))
+    except RuntimeError as exc:
+        volume.close()
+        raise VolfsError(f"cannot mount {name} at {mountpoint}: {exc}") from None
+    clean = False
+    try:
+        _raise_read_ahead(mountpoint)
+        log.info("volume %s mounted at %s (pid %d)", name, mountpoint, os.getpid())
+        if ready_fd is not None:
+            os.write(ready_fd, b"ok\n")
+            os.close(ready_fd)
+            ready_fd = None
+        trio.run(_serve, volume)
+        clean = True
+    finally:
+        # unmount=True detaches the mount if the kernel still has it (signal, error).
+        pyfuse3.close(unmount=True)
+        volume.close()
+        log.info("volume %s at %s: %s", name, mountpoint, "unmounted" if clean else "stopped")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m volfs.worker")
+    parser.add_argument("--root", required=True, type=Path)
+    parser.add_argument("--name", required=True)
+    parser.add_argument("--mountpoint", required=True, type=Path)
+    parser.add_argument("--read-only", action="store_true")
+    parser.add_argument("--ready-fd", type=int)
+    parser.add_argument("--debug", action="store_true")
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.debug else logging.INFO,
+        format="%(asctime)s volfsd[%(process)d] %(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        serve(args.root, args.name, args.mountpoint, args.read_only, args.ready_fd)
+    except VolfsError as exc:
+        log.error("%s", exc)
+        if args.ready_fd is not None:
+            with contextlib.suppress(OSError):
+                os.write(args.ready_fd, f"error: {exc}\n".encode())
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
