@@ -182,8 +182,9 @@ class VolumeOperations(pyfuse3.Operations):
             if node.extents is None:
                 raise _fail(errno.EISDIR if node.entries is not None else errno.EINVAL)
             size = attr.st_size
-        if not fields.update_mtime and size is not None:
-            attr.st_mtime_ns, fields.update_mtime = now, True  # truncation is a modification
+        mtime = attr.st_mtime_ns if fields.update_mtime else None
+        if mtime is None and size is not None:
+            mtime = now  # a truncation is a modification
         self.volume.set_attrs(
             node,
             mode=(node.mode & ~0o7777) | (attr.st_mode & 0o7777) if fields.update_mode else None,
@@ -191,9 +192,7 @@ class VolumeOperations(pyfuse3.Operations):
             gid=attr.st_gid if fields.update_gid else None,
             size=size,
             atime_ns=attr.st_atime_ns if fields.update_atime else None,
-            mtime_ns=attr.st_mtime_ns
-            if fields.update_mtime
-            else (now if size is not None else None),
+            mtime_ns=mtime,
             ctime_ns=attr.st_ctime_ns if fields.update_ctime else now,
         )
         return self._attrs(node)
@@ -331,6 +330,10 @@ class VolumeOperations(pyfuse3.Operations):
         node = self._inode(inode)
         if node.extents is None:
             raise _fail(errno.EISDIR if node.entries is not None else errno.EINVAL)
+        if flags & os.O_TRUNC and node.size:  # the kernel leaves O_TRUNC to us (atomic_o_trunc)
+            self._writable()
+            now = time.time_ns()
+            self.volume.set_attrs(node, size=0, mtime_ns=now, ctime_ns=now)
         return self._open(node, flags)
 
     @_errno_guard

@@ -1,0 +1,149 @@
+"""Fixtures that mount real volfs volumes through the kernel and always clean up after them.
+
+Every mount is made with the real CLI (``python -m volfs mount``) in a temporary store root,
+and every mount and worker process a test started is removed at teardown, also when the test
+failed: ``fusermount3 -u``, then SIGKILL of the worker by pid and ``fusermount3 -uz``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from volfs import mounts
+
+VOLFSD = [sys.executable, "-m", "volfs"]
+
+
+def volfsd(*args: str, root: Path, check: bool = True, **kwargs) -> subprocess.CompletedProcess:
+    """Run the CLI with *root* as the store root; return the finished process."""
+    env = {**os.environ, "VOLFS_ROOT": str(root)}
+    done = subprocess.run(
+        [*VOLFSD, *args], env=env, capture_output=True, text=True, timeout=120, **kwargs
+    )
+    if check and done.returncode != 0:
+        raise AssertionError(f"volfsd {' '.join(args)} failed: {done.stderr.strip()}")
+    return done
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # A zombie is not alive for our purposes.
+    with contextlib.suppress(OSError), open(f"/proc/{pid}/stat") as st:
+        return st.read().split(") ", 1)[1][0] != "Z"
+    return False
+
+
+def _wait_gone(pid: int, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not _alive(pid):
+            return True
+        time.sleep(0.02)
+    return not _alive(pid)
+
+
+class Volume:
+    """A volume in a private store root, mounted (and remounted) at paths under tmp_path."""
+
+    def __init__(self, root: Path, name: str, tmp: Path) -> None:
+        self.root = root
+        self.name = name
+        self._tmp = tmp
+        self._mounts = 0
+        self.path: Path | None = None
+        self.pid: int | None = None
+        self._pids: set[int] = set()
+        self._paths: list[Path] = []
+
+    @property
+    def store(self) -> Path:
+        return self.root / "volumes" / self.name
+
+    @property
+    def log_file(self) -> Path:
+        return self.root / "logs" / f"{self.name}.log"
+
+    def mount(self, path: Path | None = None, *extra: str) -> Path:
+        if path is None:
+            self._mounts += 1
+            path = self._tmp / f"mnt{self._mounts}"
+        self._paths.append(path)
+        volfsd("mount", self.name, str(path), *extra, root=self.root)
+        self.path = path
+        self.pid = int((self.store / "lock").read_text().split()[0])
+        self._pids.add(self.pid)
+        return path
+
+    def unmount(self) -> None:
+        assert self.path is not None
+        volfsd("umount", str(self.path), root=self.root)
+        assert _wait_gone(self.pid, 30), "worker still running after umount"
+        self.path = self.pid = None
+
+    def remount(self) -> Path:
+        """Unmount and mount again at a new path: nothing may survive but the store."""
+        self.unmount()
+        return self.mount()
+
+    def kill(self) -> None:
+        """SIGKILL the serving process (a crash) and clear the dead mount it leaves."""
+        assert self.pid is not None and self.path is not None
+        os.kill(self.pid, signal.SIGKILL)
+        assert _wait_gone(self.pid, 30)
+        mounts.detach(self.path, lazy=True)
+        self.path = self.pid = None
+
+    def cleanup(self) -> None:
+        for path in reversed(self._paths):
+            if mounts.find_mount(path) is not None and mounts.detach(path) is not None:
+                for pid in self._pids:
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(pid, signal.SIGKILL)
+                mounts.detach(path, lazy=True)
+        for pid in self._pids:
+            if not _wait_gone(pid, 10):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+                _wait_gone(pid, 10)
+
+
+@pytest.fixture
+def store_root(tmp_path: Path) -> Path:
+    return tmp_path / "store"
+
+
+@pytest.fixture
+def volume(tmp_path: Path, store_root: Path):
+    """A fresh volume, not yet mounted; everything it mounts is gone after the test."""
+    vol = Volume(store_root, "testvol", tmp_path)
+    try:
+        yield vol
+    finally:
+        vol.cleanup()
+
+
+@pytest.fixture
+def mnt(volume: Volume) -> Path:
+    """The mount point of a fresh, mounted volume."""
+    return volume.mount()
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _no_mount_left_behind(tmp_path_factory):
+    yield
+    base = str(tmp_path_factory.getbasetemp())
+    left = [m.mountpoint for m in mounts.volfs_mounts() if m.mountpoint.startswith(base)]
+    for path in left:
+        mounts.detach(path, lazy=True)
+    assert not left, f"tests left mounts behind: {left}"
