@@ -136,6 +136,29 @@ class SegmentLog:
             raise LogDamage(at, f"segment header names another segment or volume: {meta!r}")
         return frame.HEADER.size + meta_len
 
+    def find_frames(self, after: Position, meta_prefix: bytes) -> Iterator[object]:
+        """Decoded meta of every intact frame after *after* whose meta starts with *meta_prefix*.
+
+        Used only after damage, when frame boundaries are lost: it searches the raw bytes for
+        the prefix and keeps the candidates whose header checksum holds.
+        """
+        for seg in self.segments:
+            if seg < after.seg:
+                continue
+            fd = self._fd(seg)
+            raw = os.pread(fd, os.fstat(fd).st_size, 0)
+            i = after.pos if seg == after.seg else 0
+            while (i := raw.find(meta_prefix, i + 1)) >= 0:
+                start = i - frame.HEADER.size
+                if start < 0:
+                    continue
+                header = raw[start:i]
+                try:
+                    meta_len, _, _ = frame.decode_header(header)
+                    yield frame.decode_meta(header, raw[i : i + meta_len])
+                except frame.FrameError:
+                    continue
+
     def discard_after(self, at: Position) -> int:
         """Cut the log back to *at*, dropping later segments; return the bytes dropped."""
         dropped = 0

@@ -109,8 +109,8 @@ class StoreRoot:
     def open_volume(self, name: str, create: bool = True) -> Volume:
         """Lock and load volume *name*, creating it first if it is new and *create* is set.
 
-        The caller owns the returned volume until ``close()``; the lock is released with the
-        directory's file descriptors when the process ends, however it ends.
+        The caller owns the returned volume until ``close()``; the lock goes with the volume's
+        file descriptors, so it is released when the process ends, however it ends.
         """
         path = self.volume_path(name)
         try:
@@ -122,18 +122,22 @@ class StoreRoot:
         if not path.is_dir():
             raise StoreError(f"volume {name} does not exist")
         dir_fd = os.open(path, _DIR_FLAGS)
+        lock_fd = -1
         try:
-            self._lock(name, dir_fd)
+            lock_fd = self._lock(name, dir_fd)
             header = self._volume_header(name, dir_fd)
-            volume = Volume(name, dir_fd, header["id"], header["segment_size"])
+            volume = Volume(name, dir_fd, lock_fd, header["id"], header["segment_size"])
             volume.load(time.time_ns())
         except BaseException:
             os.close(dir_fd)
+            if lock_fd >= 0:
+                os.close(lock_fd)
             raise
         return volume
 
     @staticmethod
-    def _lock(name: str, dir_fd: int) -> None:
+    def _lock(name: str, dir_fd: int) -> int:
+        """Take the volume's lock; it lasts until the returned fd closes or the process ends."""
         fd = os.open(
             "lock", os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600, dir_fd=dir_fd
         )
@@ -150,7 +154,7 @@ class StoreRoot:
             ) from None
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-        # fd stays open (and locked) for the life of the process on purpose.
+        return fd
 
     @staticmethod
     def _volume_header(name: str, dir_fd: int) -> dict:

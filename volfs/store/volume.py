@@ -14,6 +14,8 @@ import os
 import stat
 from collections.abc import Iterator
 
+import msgpack
+
 from volfs.errors import DataDamaged, VolumeDamaged
 from volfs.store import frame, journal
 from volfs.store.dirents import DirEntries
@@ -39,6 +41,8 @@ FORMAT = 1
 #: Take a checkpoint when the log has grown this much since the last one, or by the size of
 #: the last checkpoint if that is larger, so checkpoint cost stays proportional to writes.
 CHECKPOINT_AFTER = 256 * 1024 * 1024
+#: How a frame holding just one SYNC record begins: a list of one three-element list, kind SYNC.
+_SYNC_FRAME_PREFIX = msgpack.packb([[SYNC, 0, 0]])[:3]
 
 
 class Inode:
@@ -98,9 +102,12 @@ class Inode:
 class Volume:
     """The live state of one volume and the log that makes it durable."""
 
-    def __init__(self, name: str, dir_fd: int, volume_id: str, segment_size: int) -> None:
+    def __init__(
+        self, name: str, dir_fd: int, lock_fd: int, volume_id: str, segment_size: int
+    ) -> None:
         self.name = name
         self._dir_fd = dir_fd
+        self._lock_fd = lock_fd
         self.log = SegmentLog(dir_fd, volume_id, segment_size)
         self.inodes: dict[int, Inode] = {}
         self.live: dict[int, int] = {}  #: segment -> bytes of it that files still use
@@ -144,8 +151,11 @@ class Volume:
             for lf in self.log.frames(start):
                 records = lf.meta
                 if lf.data_len and lf.at >= proven and not self._data_intact(lf):
-                    self._cut_tail(lf.at, "data part does not match its checksums")
-                    return lf.at
+                    proven = max(proven, self._proven_after(lf.at))
+                    if lf.at >= proven:
+                        self._cut_tail(lf.at, "data part does not match its checksums")
+                        return lf.at
+                    # Durable data that decayed later: keep it, reads of it report EIO.
                 try:
                     for record in records:
                         if record[0] == SYNC:
@@ -159,13 +169,26 @@ class Volume:
                     ) from None
                 head = lf.end
         except LogDamage as damage:
-            if damage.at < proven:
+            if damage.at < max(proven, self._proven_after(damage.at)):
                 raise VolumeDamaged(
                     f"volume {self.name}: log damaged before its last durable point, at {damage}"
                 ) from None
             self._cut_tail(damage.at, damage.reason)
             return damage.at
         return head
+
+    def _proven_after(self, at: Position) -> Position:
+        """The furthest durable point named by a SYNC record found beyond damage at *at*.
+
+        A torn tail holds nothing that was synced, so no SYNC record can vouch for it; a SYNC
+        record naming a later position proves the damage is decay of durable data instead.
+        """
+        proven = Position(0, 0)
+        for meta in self.log.find_frames(at, _SYNC_FRAME_PREFIX):
+            for record in meta if isinstance(meta, list) else ():
+                if isinstance(record, list) and len(record) == 3 and record[0] == SYNC:
+                    proven = max(proven, Position(record[1], record[2]))
+        return proven
 
     def _data_intact(self, lf) -> bool:
         write = next((r for r in lf.meta if r[0] == WRITE), None)
@@ -489,11 +512,18 @@ class Volume:
                 for name, ino in inode.entries.names():
                     yield [LINK, inode.ino, name, ino]
 
-    def close(self) -> None:
-        """Checkpoint (so the next mount starts fast) and close the log."""
-        self.checkpoint()
-        self.log.close()
-        os.close(self._dir_fd)
+    def close(self, checkpoint: bool = True) -> None:
+        """Checkpoint (so the next mount starts fast), close the log, release the volume.
+
+        ``checkpoint=False`` leaves the store as a killed process would: tests use it.
+        """
+        try:
+            if checkpoint:
+                self.checkpoint()
+        finally:
+            self.log.close()
+            os.close(self._dir_fd)
+            os.close(self._lock_fd)
 
     # -- figures --------------------------------------------------------------------------
 
