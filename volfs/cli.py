@@ -42,20 +42,36 @@ def _mountpoint(text: str) -> Path:
 
 
 def _prepare_mountpoint(path: Path) -> None:
+    _clear_dead_mount(path)
     try:
         path.mkdir(parents=True, exist_ok=True)
     except FileExistsError:
         raise CliError(f"mount point {path} exists and is not a directory") from None
     except OSError as exc:
         raise CliError(f"cannot create mount point {path}: {exc.strerror}") from None
-    if mounts.find_mount(path) is not None and os.path.ismount(path):
-        entry = mounts.find_mount(path)
+    entry = mounts.find_mount(path)
+    if entry is not None:
         raise CliError(f"{path} is already a mount point ({entry.fstype} {entry.source})")
     try:
         if any(path.iterdir()):
             raise CliError(f"mount point {path} is not empty: use an empty directory")
     except PermissionError:
         raise CliError(f"cannot read mount point {path}: permission denied") from None
+
+
+def _clear_dead_mount(path: Path) -> None:
+    """Detach a volfs mount whose server died ("Transport endpoint is not connected")."""
+    entry = mounts.find_mount(path)
+    if entry is None or entry.fstype != mounts.FSTYPE:
+        return
+    try:
+        os.stat(path)
+    except OSError as exc:
+        if exc.errno == errno.ENOTCONN:
+            logging.getLogger(__name__).warning(
+                "clearing the dead mount of %s at %s", entry.source, path
+            )
+            mounts.detach(path, lazy=True)
 
 
 def _log_path(root: Path, name: str) -> Path:

@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# Install volfs and everything it needs on Debian/Ubuntu.
+#
+#   sudo ./install.sh          system packages + volfs in /opt/volfs, `volfsd` in /usr/local/bin
+#   ./install.sh --dev         system packages + volfs editable with test tools in ./.venv
+set -euo pipefail
+cd "$(dirname "$0")"
+
+mode=system
+if [ "${1:-}" = "--dev" ]; then mode=dev; fi
+
+packages=(fuse3 libfuse3-dev pkg-config gcc python3-dev python3-venv sqlite3 util-linux)
+# The test suite and bench/ also drive fio, bindfs (a peer to compare with) and attr tools.
+if [ "$mode" = dev ]; then packages+=(fio bindfs attr); fi
+missing=()
+for p in "${packages[@]}"; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if [ "${#missing[@]}" -gt 0 ]; then
+    if [ "$(id -u)" -ne 0 ]; then
+        echo "install.sh: missing system packages: ${missing[*]}; run as root (sudo ./install.sh)" >&2
+        exit 1
+    fi
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
+fi
+
+if [ "$mode" = dev ]; then
+    [ -x .venv/bin/python ] || python3 -m venv .venv
+    .venv/bin/pip install -q --upgrade pip
+    .venv/bin/pip install -q -e '.[test]'
+    echo "install.sh: development environment ready in .venv"
+else
+    [ -x /opt/volfs/bin/python ] || python3 -m venv /opt/volfs
+    /opt/volfs/bin/pip install -q --upgrade pip
+    /opt/volfs/bin/pip install -q .
+    ln -sf /opt/volfs/bin/volfsd /usr/local/bin/volfsd
+    echo "install.sh: volfsd installed in /usr/local/bin/volfsd"
+fi
