@@ -165,3 +165,33 @@ def test_damage_before_a_sync_point_is_reported_not_cut(tmp_path):
         f.write(bytes([byte[0] ^ 1]))
     with pytest.raises(VolumeDamaged):
         root.open_volume("v")
+
+
+def test_compaction_bounds_the_log_and_keeps_data(tmp_path):
+    """Rewriting a file over and over: compaction keeps the log near the live size."""
+    root = StoreRoot(tmp_path / "store")
+    volume = root.open_volume("v", segment_size=256 * 1024)
+    inode = volume.new_inode(stat.S_IFREG | 0o644, 0, 0, 0, 1)
+    volume.create(volume.inodes[ROOT_INO], b"db", inode, 1)
+    inode = volume.inodes[inode.ino]
+    rng = random.Random(3)
+    model = bytearray(rng.randbytes(512 * 1024))
+    volume.write(inode, 0, bytes(model), 2)
+    for step in range(3000):
+        offset = rng.randrange(0, len(model) - 4096)
+        data = rng.randbytes(rng.choice([100, 4096]))
+        model[offset : offset + len(data)] = data
+        volume.write(inode, offset, data, 3)
+        if step % 50 == 0:
+            while (seg := volume.compaction_victim(min_garbage=512 * 1024)) is not None:
+                for ino, start, length in volume.live_ranges(seg):
+                    volume.relocate(ino, start, length, seg)
+                volume.checkpoint()
+                assert seg not in volume.log.segments
+    assert volume.read(inode, 0, len(model)) == model
+    assert sum(volume.log.sizes().values()) < 4 * len(model) + 2 * 512 * 1024
+    volume.close()
+    volume = root.open_volume("v")
+    assert volume.read(volume.inodes[inode.ino], 0, len(model)) == model
+    assert volume.used_bytes() == len(model)
+    volume.close()

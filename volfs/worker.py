@@ -28,6 +28,7 @@ log = logging.getLogger(__name__)
 
 #: How often the worker checks whether a checkpoint is due.
 HOUSEKEEPING_INTERVAL = 1.0
+HOUSEKEEPING_RETRY = 30.0
 #: Larger kernel read-ahead for the mount: reads otherwise arrive in 128 KiB pieces.
 READ_AHEAD_KB = 1024
 
@@ -66,10 +67,26 @@ def _raise_read_ahead(mountpoint: Path) -> None:
 
 
 async def _housekeeping(volume: Volume) -> None:
+    """Compact and checkpoint between requests; a failure here is logged, never fatal."""
     while True:
         await trio.sleep(HOUSEKEEPING_INTERVAL)
-        if volume.checkpoint_due:
-            volume.checkpoint()
+        try:
+            await _compact(volume)
+            if volume.checkpoint_due:
+                volume.checkpoint()
+        except Exception:
+            log.exception("volume %s: housekeeping failed; trying again later", volume.name)
+            await trio.sleep(HOUSEKEEPING_RETRY)
+
+
+async def _compact(volume: Volume) -> None:
+    while (seg := volume.compaction_victim()) is not None:
+        ranges = volume.live_ranges(seg)
+        log.info("volume %s: compacting segment %d (%d extents)", volume.name, seg, len(ranges))
+        for ino, start, length in ranges:
+            volume.relocate(ino, start, length, seg)
+            await trio.sleep(0)  # let waiting requests in between pieces
+        volume.checkpoint()  # the segment can go only once a checkpoint no longer needs it
 
 
 async def _stop_on_signals() -> None:

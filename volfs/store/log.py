@@ -68,6 +68,7 @@ class SegmentLog:
         self._fds: dict[int, int] = {}
         self._dirty: set[int] = set()
         self._dir_dirty = False
+        self._sealed_sizes: dict[int, int] = {}
         self.segments: list[int] = sorted(self._list_segments())
         self.head = Position(0, 0)  #: where the next frame goes; set by ``start_appending``
 
@@ -250,9 +251,13 @@ class SegmentLog:
             self._dir_dirty = False
         return self.head
 
-    def segment_bytes(self) -> int:
-        """Bytes held by all segment files."""
-        return sum(os.fstat(self._fd(s)).st_size for s in self.segments)
+    def sizes(self) -> dict[int, int]:
+        """Bytes in each segment file (the head segment's up to the head)."""
+        sizes = self._sealed_sizes
+        for seg in self.segments:
+            if seg not in sizes and seg != self.head.seg:
+                sizes[seg] = os.fstat(self._fd(seg)).st_size  # sealed: it never changes again
+        return {seg: self.head.pos if seg == self.head.seg else sizes[seg] for seg in self.segments}
 
     def remove_segment(self, seg: int) -> None:
         fd = self._fds.pop(seg, None)
@@ -260,6 +265,7 @@ class SegmentLog:
             os.close(fd)
         os.unlink(segment_name(seg), dir_fd=self._dir_fd)
         self.segments.remove(seg)
+        self._sealed_sizes.pop(seg, None)
         self._dirty.discard(seg)
         self._dir_dirty = True
 

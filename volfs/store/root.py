@@ -106,9 +106,12 @@ class StoreRoot:
             p.name for p in (self.path / "volumes").iterdir() if NAME_PATTERN.fullmatch(p.name)
         )
 
-    def open_volume(self, name: str, create: bool = True) -> Volume:
+    def open_volume(
+        self, name: str, create: bool = True, segment_size: int = DEFAULT_SEGMENT_SIZE
+    ) -> Volume:
         """Lock and load volume *name*, creating it first if it is new and *create* is set.
 
+        *segment_size* applies to a volume created now; an existing one keeps its own.
         The caller owns the returned volume until ``close()``; the lock goes with the volume's
         file descriptors, so it is released when the process ends, however it ends.
         """
@@ -125,7 +128,7 @@ class StoreRoot:
         lock_fd = -1
         try:
             lock_fd = self._lock(name, dir_fd)
-            header = self._volume_header(name, dir_fd)
+            header = self._volume_header(name, dir_fd, segment_size)
             volume = Volume(name, dir_fd, lock_fd, header["id"], header["segment_size"])
             volume.load(time.time_ns())
         except BaseException:
@@ -157,7 +160,7 @@ class StoreRoot:
         return fd
 
     @staticmethod
-    def _volume_header(name: str, dir_fd: int) -> dict:
+    def _volume_header(name: str, dir_fd: int, segment_size: int) -> dict:
         try:
             fd = os.open("volume", os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
         except FileNotFoundError:
@@ -167,7 +170,7 @@ class StoreRoot:
                 "name": name,
                 "id": str(uuid.uuid4()),
                 "created_ns": time.time_ns(),
-                "segment_size": DEFAULT_SEGMENT_SIZE,
+                "segment_size": segment_size,
                 "block_size": frame.BLOCK_SIZE,
             }
             _write_durably(dir_fd, "volume", b"".join(frame.encode(header)))

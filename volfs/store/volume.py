@@ -41,6 +41,8 @@ FORMAT = 1
 #: Take a checkpoint when the log has grown this much since the last one, or by the size of
 #: the last checkpoint if that is larger, so checkpoint cost stays proportional to writes.
 CHECKPOINT_AFTER = 256 * 1024 * 1024
+#: Compact once the log holds more dead bytes than live ones, and at least this many.
+COMPACT_MIN_GARBAGE = 64 * 1024 * 1024
 #: How a frame holding just one SYNC record begins: a list of one three-element list, kind SYNC.
 _SYNC_FRAME_PREFIX = msgpack.packb([[SYNC, 0, 0]])[:3]
 
@@ -115,6 +117,7 @@ class Volume:
         self.checkpoint_at = Position(0, 0)
         self._checkpoint_size = 0
         self._appended_since_checkpoint = 0
+        self._unmovable: set[int] = set()  # segments holding damaged live data
 
     # -- opening and replay ---------------------------------------------------------------
 
@@ -524,6 +527,51 @@ class Volume:
             self.log.close()
             os.close(self._dir_fd)
             os.close(self._lock_fd)
+
+    # -- compaction -------------------------------------------------------------------------
+
+    def compaction_victim(self, min_garbage: int = COMPACT_MIN_GARBAGE) -> int | None:
+        """The sealed segment most worth compacting, if the log holds enough garbage.
+
+        Garbage is allowed to grow to the size of the live data (and at least *min_garbage*),
+        so compaction costs at most one extra write of each live byte per such growth.
+        """
+        sizes = self.log.sizes()
+        live = self.used_bytes()
+        if sum(sizes.values()) - live < max(min_garbage, live):
+            return None
+        candidates = [
+            s for s in sizes if s != self.log.head.seg and s not in self._unmovable and sizes[s]
+        ]
+        if not candidates:
+            return None
+        seg = min(candidates, key=lambda s: self.live.get(s, 0) / sizes[s])
+        return seg if self.live.get(seg, 0) <= sizes[seg] // 2 else None
+
+    def live_ranges(self, seg: int) -> list[tuple[int, int, int]]:
+        """(ino, start, length) of every extent whose data lies in segment *seg*."""
+        return [
+            (inode.ino, ext.start, ext.length)
+            for inode in self.inodes.values()
+            if inode.extents
+            for ext in inode.extents
+            if ext.frame.seg == seg
+        ]
+
+    def relocate(self, ino: int, start: int, length: int, seg: int) -> None:
+        """Copy what of [start, start+length) of *ino* still lies in *seg* to the log's head."""
+        inode = self.inodes.get(ino)
+        if inode is None or inode.extents is None:
+            return
+        for pos, n, fr, skip in list(inode.extents.pieces(start, start + length)):
+            if fr is None or fr.seg != seg:
+                continue
+            try:
+                data = self._read_frame(inode, pos, fr, skip, n)
+            except DataDamaged:
+                self._unmovable.add(seg)  # keep it: reads must go on reporting the damage
+                continue
+            self.commit([[WRITE, ino, pos, n, frame.block_sums(data), None]], data)
 
     # -- figures --------------------------------------------------------------------------
 
