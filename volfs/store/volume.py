@@ -118,6 +118,7 @@ class Volume:
         self._checkpoint_size = 0
         self._appended_since_checkpoint = 0
         self._unmovable: set[int] = set()  # segments holding damaged live data
+        self._synced_head = Position(0, 0)  # log head right after the last sync's SYNC record
 
     # -- opening and replay ---------------------------------------------------------------
 
@@ -477,10 +478,13 @@ class Volume:
 
         The SYNC record written afterwards (and made durable by a later sync) tells replay
         that the log before it was synced: damage there is decay to report, not a torn tail
-        to cut off.
+        to cut off.  A sync with nothing new since the last one costs nothing.
         """
+        if self.log.head == self._synced_head:
+            return
         end = self.log.sync()
         self.commit([[SYNC, end.seg, end.pos]])
+        self._synced_head = self.log.head
 
     def checkpoint(self) -> None:
         """Write the whole state as a checkpoint so replay starts from the log's end."""
