@@ -193,5 +193,5 @@ def test_compaction_bounds_the_log_and_keeps_data(tmp_path):
     volume.close()
     volume = root.open_volume("v")
     assert volume.read(volume.inodes[inode.ino], 0, len(model)) == model
-    assert volume.used_bytes() == len(model)
+    assert volume.used == len(model)
     volume.close()

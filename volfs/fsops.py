@@ -352,7 +352,10 @@ class VolumeOperations(pyfuse3.Operations):
         handle = self._files[fh]
         if handle.append:
             off = handle.inode.size
-        self.volume.write(handle.inode, off, buf, time.time_ns())
+        volume = self.volume
+        if volume.quota and volume.used + volume.growth(handle.inode, off, len(buf)) > volume.quota:
+            raise _fail(errno.ENOSPC)
+        volume.write(handle.inode, off, buf, time.time_ns())
         return len(buf)
 
     async def flush(self, fh):
@@ -399,14 +402,16 @@ class VolumeOperations(pyfuse3.Operations):
     async def statfs(self, ctx):
         disk = self.volume.disk_stats()
         stats = pyfuse3.StatvfsData()
-        stats.f_bsize = disk.f_bsize
-        stats.f_frsize = disk.f_frsize
-        stats.f_blocks = disk.f_blocks
-        stats.f_bfree = disk.f_bfree
-        stats.f_bavail = disk.f_bavail
+        stats.f_bsize = stats.f_frsize = disk.f_frsize
+        blocks, free = disk.f_blocks, disk.f_bavail
+        if self.volume.quota:  # a sized volume shows its own size, used and free space
+            blocks = self.volume.quota // disk.f_frsize
+            used = -(-self.volume.used // disk.f_frsize)
+            free = max(0, min(free, blocks - used))
+        stats.f_blocks = blocks
+        stats.f_bfree = stats.f_bavail = free
         stats.f_files = len(self._inodes) + disk.f_ffree
-        stats.f_ffree = disk.f_ffree
-        stats.f_favail = disk.f_favail
+        stats.f_ffree = stats.f_favail = disk.f_ffree
         stats.f_namemax = NAME_MAX
         return stats
 

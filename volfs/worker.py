@@ -74,6 +74,7 @@ async def _housekeeping(volume: Volume) -> None:
             await _compact(volume)
             if volume.checkpoint_due:
                 volume.checkpoint()
+            volume.save_usage()
         except Exception:
             log.exception("volume %s: housekeeping failed; trying again later", volume.name)
             await trio.sleep(HOUSEKEEPING_RETRY)

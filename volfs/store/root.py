@@ -3,7 +3,9 @@
 Layout::
 
     ROOT/FORMAT                  "volfs-store 1"
-    ROOT/volumes/NAME/volume     one frame: {"kind", "format", "name", "id", "created_ns", ...}
+    ROOT/volumes/NAME/volume     one frame: {"kind", "format", "name", "id", "created_ns",
+                                 "segment_size", "block_size", "size" (quota, 0: none), "labels"}
+    ROOT/volumes/NAME/usage      one frame: {"used", "inodes"}, rewritten by the server
     ROOT/volumes/NAME/lock       flock held by the one process serving the volume
     ROOT/volumes/NAME/checkpoint the state as of a log position (journal.py)
     ROOT/volumes/NAME/seg-*.log  the log (log.py)
@@ -15,13 +17,14 @@ import errno
 import fcntl
 import os
 import re
+import shutil
 import time
 import uuid
 from pathlib import Path
 
 from volfs.errors import StoreError
 from volfs.store import frame
-from volfs.store.volume import FORMAT, Volume
+from volfs.store.volume import FORMAT, USAGE_FILE, Volume
 
 STORE_FORMAT = 1
 VOLUME_KIND = "volfs-volume"
@@ -106,6 +109,117 @@ class StoreRoot:
             p.name for p in (self.path / "volumes").iterdir() if NAME_PATTERN.fullmatch(p.name)
         )
 
+    def exists(self, name: str) -> bool:
+        return (self.volume_path(name) / "volume").is_file()
+
+    def create_volume(
+        self,
+        name: str,
+        size: int = 0,
+        labels: dict[str, str] | None = None,
+        segment_size: int = DEFAULT_SEGMENT_SIZE,
+    ) -> dict:
+        """Create volume *name* if it is new; return its header.
+
+        Creating an existing volume with the same options changes nothing; with other options
+        it is refused, as ``docker volume create`` does.
+        """
+        labels = dict(labels or {})
+        path = self.volume_path(name)
+        path.mkdir(mode=0o700, exist_ok=True)
+        dir_fd = os.open(path, _DIR_FLAGS)
+        try:
+            try:
+                header = self._read_header(name, dir_fd)
+            except FileNotFoundError:
+                header = {
+                    "kind": VOLUME_KIND,
+                    "format": FORMAT,
+                    "name": name,
+                    "id": str(uuid.uuid4()),
+                    "created_ns": time.time_ns(),
+                    "segment_size": segment_size,
+                    "block_size": frame.BLOCK_SIZE,
+                    "size": size,
+                    "labels": labels,
+                }
+                _write_durably(dir_fd, "volume", b"".join(frame.encode(header)))
+                return header
+        finally:
+            os.close(dir_fd)
+        if (size and header.get("size", 0) != size) or (labels and header.get("labels") != labels):
+            raise StoreError(
+                f"volume {name} already exists with other options "
+                f"(size {header.get('size', 0)}, labels {header.get('labels', {})})"
+            )
+        return header
+
+    def header(self, name: str) -> dict:
+        """The header of volume *name* (no lock needed: it is replaced atomically)."""
+        dir_fd = self._open_dir(name)
+        try:
+            return self._read_header(name, dir_fd)
+        except FileNotFoundError:
+            raise StoreError(f"volume {name} does not exist") from None
+        finally:
+            os.close(dir_fd)
+
+    def update_header(self, name: str, **changes: object) -> dict:
+        dir_fd = self._open_dir(name)
+        try:
+            header = self._read_header(name, dir_fd)
+            header.update(changes)
+            _write_durably(dir_fd, "volume", b"".join(frame.encode(header)))
+            return header
+        finally:
+            os.close(dir_fd)
+
+    def _open_dir(self, name: str) -> int:
+        try:
+            return os.open(self.volume_path(name), _DIR_FLAGS)
+        except FileNotFoundError:
+            raise StoreError(f"volume {name} does not exist") from None
+
+    def usage(self, name: str) -> dict:
+        """The last usage figures the volume's server wrote: {"used": bytes, "inodes": n}."""
+        try:
+            raw = (self.volume_path(name) / USAGE_FILE).read_bytes()
+            meta_len, _, _ = frame.decode_header(raw)
+            usage = frame.decode_meta(raw[: frame.HEADER.size], raw[frame.HEADER.size :][:meta_len])
+            return usage if isinstance(usage, dict) else {}
+        except (OSError, frame.FrameError):
+            return {}
+
+    def is_served(self, name: str) -> bool:
+        """Whether a process holds the volume's lock right now."""
+        try:
+            fd = os.open(
+                self.volume_path(name) / "lock", os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC
+            )
+        except FileNotFoundError:
+            return False
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            return False
+        except OSError:
+            return True
+        finally:
+            os.close(fd)
+
+    def remove_volume(self, name: str) -> None:
+        """Destroy volume *name* and its data; refused while it is served."""
+        dir_fd = self._open_dir(name)
+        try:
+            lock_fd = self._lock(name, dir_fd)  # nobody may start serving it meanwhile
+        finally:
+            os.close(dir_fd)
+        try:
+            doomed = self.path / "volumes" / f".removing-{name}-{uuid.uuid4().hex[:8]}"
+            os.rename(self.volume_path(name), doomed)
+            shutil.rmtree(doomed)
+        finally:
+            os.close(lock_fd)
+
     def open_volume(
         self, name: str, create: bool = True, segment_size: int = DEFAULT_SEGMENT_SIZE
     ) -> Volume:
@@ -115,21 +229,18 @@ class StoreRoot:
         The caller owns the returned volume until ``close()``; the lock goes with the volume's
         file descriptors, so it is released when the process ends, however it ends.
         """
-        path = self.volume_path(name)
-        try:
-            path.mkdir(mode=0o700, exist_ok=create)
-        except FileExistsError:
-            pass
-        except FileNotFoundError:
-            raise StoreError(f"volume {name} does not exist") from None
-        if not path.is_dir():
-            raise StoreError(f"volume {name} does not exist")
-        dir_fd = os.open(path, _DIR_FLAGS)
+        if create:
+            self.create_volume(name, segment_size=segment_size)
+        dir_fd = self._open_dir(name)
         lock_fd = -1
         try:
             lock_fd = self._lock(name, dir_fd)
-            header = self._volume_header(name, dir_fd, segment_size)
+            try:
+                header = self._read_header(name, dir_fd)
+            except FileNotFoundError:
+                raise StoreError(f"volume {name} does not exist") from None
             volume = Volume(name, dir_fd, lock_fd, header["id"], header["segment_size"])
+            volume.quota = header.get("size", 0)
             volume.load(time.time_ns())
         except BaseException:
             os.close(dir_fd)
@@ -160,21 +271,9 @@ class StoreRoot:
         return fd
 
     @staticmethod
-    def _volume_header(name: str, dir_fd: int, segment_size: int) -> dict:
-        try:
-            fd = os.open("volume", os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
-        except FileNotFoundError:
-            header = {
-                "kind": VOLUME_KIND,
-                "format": FORMAT,
-                "name": name,
-                "id": str(uuid.uuid4()),
-                "created_ns": time.time_ns(),
-                "segment_size": segment_size,
-                "block_size": frame.BLOCK_SIZE,
-            }
-            _write_durably(dir_fd, "volume", b"".join(frame.encode(header)))
-            return header
+    def _read_header(name: str, dir_fd: int) -> dict:
+        """The volume's header; FileNotFoundError if it has none (not created yet)."""
+        fd = os.open("volume", os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
         with os.fdopen(fd, "rb") as src:
             raw = src.read(1 << 16)
         try:

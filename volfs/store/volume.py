@@ -41,6 +41,8 @@ FORMAT = 1
 #: Take a checkpoint when the log has grown this much since the last one, or by the size of
 #: the last checkpoint if that is larger, so checkpoint cost stays proportional to writes.
 CHECKPOINT_AFTER = 256 * 1024 * 1024
+#: File in the volume directory with the figures `volfsd ls` shows for the volume.
+USAGE_FILE = "usage"
 #: Compact once the log holds more dead bytes than live ones, and at least this many.
 COMPACT_MIN_GARBAGE = 64 * 1024 * 1024
 #: How a frame holding just one SYNC record begins: a list of one three-element list, kind SYNC.
@@ -113,12 +115,15 @@ class Volume:
         self.log = SegmentLog(dir_fd, volume_id, segment_size)
         self.inodes: dict[int, Inode] = {}
         self.live: dict[int, int] = {}  #: segment -> bytes of it that files still use
+        self.used = 0  #: bytes of file data the volume holds (the sum of ``live``)
         self.next_ino = ROOT_INO + 1
         self.checkpoint_at = Position(0, 0)
         self._checkpoint_size = 0
         self._appended_since_checkpoint = 0
         self._unmovable: set[int] = set()  # segments holding damaged live data
         self._synced_head = Position(0, 0)  # log head right after the last sync's SYNC record
+        self.quota = 0  #: most bytes of file data the volume may hold; 0: no limit
+        self._saved_usage: dict | None = None
 
     # -- opening and replay ---------------------------------------------------------------
 
@@ -301,6 +306,7 @@ class Volume:
             length = fr.length
         inode.stored += length - self._release(inode.extents.put(offset, length, fr, skip))
         self.live[fr.seg] = self.live.get(fr.seg, 0) + length
+        self.used += length
 
     def _release(self, pieces: list[tuple[Frame, int]]) -> int:
         """Account for log data no longer used; return how many bytes that was."""
@@ -309,6 +315,7 @@ class Volume:
         for fr, length in pieces:
             live[fr.seg] -= length
             total += length
+        self.used -= total
         return total
 
     def _free(self, inode: Inode) -> None:
@@ -527,6 +534,7 @@ class Volume:
         try:
             if checkpoint:
                 self.checkpoint()
+                self.save_usage()
         finally:
             self.log.close()
             os.close(self._dir_fd)
@@ -541,7 +549,7 @@ class Volume:
         so compaction costs at most one extra write of each live byte per such growth.
         """
         sizes = self.log.sizes()
-        live = self.used_bytes()
+        live = self.used
         if sum(sizes.values()) - live < max(min_garbage, live):
             return None
         candidates = [
@@ -583,6 +591,21 @@ class Volume:
         """Capacity figures of the file system that holds the store."""
         return os.statvfs(self._dir_fd)
 
-    def used_bytes(self) -> int:
-        """Bytes of file data the volume holds (holes and overwritten data not counted)."""
-        return sum(self.live.values())
+    def growth(self, inode: Inode, offset: int, length: int) -> int:
+        """How many bytes writing [offset, offset+length) of *inode* would add to the volume."""
+        return sum(n for _, n, fr, _ in inode.extents.pieces(offset, offset + length) if fr is None)
+
+    def save_usage(self) -> None:
+        """Write the usage figures for `volfsd ls` if they changed (no fsync: advisory)."""
+        usage = {"used": self.used, "inodes": len(self.inodes)}
+        if usage == self._saved_usage:
+            return
+        tmp = USAGE_FILE + ".tmp"
+        flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC
+        fd = os.open(tmp, flags, 0o600, dir_fd=self._dir_fd)
+        try:
+            os.write(fd, b"".join(frame.encode(usage)))
+        finally:
+            os.close(fd)
+        os.rename(tmp, USAGE_FILE, src_dir_fd=self._dir_fd, dst_dir_fd=self._dir_fd)
+        self._saved_usage = usage
