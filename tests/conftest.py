@@ -22,9 +22,14 @@ from volfs import mounts
 VOLFSD = [sys.executable, "-m", "volfs"]
 
 
+def run_dir_of(root: Path) -> Path:
+    """The daemon runtime dir that goes with a test's store root: private to the test."""
+    return root.parent / "run"
+
+
 def volfsd(*args: str, root: Path, check: bool = True, **kwargs) -> subprocess.CompletedProcess:
-    """Run the CLI with *root* as the store root; return the finished process."""
-    env = {**os.environ, "VOLFS_ROOT": str(root)}
+    """Run the CLI with *root* as the store root (and its own daemon); return the result."""
+    env = {**os.environ, "VOLFS_ROOT": str(root), "VOLFS_RUN_DIR": str(run_dir_of(root))}
     done = subprocess.run(
         [*VOLFSD, *args], env=env, capture_output=True, text=True, timeout=120, **kwargs
     )
@@ -97,14 +102,42 @@ class Volume:
         return self.mount()
 
     def kill(self) -> None:
-        """SIGKILL the serving process (a crash) and clear the dead mount it leaves."""
+        """SIGKILL the serving process (a crash); the daemon mounts the volume again."""
         assert self.pid is not None and self.path is not None
-        os.kill(self.pid, signal.SIGKILL)
-        assert _wait_gone(self.pid, 30)
-        mounts.detach(self.path, lazy=True)
+        old = self.pid
+        os.kill(old, signal.SIGKILL)
+        assert _wait_gone(old, 30)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            with contextlib.suppress(OSError, ValueError, IndexError):
+                pid = int((self.store / "lock").read_text().split()[0])
+                if pid != old and _alive(pid):
+                    os.stat(self.path)  # answered by the new worker
+                    self.pid = pid
+                    self._pids.add(pid)
+                    return
+            time.sleep(0.05)
+        raise AssertionError("the daemon did not bring the volume back after its worker died")
+
+    def crash(self) -> None:
+        """SIGKILL the daemon and the worker: the store is left as a crash leaves it, unmounted."""
+        assert self.pid is not None and self.path is not None
+        daemon = int((run_dir_of(self.root) / "volfsd.pid").read_text().split()[0])
+        for pid in (daemon, self.pid):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        for pid in (daemon, self.pid):
+            assert _wait_gone(pid, 30)
+        for entry in mounts.volfs_mounts():
+            if entry.mountpoint.startswith(str(self._tmp)):
+                mounts.detach(entry.mountpoint, lazy=True)
         self.path = self.pid = None
 
     def cleanup(self) -> None:
+        """Stop the test's daemon (it unmounts everything), then remove whatever is left."""
+        daemon = stop_daemon(run_dir_of(self.root))
+        if daemon is not None:
+            self._pids.add(daemon)
         for path in reversed(self._paths):
             if mounts.find_mount(path) is not None and mounts.detach(path) is not None:
                 for pid in self._pids:
@@ -116,6 +149,25 @@ class Volume:
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGKILL)
                 _wait_gone(pid, 10)
+        staging = run_dir_of(self.root) / "staging"
+        for entry in mounts.volfs_mounts():
+            if entry.mountpoint.startswith(str(staging)):
+                mounts.detach(entry.mountpoint, lazy=True)
+
+
+def stop_daemon(run_dir: Path) -> int | None:
+    """SIGTERM the daemon of *run_dir* (if any) and wait for it; SIGKILL if it hangs."""
+    try:
+        pid = int((run_dir / "volfsd.pid").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGTERM)
+    if not _wait_gone(pid, 60):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+        _wait_gone(pid, 10)
+    return pid
 
 
 @pytest.fixture

@@ -12,7 +12,7 @@ import pytest
 
 from volfs import mounts
 
-from conftest import volfsd
+from conftest import run_dir_of, stop_daemon, volfsd
 
 
 def refused(done: subprocess.CompletedProcess, *words: str) -> None:
@@ -46,7 +46,9 @@ def test_mountpoint_is_a_file(store_root, tmp_path):
 
 
 def test_second_server_refused(volume, mnt, tmp_path):
-    done = volfsd("mount", volume.name, str(tmp_path / "other"), root=volume.root, check=False)
+    """Serving a volume the daemon serves, from another process, is refused."""
+    done = volfsd("mount", "-f", volume.name, str(tmp_path / "other"), root=volume.root,
+                  check=False)  # fmt: skip
     refused(done, "already being served", str(volume.pid))
 
 
@@ -100,28 +102,49 @@ def test_volume_header_newer_format(volume, mnt):
     refused(done, "upgrade")
 
 
-def test_dead_mount_is_cleared_by_the_next_mount(volume, mnt):
-    (mnt / "f").write_bytes(b"kept")
-    os.kill(volume.pid, signal.SIGKILL)
-    assert mounts.find_mount(mnt) is not None  # the dead mount is still there
-    with pytest.raises(OSError):
-        os.stat(mnt / "f")
-    volume.mount(mnt)  # same path: the CLI clears the dead mount first
-    assert (mnt / "f").read_bytes() == b"kept"
+def test_dead_mount_is_cleared_by_the_next_mount(store_root, tmp_path):
+    """A foreground server killed with SIGKILL leaves a dead mount; mount clears it."""
+    mnt = tmp_path / "fg"
+    proc = _foreground(store_root, "fgvol", mnt)
+    try:
+        (mnt / "f").write_bytes(b"kept")
+        proc.kill()
+        proc.wait()
+        assert mounts.find_mount(mnt) is not None  # the dead mount is still there
+        with pytest.raises(OSError):
+            os.stat(mnt / "f")
+        volfsd("mount", "fgvol", str(mnt), root=store_root)
+        assert (mnt / "f").read_bytes() == b"kept"
+    finally:
+        stop_daemon(run_dir_of(store_root))
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        if mounts.find_mount(mnt) is not None:
+            mounts.detach(mnt, lazy=True)
+
+
+def _foreground(store_root, name: str, mnt) -> subprocess.Popen:
+    env = {
+        **os.environ,
+        "VOLFS_ROOT": str(store_root),
+        "VOLFS_RUN_DIR": str(run_dir_of(store_root)),
+    }
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "volfs", "mount", "-f", name, str(mnt)],
+        env=env, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    deadline = time.monotonic() + 30
+    while mounts.find_mount(mnt) is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert mounts.find_mount(mnt) is not None, "the foreground mount did not appear"
+    return proc
 
 
 def test_foreground_mount_and_sigterm(store_root, tmp_path):
     mnt = tmp_path / "fg"
-    env = {**os.environ, "VOLFS_ROOT": str(store_root)}
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "volfs", "mount", "-f", "fgvol", str(mnt)],
-        env=env, stderr=subprocess.PIPE, text=True,
-    )  # fmt: skip
+    proc = _foreground(store_root, "fgvol", mnt)
     try:
-        deadline = time.monotonic() + 30
-        while mounts.find_mount(mnt) is None and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert mounts.find_mount(mnt) is not None
         (mnt / "f").write_bytes(b"foreground")
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=30) == 0

@@ -1,25 +1,30 @@
-"""``volfsd``: the command line.  Every failure is one line on stderr and exit status 1."""
+"""``volfsd``: the command line.  Every failure is one line on stderr and exit status 1.
+
+Commands talk to the daemon over its control socket.  `mount` starts the daemon in the
+background if none is running; commands that only read or change the store (`ls`, `inspect`,
+`create`, `rm`) also work without one.
+"""
 
 from __future__ import annotations
 
 import argparse
 import errno
 import fcntl
+import json
 import logging
 import os
-import select
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-from volfs import mounts
+from volfs import control, mounts
 from volfs.errors import VolfsError
 from volfs.store.root import StoreRoot, check_name, default_root
 
-#: How long `mount` waits for the worker to report the mount live.
-MOUNT_TIMEOUT = 60.0
-#: How long `umount` waits for the worker to flush, checkpoint and let go of the volume.
+#: How long `mount` waits for a daemon it started to listen.
+DAEMON_START_TIMEOUT = 30.0
+#: How long `umount` waits for a worker it detached directly to let go of the volume.
 UMOUNT_TIMEOUT = 120.0
 
 
@@ -32,113 +37,188 @@ class _Parser(argparse.ArgumentParser):
         raise CliError(f"{message} (see '{self.prog} --help')")
 
 
-def _mountpoint(text: str) -> Path:
-    if "\0" in text:
-        raise CliError("mount point contains a NUL byte")
-    path = Path(text)
-    if not path.is_absolute():
-        raise CliError(f"mount point {text!r} is relative: give an absolute path")
-    return Path(os.path.normpath(path))
+def _root() -> StoreRoot:
+    return StoreRoot(default_root())
 
 
-def _prepare_mountpoint(path: Path) -> None:
-    _clear_dead_mount(path)
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-    except FileExistsError:
-        raise CliError(f"mount point {path} exists and is not a directory") from None
-    except OSError as exc:
-        raise CliError(f"cannot create mount point {path}: {exc.strerror}") from None
-    entry = mounts.find_mount(path)
-    if entry is not None:
-        raise CliError(f"{path} is already a mount point ({entry.fstype} {entry.source})")
-    try:
-        if any(path.iterdir()):
-            raise CliError(f"mount point {path} is not empty: use an empty directory")
-    except PermissionError:
-        raise CliError(f"cannot read mount point {path}: permission denied") from None
+def _call(cmd: str, **args: object) -> object:
+    return control.call(control.default_run_dir(), cmd, **args)
 
 
-def _clear_dead_mount(path: Path) -> None:
-    """Detach a volfs mount whose server died ("Transport endpoint is not connected")."""
-    entry = mounts.find_mount(path)
-    if entry is None or entry.fstype != mounts.FSTYPE:
-        return
-    try:
-        os.stat(path)
-    except OSError as exc:
-        if exc.errno == errno.ENOTCONN:
-            logging.getLogger(__name__).warning(
-                "clearing the dead mount of %s at %s", entry.source, path
-            )
-            mounts.detach(path, lazy=True)
-
-
-def _log_path(root: Path, name: str) -> Path:
-    logs = root / "logs"
+def _start_daemon(root: StoreRoot) -> None:
+    """Start `volfsd serve` in the background and wait until it answers."""
+    logs = root.path / "logs"
     logs.mkdir(mode=0o700, exist_ok=True)
-    return logs / f"{name}.log"
-
-
-def cmd_mount(args: argparse.Namespace) -> None:
-    name = check_name(args.name)
-    mountpoint = _mountpoint(args.mountpoint)
-    root = StoreRoot(default_root())
-    _prepare_mountpoint(mountpoint)
-    worker_args = ["--root", str(root.path), "--name", name, "--mountpoint", str(mountpoint)]
-    if args.ro:
-        worker_args.append("--read-only")
-    if args.foreground:
-        from volfs import worker  # the FUSE machinery loads only where it is needed
-
-        if worker.main(worker_args) != 0:
-            raise CliError(f"volume {name} could not be served at {mountpoint}: see the log above")
-        return
-    ready_r, ready_w = os.pipe()
-    log_path = _log_path(root.path, name)
-    with open(log_path, "ab") as log_file:
+    with open(logs / "volfsd.log", "ab") as log_file:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "volfs.worker", *worker_args, "--ready-fd", str(ready_w)],
-            pass_fds=(ready_w,),
+            [sys.executable, "-m", "volfs", "serve"],
             stdin=subprocess.DEVNULL,
             stdout=log_file,
             stderr=log_file,
             start_new_session=True,
         )
-    os.close(ready_w)
-    reply = _read_ready(ready_r, proc)
-    if reply != "ok":
-        if proc.poll() is None:
-            proc.kill()
-        raise CliError(reply or f"the mount worker exited early; see {log_path}")
+    deadline = time.monotonic() + DAEMON_START_TIMEOUT
+    while time.monotonic() < deadline:
+        try:
+            _call("status")
+            return
+        except control.DaemonNotRunning:
+            if proc.poll() is not None:
+                lines = (logs / "volfsd.log").read_text(errors="replace").strip().splitlines()
+                last = lines[-1].split(": ", 1)[-1] if lines else "no output"
+                if "already serves" not in last:  # lost a race with another starter: fine
+                    raise CliError(f"the daemon failed to start: {last}") from None
+            time.sleep(0.05)
+    raise CliError(f"the daemon did not start within {DAEMON_START_TIMEOUT:.0f} s")
 
 
-def _read_ready(fd: int, proc: subprocess.Popen) -> str:
-    deadline = time.monotonic() + MOUNT_TIMEOUT
-    data = b""
-    with os.fdopen(fd, "rb", buffering=0) as pipe:
-        while time.monotonic() < deadline:
-            readable, _, _ = select.select([pipe], [], [], 0.5)
-            if readable:
-                chunk = pipe.read(4096)
-                if not chunk:
-                    break
-                data += chunk
-                if data.endswith(b"\n"):
-                    break
-            elif proc.poll() is not None:
-                break
-        else:
-            return f"the mount worker did not report within {MOUNT_TIMEOUT:.0f} s"
-    text = data.decode(errors="replace").strip()
-    return text.removeprefix("error: ")
+# -- output ----------------------------------------------------------------------------------
+
+
+def human_size(n: int) -> str:
+    if not n:
+        return "0"
+    for unit in ("", "K", "M", "G", "T"):
+        if n < 1024 or unit == "T":
+            return f"{n:.0f}{unit}" if unit == "" or n >= 10 else f"{n:.1f}{unit}"
+        n /= 1024
+    return str(n)
+
+
+def print_table(rows: list[dict]) -> None:
+    header = ["NAME", "SIZE", "USED", "MOUNTS", "STATUS", "CREATED"]
+    table = [header] + [
+        [
+            r["name"],
+            human_size(r["size"]) if r["size"] else "-",
+            human_size(r["used"]),
+            ",".join(r["mounts"]) or "-",
+            r["status"],
+            r["created"],
+        ]
+        for r in rows
+    ]
+    widths = [max(len(row[i]) for row in table) for i in range(len(header))]
+    for row in table:
+        print(
+            "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip()
+        )
+
+
+# -- commands --------------------------------------------------------------------------------
+
+
+def cmd_create(args: argparse.Namespace) -> None:
+    labels = {}
+    for item in args.label:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise CliError(f"invalid label {item!r}: use KEY=VALUE")
+        labels[key] = value
+    from volfs.daemon import describe, parse_size
+
+    size = parse_size(args.size) if args.size else 0
+    try:
+        _call("create", name=check_name(args.name), size=size, labels=labels)
+    except control.DaemonNotRunning:
+        root = _root()
+        root.create_volume(args.name, size, labels)
+        describe(root, args.name)
+    print(args.name)
+
+
+def _volumes(names: list[str] | None) -> list[dict]:
+    from volfs.daemon import describe
+
+    try:
+        if names is None:
+            return _call("ls")
+        return _call("inspect", names=names)
+    except control.DaemonNotRunning:
+        root = _root()
+        if names is None:
+            names = root.names()
+        for name in names:
+            if not root.exists(check_name(name)):
+                raise CliError(f"no such volume: {name}") from None
+        return [describe(root, name) for name in names]
+
+
+def cmd_ls(args: argparse.Namespace) -> None:
+    rows = _volumes(None)
+    if args.quiet:
+        for row in rows:
+            print(row["name"])
+    elif args.format == "json":
+        for row in rows:
+            print(json.dumps(row, sort_keys=True))
+    else:
+        print_table(rows)
+
+
+def cmd_inspect(args: argparse.Namespace) -> None:
+    print(json.dumps(_volumes(args.names), indent=2, sort_keys=True))
+
+
+def cmd_status(args: argparse.Namespace) -> None:
+    try:
+        status = _call("status")
+    except control.DaemonNotRunning as exc:
+        raise CliError(f"volfsd is not running ({exc})") from None
+    print(json.dumps(status, indent=2, sort_keys=True))
+
+
+def cmd_mount(args: argparse.Namespace) -> None:
+    name = check_name(args.name)
+    from volfs.daemon import check_mountpoint, parse_size, prepare_mountpoint
+
+    mountpoint = check_mountpoint(args.mountpoint)
+    size = parse_size(args.size) if args.size else 0
+    root = _root()
+    if args.foreground:
+        _mount_foreground(root, name, mountpoint, args.ro, size, prepare_mountpoint)
+        return
+    request = {"name": name, "mountpoint": str(mountpoint), "read_only": args.ro, "size": size}
+    try:
+        _call("mount", **request)
+    except control.DaemonNotRunning:
+        _start_daemon(root)
+        _call("mount", **request)
+
+
+def _mount_foreground(root, name, mountpoint, read_only, size, prepare_mountpoint) -> None:
+    """Serve one volume in this process, without the daemon (debugging, simple units)."""
+    from volfs import worker  # the FUSE machinery loads only where it is needed
+
+    if not root.exists(name):
+        root.create_volume(name, size)
+    if root.is_served(name):
+        holder = (root.volume_path(name) / "lock").read_text().strip() or "unknown"
+        raise CliError(f"volume {name} is already being served (pid {holder})")
+    prepare_mountpoint(mountpoint)
+    worker_args = ["--root", str(root.path), "--name", name, "--mountpoint", str(mountpoint)]
+    if read_only:
+        worker_args.append("--read-only")
+    if worker.main(worker_args) != 0:
+        raise CliError(f"volume {name} could not be served at {mountpoint}: see the log above")
 
 
 def cmd_umount(args: argparse.Namespace) -> None:
-    mountpoint = _mountpoint(args.mountpoint)
+    from volfs.daemon import check_mountpoint
+
+    mountpoint = check_mountpoint(args.mountpoint)
     entry = mounts.find_mount(mountpoint)
     if entry is None or entry.fstype != mounts.FSTYPE:
         raise CliError(f"{mountpoint} is not a volfs mount")
+    try:
+        _call("umount", mountpoint=str(mountpoint), lazy=args.lazy)
+        return
+    except control.DaemonNotRunning:
+        pass
+    except VolfsError as exc:
+        if "not a volume mount of this daemon" not in str(exc):
+            raise
+    # Served outside the daemon (volfsd mount -f): detach it and wait for its worker.
     problem = mounts.detach(mountpoint, lazy=args.lazy)
     if problem is not None:
         if "busy" in problem.lower():
@@ -171,24 +251,80 @@ def _wait_released(root: Path, name: str) -> None:
         os.close(fd)
 
 
+def cmd_rm(args: argparse.Namespace) -> None:
+    for name in args.names:
+        check_name(name)
+        try:
+            _call("rm", name=name, force=args.force)
+        except control.DaemonNotRunning:
+            root = _root()
+            if not root.exists(name):
+                raise CliError(f"no such volume: {name}") from None
+            if root.is_served(name):
+                raise CliError(f"volume {name} is mounted: unmount it first") from None
+            root.remove_volume(name)
+        print(name)
+
+
+def cmd_serve(args: argparse.Namespace) -> None:
+    from volfs import daemon
+
+    logging.getLogger().setLevel(logging.INFO)
+    daemon.serve(Path(args.config) if args.config else None)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="volfsd", description="Named, persistent, shared volumes over FUSE.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    create = sub.add_parser("create", help="create volume NAME (no-op if it exists alike)")
+    create.add_argument("name", metavar="NAME")
+    create.add_argument("--size", help="most data it may hold: 512M, 10G, 1T")
+    create.add_argument("--label", action="append", default=[], metavar="KEY=VALUE")
+    create.set_defaults(func=cmd_create)
+
+    ls = sub.add_parser("ls", help="list volumes")
+    ls.add_argument("-q", "--quiet", action="store_true", help="names only")
+    ls.add_argument("--format", choices=["table", "json"], default="table")
+    ls.set_defaults(func=cmd_ls)
+
+    inspect = sub.add_parser("inspect", help="show volumes as a JSON array")
+    inspect.add_argument("names", nargs="+", metavar="NAME")
+    inspect.set_defaults(func=cmd_inspect)
+
     mount = sub.add_parser("mount", help="mount volume NAME at MOUNTPOINT, creating it if new")
     mount.add_argument("name", metavar="NAME")
     mount.add_argument("mountpoint", metavar="MOUNTPOINT")
     mount.add_argument("--ro", action="store_true", help="mount read-only")
-    mount.add_argument("-f", "--foreground", action="store_true", help="serve in the foreground")
+    mount.add_argument("--size", help="size of a volume created now: 512M, 10G, 1T")
+    mount.add_argument(
+        "-f", "--foreground", action="store_true", help="serve in this process, without the daemon"
+    )
     mount.set_defaults(func=cmd_mount)
-    umount = sub.add_parser("umount", help="flush and detach the volume mounted at MOUNTPOINT")
+
+    umount = sub.add_parser("umount", help="unmount MOUNTPOINT; the data stays")
     umount.add_argument("mountpoint", metavar="MOUNTPOINT")
     umount.add_argument("--lazy", action="store_true", help="detach even if files are open")
     umount.set_defaults(func=cmd_umount)
+
+    rm = sub.add_parser("rm", help="destroy volumes and their data")
+    rm.add_argument("names", nargs="+", metavar="NAME")
+    rm.add_argument("-f", "--force", action="store_true", help="unmount first if mounted")
+    rm.set_defaults(func=cmd_rm)
+
+    status = sub.add_parser("status", help="show the daemon's state")
+    status.set_defaults(func=cmd_status)
+
+    serve = sub.add_parser("serve", help="run the daemon in the foreground")
+    serve.add_argument("--config", help=f"volumes to mount (default {'/etc/volfs/volumes.toml'})")
+    serve.set_defaults(func=cmd_serve)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.WARNING, format="volfsd: %(message)s")
+    logging.basicConfig(
+        level=logging.WARNING, format="%(asctime)s volfsd[%(process)d] %(levelname)s %(message)s"
+    )
     try:
         args = build_parser().parse_args(argv)
         args.func(args)
@@ -198,6 +334,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         return 130
     except OSError as exc:
-        print(f"volfsd: {exc.strerror or exc}: {exc.filename or ''}".rstrip(": "), file=sys.stderr)
+        where = f": {exc.filename}" if exc.filename else ""
+        print(f"volfsd: {exc.strerror or exc}{where}", file=sys.stderr)
         return 1
     return 0

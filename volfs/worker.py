@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import ctypes
 import logging
 import os
 import signal
@@ -29,6 +30,7 @@ log = logging.getLogger(__name__)
 #: How often the worker checks whether a checkpoint is due.
 HOUSEKEEPING_INTERVAL = 1.0
 HOUSEKEEPING_RETRY = 30.0
+PR_SET_PDEATHSIG = 1
 #: Larger kernel read-ahead for the mount: reads otherwise arrive in 128 KiB pieces.
 READ_AHEAD_KB = 1024
 
@@ -126,10 +128,21 @@ def serve(root: Path, name: str, mountpoint: Path, read_only: bool, ready_fd: in
         trio.run(_serve, volume)
         clean = True
     finally:
+        # The volume must close (checkpoint) whole: a late SIGTERM must not cut it short.
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
         # unmount=True detaches the mount if the kernel still has it (signal, error).
         pyfuse3.close(unmount=True)
         volume.close()
         log.info("volume %s at %s: %s", name, mountpoint, "unmounted" if clean else "stopped")
+
+
+def _die_with_parent() -> None:
+    """Get SIGTERM (and so unmount cleanly) when the supervising daemon dies."""
+    parent = os.getppid()
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+    if os.getppid() != parent:  # it died before prctl took effect
+        os.kill(os.getpid(), signal.SIGTERM)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -140,7 +153,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--read-only", action="store_true")
     parser.add_argument("--ready-fd", type=int)
     parser.add_argument("--debug", action="store_true")
+    parser.add_argument("--die-with-parent", action="store_true")
     args = parser.parse_args(argv)
+    if args.die_with_parent:
+        _die_with_parent()
     logging.basicConfig(
         level=logging.DEBUG if args.debug else logging.INFO,
         format="%(asctime)s volfsd[%(process)d] %(levelname)s %(name)s: %(message)s",

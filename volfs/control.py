@@ -1,0 +1,98 @@
+"""The control protocol between `volfsd` commands and the daemon.
+
+A unix stream socket carries frames of ``u32 big-endian length | msgpack map``.  A request is
+``{"cmd": str, "args": map}``; the reply is ``{"ok": true, "result": ...}`` or
+``{"ok": false, "error": "one line for the user"}``.  One request per connection.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import struct
+from pathlib import Path
+
+import msgpack
+
+from volfs.errors import VolfsError
+
+MAX_FRAME = 1 << 20
+SOCKET_NAME = "volfsd.sock"
+_LENGTH = struct.Struct(">I")
+
+
+class ProtocolError(Exception):
+    """A frame that is not a well-formed request or reply."""
+
+
+class DaemonNotRunning(VolfsError):
+    pass
+
+
+def default_run_dir() -> Path:
+    """``$VOLFS_RUN_DIR``, else /run/volfs for root, else ``$XDG_RUNTIME_DIR/volfs``."""
+    if env := os.environ.get("VOLFS_RUN_DIR"):
+        return Path(env)
+    if os.geteuid() == 0:
+        return Path("/run/volfs")
+    runtime = os.environ.get("XDG_RUNTIME_DIR") or f"/tmp/volfs-{os.getuid()}"
+    return Path(runtime) / "volfs"
+
+
+def encode(message: dict) -> bytes:
+    body = msgpack.packb(message, use_bin_type=True)
+    return _LENGTH.pack(len(body)) + body
+
+
+def decode_body(body: bytes) -> dict:
+    try:
+        message = msgpack.unpackb(body, raw=False, strict_map_key=True)
+    except Exception as exc:  # msgpack raises many unrelated types on garbage
+        raise ProtocolError(f"undecodable frame: {type(exc).__name__}") from None
+    if not isinstance(message, dict):
+        raise ProtocolError("a frame must hold a map")
+    return message
+
+
+def frame_length(prefix: bytes) -> int:
+    (length,) = _LENGTH.unpack(prefix)
+    if length > MAX_FRAME:
+        raise ProtocolError(f"frame of {length} bytes is larger than {MAX_FRAME}")
+    return length
+
+
+def _recv_exactly(sock: socket.socket, n: int) -> bytes:
+    data = b""
+    while len(data) < n:
+        chunk = sock.recv(n - len(data))
+        if not chunk:
+            raise ProtocolError("connection closed mid-frame")
+        data += chunk
+    return data
+
+
+def call(run_dir: Path, cmd: str, timeout: float = 300.0, **args: object) -> object:
+    """Send one request to the daemon and return its result; raise VolfsError on an error reply."""
+    path = run_dir / SOCKET_NAME
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.settimeout(timeout)
+    try:
+        try:
+            sock.connect(str(path))
+        except (FileNotFoundError, ConnectionRefusedError):
+            raise DaemonNotRunning(f"no volfsd daemon is listening on {path}") from None
+        except PermissionError:
+            raise VolfsError(
+                f"permission denied on {path}: the daemon belongs to another user"
+            ) from None
+        sock.sendall(encode({"cmd": cmd, "args": args}))
+        reply = decode_body(_recv_exactly(sock, frame_length(_recv_exactly(sock, 4))))
+    except TimeoutError:
+        raise VolfsError(f"the daemon did not answer {cmd!r} within {timeout:.0f} s") from None
+    except ProtocolError as exc:
+        raise VolfsError(f"bad reply from the daemon: {exc}") from None
+    finally:
+        sock.close()
+    if not reply.get("ok"):
+        raise VolfsError(str(reply.get("error", "the daemon reported an unknown error")))
+    return reply.get("result")

@@ -1,0 +1,649 @@
+"""``volfsd serve``: the supervisor of a host's volumes.
+
+The daemon owns the store root and a runtime directory.  It answers requests on a unix socket
+(see control.py) and runs one mount worker per served volume: the worker mounts the volume at
+a *staging* path under the runtime directory, and every mount point a user asks for is a bind
+mount of that staging mount (the model Kubernetes CSI uses).  So all paths of a volume are one
+file system: the same bytes, the same POSIX and flock locks, at once.
+
+If a worker dies, the daemon clears its dead mounts and brings the volume back at all its
+paths.  SIGTERM unmounts everything cleanly and exits 0.  Without root there are no bind
+mounts: a volume is then mounted directly, at one path only.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import inspect
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import trio
+
+from volfs import control, mounts
+from volfs.errors import VolfsError
+from volfs.store.root import StoreRoot, check_name
+
+log = logging.getLogger(__name__)
+
+DEFAULT_CONFIG = Path("/etc/volfs/volumes.toml")
+READY_TIMEOUT = 60.0
+STOP_TIMEOUT = 120.0
+REQUEST_READ_TIMEOUT = 10.0
+RESTART_DELAYS = (0.5, 1, 2, 5, 10, 30)
+_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40, "P": 1 << 50}
+
+
+def parse_size(text: str | int) -> int:
+    """Bytes in "512M", "10G", "1T", "4096" (binary units; a trailing B or iB is allowed)."""
+    if isinstance(text, int) and not isinstance(text, bool):
+        value = text
+    else:
+        raw = str(text).strip().upper().removesuffix("IB").removesuffix("B")
+        unit = raw[-1:] if raw[-1:] in _UNITS else ""
+        number = raw[: len(raw) - len(unit)]
+        try:
+            value = int(float(number) * _UNITS[unit]) if number else -1
+        except ValueError:
+            value = -1
+    if value <= 0:
+        raise VolfsError(f"invalid size {str(text)[:40]!r}: use a number with K, M, G or T")
+    return value
+
+
+def check_mountpoint(text: object) -> Path:
+    if not isinstance(text, str) or "\0" in text or not text:
+        raise VolfsError("a mount point must be a non-empty path")
+    path = Path(text)
+    if not path.is_absolute():
+        raise VolfsError(f"mount point {text[:200]!r} is relative: give an absolute path")
+    if len(text.encode()) > 4000:
+        raise VolfsError("mount point path is too long")
+    return Path(os.path.normpath(path))
+
+
+def clear_dead_mount(path: Path) -> None:
+    """Detach a volfs mount at *path* whose server died ("Transport endpoint not connected")."""
+    entry = mounts.find_mount(path)
+    if entry is None or entry.fstype != mounts.FSTYPE:
+        return
+    try:
+        os.stat(path)
+    except OSError as exc:
+        if exc.errno == errno.ENOTCONN:
+            log.warning("clearing the dead mount of %s at %s", entry.source, path)
+            mounts.detach(path, lazy=True)
+
+
+def prepare_mountpoint(path: Path) -> None:
+    """Make *path* an empty directory that is not a mount point, or say why it cannot be."""
+    clear_dead_mount(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except FileExistsError:
+        raise VolfsError(f"mount point {path} exists and is not a directory") from None
+    except OSError as exc:
+        raise VolfsError(f"cannot create mount point {path}: {exc.strerror}") from None
+    entry = mounts.find_mount(path)
+    if entry is not None:
+        raise VolfsError(f"{path} is already a mount point ({entry.fstype} {entry.source})")
+    try:
+        if any(path.iterdir()):
+            raise VolfsError(f"mount point {path} is not empty: use an empty directory")
+    except PermissionError:
+        raise VolfsError(f"cannot read mount point {path}: permission denied") from None
+
+
+def describe(root: StoreRoot, name: str, served: Served | None = None) -> dict:
+    """What `ls` and `inspect` show of volume *name*."""
+    header = root.header(name)
+    usage = root.usage(name)
+    paths = sorted(
+        e.mountpoint
+        for e in mounts.volfs_mounts()
+        if e.source == name and (served is None or e.mountpoint != str(served.staging))
+    )
+    if served is not None:
+        status = served.status
+    elif root.is_served(name):
+        status = "mounted" if paths else "busy"
+    else:
+        status = "unmounted"
+    created = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(header["created_ns"] / 1e9))
+    return {
+        "name": name,
+        "size": header.get("size", 0),
+        "used": usage.get("used", 0),
+        "inodes": usage.get("inodes", 0),
+        "mounts": paths,
+        "read_only": sorted(str(p) for p in served.read_only) if served else [],
+        "status": status,
+        "created": created,
+        "labels": header.get("labels", {}),
+        "store": str(root.volume_path(name)),
+    }
+
+
+def load_config(path: Path) -> dict[str, dict]:
+    """The volumes a config file declares: name -> {"paths", "size", "read_only", "labels"}."""
+    try:
+        with open(path, "rb") as f:
+            config = tomllib.load(f)
+    except FileNotFoundError:
+        raise VolfsError(f"config file {path} does not exist") from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise VolfsError(f"config file {path} is not valid TOML: {exc}") from None
+    volumes = config.get("volumes", {})
+    if not isinstance(volumes, dict) or set(config) - {"volumes"}:
+        raise VolfsError(f"config file {path}: expected only [volumes.NAME] tables")
+    declared = {}
+    for name, spec in volumes.items():
+        where = f"config file {path}, volume {name!r}"
+        try:
+            check_name(name)
+        except VolfsError as exc:
+            raise VolfsError(f"{where}: {exc}") from None
+        if not isinstance(spec, dict) or set(spec) - {"paths", "size", "read_only", "labels"}:
+            raise VolfsError(f"{where}: allowed keys are paths, size, read_only, labels")
+        paths = spec.get("paths", [])
+        if not isinstance(paths, list) or not all(isinstance(p, str) for p in paths):
+            raise VolfsError(f"{where}: paths must be a list of absolute paths")
+        labels = spec.get("labels", {})
+        if not isinstance(labels, dict) or not all(isinstance(v, str) for v in labels.values()):
+            raise VolfsError(f"{where}: labels must be a table of strings")
+        declared[name] = {
+            "paths": [check_mountpoint(p) for p in paths],
+            "size": parse_size(spec["size"]) if "size" in spec else 0,
+            "read_only": bool(spec.get("read_only", False)),
+            "labels": labels,
+        }
+    return declared
+
+
+def notify(state: str) -> None:
+    """Tell systemd (Type=notify) about *state*, if it is listening."""
+    address = os.environ.get("NOTIFY_SOCKET")
+    if not address:
+        return
+    if address.startswith("@"):
+        address = "\0" + address[1:]
+    with (
+        contextlib.suppress(OSError),
+        socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock,
+    ):
+        sock.sendto(state.encode(), address)
+
+
+@dataclass
+class Served:
+    """A volume this daemon serves: its worker, staging mount and user mount points."""
+
+    name: str
+    staging: Path
+    paths: list[Path] = field(default_factory=list)
+    read_only: set[Path] = field(default_factory=set)
+    process: trio.Process | None = None
+    status: str = "starting"
+    stopping: bool = False
+    restarts: int = 0
+    exited: trio.Event = field(default_factory=trio.Event)
+
+
+class Daemon:
+    def __init__(self, root: StoreRoot, run_dir: Path, config: Path | None) -> None:
+        self.root = root
+        self.run_dir = run_dir
+        self.config_path = config
+        self.served: dict[str, Served] = {}
+        self._admin = trio.Lock()  # one change of mounts at a time
+        self._nursery: trio.Nursery | None = None
+        self._started = time.time()
+        self._bind = os.geteuid() == 0  # bind mounts need root
+
+    # -- life cycle -------------------------------------------------------------------------
+
+    def _take_run_dir(self) -> int:
+        self.run_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        os.chmod(self.run_dir, 0o700)
+        fd = os.open(self.run_dir / "volfsd.pid", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            raise VolfsError(
+                f"another volfsd (pid {holder}) already serves {self.run_dir}: "
+                "stop it first, or set VOLFS_RUN_DIR to another directory"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        return fd
+
+    async def run(self) -> None:
+        pid_fd = self._take_run_dir()
+        try:
+            listener = trio.socket.socket(trio.socket.AF_UNIX, trio.socket.SOCK_STREAM)
+            path = self.run_dir / control.SOCKET_NAME
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()  # stale: we hold the run dir's lock, nobody else listens on it
+            old_umask = os.umask(0o177)  # born 0600: only the socket's owner can drive us
+            try:
+                await listener.bind(str(path))
+            finally:
+                os.umask(old_umask)
+            listener.listen(64)
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                nursery.start_soon(self._accept, listener)
+                await self._mount_declared()
+                log.info("volfsd ready: store %s, socket %s", self.root.path, path)
+                notify("READY=1")
+                await self._wait_for_stop_signal()
+                notify("STOPPING=1")
+                log.info("stopping: unmounting every volume")
+                await self._stop_all()
+                nursery.cancel_scope.cancel()
+        finally:
+            with contextlib.suppress(OSError):
+                (self.run_dir / control.SOCKET_NAME).unlink()
+            os.close(pid_fd)
+
+    async def _wait_for_stop_signal(self) -> None:
+        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+            async for signum in signals:
+                log.info("received %s", signal.Signals(signum).name)
+                return
+
+    async def _mount_declared(self) -> None:
+        if self.config_path is None:
+            return
+        declared = load_config(self.config_path)
+        for name, spec in declared.items():
+            try:
+                self.root.create_volume(name, size=spec["size"], labels=spec["labels"])
+                for path in spec["paths"]:
+                    if name in self.served and path in self.served[name].paths:
+                        continue
+                    await self._mount(name, path, spec["read_only"])
+            except VolfsError as exc:
+                log.error("declared volume %s: %s", name, exc)
+
+    async def _stop_all(self) -> None:
+        async with self._admin:
+            for served in list(self.served.values()):
+                await self._stop_volume(served, lazy=True)
+
+    # -- requests -----------------------------------------------------------------------------
+
+    async def _accept(self, listener) -> None:
+        while True:
+            conn, _ = await listener.accept()
+            self._nursery.start_soon(self._serve_connection, conn)
+
+    def _peer_allowed(self, conn) -> bool:
+        creds = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12)
+        _pid, uid, _gid = (int.from_bytes(creds[i : i + 4], "little") for i in (0, 4, 8))
+        return uid in (0, os.geteuid())
+
+    async def _serve_connection(self, conn) -> None:
+        """Answer one request; nothing a client sends or does may take the daemon down."""
+        stream = trio.SocketStream(conn)
+        try:
+            if not self._peer_allowed(conn):
+                reply = {"ok": False, "error": "permission denied: not the daemon's owner"}
+            else:
+                reply = await self._answer(stream)
+            await stream.send_all(control.encode(reply))
+        except (OSError, trio.BrokenResourceError, trio.ClosedResourceError):
+            pass  # the client went away
+        except Exception:
+            log.exception("connection failed")
+        finally:
+            await stream.aclose()
+
+    async def _answer(self, stream: trio.SocketStream) -> dict:
+        try:
+            with trio.fail_after(REQUEST_READ_TIMEOUT):
+                length = control.frame_length(await _recv_exactly(stream, 4))
+                request = control.decode_body(await _recv_exactly(stream, length))
+            cmd, args = request.get("cmd"), request.get("args", {})
+            handler = self.COMMANDS.get(cmd) if isinstance(cmd, str) else None
+            if handler is None:
+                raise control.ProtocolError(f"unknown command {str(cmd)[:40]!r}")
+            if not isinstance(args, dict):
+                raise control.ProtocolError("args must be a map")
+            return {"ok": True, "result": await handler(self, **_Args(args).checked(handler))}
+        except trio.TooSlowError:
+            return {"ok": False, "error": "malformed request: incomplete frame"}
+        except control.ProtocolError as exc:
+            return {"ok": False, "error": f"malformed request: {exc}"}
+        except VolfsError as exc:
+            return {"ok": False, "error": str(exc)}
+        except Exception:
+            log.exception("request failed")
+            return {"ok": False, "error": "internal error in volfsd; see its log"}
+
+    # -- commands -------------------------------------------------------------------------------
+
+    async def cmd_create(self, name: str, size: str | int = 0, labels: dict | None = None):
+        labels = labels or {}
+        if not all(isinstance(k, str) and isinstance(v, str) for k, v in labels.items()):
+            raise VolfsError("labels must be KEY=VALUE strings")
+        self.root.create_volume(check_name(name), parse_size(size) if size else 0, labels)
+        return describe(self.root, name, self.served.get(name))
+
+    async def cmd_ls(self):
+        return [describe(self.root, n, self.served.get(n)) for n in self.root.names()]
+
+    async def cmd_inspect(self, names: list):
+        result = []
+        for name in names:
+            if not isinstance(name, str) or not self.root.exists(check_name(name)):
+                raise VolfsError(f"no such volume: {str(name)[:80]}")
+            result.append(describe(self.root, name, self.served.get(name)))
+        return result
+
+    async def cmd_status(self):
+        return {
+            "pid": os.getpid(),
+            "store": str(self.root.path),
+            "socket": str(self.run_dir / control.SOCKET_NAME),
+            "uptime": round(time.time() - self._started, 1),
+            "volumes": {n: {"status": s.status, "mounts": [str(p) for p in s.paths],
+                            "restarts": s.restarts} for n, s in self.served.items()},
+        }  # fmt: skip
+
+    async def cmd_mount(self, name: str, mountpoint: str, read_only: bool = False, size=0):
+        check_name(name)
+        path = check_mountpoint(mountpoint)
+        size_bytes = parse_size(size) if size else 0
+        async with self._admin:
+            if self.root.exists(name):
+                current = self.root.header(name).get("size", 0)
+                if size_bytes and current != size_bytes:
+                    raise VolfsError(
+                        f"volume {name} exists with size {current}: its size is set at creation"
+                    )
+            else:
+                self.root.create_volume(name, size=size_bytes)
+            await self._mount(name, path, read_only)
+        return describe(self.root, name, self.served.get(name))
+
+    async def cmd_umount(self, mountpoint: str, lazy: bool = False):
+        path = check_mountpoint(mountpoint)
+        async with self._admin:
+            served = next((s for s in self.served.values() if path in s.paths), None)
+            if served is None:
+                raise VolfsError(f"{path} is not a volume mount of this daemon")
+            await self._unmount_path(served, path, lazy)
+            if not served.paths:
+                await self._stop_volume(served, lazy=lazy)
+        return {"mountpoint": str(path)}
+
+    async def cmd_rm(self, name: str, force: bool = False):
+        check_name(name)
+        async with self._admin:
+            if not self.root.exists(name):
+                raise VolfsError(f"no such volume: {name}")
+            served = self.served.get(name)
+            if served is not None:
+                if not force:
+                    mounted = ", ".join(str(p) for p in served.paths) or str(served.staging)
+                    raise VolfsError(
+                        f"volume {name} is mounted at {mounted}: unmount it first or use --force"
+                    )
+                await self._stop_volume(served, lazy=True)
+            if self.root.is_served(name):
+                raise VolfsError(f"volume {name} is being served by another process")
+            self.root.remove_volume(name)
+        return {"name": name}
+
+    COMMANDS = {
+        "create": cmd_create,
+        "ls": cmd_ls,
+        "inspect": cmd_inspect,
+        "status": cmd_status,
+        "mount": cmd_mount,
+        "umount": cmd_umount,
+        "rm": cmd_rm,
+    }
+
+    # -- mounting -------------------------------------------------------------------------------
+
+    async def _mount(self, name: str, path: Path, read_only: bool) -> None:
+        served = self.served.get(name)
+        if served is not None and path in served.paths:
+            raise VolfsError(f"volume {name} is already mounted at {path}")
+        if served is not None and not self._bind:
+            raise VolfsError(
+                f"volume {name} is already mounted at {served.paths[0]}: a second mount point "
+                "needs bind mounts, which need root"
+            )
+        prepare_mountpoint(path)
+        if served is None:
+            if self.root.is_served(name):
+                raise VolfsError(
+                    f"volume {name} is being served by another process (volfsd mount -f?)"
+                )
+            staging = self.run_dir / "staging" / name if self._bind else path
+            served = Served(name, staging)
+            await self._start_worker(served)
+            self.served[name] = served
+            self._nursery.start_soon(self._supervise, served)
+        if self._bind:
+            await self._bind_mount(served.staging, path, read_only)
+        served.paths.append(path)
+        if read_only:
+            served.read_only.add(path)
+        log.info("volume %s mounted at %s%s", name, path, " (read-only)" if read_only else "")
+
+    async def _bind_mount(self, staging: Path, path: Path, read_only: bool) -> None:
+        await _run(["mount", "--bind", str(staging), str(path)])
+        if read_only:
+            try:
+                await _run(["mount", "-o", "remount,bind,ro", str(path)])
+            except VolfsError:
+                await _run(["umount", "-l", str(path)])
+                raise
+
+    async def _start_worker(self, served: Served) -> None:
+        if self._bind:
+            served.staging.mkdir(parents=True, exist_ok=True)
+            if mounts.find_mount(served.staging) is not None:
+                mounts.detach(served.staging, lazy=True)  # left by a worker that died
+        log_dir = self.root.path / "logs"
+        log_dir.mkdir(mode=0o700, exist_ok=True)
+        ready_r, ready_w = os.pipe()
+        args = [sys.executable, "-m", "volfs.worker", "--root", str(self.root.path),
+                "--name", served.name, "--mountpoint", str(served.staging),
+                "--ready-fd", str(ready_w), "--die-with-parent"]  # fmt: skip
+        try:
+            with open(log_dir / f"{served.name}.log", "ab") as log_file:
+                process = await trio.lowlevel.open_process(
+                    args, pass_fds=(ready_w,), stdin=subprocess.DEVNULL,
+                    stdout=log_file, stderr=log_file,
+                )  # fmt: skip
+        finally:
+            os.close(ready_w)
+        stream = trio.lowlevel.FdStream(ready_r)
+        reply = b""
+        with trio.move_on_after(READY_TIMEOUT):
+            while not reply.endswith(b"\n"):
+                chunk = await stream.receive_some(4096)
+                if not chunk:
+                    break
+                reply += chunk
+        await stream.aclose()
+        text = reply.decode(errors="replace").strip()
+        if text != "ok":
+            with contextlib.suppress(ProcessLookupError):
+                process.kill()
+            await process.wait()
+            reason = text.removeprefix("error: ") or (
+                f"the mount worker exited early; see {log_dir / served.name}.log"
+            )
+            raise VolfsError(reason)
+        served.process = process
+        served.exited = trio.Event()
+        served.status = "mounted"
+
+    async def _supervise(self, served: Served) -> None:
+        """Wait for the worker to end; bring the volume back if nobody asked it to stop."""
+        while True:
+            await served.process.wait()
+            if served.stopping:
+                served.exited.set()
+                return
+            code = served.process.returncode
+            log.error("volume %s: its worker exited (%s); remounting at %s", served.name, code,
+                      ", ".join(str(p) for p in served.paths))  # fmt: skip
+            served.status = "restarting"
+            await self._heal(served)
+            if served.stopping:
+                served.exited.set()
+                return
+
+    async def _heal(self, served: Served) -> None:
+        for path in served.paths:
+            mounts.detach(path, lazy=True)
+        if self._bind:
+            mounts.detach(served.staging, lazy=True)
+        for delay in (*RESTART_DELAYS, *([RESTART_DELAYS[-1]] * 1000)):
+            if served.stopping:
+                return
+            try:
+                async with self._admin:
+                    await self._start_worker(served)
+                    if self._bind:
+                        for path in served.paths:
+                            await self._bind_mount(served.staging, path, path in served.read_only)
+                served.restarts += 1
+                log.info("volume %s is back at %s", served.name,
+                         ", ".join(str(p) for p in served.paths))  # fmt: skip
+                return
+            except VolfsError as exc:
+                served.status = f"failed: {exc}"
+                log.error(
+                    "volume %s: restart failed: %s; retrying in %s s", served.name, exc, delay
+                )
+                await trio.sleep(delay)
+
+    async def _unmount_path(self, served: Served, path: Path, lazy: bool) -> None:
+        if self._bind:
+            problem = await trio.to_thread.run_sync(_umount, path, lazy)
+        else:
+            problem = await trio.to_thread.run_sync(mounts.detach, path, lazy)
+        if problem is not None:
+            if "busy" in problem.lower():
+                raise VolfsError(
+                    f"{path} is busy: stop the processes using it, or use --lazy to detach now"
+                )
+            raise VolfsError(f"cannot unmount {path}: {problem}")
+        served.paths.remove(path)
+        served.read_only.discard(path)
+        log.info("volume %s unmounted from %s", served.name, path)
+
+    async def _stop_volume(self, served: Served, lazy: bool) -> None:
+        """Unmount every path of *served*, then stop its worker (which flushes and checkpoints)."""
+        for path in list(served.paths):
+            try:
+                await self._unmount_path(served, path, lazy)
+            except VolfsError:
+                await self._unmount_path(served, path, True)
+        served.stopping = True
+        process = served.process
+        if process is not None and process.returncode is None:
+            # Detaching the last mount ends the worker's FUSE session; it then checkpoints and
+            # exits by itself.  SIGTERM only if the detach failed or it takes too long.
+            detached = (
+                self._bind
+                and await trio.to_thread.run_sync(mounts.detach, served.staging, lazy) is None
+            )
+            if not detached:
+                process.send_signal(signal.SIGTERM)
+            with trio.move_on_after(STOP_TIMEOUT):
+                await process.wait()
+            if process.returncode is None and detached:
+                process.send_signal(signal.SIGTERM)
+                with trio.move_on_after(STOP_TIMEOUT):
+                    await process.wait()
+            if process.returncode is None:
+                log.error("volume %s: worker did not stop in time; killing it", served.name)
+                process.kill()
+                await process.wait()
+        if self._bind:
+            clear_dead_mount(served.staging)
+        self.served.pop(served.name, None)
+
+
+class _Args:
+    """Checks request arguments against a handler's signature: names and simple types."""
+
+    def __init__(self, args: dict) -> None:
+        self.args = args
+
+    def checked(self, handler) -> dict:
+        params = inspect.signature(handler).parameters
+        known = [p for p in params if p != "self"]
+        unknown = set(self.args) - set(known)
+        if unknown:
+            raise control.ProtocolError(f"unknown argument {sorted(map(str, unknown))[0][:40]!r}")
+        for name in known:
+            param = params[name]
+            if name not in self.args and param.default is inspect.Parameter.empty:
+                raise control.ProtocolError(f"missing argument {name!r}")
+            if name in self.args:
+                value = self.args[name]
+                expected = {"str": str, "bool": bool, "list": list}.get(
+                    str(param.annotation).split(" ")[0]
+                )
+                if expected is not None and not isinstance(value, expected):
+                    raise control.ProtocolError(f"argument {name!r} must be a {expected.__name__}")
+        return self.args
+
+
+async def _recv_exactly(stream: trio.SocketStream, n: int) -> bytes:
+    data = b""
+    while len(data) < n:
+        chunk = await stream.receive_some(n - len(data))
+        if not chunk:
+            raise control.ProtocolError("connection closed mid-frame")
+        data += chunk
+    return data
+
+
+async def _run(args: list[str]) -> None:
+    done = await trio.run_process(args, capture_stdout=True, capture_stderr=True, check=False)
+    if done.returncode != 0:
+        message = (done.stderr.decode(errors="replace").strip().splitlines() or ["failed"])[-1]
+        raise VolfsError(f"{' '.join(args[:2])} failed: {message}")
+
+
+def _umount(path: Path, lazy: bool) -> str | None:
+    args = ["umount", "-l", str(path)] if lazy else ["umount", str(path)]
+    done = subprocess.run(args, capture_output=True, text=True, timeout=60)
+    if done.returncode == 0:
+        return None
+    return (done.stderr.strip().splitlines() or ["failed"])[-1]
+
+
+def serve(config: Path | None) -> None:
+    """Run the daemon in this process until SIGTERM or SIGINT."""
+    from volfs.store.root import default_root
+
+    root = StoreRoot(default_root())
+    if config is None and DEFAULT_CONFIG.exists() and os.geteuid() == 0:
+        config = DEFAULT_CONFIG
+    if config is not None:
+        load_config(config)  # refuse a bad config before taking anything
+    trio.run(Daemon(root, control.default_run_dir(), config).run)
