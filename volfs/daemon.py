@@ -54,7 +54,7 @@ def parse_size(text: str | int) -> int:
         number = raw[: len(raw) - len(unit)]
         try:
             value = int(float(number) * _UNITS[unit]) if number else -1
-        except ValueError:
+        except (ValueError, OverflowError):
             value = -1
     if value <= 0:
         raise VolfsError(f"invalid size {str(text)[:40]!r}: use a number with K, M, G or T")
@@ -304,6 +304,10 @@ class Daemon:
             else:
                 reply = await self._answer(stream)
             await stream.send_all(control.encode(reply))
+            await stream.send_eof()
+            with trio.move_on_after(1):  # drain what a bad client sent, so close() sends no RST
+                while await stream.receive_some(65536):
+                    pass
         except (OSError, trio.BrokenResourceError, trio.ClosedResourceError):
             pass  # the client went away
         except Exception:

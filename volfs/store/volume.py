@@ -474,8 +474,16 @@ class Volume:
         return buf[skip - start : skip - start + length]
 
     def forget(self, inode: Inode) -> None:
-        """Drop *inode* from memory if nothing refers to it any more."""
-        if inode.nlink == 0 and inode.lookups <= 0 and inode.opens <= 0 and inode.ino != ROOT_INO:
+        """Let go of what nothing can reach any more.
+
+        The data of an unlinked file goes once it is closed (nobody can open it again, so the
+        space comes back at once); the inode itself once the kernel forgets it too.
+        """
+        if inode.nlink or inode.opens > 0 or inode.ino == ROOT_INO:
+            return
+        if inode.extents:
+            inode.stored -= self._release(inode.extents.truncate(0))
+        if inode.lookups <= 0:
             self._free(inode)
 
     # -- durability -------------------------------------------------------------------------
