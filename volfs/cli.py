@@ -8,11 +8,8 @@ background if none is running; commands that only read or change the store (`ls`
 from __future__ import annotations
 
 import argparse
-import errno
-import fcntl
 import json
 import logging
-import os
 import subprocess
 import sys
 import time
@@ -20,6 +17,7 @@ from pathlib import Path
 
 from volfs import control, mounts
 from volfs.errors import VolfsError
+from volfs.store import pidlock
 from volfs.store.root import StoreRoot, check_name, default_root
 
 #: How long `mount` waits for a daemon it started to listen.
@@ -231,24 +229,11 @@ def cmd_umount(args: argparse.Namespace) -> None:
 
 def _wait_released(root: Path, name: str) -> None:
     """Wait until the worker has flushed and let go of volume *name* (if it lives in *root*)."""
-    try:
-        fd = os.open(root / "volumes" / name / "lock", os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-    except OSError:
-        return  # served from another store root: nothing here to wait for
-    try:
-        deadline = time.monotonic() + UMOUNT_TIMEOUT
-        while True:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-                return
-            except OSError as exc:
-                if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN):
-                    raise
-            if time.monotonic() > deadline:
-                raise CliError(f"volume {name} was detached but its worker is still flushing")
-            time.sleep(0.05)
-    finally:
-        os.close(fd)
+    deadline = time.monotonic() + UMOUNT_TIMEOUT
+    while pidlock.is_held(root / "volumes" / name / "lock"):
+        if time.monotonic() > deadline:
+            raise CliError(f"volume {name} was detached but its worker is still flushing")
+        time.sleep(0.05)
 
 
 def cmd_rm(args: argparse.Namespace) -> None:

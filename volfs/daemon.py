@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import fcntl
 import inspect
 import logging
 import os
@@ -32,6 +31,7 @@ import trio
 
 from volfs import control, mounts
 from volfs.errors import VolfsError
+from volfs.store import pidlock
 from volfs.store.root import StoreRoot, check_name
 
 log = logging.getLogger(__name__)
@@ -215,19 +215,16 @@ class Daemon:
     def _take_run_dir(self) -> int:
         self.run_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         os.chmod(self.run_dir, 0o700)
-        fd = os.open(self.run_dir / "volfsd.pid", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        dir_fd = os.open(self.run_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
-            os.close(fd)
+            return pidlock.take("volfsd.pid", dir_fd)
+        except pidlock.LockHeld as held:
             raise VolfsError(
-                f"another volfsd (pid {holder}) already serves {self.run_dir}: "
+                f"another volfsd (pid {held.holder}) already serves {self.run_dir}: "
                 "stop it first, or set VOLFS_RUN_DIR to another directory"
             ) from None
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-        return fd
+        finally:
+            os.close(dir_fd)
 
     async def run(self) -> None:
         pid_fd = self._take_run_dir()

@@ -13,8 +13,6 @@ Layout::
 
 from __future__ import annotations
 
-import errno
-import fcntl
 import os
 import re
 import shutil
@@ -23,7 +21,7 @@ import uuid
 from pathlib import Path
 
 from volfs.errors import StoreError
-from volfs.store import frame
+from volfs.store import frame, pidlock
 from volfs.store.volume import FORMAT, USAGE_FILE, Volume
 
 STORE_FORMAT = 1
@@ -192,19 +190,7 @@ class StoreRoot:
 
     def is_served(self, name: str) -> bool:
         """Whether a process holds the volume's lock right now."""
-        try:
-            fd = os.open(
-                self.volume_path(name) / "lock", os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC
-            )
-        except FileNotFoundError:
-            return False
-        try:
-            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-            return False
-        except OSError:
-            return True
-        finally:
-            os.close(fd)
+        return pidlock.is_held(self.volume_path(name) / "lock")
 
     def remove_volume(self, name: str) -> None:
         """Destroy volume *name* and its data; refused while it is served."""
@@ -252,23 +238,13 @@ class StoreRoot:
     @staticmethod
     def _lock(name: str, dir_fd: int) -> int:
         """Take the volume's lock; it lasts until the returned fd closes or the process ends."""
-        fd = os.open(
-            "lock", os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600, dir_fd=dir_fd
-        )
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as exc:
-            if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN):
-                raise
-            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
-            os.close(fd)
+            return pidlock.take("lock", dir_fd)
+        except pidlock.LockHeld as held:
             raise StoreError(
-                f"volume {name} is already being served (pid {holder}): "
+                f"volume {name} is already being served (pid {held.holder}): "
                 "unmount it there first, or add a mount point of that mount"
             ) from None
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-        return fd
 
     @staticmethod
     def _read_header(name: str, dir_fd: int) -> dict:
