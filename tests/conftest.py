@@ -111,8 +111,9 @@ class Volume:
         while time.monotonic() < deadline:
             with contextlib.suppress(OSError, ValueError, IndexError):
                 pid = int((self.store / "lock").read_text().split()[0])
-                if pid != old and _alive(pid):
-                    os.stat(self.path)  # answered by the new worker
+                entry = mounts.find_mount(self.path)
+                if pid != old and _alive(pid) and entry and entry.fstype == mounts.FSTYPE:
+                    os.stat(self.path)  # answered by the new worker, not the bare directory
                     self.pid = pid
                     self._pids.add(pid)
                     return

@@ -154,8 +154,7 @@ def test_damage_before_a_sync_point_is_reported_not_cut(tmp_path):
     volume = root.open_volume("v")
     inode = volume.new_inode(stat.S_IFREG | 0o644, 0, 0, 0, 1)
     volume.create(volume.inodes[ROOT_INO], b"f", inode, 1)
-    volume.sync()
-    volume.sync()  # the second SYNC record proves the first part of the log durable
+    volume.sync()  # records the log up to here as durable
     volume.close(checkpoint=False)
     seg_file = max((tmp_path / "store" / "volumes" / "v").glob("seg-*.log"))
     with open(seg_file, "r+b") as f:
@@ -165,6 +164,40 @@ def test_damage_before_a_sync_point_is_reported_not_cut(tmp_path):
         f.write(bytes([byte[0] ^ 1]))
     with pytest.raises(VolumeDamaged):
         root.open_volume("v")
+
+
+def test_decayed_durable_data_is_kept_and_reported(tmp_path):
+    """Data damaged before the durable mark is decay: kept, and its reads fail; after it, cut."""
+    from volfs.errors import DataDamaged
+
+    root = StoreRoot(tmp_path / "store")
+    volume = root.open_volume("v")
+    inode = volume.new_inode(stat.S_IFREG | 0o644, 0, 0, 0, 1)
+    volume.create(volume.inodes[ROOT_INO], b"f", inode, 1)
+    inode = volume.inodes[inode.ino]
+    volume.write(inode, 0, b"A" * 100_000, 2)
+    volume.sync()
+    volume.write(inode, 100_000, b"B" * 100_000, 3)  # not synced
+    volume.close(checkpoint=False)
+    seg_file = max((tmp_path / "store" / "volumes" / "v").glob("seg-*.log"))
+    raw = seg_file.read_bytes()
+    with open(seg_file, "r+b") as f:
+        f.seek(raw.index(b"A" * 1000) + 70_000)
+        f.write(b"a")
+    volume = root.open_volume("v")
+    inode = volume.inodes[inode.ino]
+    assert inode.size == 200_000
+    with pytest.raises(DataDamaged):
+        volume.read(inode, 65_536, 10)
+    assert volume.read(inode, 0, 1000) == b"A" * 1000
+    assert volume.read(inode, 150_000, 10) == b"B" * 10
+    volume.close(checkpoint=False)
+    with open(seg_file, "r+b") as f:  # now damage the unsynced write: a torn tail
+        f.seek(raw.index(b"B" * 1000) + 10)
+        f.write(b"b")
+    volume = root.open_volume("v")
+    assert volume.inodes[inode.ino].size == 100_000
+    volume.close(checkpoint=False)
 
 
 def test_compaction_bounds_the_log_and_keeps_data(tmp_path):

@@ -16,8 +16,7 @@ WRITE      ``[6, ino, offset, length, sums, mtime_ns]``: the frame's data part h
            ``sums`` are their block checksums.  ``mtime_ns`` None marks a relocation by the
            compactor, which changes no attribute.
 XATTR      ``[7, ino, name, value]``; value None removes the attribute.
-SYNC       ``[8, seg, pos]``: everything before this log position was on stable storage
-           before this record was written (see ``Volume.sync``).
+(8)        not used.
 EXTENTS    ``[9, ino, [[start, length, skip, seg, pos, frame_length, sums], ...]]``
 CHECKPOINT ``[10, format, seg, pos, next_ino]``: a checkpoint covers the log up to (seg, pos).
 =========  ==================================================================================
@@ -40,7 +39,6 @@ RENAME = 4
 EXCHANGE = 5
 WRITE = 6
 XATTR = 7
-SYNC = 8
 EXTENTS = 9
 CHECKPOINT = 10
 

@@ -1,10 +1,11 @@
 """The append-only log of a volume: numbered segment files of frames.
 
 This is the storage backend interface of a volume: frames go in at the end (``append``), data
-parts come back by position (``read``), ``sync`` makes everything appended so far durable, and
-``frames`` replays the log from a position.  Everything above it (the volume model, the FUSE
-operations) sees only positions ``(segment, offset)``; an object-store backend would keep
-segments as objects and offer the same five calls.
+parts come back by position (``read``), ``sync`` makes everything appended so far durable (and
+``durable_mark`` says how far that was), and ``frames`` replays the log from a position.
+Everything above it (the volume model, the FUSE operations) sees only positions
+``(segment, offset)``; an object-store backend would keep segments as objects and offer the
+same calls.
 
 Each segment starts with a header frame naming the volume and the segment number, so a segment
 copied from elsewhere or renamed is refused rather than replayed.
@@ -15,8 +16,11 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import struct
 from collections.abc import Iterator
 from typing import NamedTuple
+
+import xxhash
 
 from volfs.store import frame
 
@@ -25,6 +29,9 @@ log = logging.getLogger(__name__)
 SEGMENT_PREFIX = "seg-"
 SEGMENT_SUFFIX = ".log"
 SEGMENT_KIND = "volfs-segment"
+#: Holds the log position up to which a sync completed: ``u64 seg | u64 pos | u64 xxh3``.
+DURABLE_MARK = "durable"
+_MARK = struct.Struct("<QQQ")
 #: Open segment files kept for reading; older ones are closed and reopened on demand.
 MAX_OPEN_SEGMENTS = 256
 OPEN_FLAGS = os.O_NOFOLLOW | os.O_CLOEXEC
@@ -69,6 +76,7 @@ class SegmentLog:
         self._dirty: set[int] = set()
         self._dir_dirty = False
         self._sealed_sizes: dict[int, int] = {}
+        self._mark_fd: int | None = None
         self.segments: list[int] = sorted(self._list_segments())
         self.head = Position(0, 0)  #: where the next frame goes; set by ``start_appending``
 
@@ -136,29 +144,6 @@ class SegmentLog:
         if meta != [SEGMENT_KIND, self._volume_id, seg]:
             raise LogDamage(at, f"segment header names another segment or volume: {meta!r}")
         return frame.HEADER.size + meta_len
-
-    def find_frames(self, after: Position, meta_prefix: bytes) -> Iterator[object]:
-        """Decoded meta of every intact frame after *after* whose meta starts with *meta_prefix*.
-
-        Used only after damage, when frame boundaries are lost: it searches the raw bytes for
-        the prefix and keeps the candidates whose header checksum holds.
-        """
-        for seg in self.segments:
-            if seg < after.seg:
-                continue
-            fd = self._fd(seg)
-            raw = os.pread(fd, os.fstat(fd).st_size, 0)
-            i = after.pos if seg == after.seg else 0
-            while (i := raw.find(meta_prefix, i + 1)) >= 0:
-                start = i - frame.HEADER.size
-                if start < 0:
-                    continue
-                header = raw[start:i]
-                try:
-                    meta_len, _, _ = frame.decode_header(header)
-                    yield frame.decode_meta(header, raw[i : i + meta_len])
-                except frame.FrameError:
-                    continue
 
     def discard_after(self, at: Position) -> int:
         """Cut the log back to *at*, dropping later segments; return the bytes dropped."""
@@ -242,14 +227,47 @@ class SegmentLog:
         return data
 
     def sync(self) -> Position:
-        """Make every frame appended so far durable; return the durable end of the log."""
+        """Make every frame appended so far durable; return the durable end of the log.
+
+        Afterwards the end is recorded in the durable-mark file (not synced itself: whatever
+        value of it survives a crash was true when written, so it is a safe lower bound).
+        Replay uses it to tell a torn tail, which holds nothing synced, from decay of data that
+        was durable.  Being outside the log, the mark cannot be forged by file contents.
+        """
+        head = self.head
         for seg in sorted(self._dirty):
             os.fdatasync(self._fd(seg))
         self._dirty.clear()
         if self._dir_dirty:
             os.fsync(self._dir_fd)
             self._dir_dirty = False
-        return self.head
+        self._write_mark(head)
+        return head
+
+    def _write_mark(self, at: Position) -> None:
+        if self._mark_fd is None:
+            self._mark_fd = os.open(
+                DURABLE_MARK, os.O_RDWR | os.O_CREAT | OPEN_FLAGS, 0o600, dir_fd=self._dir_fd
+            )
+        body = struct.pack("<QQ", at.seg, at.pos)
+        os.pwrite(self._mark_fd, body + xxhash.xxh3_64_intdigest(body).to_bytes(8, "little"), 0)
+
+    def durable_mark(self) -> Position:
+        """The last position a sync recorded as durable ((0, 0) if none, or if unreadable)."""
+        try:
+            fd = os.open(DURABLE_MARK, os.O_RDONLY | OPEN_FLAGS, dir_fd=self._dir_fd)
+        except FileNotFoundError:
+            return Position(0, 0)
+        try:
+            raw = os.pread(fd, _MARK.size, 0)
+        finally:
+            os.close(fd)
+        if len(raw) != _MARK.size:
+            return Position(0, 0)
+        seg, pos, checksum = _MARK.unpack(raw)
+        if xxhash.xxh3_64_intdigest(raw[:16]) != checksum:
+            return Position(0, 0)
+        return Position(seg, pos)
 
     def sizes(self) -> dict[int, int]:
         """Bytes in each segment file (the head segment's up to the head)."""
@@ -273,3 +291,6 @@ class SegmentLog:
         for fd in self._fds.values():
             os.close(fd)
         self._fds.clear()
+        if self._mark_fd is not None:
+            os.close(self._mark_fd)
+            self._mark_fd = None

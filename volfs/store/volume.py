@@ -14,8 +14,6 @@ import os
 import stat
 from collections.abc import Iterator
 
-import msgpack
-
 from volfs.errors import DataDamaged, VolumeDamaged
 from volfs.store import frame, journal
 from volfs.store.dirents import DirEntries
@@ -27,7 +25,6 @@ from volfs.store.journal import (
     INODE,
     LINK,
     RENAME,
-    SYNC,
     UNLINK,
     WRITE,
     XATTR,
@@ -45,8 +42,6 @@ CHECKPOINT_AFTER = 256 * 1024 * 1024
 USAGE_FILE = "usage"
 #: Compact once the log holds more dead bytes than live ones, and at least this many.
 COMPACT_MIN_GARBAGE = 64 * 1024 * 1024
-#: How a frame holding just one SYNC record begins: a list of one three-element list, kind SYNC.
-_SYNC_FRAME_PREFIX = msgpack.packb([[SYNC, 0, 0]])[:3]
 
 
 class Inode:
@@ -121,7 +116,7 @@ class Volume:
         self._checkpoint_size = 0
         self._appended_since_checkpoint = 0
         self._unmovable: set[int] = set()  # segments holding damaged live data
-        self._synced_head = Position(0, 0)  # log head right after the last sync's SYNC record
+        self._synced_head = Position(0, 0)  # log head at the last sync
         self.quota = 0  #: most bytes of file data the volume may hold; 0: no limit
         self._saved_usage: dict | None = None
 
@@ -153,24 +148,23 @@ class Volume:
             self.commit([root.record()])
 
     def _replay(self, start: Position) -> Position:
-        """Apply every intact frame after *start*; cut off a torn tail; return the log's end."""
+        """Apply every intact frame after *start*; cut off a torn tail; return the log's end.
+
+        A frame that fails its checksums beyond the last durable point is a torn write, never
+        acknowledged as durable: it and all after it go.  Before that point the damage is
+        decay of durable data: metadata damage refuses the mount, data damage is kept so
+        that reads of it report EIO.
+        """
         head = start
-        proven = start  # everything before this was durable before the crash, if any
+        proven = max(start, self.log.durable_mark())
         try:
             for lf in self.log.frames(start):
-                records = lf.meta
                 if lf.data_len and lf.at >= proven and not self._data_intact(lf):
-                    proven = max(proven, self._proven_after(lf.at))
-                    if lf.at >= proven:
-                        self._cut_tail(lf.at, "data part does not match its checksums")
-                        return lf.at
-                    # Durable data that decayed later: keep it, reads of it report EIO.
+                    self._cut_tail(lf.at, "data part does not match its checksums")
+                    return lf.at
                 try:
-                    for record in records:
-                        if record[0] == SYNC:
-                            proven = max(proven, Position(record[1], record[2]))
-                        else:
-                            self._apply(record, lf.at.seg, lf.data_pos)
+                    for record in lf.meta:
+                        self._apply(record, lf.at.seg, lf.data_pos)
                 except (LookupError, TypeError, ValueError) as exc:
                     raise VolumeDamaged(
                         f"volume {self.name}: log record at segment {lf.at.seg} offset "
@@ -178,26 +172,13 @@ class Volume:
                     ) from None
                 head = lf.end
         except LogDamage as damage:
-            if damage.at < max(proven, self._proven_after(damage.at)):
+            if damage.at < proven:
                 raise VolumeDamaged(
                     f"volume {self.name}: log damaged before its last durable point, at {damage}"
                 ) from None
             self._cut_tail(damage.at, damage.reason)
             return damage.at
         return head
-
-    def _proven_after(self, at: Position) -> Position:
-        """The furthest durable point named by a SYNC record found beyond damage at *at*.
-
-        A torn tail holds nothing that was synced, so no SYNC record can vouch for it; a SYNC
-        record naming a later position proves the damage is decay of durable data instead.
-        """
-        proven = Position(0, 0)
-        for meta in self.log.find_frames(at, _SYNC_FRAME_PREFIX):
-            for record in meta if isinstance(meta, list) else ():
-                if isinstance(record, list) and len(record) == 3 and record[0] == SYNC:
-                    proven = max(proven, Position(record[1], record[2]))
-        return proven
 
     def _data_intact(self, lf) -> bool:
         write = next((r for r in lf.meta if r[0] == WRITE), None)
@@ -298,7 +279,7 @@ class Volume:
             inode = self.inodes[ino]
             for start, length, skip, eseg, epos, flen, sums in extents:
                 self._put(inode, start, Frame(eseg, epos, flen, tuple(sums)), length, skip)
-        elif kind != SYNC:  # SYNC matters only to replay, which reads it before applying
+        else:
             raise ValueError(f"unknown record kind {kind!r}")
 
     def _put(self, inode: Inode, offset: int, fr: Frame, length: int = -1, skip: int = 0) -> None:
@@ -489,17 +470,9 @@ class Volume:
     # -- durability -------------------------------------------------------------------------
 
     def sync(self) -> None:
-        """Make everything committed so far durable.
-
-        The SYNC record written afterwards (and made durable by a later sync) tells replay
-        that the log before it was synced: damage there is decay to report, not a torn tail
-        to cut off.  A sync with nothing new since the last one costs nothing.
-        """
-        if self.log.head == self._synced_head:
-            return
-        end = self.log.sync()
-        self.commit([[SYNC, end.seg, end.pos]])
-        self._synced_head = self.log.head
+        """Make everything committed so far durable (a no-op if nothing changed since)."""
+        if self.log.head != self._synced_head:
+            self._synced_head = self.log.sync()
 
     def checkpoint(self) -> None:
         """Write the whole state as a checkpoint so replay starts from the log's end."""
