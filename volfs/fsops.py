@@ -26,6 +26,7 @@ NAME_MAX = 255
 PATH_MAX = 4096
 XATTR_NAME_MAX = 255
 XATTR_SIZE_MAX = 65536
+XATTR_NAMESPACES = (b"user.", b"trusted.", b"security.", b"system.")
 #: The kernel may cache entries and attributes this long.  One process serves each volume on a
 #: host and every change goes through it, so the kernel's caches stay coherent.
 CACHE_TIMEOUT = 60.0
@@ -417,12 +418,24 @@ class VolumeOperations(pyfuse3.Operations):
 
     # -- extended attributes --------------------------------------------------------------
 
+    @staticmethod
+    def _check_xattr_name(name: bytes) -> None:
+        """Refuse names outside Linux's namespaces as ext4 does: bare prefix EINVAL, else
+        an unknown namespace EOPNOTSUPP."""
+        for prefix in XATTR_NAMESPACES:
+            if name.startswith(prefix):
+                if name == prefix:
+                    raise _fail(errno.EINVAL)
+                return
+        raise _fail(errno.EOPNOTSUPP)
+
     @_errno_guard
     async def setxattr(self, inode, name, value, ctx):
         self._writable()
         node = self._inode(inode)
         if len(name) > XATTR_NAME_MAX or not name:
             raise _fail(errno.ERANGE)
+        self._check_xattr_name(name)
         if len(value) > XATTR_SIZE_MAX:
             raise _fail(errno.E2BIG)
         if name.startswith(b"trusted.") and ctx.uid != 0:
@@ -436,6 +449,7 @@ class VolumeOperations(pyfuse3.Operations):
     @_errno_guard
     async def getxattr(self, inode, name, ctx):
         node = self._inode(inode)
+        self._check_xattr_name(name)
         if node.xattrs is None or name not in node.xattrs:
             raise _fail(pyfuse3.ENOATTR)
         if name.startswith(b"trusted.") and ctx.uid != 0:
@@ -453,6 +467,7 @@ class VolumeOperations(pyfuse3.Operations):
     async def removexattr(self, inode, name, ctx):
         self._writable()
         node = self._inode(inode)
+        self._check_xattr_name(name)
         if node.xattrs is None or name not in node.xattrs:
             raise _fail(pyfuse3.ENOATTR)
         if name.startswith(b"trusted.") and ctx.uid != 0:
