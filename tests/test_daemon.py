@@ -154,15 +154,15 @@ SIZES = [("512M", 512 << 20), ("10G", 10 << 30), ("1T", 1 << 40), ("4096", 4096)
 
 @pytest.mark.parametrize("size,expected", SIZES)
 def test_sizes(size, expected):
-    from volfs.daemon import parse_size
+    from volfs.volumes import parse_size
 
     assert parse_size(size) == expected
 
 
 @pytest.mark.parametrize("size", ["", "0", "-1G", "10X", "G", "1e999"])
 def test_bad_sizes(size):
-    from volfs.daemon import parse_size
     from volfs.errors import VolfsError
+    from volfs.volumes import parse_size
 
     with pytest.raises(VolfsError):
         parse_size(size)

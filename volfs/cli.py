@@ -19,6 +19,7 @@ from volfs import control, mounts
 from volfs.errors import VolfsError
 from volfs.store import pidlock
 from volfs.store.root import StoreRoot, check_name, default_root
+from volfs.volumes import check_mountpoint, describe, parse_size, prepare_mountpoint
 
 #: How long `mount` waits for a daemon it started to listen.
 DAEMON_START_TIMEOUT = 30.0
@@ -113,8 +114,6 @@ def cmd_create(args: argparse.Namespace) -> None:
         if not sep or not key:
             raise CliError(f"invalid label {item!r}: use KEY=VALUE")
         labels[key] = value
-    from volfs.daemon import describe, parse_size
-
     size = parse_size(args.size) if args.size else 0
     try:
         _call("create", name=check_name(args.name), size=size, labels=labels)
@@ -126,8 +125,6 @@ def cmd_create(args: argparse.Namespace) -> None:
 
 
 def _volumes(names: list[str] | None) -> list[dict]:
-    from volfs.daemon import describe
-
     try:
         if names is None:
             return _call("ls")
@@ -168,13 +165,11 @@ def cmd_status(args: argparse.Namespace) -> None:
 
 def cmd_mount(args: argparse.Namespace) -> None:
     name = check_name(args.name)
-    from volfs.daemon import check_mountpoint, parse_size, prepare_mountpoint
-
     mountpoint = check_mountpoint(args.mountpoint)
     size = parse_size(args.size) if args.size else 0
     root = _root()
     if args.foreground:
-        _mount_foreground(root, name, mountpoint, args.ro, size, prepare_mountpoint)
+        _mount_foreground(root, name, mountpoint, args.ro, size)
         return
     request = {"name": name, "mountpoint": str(mountpoint), "read_only": args.ro, "size": size}
     try:
@@ -184,7 +179,9 @@ def cmd_mount(args: argparse.Namespace) -> None:
         _call("mount", **request)
 
 
-def _mount_foreground(root, name, mountpoint, read_only, size, prepare_mountpoint) -> None:
+def _mount_foreground(
+    root: StoreRoot, name: str, mountpoint: Path, read_only: bool, size: int
+) -> None:
     """Serve one volume in this process, without the daemon (debugging, simple units)."""
     from volfs import worker  # the FUSE machinery loads only where it is needed
 
@@ -202,8 +199,6 @@ def _mount_foreground(root, name, mountpoint, read_only, size, prepare_mountpoin
 
 
 def cmd_umount(args: argparse.Namespace) -> None:
-    from volfs.daemon import check_mountpoint
-
     mountpoint = check_mountpoint(args.mountpoint)
     entry = mounts.find_mount(mountpoint)
     if entry is None or entry.fstype != mounts.FSTYPE:

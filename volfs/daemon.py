@@ -14,7 +14,6 @@ mounts: a volume is then mounted directly, at one path only.
 from __future__ import annotations
 
 import contextlib
-import errno
 import inspect
 import logging
 import os
@@ -33,6 +32,13 @@ from volfs import control, mounts
 from volfs.errors import VolfsError
 from volfs.store import pidlock
 from volfs.store.root import StoreRoot, check_name
+from volfs.volumes import (
+    check_mountpoint,
+    clear_dead_mount,
+    describe,
+    parse_size,
+    prepare_mountpoint,
+)
 
 log = logging.getLogger(__name__)
 
@@ -41,97 +47,6 @@ READY_TIMEOUT = 60.0
 STOP_TIMEOUT = 120.0
 REQUEST_READ_TIMEOUT = 10.0
 RESTART_DELAYS = (0.5, 1, 2, 5, 10, 30)
-_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40, "P": 1 << 50}
-
-
-def parse_size(text: str | int) -> int:
-    """Bytes in "512M", "10G", "1T", "4096" (binary units; a trailing B or iB is allowed)."""
-    if isinstance(text, int) and not isinstance(text, bool):
-        value = text
-    else:
-        raw = str(text).strip().upper().removesuffix("IB").removesuffix("B")
-        unit = raw[-1:] if raw[-1:] in _UNITS else ""
-        number = raw[: len(raw) - len(unit)]
-        try:
-            value = int(float(number) * _UNITS[unit]) if number else -1
-        except (ValueError, OverflowError):
-            value = -1
-    if value <= 0:
-        raise VolfsError(f"invalid size {str(text)[:40]!r}: use a number with K, M, G or T")
-    return value
-
-
-def check_mountpoint(text: object) -> Path:
-    if not isinstance(text, str) or "\0" in text or not text:
-        raise VolfsError("a mount point must be a non-empty path")
-    path = Path(text)
-    if not path.is_absolute():
-        raise VolfsError(f"mount point {text[:200]!r} is relative: give an absolute path")
-    if len(text.encode()) > 4000:
-        raise VolfsError("mount point path is too long")
-    return Path(os.path.normpath(path))
-
-
-def clear_dead_mount(path: Path) -> None:
-    """Detach a volfs mount at *path* whose server died ("Transport endpoint not connected")."""
-    entry = mounts.find_mount(path)
-    if entry is None or entry.fstype != mounts.FSTYPE:
-        return
-    try:
-        os.stat(path)
-    except OSError as exc:
-        if exc.errno == errno.ENOTCONN:
-            log.warning("clearing the dead mount of %s at %s", entry.source, path)
-            mounts.detach(path, lazy=True)
-
-
-def prepare_mountpoint(path: Path) -> None:
-    """Make *path* an empty directory that is not a mount point, or say why it cannot be."""
-    clear_dead_mount(path)
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-    except FileExistsError:
-        raise VolfsError(f"mount point {path} exists and is not a directory") from None
-    except OSError as exc:
-        raise VolfsError(f"cannot create mount point {path}: {exc.strerror}") from None
-    entry = mounts.find_mount(path)
-    if entry is not None:
-        raise VolfsError(f"{path} is already a mount point ({entry.fstype} {entry.source})")
-    try:
-        if any(path.iterdir()):
-            raise VolfsError(f"mount point {path} is not empty: use an empty directory")
-    except PermissionError:
-        raise VolfsError(f"cannot read mount point {path}: permission denied") from None
-
-
-def describe(root: StoreRoot, name: str, served: Served | None = None) -> dict:
-    """What `ls` and `inspect` show of volume *name*."""
-    header = root.header(name)
-    usage = root.usage(name)
-    paths = sorted(
-        e.mountpoint
-        for e in mounts.volfs_mounts()
-        if e.source == name and (served is None or e.mountpoint != str(served.staging))
-    )
-    if served is not None:
-        status = served.status
-    elif root.is_served(name):
-        status = "mounted" if paths else "busy"
-    else:
-        status = "unmounted"
-    created = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(header["created_ns"] / 1e9))
-    return {
-        "name": name,
-        "size": header.get("size", 0),
-        "used": usage.get("used", 0),
-        "inodes": usage.get("inodes", 0),
-        "mounts": paths,
-        "read_only": sorted(str(p) for p in served.read_only) if served else [],
-        "status": status,
-        "created": created,
-        "labels": header.get("labels", {}),
-        "store": str(root.volume_path(name)),
-    }
 
 
 def load_config(path: Path) -> dict[str, dict]:
@@ -334,6 +249,12 @@ class Daemon:
             log.exception("request failed")
             return {"ok": False, "error": "internal error in volfsd; see its log"}
 
+    def _describe(self, name: str) -> dict:
+        served = self.served.get(name)
+        if served is None:
+            return describe(self.root, name)
+        return describe(self.root, name, served.status, served.staging, served.read_only)
+
     # -- commands -------------------------------------------------------------------------------
 
     async def cmd_create(self, name: str, size: str | int = 0, labels: dict | None = None):
@@ -341,17 +262,17 @@ class Daemon:
         if not all(isinstance(k, str) and isinstance(v, str) for k, v in labels.items()):
             raise VolfsError("labels must be KEY=VALUE strings")
         self.root.create_volume(check_name(name), parse_size(size) if size else 0, labels)
-        return describe(self.root, name, self.served.get(name))
+        return self._describe(name)
 
     async def cmd_ls(self):
-        return [describe(self.root, n, self.served.get(n)) for n in self.root.names()]
+        return [self._describe(n) for n in self.root.names()]
 
     async def cmd_inspect(self, names: list):
         result = []
         for name in names:
             if not isinstance(name, str) or not self.root.exists(check_name(name)):
                 raise VolfsError(f"no such volume: {str(name)[:80]}")
-            result.append(describe(self.root, name, self.served.get(name)))
+            result.append(self._describe(name))
         return result
 
     async def cmd_status(self):
@@ -378,7 +299,7 @@ class Daemon:
             else:
                 self.root.create_volume(name, size=size_bytes)
             await self._mount(name, path, read_only)
-        return describe(self.root, name, self.served.get(name))
+        return self._describe(name)
 
     async def cmd_umount(self, mountpoint: str, lazy: bool = False):
         path = check_mountpoint(mountpoint)
