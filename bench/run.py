@@ -270,7 +270,11 @@ class VolfsTarget(MountTarget):
     name = "volfs"
 
     def env(self) -> dict[str, str] | None:
-        env = dict(os.environ, VOLFS_ROOT=str(self.workdir / "store"))
+        env = dict(
+            os.environ,
+            VOLFS_ROOT=str(self.workdir / "store"),
+            VOLFS_RUN_DIR=str(self.workdir / "run"),  # a daemon of our own, stopped at teardown
+        )
         # Prefer the checkout next to this script over any installed copy.
         env["PYTHONPATH"] = os.pathsep.join(
             p for p in (str(REPO_ROOT), os.environ.get("PYTHONPATH", "")) if p
@@ -316,6 +320,26 @@ class VolfsTarget(MountTarget):
     def unmount_argv(self) -> list[str] | None:
         cmd = getattr(self, "_cmd", None)
         return [*cmd, "umount", str(self.mountpoint)] if cmd else None
+
+    def teardown(self) -> bool:
+        unmounted = super().teardown()
+        self._stop_daemon()
+        return unmounted
+
+    def _stop_daemon(self) -> None:
+        """End the volfsd daemon that `volfsd mount` started for this run dir."""
+        try:
+            pid = int((self.workdir / "run" / "volfsd.pid").read_text().split()[0])
+            os.kill(pid, signal.SIGTERM)
+        except (OSError, ValueError, IndexError):
+            return
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            try:
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                return
+            time.sleep(0.05)
 
 
 class BindfsTarget(MountTarget):

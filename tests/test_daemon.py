@@ -364,6 +364,28 @@ def test_killed_worker_comes_back_at_every_path(host, tmp_path):
     assert "worker exited" in (host.root / "logs" / "volfsd.log").read_text()
 
 
+def test_worker_lives_past_idle_daemon_threads(host, tmp_path):
+    """trio retires the thread that started a worker after 10 idle seconds: the worker stays."""
+    host.cli("mount", "steady", str(tmp_path / "m"))
+    pid = host.worker_pid("steady")
+    time.sleep(12)
+    (tmp_path / "m" / "f").write_bytes(b"same worker")
+    assert host.worker_pid("steady") == pid
+    assert json.loads(host.cli("status").stdout)["volumes"]["steady"]["restarts"] == 0
+
+
+def test_workers_end_with_the_daemon(host, tmp_path):
+    """A daemon killed with SIGKILL takes its workers down cleanly; the next mount recovers."""
+    mnt = tmp_path / "m"
+    host.cli("mount", "orphan", str(mnt))
+    (mnt / "f").write_bytes(b"acknowledged")
+    worker = host.worker_pid("orphan")
+    os.kill(host.daemon_pid(), signal.SIGKILL)
+    assert _wait_gone(worker, 15), "the worker outlived its daemon"
+    host.cli("mount", "orphan", str(mnt))  # clears the dead mount left at the path
+    assert (mnt / "f").read_bytes() == b"acknowledged"
+
+
 def test_hostile_control_frames(host, tmp_path):
     host.cli("mount", "steady", str(tmp_path / "m"))
     (tmp_path / "m" / "f").write_bytes(b"unchanged")

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import ctypes
 import logging
 import os
 import signal
@@ -30,7 +29,6 @@ log = logging.getLogger(__name__)
 #: How often the worker checks whether a checkpoint is due.
 HOUSEKEEPING_INTERVAL = 1.0
 HOUSEKEEPING_RETRY = 30.0
-PR_SET_PDEATHSIG = 1
 #: Larger kernel read-ahead for the mount: reads otherwise arrive in 128 KiB pieces.
 READ_AHEAD_KB = 1024
 
@@ -68,10 +66,19 @@ def _raise_read_ahead(mountpoint: Path) -> None:
         log.debug("could not raise read-ahead of %s: %s", mountpoint, exc)
 
 
-async def _housekeeping(volume: Volume) -> None:
-    """Compact and checkpoint between requests; a failure here is logged, never fatal."""
+async def _housekeeping(volume: Volume, parent: int | None) -> None:
+    """Compact and checkpoint between requests; a failure here is logged, never fatal.
+
+    With *parent* set, also unmount once that process (the daemon) is gone.  (Not
+    PR_SET_PDEATHSIG: it fires when the parent *thread* ends, and trio starts processes from
+    worker threads that it retires after 10 idle seconds.)
+    """
     while True:
         await trio.sleep(HOUSEKEEPING_INTERVAL)
+        if parent is not None and os.getppid() != parent:
+            log.info("volume %s: the daemon is gone; unmounting", volume.name)
+            pyfuse3.terminate()
+            return
         try:
             await _compact(volume)
             if volume.checkpoint_due:
@@ -100,16 +107,24 @@ async def _stop_on_signals() -> None:
             return
 
 
-async def _serve(volume: Volume) -> None:
+async def _serve(volume: Volume, parent: int | None) -> None:
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(_housekeeping, volume)
+        nursery.start_soon(_housekeeping, volume, parent)
         nursery.start_soon(_stop_on_signals)
         await pyfuse3.main()
         nursery.cancel_scope.cancel()
 
 
-def serve(root: Path, name: str, mountpoint: Path, read_only: bool, ready_fd: int | None) -> None:
-    """Serve volume *name* at *mountpoint* until it is unmounted or a signal arrives."""
+def serve(
+    root: Path,
+    name: str,
+    mountpoint: Path,
+    read_only: bool,
+    ready_fd: int | None,
+    parent: int | None = None,
+) -> None:
+    """Serve volume *name* at *mountpoint* until it is unmounted, a signal arrives, or the
+    process *parent* (if given) ends."""
     volume = StoreRoot(root).open_volume(name)
     operations = VolumeOperations(volume, read_only=read_only)
     try:
@@ -125,7 +140,7 @@ def serve(root: Path, name: str, mountpoint: Path, read_only: bool, ready_fd: in
             os.write(ready_fd, b"ok\n")
             os.close(ready_fd)
             ready_fd = None
-        trio.run(_serve, volume)
+        trio.run(_serve, volume, parent)
         clean = True
     finally:
         # The volume must close (checkpoint) whole: a late SIGTERM must not cut it short.
@@ -134,15 +149,6 @@ def serve(root: Path, name: str, mountpoint: Path, read_only: bool, ready_fd: in
         pyfuse3.close(unmount=True)
         volume.close()
         log.info("volume %s at %s: %s", name, mountpoint, "unmounted" if clean else "stopped")
-
-
-def _die_with_parent() -> None:
-    """Get SIGTERM (and so unmount cleanly) when the supervising daemon dies."""
-    parent = os.getppid()
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
-    if os.getppid() != parent:  # it died before prctl took effect
-        os.kill(os.getpid(), signal.SIGTERM)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -155,14 +161,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--debug", action="store_true")
     parser.add_argument("--die-with-parent", action="store_true")
     args = parser.parse_args(argv)
-    if args.die_with_parent:
-        _die_with_parent()
     logging.basicConfig(
         level=logging.DEBUG if args.debug else logging.INFO,
         format="%(asctime)s volfsd[%(process)d] %(levelname)s %(name)s: %(message)s",
     )
     try:
-        serve(args.root, args.name, args.mountpoint, args.read_only, args.ready_fd)
+        parent = os.getppid() if args.die_with_parent else None
+        serve(args.root, args.name, args.mountpoint, args.read_only, args.ready_fd, parent)
     except VolfsError as exc:
         log.error("%s", exc)
         if args.ready_fd is not None:
