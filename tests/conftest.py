@@ -172,8 +172,11 @@ def stop_daemon(run_dir: Path) -> int | None:
 
 
 @pytest.fixture
-def store_root(tmp_path: Path) -> Path:
-    return tmp_path / "store"
+def store_root(tmp_path: Path):
+    """A private store root; the daemon a test's CLI call may start there is stopped after."""
+    root = tmp_path / "store"
+    yield root
+    stop_daemon(run_dir_of(root))
 
 
 @pytest.fixture
@@ -192,11 +195,31 @@ def mnt(volume: Volume) -> Path:
     return volume.mount()
 
 
+def _our_daemons(base: str) -> list[int]:
+    """Pids of volfsd daemons whose runtime dir lies under *base*."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        with contextlib.suppress(OSError):
+            if b"volfs\0serve" not in (entry / "cmdline").read_bytes():
+                continue
+            env = (entry / "environ").read_bytes().split(b"\0")
+            if any(e.startswith(b"VOLFS_RUN_DIR=" + base.encode()) for e in env):
+                pids.append(int(entry.name))
+    return pids
+
+
 @pytest.fixture(autouse=True, scope="session")
-def _no_mount_left_behind(tmp_path_factory):
+def _nothing_left_behind(tmp_path_factory):
     yield
     base = str(tmp_path_factory.getbasetemp())
     left = [m.mountpoint for m in mounts.volfs_mounts() if m.mountpoint.startswith(base)]
     for path in left:
         mounts.detach(path, lazy=True)
+    daemons = _our_daemons(base)
+    for pid in daemons:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
     assert not left, f"tests left mounts behind: {left}"
+    assert not daemons, f"tests left volfsd daemons behind: {daemons}"
