@@ -119,6 +119,10 @@ def test_create_ls_inspect_rm(host, tmp_path):
     host.refused("inspect", "alpha", "nope", words=("no such volume: nope",))
     host.cli("mount", "alpha", str(tmp_path / "a"))
     (tmp_path / "a" / "f").write_bytes(b"data")
+    host.cli("create", "gamma", "--size", "1G", "--label", "k=v")  # through the daemon now
+    host.refused("create", "gamma", "--size", "2G", words=("already exists",))
+    assert json.loads(host.cli("inspect", "gamma").stdout)[0]["size"] == 1 << 30
+    host.cli("rm", "gamma")
     assert json.loads(host.cli("inspect", "alpha").stdout)[0]["mounts"] == [str(tmp_path / "a")]
     host.refused("rm", "alpha", words=("mounted", "--force"))
     host.cli("rm", "--force", "alpha")
@@ -407,6 +411,8 @@ def test_hostile_control_frames(host, tmp_path):
         frame({"cmd": "inspect", "args": {"names": "steady"}}),
         frame({"cmd": "umount", "args": {"mountpoint": "/", "extra": 1}}),
         frame({"cmd": "create", "args": {"name": "y", "labels": {"k": 1}}}),
+        frame({"cmd": "create", "args": {"name": "y", "size": True}}),
+        frame({"cmd": "mount", "args": {"name": "z", "mountpoint": "/tmp/x", "size": [1]}}),
         *[rng.randbytes(rng.randrange(1, 200)) for _ in range(30)],
         *[frame(rng.randbytes(rng.randrange(1, 100))) for _ in range(30)],
     ]

@@ -238,7 +238,7 @@ class Daemon:
                 raise control.ProtocolError(f"unknown command {str(cmd)[:40]!r}")
             if not isinstance(args, dict):
                 raise control.ProtocolError("args must be a map")
-            return {"ok": True, "result": await handler(self, **_Args(args).checked(handler))}
+            return {"ok": True, "result": await handler(self, **checked_args(handler, args))}
         except trio.TooSlowError:
             return {"ok": False, "error": "malformed request: incomplete frame"}
         except control.ProtocolError as exc:
@@ -285,7 +285,9 @@ class Daemon:
                             "restarts": s.restarts} for n, s in self.served.items()},
         }  # fmt: skip
 
-    async def cmd_mount(self, name: str, mountpoint: str, read_only: bool = False, size=0):
+    async def cmd_mount(
+        self, name: str, mountpoint: str, read_only: bool = False, size: str | int = 0
+    ):
         check_name(name)
         path = check_mountpoint(mountpoint)
         size_bytes = parse_size(size) if size else 0
@@ -508,30 +510,29 @@ class Daemon:
         self.served.pop(served.name, None)
 
 
-class _Args:
-    """Checks request arguments against a handler's signature: names and simple types."""
+_ARG_TYPES = {"str": str, "int": int, "bool": bool, "list": list, "dict": dict, "None": type(None)}
 
-    def __init__(self, args: dict) -> None:
-        self.args = args
 
-    def checked(self, handler) -> dict:
-        params = inspect.signature(handler).parameters
-        known = [p for p in params if p != "self"]
-        unknown = set(self.args) - set(known)
-        if unknown:
-            raise control.ProtocolError(f"unknown argument {sorted(map(str, unknown))[0][:40]!r}")
-        for name in known:
-            param = params[name]
-            if name not in self.args and param.default is inspect.Parameter.empty:
+def checked_args(handler, args: dict) -> dict:
+    """*args* if they fit *handler*'s signature: known names, all required ones, and values of
+    the annotated types (``str | int`` and the like)."""
+    params = inspect.signature(handler).parameters
+    known = [p for p in params if p != "self"]
+    unknown = sorted(str(a) for a in set(args) - set(known))
+    if unknown:
+        raise control.ProtocolError(f"unknown argument {unknown[0][:40]!r}")
+    for name in known:
+        param = params[name]
+        if name not in args:
+            if param.default is inspect.Parameter.empty:
                 raise control.ProtocolError(f"missing argument {name!r}")
-            if name in self.args:
-                value = self.args[name]
-                expected = {"str": str, "bool": bool, "list": list}.get(
-                    str(param.annotation).split(" ")[0]
-                )
-                if expected is not None and not isinstance(value, expected):
-                    raise control.ProtocolError(f"argument {name!r} must be a {expected.__name__}")
-        return self.args
+            continue
+        types = tuple(_ARG_TYPES[t.strip()] for t in str(param.annotation).split("|"))
+        value = args[name]
+        if not isinstance(value, types) or (isinstance(value, bool) and bool not in types):
+            names = " or ".join(t.__name__ for t in types)
+            raise control.ProtocolError(f"argument {name!r} must be a {names}")
+    return args
 
 
 async def _recv_exactly(stream: trio.SocketStream, n: int) -> bytes:
