@@ -162,16 +162,6 @@ class StoreRoot:
         finally:
             os.close(dir_fd)
 
-    def update_header(self, name: str, **changes: object) -> dict:
-        dir_fd = self._open_dir(name)
-        try:
-            header = self._read_header(name, dir_fd)
-            header.update(changes)
-            _write_durably(dir_fd, "volume", b"".join(frame.encode(header)))
-            return header
-        finally:
-            os.close(dir_fd)
-
     def _open_dir(self, name: str) -> int:
         try:
             return os.open(self.volume_path(name), _DIR_FLAGS)
