@@ -187,6 +187,17 @@ def test_directory_nlink(mnt):
     assert os.stat(mnt / "d").st_nlink == 2
 
 
+def test_dot_entries(mnt):
+    os.makedirs(mnt / "d" / "sub")
+    listing = subprocess.run(["ls", "-a", "-i", str(mnt / "d")], capture_output=True,
+                             text=True, check=True).stdout.split()  # fmt: skip
+    entries = dict(zip(listing[1::2], map(int, listing[0::2]), strict=True))
+    assert set(entries) == {".", "..", "sub"}
+    assert entries["."] == os.stat(mnt / "d").st_ino
+    assert entries[".."] == os.stat(mnt).st_ino
+    assert sorted(os.listdir(mnt / "d")) == ["sub"]
+
+
 def test_unlink(mnt):
     (mnt / "f").write_bytes(b"")
     os.mkdir(mnt / "d")

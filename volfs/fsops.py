@@ -386,6 +386,14 @@ class VolumeOperations(pyfuse3.Operations):
         directory = self._inodes.get(fh)
         if directory is None:
             return  # removed while open: nothing more to list
+        # "." and ".." first, at offsets 1 and 2 (entries start at 3).  The kernel takes no
+        # reference for them, so their lookup counts stay as they are.
+        parent = self._inodes.get(directory.parent or directory.ino, directory)
+        for offset, name, node in ((1, b".", directory), (2, b"..", parent)):
+            if start_id < offset and not pyfuse3.readdir_reply(
+                token, name, self._attrs(node), offset
+            ):
+                return
         for name, ino, cookie in directory.entries.after(start_id):
             child = self._inodes[ino]
             if not pyfuse3.readdir_reply(token, name, self._attrs(child), cookie):

@@ -11,6 +11,9 @@ from __future__ import annotations
 from bisect import bisect_right
 from collections.abc import Iterator
 
+#: Offsets 0, 1 and 2 mean the start of the directory, after "." and after "..".
+FIRST_COOKIE = 3
+
 
 class DirEntries:
     __slots__ = ("_by_cookie", "_cookies", "_entries", "_next_cookie")
@@ -19,7 +22,7 @@ class DirEntries:
         self._entries: dict[bytes, tuple[int, int]] = {}  # name -> (ino, cookie)
         self._by_cookie: dict[int, bytes] = {}
         self._cookies: list[int] = []  # ascending; may hold cookies of removed entries
-        self._next_cookie = 1  # 0 is the offset of "start of directory"
+        self._next_cookie = FIRST_COOKIE
 
     def __len__(self) -> int:
         return len(self._entries)
