@@ -154,27 +154,25 @@ class Daemon:
             finally:
                 os.umask(old_umask)
             listener.listen(64)
-            async with trio.open_nursery() as nursery:
-                self._nursery = nursery
-                nursery.start_soon(self._accept, listener)
-                await self._mount_declared()
-                log.info("volfsd ready: store %s, socket %s", self.root.path, path)
-                notify("READY=1")
-                await self._wait_for_stop_signal()
-                notify("STOPPING=1")
-                log.info("stopping: unmounting every volume")
-                await self._stop_all()
-                nursery.cancel_scope.cancel()
+            # Signals are caught from here on, so a stop during start-up still unmounts.
+            with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+                async with trio.open_nursery() as nursery:
+                    self._nursery = nursery
+                    nursery.start_soon(self._accept, listener)
+                    await self._mount_declared()
+                    log.info("volfsd ready: store %s, socket %s", self.root.path, path)
+                    notify("READY=1")
+                    async for signum in signals:
+                        log.info("received %s", signal.Signals(signum).name)
+                        break
+                    notify("STOPPING=1")
+                    log.info("stopping: unmounting every volume")
+                    await self._stop_all()
+                    nursery.cancel_scope.cancel()
         finally:
             with contextlib.suppress(OSError):
                 (self.run_dir / control.SOCKET_NAME).unlink()
             os.close(pid_fd)
-
-    async def _wait_for_stop_signal(self) -> None:
-        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
-            async for signum in signals:
-                log.info("received %s", signal.Signals(signum).name)
-                return
 
     async def _mount_declared(self) -> None:
         if self.config_path is None:
@@ -199,7 +197,12 @@ class Daemon:
 
     async def _accept(self, listener) -> None:
         while True:
-            conn, _ = await listener.accept()
+            try:
+                conn, _ = await listener.accept()
+            except OSError as exc:  # out of file descriptors, say: wait, do not die
+                log.error("cannot accept a connection: %s", exc)
+                await trio.sleep(0.5)
+                continue
             self._nursery.start_soon(self._serve_connection, conn)
 
     def _peer_allowed(self, conn) -> bool:
