@@ -17,7 +17,7 @@ from collections.abc import Iterator
 from volfs.errors import DataDamaged, VolumeDamaged
 from volfs.store import frame, journal
 from volfs.store.dirents import DirEntries
-from volfs.store.extents import ExtentMap, Frame
+from volfs.store.extents import Extent, ExtentMap, Frame
 from volfs.store.journal import (
     CHECKPOINT,
     EXCHANGE,
@@ -426,6 +426,10 @@ class Volume:
             else:
                 parts.append(self._read_frame(inode, piece_offset, fr, skip, length))
         return parts[0] if len(parts) == 1 else b"".join(parts)
+
+    def read_extent(self, inode: Inode, ext: Extent) -> bytes:
+        """The bytes of one extent of *inode*, verified; raises `DataDamaged`."""
+        return self._read_frame(inode, ext.start, ext.frame, ext.skip, ext.length)
 
     def _read_frame(self, inode: Inode, offset: int, fr: Frame, skip: int, length: int) -> bytes:
         first = skip // frame.BLOCK_SIZE
