@@ -160,7 +160,17 @@ class VolumeOperations(pyfuse3.Operations):
 
     @_errno_guard
     async def lookup(self, parent_inode, name, ctx=None):
-        return self._entry(self._child(self._dir(parent_inode), name))
+        parent = self._dir(parent_inode)
+        ino = parent.entries.get(name)
+        if ino is None:
+            self._check_name(name)
+            # A negative entry the kernel may cache (st_ino 0): every create goes through this
+            # one mount, so the kernel drops it when the name appears.
+            missing = pyfuse3.EntryAttributes()
+            missing.st_ino = 0
+            missing.entry_timeout = CACHE_TIMEOUT
+            return missing
+        return self._entry(self._inodes[ino])
 
     async def forget(self, inode_list):
         for ino, nlookup in inode_list:
