@@ -147,7 +147,9 @@ def test_cli_refusals(host, tmp_path):
     host.refused("inspect", "ghost", words=("no such volume",))
     host.refused("frobnicate", words=("invalid choice",))
     host.cli("mount", "v", str(tmp_path / "m"))
-    host.refused("mount", "v", str(tmp_path / "m"), words=("already",))
+    host.cli("mount", "v", str(tmp_path / "m"))  # the same again: nothing to do
+    host.refused("mount", "--ro", "v", str(tmp_path / "m"), words=("already mounted",))
+    host.refused("mount", "w", str(tmp_path / "m"), words=("already a mount point",))
     host.refused("mount", "v", str(tmp_path / "m2"), "--size", "1G", words=("size",))
     status = json.loads(host.cli("status").stdout)
     assert status["pid"] == host.daemon_pid() and "v" in status["volumes"]
@@ -388,6 +390,21 @@ def test_workers_end_with_the_daemon(host, tmp_path):
     assert _wait_gone(worker, 15), "the worker outlived its daemon"
     host.cli("mount", "orphan", str(mnt))  # clears the dead mount left at the path
     assert (mnt / "f").read_bytes() == b"acknowledged"
+
+
+def test_requested_mounts_come_back_after_a_daemon_restart(host, tmp_path):
+    a, b = tmp_path / "a", tmp_path / "gone"
+    host.cli("mount", "kept", str(a))
+    host.cli("mount", "other", str(b))
+    host.cli("umount", str(b))  # unmounted on purpose: stays unmounted
+    (a / "f").write_bytes(b"still mounted")
+    daemon = host.daemon_pid()
+    os.kill(daemon, signal.SIGTERM)
+    assert _wait_gone(daemon, 60)
+    assert mounts.find_mount(a) is None
+    host.cli("mount", "third", str(tmp_path / "c"))  # starts a new daemon
+    assert (a / "f").read_bytes() == b"still mounted"
+    assert mounts.find_mount(b) is None
 
 
 def test_hostile_control_frames(host, tmp_path):

@@ -26,6 +26,7 @@ import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import msgpack
 import trio
 
 from volfs import control, mounts
@@ -43,6 +44,7 @@ from volfs.volumes import (
 log = logging.getLogger(__name__)
 
 DEFAULT_CONFIG = Path("/etc/volfs/volumes.toml")
+REMEMBERED = "mounts.msgpack"
 READY_TIMEOUT = 60.0
 STOP_TIMEOUT = 120.0
 REQUEST_READ_TIMEOUT = 10.0
@@ -160,6 +162,7 @@ class Daemon:
                     self._nursery = nursery
                     nursery.start_soon(self._accept, listener)
                     await self._mount_declared()
+                    await self._mount_remembered()
                     log.info("volfsd ready: store %s, socket %s", self.root.path, path)
                     notify("READY=1")
                     async for signum in signals:
@@ -178,15 +181,43 @@ class Daemon:
         if self.config_path is None:
             return
         declared = load_config(self.config_path)
-        for name, spec in declared.items():
-            try:
-                self.root.create_volume(name, size=spec["size"], labels=spec["labels"])
-                for path in spec["paths"]:
-                    if name in self.served and path in self.served[name].paths:
-                        continue
-                    await self._mount(name, path, spec["read_only"])
-            except VolfsError as exc:
-                log.error("declared volume %s: %s", name, exc)
+        async with self._admin:
+            for name, spec in declared.items():
+                try:
+                    self.root.create_volume(name, size=spec["size"], labels=spec["labels"])
+                    for path in spec["paths"]:
+                        await self._mount(name, path, spec["read_only"])
+                except VolfsError as exc:
+                    log.error("declared volume %s: %s", name, exc)
+
+    # Mounts made on request are remembered in the runtime dir, so a daemon that restarts
+    # (a crash, an upgrade, systemctl restart) brings them back; a reboot clears /run and them.
+
+    def _remembered(self) -> list[list]:
+        try:
+            entries = msgpack.unpackb((self.run_dir / REMEMBERED).read_bytes())
+        except (OSError, ValueError, msgpack.UnpackException):
+            return []
+        if not isinstance(entries, list):
+            return []
+        return [e for e in entries if isinstance(e, list) and len(e) == 3]
+
+    def _remember(self, name: str, path: Path, read_only: bool, keep: bool) -> None:
+        entries = [e for e in self._remembered() if e[1] != str(path)]
+        if keep:
+            entries.append([name, str(path), read_only])
+        tmp = self.run_dir / (REMEMBERED + ".tmp")
+        tmp.write_bytes(msgpack.packb(entries))
+        tmp.rename(self.run_dir / REMEMBERED)
+
+    async def _mount_remembered(self) -> None:
+        async with self._admin:
+            for name, path, read_only in self._remembered():
+                try:
+                    await self._mount(check_name(name), check_mountpoint(path), bool(read_only))
+                except (VolfsError, TypeError) as exc:
+                    log.error("could not mount %s at %s again: %s", name, path, exc)
+                    self._remember(str(name), Path(str(path)), False, keep=False)
 
     async def _stop_all(self) -> None:
         async with self._admin:
@@ -304,6 +335,7 @@ class Daemon:
             else:
                 self.root.create_volume(name, size=size_bytes)
             await self._mount(name, path, read_only)
+            self._remember(name, path, read_only, keep=True)
         return self._describe(name)
 
     async def cmd_umount(self, mountpoint: str, lazy: bool = False):
@@ -313,6 +345,7 @@ class Daemon:
             if served is None:
                 raise VolfsError(f"{path} is not a volume mount of this daemon")
             await self._unmount_path(served, path, lazy)
+            self._remember(served.name, path, False, keep=False)
             if not served.paths:
                 await self._stop_volume(served, lazy=lazy)
         return {"mountpoint": str(path)}
@@ -329,6 +362,8 @@ class Daemon:
                     raise VolfsError(
                         f"volume {name} is mounted at {mounted}: unmount it first or use --force"
                     )
+                for path in list(served.paths):
+                    self._remember(name, path, False, keep=False)
                 await self._stop_volume(served, lazy=True)
             if self.root.is_served(name):
                 raise VolfsError(f"volume {name} is being served by another process")
@@ -350,7 +385,10 @@ class Daemon:
     async def _mount(self, name: str, path: Path, read_only: bool) -> None:
         served = self.served.get(name)
         if served is not None and path in served.paths:
-            raise VolfsError(f"volume {name} is already mounted at {path}")
+            if read_only != (path in served.read_only):
+                mode = "read-only" if path in served.read_only else "read-write"
+                raise VolfsError(f"volume {name} is already mounted {mode} at {path}")
+            return  # asked again for what is there: nothing to do
         if served is not None and not self._bind:
             raise VolfsError(
                 f"volume {name} is already mounted at {served.paths[0]}: a second mount point "
