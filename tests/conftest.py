@@ -120,9 +120,15 @@ class Volume:
             time.sleep(0.05)
         raise AssertionError("the daemon did not bring the volume back after its worker died")
 
-    def crash(self) -> None:
-        """SIGKILL the daemon and the worker: the store is left as a crash leaves it, unmounted."""
+    def crash(self) -> Path:
+        """SIGKILL the daemon and the worker: the store is left as a crash leaves it, unmounted.
+
+        Return the path it was mounted at: the daemon remembers it and mounts the volume there
+        again when it next starts, so mount it again there (any other path would be a second
+        mount point of the volume).
+        """
         assert self.pid is not None and self.path is not None
+        path = self.path
         daemon = int((run_dir_of(self.root) / "volfsd.pid").read_text().split()[0])
         for pid in (daemon, self.pid):
             with contextlib.suppress(ProcessLookupError):
@@ -133,6 +139,7 @@ class Volume:
             if entry.mountpoint.startswith(str(self._tmp)):
                 mounts.detach(entry.mountpoint, lazy=True)
         self.path = self.pid = None
+        return path
 
     def cleanup(self) -> None:
         """Stop the test's daemon (it unmounts everything), then remove whatever is left."""

@@ -851,8 +851,7 @@ def bring_down(volume, how: str) -> Path:
         _wait_served(volume.path)
         return volume.path
     assert how == "crash", how
-    volume.crash()
-    return volume.mount()
+    return volume.mount(volume.crash())
 
 
 def crash_during(volume, tmp: Path, delay: float, how: str, *specs: tuple) -> tuple[list, Path]:
@@ -1244,11 +1243,11 @@ def test_torn_last_write_is_dropped(volume, mnt, content):
     else:
         inner = bytes(32)
     (mnt / "torn").write_bytes(start + inner + bytes(8192))
-    volume.crash()
+    path = volume.crash()
     seg = max(volume.store.glob("seg-*.log"))
     raw = seg.read_bytes()
     os.truncate(seg, raw.rindex(start) + len(start) + len(inner) + 100)
-    new = volume.mount()
+    new = volume.mount(path)
     assert (new / "before").read_bytes() == b"acknowledged"
     assert (new / "torn").read_bytes() == b""  # created; the write was cut short, so dropped
 
