@@ -165,13 +165,51 @@ def test_sizes(size, expected):
     assert parse_size(size) == expected
 
 
-@pytest.mark.parametrize("size", ["", "0", "-1G", "10X", "G", "1e999"])
+@pytest.mark.parametrize("size", ["", "0", "-1G", "10X", "G", "1e999", "1e3", "20000000T"])
 def test_bad_sizes(size):
     from volfs.errors import VolfsError
     from volfs.volumes import parse_size
 
     with pytest.raises(VolfsError):
         parse_size(size)
+
+
+def test_store_limits_are_one_line_errors(host, tmp_path):
+    host.refused("create", "huge", "--size", "20000000T", words=("too large",))
+    host.refused("create", "wordy", "--label", "k=" + "a" * 70_000, words=("labels",))
+    host.refused("create", "blank", "--size", "", words=("invalid size",))
+    host.cli("mount", "v", str(tmp_path / "m"))  # from here on, through the daemon
+    host.refused("create", "huge", "--size", "20000000T", words=("too large",))
+    host.refused("create", "wordy", "--label", "k=" + "a" * 70_000, words=("labels",))
+    assert host.cli("ls", "-q").stdout.split() == ["v"]  # nothing half-made was left
+
+
+def test_ls_survives_a_damaged_volume(host, tmp_path):
+    host.cli("create", "good")
+    host.cli("create", "bad")
+    (host.root / "volumes" / "bad" / "volume").write_bytes(b"garbage" * 10)
+    rows = {}
+    for line in host.cli("ls", "--format", "json").stdout.splitlines():
+        row = json.loads(line)
+        rows[row["name"]] = row
+    assert rows["good"]["status"] == "unmounted"
+    assert rows["bad"]["status"].startswith("damaged")
+    host.cli("rm", "bad")
+    assert host.cli("ls", "-q").stdout.split() == ["good"]
+
+
+@ROOT_ONLY
+def test_symlinked_mountpoint(host, tmp_path):
+    real = tmp_path / "real"
+    real.mkdir()
+    (tmp_path / "link").symlink_to(real)
+    host.cli("mount", "v", str(tmp_path / "link"))
+    (tmp_path / "link" / "f").write_bytes(b"x")
+    row = json.loads(host.cli("ls", "--format", "json").stdout)
+    assert row["mounts"] == [str(real)]
+    host.cli("umount", str(tmp_path / "link"))
+    assert mounts.find_mount(real) is None
+    host.cli("rm", "v")
 
 
 # -- sharing -------------------------------------------------------------------------------------
@@ -467,6 +505,65 @@ def test_sigterm_unmounts_everything(host, tmp_path):
     assert not [m for m in mounts.volfs_mounts() if m.mountpoint.startswith(str(tmp_path))]
     host.cli("mount", "two", str(tmp_path / "again"))
     assert (tmp_path / "again" / "f").read_bytes() == b"flushed"
+
+
+@ROOT_ONLY
+def test_path_unmounted_behind_our_back(host, tmp_path):
+    e1, e2 = tmp_path / "e1", tmp_path / "e2"
+    host.cli("mount", "v", str(e1))
+    host.cli("mount", "v", str(e2))
+    (e2 / "f").write_bytes(b"kept")
+    subprocess.run(["umount", str(e1)], check=True)
+    host.cli("umount", str(e1))  # already gone: the daemon lets go of it
+    assert (e2 / "f").read_bytes() == b"kept"
+    subprocess.run(["umount", str(e2)], check=True)
+    pid = host.daemon_pid()
+    os.kill(pid, signal.SIGTERM)
+    assert _wait_gone(pid, 60)
+    assert not [m for m in mounts.volfs_mounts() if m.mountpoint.startswith(str(tmp_path))]
+    log = (host.root / "logs" / "volfsd.log").read_text()
+    assert "Traceback" not in log and "unmounted behind volfsd's back" in log
+
+
+def test_lazy_unmount_of_a_busy_volume(host, tmp_path):
+    """A lazily unmounted volume with an open file is served until it is closed, and the
+    daemon goes on serving everyone else meanwhile."""
+    busy, other = tmp_path / "busy", tmp_path / "other"
+    host.cli("mount", "busy", str(busy))
+    host.cli("mount", "other", str(other))
+    f = open(busy / "open", "wb", buffering=0)  # noqa: SIM115
+    try:
+        f.write(b"before ")
+        host.refused("umount", str(busy), words=("busy", "--lazy"))
+        host.cli("umount", "--lazy", str(busy))
+        assert mounts.find_mount(busy) is None
+        f.write(b"after")  # still served: nothing written through it is lost
+        host.refused("mount", "busy", str(tmp_path / "again"), words=("still being unmounted",))
+        os.kill(host.worker_pid("other"), signal.SIGKILL)  # healing does not wait for "busy"
+        _wait_for(lambda: (other / "probe").write_bytes(b"ok") == 2)
+        host.cli("mount", "third", str(tmp_path / "third"))
+    finally:
+        f.close()
+    _wait_for(lambda: not host.root.joinpath("volumes", "busy", "lock").exists()
+              or not _served(host, "busy"))  # fmt: skip
+    host.cli("mount", "busy", str(tmp_path / "again"))
+    assert (tmp_path / "again" / "open").read_bytes() == b"before after"
+
+
+def _served(host, name: str) -> bool:
+    from volfs.store import pidlock
+
+    return pidlock.is_held(host.root / "volumes" / name / "lock")
+
+
+def _wait_for(condition, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        with contextlib.suppress(OSError):
+            if condition():
+                return
+        assert time.monotonic() < deadline, "condition not met in time"
+        time.sleep(0.05)
 
 
 # -- config and systemd ------------------------------------------------------------------------

@@ -114,7 +114,7 @@ def cmd_create(args: argparse.Namespace) -> None:
         if not sep or not key:
             raise CliError(f"invalid label {item!r}: use KEY=VALUE")
         labels[key] = value
-    size = parse_size(args.size) if args.size else 0
+    size = parse_size(args.size) if args.size is not None else 0
     try:
         _call("create", name=check_name(args.name), size=size, labels=labels)
     except control.DaemonNotRunning:
@@ -166,7 +166,7 @@ def cmd_status(args: argparse.Namespace) -> None:
 def cmd_mount(args: argparse.Namespace) -> None:
     name = check_name(args.name)
     mountpoint = check_mountpoint(args.mountpoint)
-    size = parse_size(args.size) if args.size else 0
+    size = parse_size(args.size) if args.size is not None else 0
     root = _root()
     if args.foreground:
         _mount_foreground(root, name, mountpoint, args.ro, size)
@@ -201,9 +201,7 @@ def _mount_foreground(
 def cmd_umount(args: argparse.Namespace) -> None:
     mountpoint = check_mountpoint(args.mountpoint)
     entry = mounts.find_mount(mountpoint)
-    if entry is None or entry.fstype != mounts.FSTYPE:
-        raise CliError(f"{mountpoint} is not a volfs mount")
-    try:
+    try:  # the daemon also lets go of a path of its that was unmounted behind its back
         _call("umount", mountpoint=str(mountpoint), lazy=args.lazy)
         return
     except control.DaemonNotRunning:
@@ -211,6 +209,8 @@ def cmd_umount(args: argparse.Namespace) -> None:
     except VolfsError as exc:
         if "not a volume mount of this daemon" not in str(exc):
             raise
+    if entry is None or entry.fstype != mounts.FSTYPE:
+        raise CliError(f"{mountpoint} is not a volfs mount")
     # Served outside the daemon (volfsd mount -f): detach it and wait for its worker.
     problem = mounts.detach(mountpoint, lazy=args.lazy)
     if problem is not None:

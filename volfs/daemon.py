@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 import logging
+import math
 import os
 import signal
 import socket
@@ -46,6 +47,9 @@ log = logging.getLogger(__name__)
 DEFAULT_CONFIG = Path("/etc/volfs/volumes.toml")
 REMEMBERED = "mounts.msgpack"
 READY_TIMEOUT = 60.0
+#: How long a worker whose mounts are gone may take to end by itself before it gets SIGTERM.
+STOP_GRACE = 10.0
+#: How long a worker may take to end after SIGTERM (it checkpoints first) before it is killed.
 STOP_TIMEOUT = 120.0
 REQUEST_READ_TIMEOUT = 10.0
 RESTART_DELAYS = (0.5, 1, 2, 5, 10, 30)
@@ -113,7 +117,6 @@ class Served:
     status: str = "starting"
     stopping: bool = False
     restarts: int = 0
-    exited: trio.Event = field(default_factory=trio.Event)
 
 
 class Daemon:
@@ -122,6 +125,8 @@ class Daemon:
         self.run_dir = run_dir
         self.config_path = config
         self.served: dict[str, Served] = {}
+        #: Volumes unmounted whose worker has not ended yet (files open on a lazy unmount).
+        self.stopping: dict[str, Served] = {}
         self._admin = trio.Lock()  # one change of mounts at a time
         self._nursery: trio.Nursery | None = None
         self._started = time.time()
@@ -220,9 +225,16 @@ class Daemon:
                     self._remember(str(name), Path(str(path)), False, keep=False)
 
     async def _stop_all(self) -> None:
+        """Unmount every volume, then wait for all their workers at once."""
         async with self._admin:
             for served in list(self.served.values()):
-                await self._stop_volume(served, lazy=True)
+                try:
+                    await self._detach_volume(served, lazy=True)
+                except VolfsError as exc:  # stop the others all the same
+                    log.error("volume %s: %s", served.name, exc)
+            async with trio.open_nursery() as nursery:
+                for served in list(self.stopping.values()):
+                    nursery.start_soon(self._wait_stopped, served, STOP_GRACE)
 
     # -- requests -----------------------------------------------------------------------------
 
@@ -346,8 +358,13 @@ class Daemon:
                 raise VolfsError(f"{path} is not a volume mount of this daemon")
             await self._unmount_path(served, path, lazy)
             self._remember(served.name, path, False, keep=False)
-            if not served.paths:
-                await self._stop_volume(served, lazy=lazy)
+            if served.paths:
+                return {"mountpoint": str(path)}
+            await self._detach_volume(served, lazy=lazy)
+        if lazy:  # files may stay open on it: the worker serves them until they are closed
+            self._nursery.start_soon(self._wait_stopped, served, math.inf)
+        else:  # the worker ends once it has checkpointed; wait outside the lock for that
+            await self._wait_stopped(served, STOP_GRACE)
         return {"mountpoint": str(path)}
 
     async def cmd_rm(self, name: str, force: bool = False):
@@ -364,7 +381,9 @@ class Daemon:
                     )
                 for path in list(served.paths):
                     self._remember(name, path, False, keep=False)
-                await self._stop_volume(served, lazy=True)
+                await self._detach_volume(served, lazy=True)
+            if name in self.stopping:
+                await self._wait_stopped(self.stopping[name], STOP_GRACE)
             if self.root.is_served(name):
                 raise VolfsError(f"volume {name} is being served by another process")
             self.root.remove_volume(name)
@@ -395,6 +414,15 @@ class Daemon:
                 "needs bind mounts, which need root"
             )
         prepare_mountpoint(path)
+        leaving = self.stopping.get(name) if served is None else None
+        if leaving is not None and leaving.process is not None:
+            with trio.move_on_after(STOP_GRACE):
+                await leaving.process.wait()
+            if leaving.process.returncode is None:
+                raise VolfsError(
+                    f"volume {name} is still being unmounted: files are open on a path "
+                    "unmounted with --lazy; close them and try again"
+                )
         if served is None:
             if self.root.is_served(name):
                 raise VolfsError(
@@ -459,7 +487,6 @@ class Daemon:
             )
             raise VolfsError(reason)
         served.process = process
-        served.exited = trio.Event()
         served.status = "mounted"
 
     async def _supervise(self, served: Served) -> None:
@@ -467,7 +494,6 @@ class Daemon:
         while True:
             await served.process.wait()
             if served.stopping:
-                served.exited.set()
                 return
             code = served.process.returncode
             log.error("volume %s: its worker exited (%s); remounting at %s", served.name, code,
@@ -475,7 +501,6 @@ class Daemon:
             served.status = "restarting"
             await self._heal(served)
             if served.stopping:
-                served.exited.set()
                 return
 
     async def _heal(self, served: Served) -> None:
@@ -504,7 +529,10 @@ class Daemon:
                 await trio.sleep(delay)
 
     async def _unmount_path(self, served: Served, path: Path, lazy: bool) -> None:
-        if self._bind:
+        if mounts.find_mount(path) is None:
+            log.warning("volume %s: %s was unmounted behind volfsd's back", served.name, path)
+            problem = None
+        elif self._bind:
             problem = await trio.to_thread.run_sync(_umount, path, lazy)
         else:
             problem = await trio.to_thread.run_sync(mounts.detach, path, lazy)
@@ -518,27 +546,40 @@ class Daemon:
         served.read_only.discard(path)
         log.info("volume %s unmounted from %s", served.name, path)
 
-    async def _stop_volume(self, served: Served, lazy: bool) -> None:
-        """Unmount every path of *served*, then stop its worker (which flushes and checkpoints)."""
+    async def _detach_volume(self, served: Served, lazy: bool) -> None:
+        """Unmount every path of *served* and its staging mount, so that its worker ends.
+
+        Detaching the last mount ends the worker's FUSE session (at once, or with a lazy
+        detach once the last open file closes); the worker then checkpoints and exits by
+        itself.  It gets SIGTERM only if its staging mount could not be detached.
+        `_wait_stopped` waits for the end.
+        """
         for path in list(served.paths):
             try:
                 await self._unmount_path(served, path, lazy)
             except VolfsError:
                 await self._unmount_path(served, path, True)
         served.stopping = True
+        self.served.pop(served.name, None)
+        self.stopping[served.name] = served
+        process = served.process
+        if process is None or process.returncode is not None:
+            return
+        detached = (
+            self._bind
+            and await trio.to_thread.run_sync(mounts.detach, served.staging, lazy) is None
+        )
+        if not detached:
+            process.send_signal(signal.SIGTERM)
+
+    async def _wait_stopped(self, served: Served, grace: float) -> None:
+        """Wait for the worker of a detached volume to end: *grace* s by itself, then
+        `STOP_TIMEOUT` s after SIGTERM, then it is killed."""
         process = served.process
         if process is not None and process.returncode is None:
-            # Detaching the last mount ends the worker's FUSE session; it then checkpoints and
-            # exits by itself.  SIGTERM only if the detach failed or it takes too long.
-            detached = (
-                self._bind
-                and await trio.to_thread.run_sync(mounts.detach, served.staging, lazy) is None
-            )
-            if not detached:
-                process.send_signal(signal.SIGTERM)
-            with trio.move_on_after(STOP_TIMEOUT):
+            with trio.move_on_after(grace):
                 await process.wait()
-            if process.returncode is None and detached:
+            if process.returncode is None:
                 process.send_signal(signal.SIGTERM)
                 with trio.move_on_after(STOP_TIMEOUT):
                     await process.wait()
@@ -548,7 +589,8 @@ class Daemon:
                 await process.wait()
         if self._bind:
             clear_dead_mount(served.staging)
-        self.served.pop(served.name, None)
+        if self.stopping.get(served.name) is served:
+            del self.stopping[served.name]
 
 
 _ARG_TYPES = {"str": str, "int": int, "bool": bool, "list": list, "dict": dict, "None": type(None)}

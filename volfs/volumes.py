@@ -8,6 +8,7 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import re
 import time
 from collections.abc import Iterable
 from pathlib import Path
@@ -19,22 +20,24 @@ from volfs.store.root import StoreRoot
 log = logging.getLogger(__name__)
 
 _UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40, "P": 1 << 50}
+_SIZE = re.compile(r"(\d+(?:\.\d+)?)([KMGTP]?)")
+#: Largest size a volume may be given: sizes are stored as unsigned 64-bit numbers.
+MAX_SIZE = 1 << 62
 
 
 def parse_size(text: str | int) -> int:
-    """Bytes in "512M", "10G", "1T", "4096" (binary units; a trailing B or iB is allowed)."""
+    """Bytes in "512M", "10G", "1T", "1.5G", "4096" (binary units; a trailing B or iB is
+    allowed)."""
     if isinstance(text, int) and not isinstance(text, bool):
         value = text
     else:
         raw = str(text).strip().upper().removesuffix("IB").removesuffix("B")
-        unit = raw[-1:] if raw[-1:] in _UNITS else ""
-        number = raw[: len(raw) - len(unit)]
-        try:
-            value = int(float(number) * _UNITS[unit]) if number else -1
-        except (ValueError, OverflowError):
-            value = -1
+        match = _SIZE.fullmatch(raw)
+        value = int(float(match[1]) * _UNITS[match[2]]) if match else -1
     if value <= 0:
         raise VolfsError(f"invalid size {str(text)[:40]!r}: use a number with K, M, G or T")
+    if value > MAX_SIZE:
+        raise VolfsError(f"size {str(text)[:40]!r} is too large: at most 4096P")
     return value
 
 
@@ -46,7 +49,9 @@ def check_mountpoint(text: object) -> Path:
         raise VolfsError(f"mount point {text[:200]!r} is relative: give an absolute path")
     if len(text.encode()) > 4000:
         raise VolfsError("mount point path is too long")
-    return Path(os.path.normpath(path))
+    # Resolved, so that a mount point reached through a symlink is known by the path the
+    # mount table will show.
+    return Path(os.path.realpath(path))
 
 
 def clear_dead_mount(path: Path) -> None:
@@ -93,7 +98,10 @@ def describe(
     *status*, *staging* and *read_only* come from the daemon when it serves the volume;
     without them the status is read off the volume's lock.
     """
-    header = root.header(name)
+    try:
+        header = root.header(name)
+    except VolfsError as exc:  # one damaged volume must not hide the others from `ls`
+        header, status = {}, f"damaged: {exc}"
     usage = root.usage(name)
     paths = sorted(
         e.mountpoint
@@ -102,7 +110,7 @@ def describe(
     )
     if status is None:
         status = ("mounted" if paths else "busy") if root.is_served(name) else "unmounted"
-    created = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(header["created_ns"] / 1e9))
+    created = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(header.get("created_ns", 0) / 1e9))
     return {
         "name": name,
         "size": header.get("size", 0),

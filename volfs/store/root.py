@@ -20,6 +20,8 @@ import time
 import uuid
 from pathlib import Path
 
+import msgpack
+
 from volfs.errors import StoreError
 from volfs.store import frame, pidlock
 from volfs.store.volume import FORMAT, USAGE_FILE, Volume
@@ -27,6 +29,8 @@ from volfs.store.volume import FORMAT, USAGE_FILE, Volume
 STORE_FORMAT = 1
 VOLUME_KIND = "volfs-volume"
 DEFAULT_SEGMENT_SIZE = 64 * 1024 * 1024
+#: Most bytes a volume's labels may take (packed): the header file is read in one 64 KiB piece.
+MAX_LABELS = 32 * 1024
 NAME_PATTERN = re.compile(r"[a-z0-9][a-z0-9_.-]{0,62}")
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 
@@ -103,8 +107,11 @@ class StoreRoot:
         return self.path / "volumes" / check_name(name)
 
     def names(self) -> list[str]:
+        """Names of the volumes in the store (directories with a header file)."""
         return sorted(
-            p.name for p in (self.path / "volumes").iterdir() if NAME_PATTERN.fullmatch(p.name)
+            p.name
+            for p in (self.path / "volumes").iterdir()
+            if NAME_PATTERN.fullmatch(p.name) and (p / "volume").is_file()
         )
 
     def exists(self, name: str) -> bool:
@@ -123,8 +130,14 @@ class StoreRoot:
         it is refused, as ``docker volume create`` does.
         """
         labels = dict(labels or {})
+        if len(msgpack.packb(labels)) > MAX_LABELS:
+            raise StoreError(f"labels of volume {name} are too large: at most 32 KiB in all")
         path = self.volume_path(name)
-        path.mkdir(mode=0o700, exist_ok=True)
+        try:
+            path.mkdir(mode=0o700)
+            made = True
+        except FileExistsError:
+            made = False
         dir_fd = os.open(path, _DIR_FLAGS)
         try:
             try:
@@ -141,7 +154,12 @@ class StoreRoot:
                     "size": size,
                     "labels": labels,
                 }
-                _write_durably(dir_fd, "volume", b"".join(frame.encode(header)))
+                try:
+                    _write_durably(dir_fd, "volume", b"".join(frame.encode(header)))
+                except BaseException:
+                    if made:  # leave no half-made volume that `ls` would trip over
+                        shutil.rmtree(path, ignore_errors=True)
+                    raise
                 return header
         finally:
             os.close(dir_fd)
