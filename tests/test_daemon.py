@@ -508,6 +508,26 @@ def test_sigterm_unmounts_everything(host, tmp_path):
 
 
 @ROOT_ONLY
+def test_daemon_and_worker_killed_together(host, tmp_path):
+    """What the OOM killer or a `kill -9` of the whole service leaves: dead mounts whose
+    attributes the kernel still caches.  The next daemon clears them and mounts again."""
+    a, b = tmp_path / "a", tmp_path / "b"
+    host.cli("mount", "v", str(a))
+    host.cli("mount", "v", str(b))
+    (a / "f").write_bytes(b"acknowledged")
+    os.stat(a), os.stat(b)  # cached in the kernel: a stat of a dead mount would still answer
+    for pid in (host.daemon_pid(), host.worker_pid("v")):
+        os.kill(pid, signal.SIGKILL)
+        assert _wait_gone(pid, 30)
+    with pytest.raises(OSError) as info:
+        os.listdir(a)
+    assert info.value.errno == errno.ENOTCONN
+    host.cli("mount", "v", str(a))  # starts a daemon, which brings back both paths
+    assert (a / "f").read_bytes() == b"acknowledged"
+    assert (b / "f").read_bytes() == b"acknowledged"
+
+
+@ROOT_ONLY
 def test_path_unmounted_behind_our_back(host, tmp_path):
     e1, e2 = tmp_path / "e1", tmp_path / "e2"
     host.cli("mount", "v", str(e1))

@@ -60,7 +60,9 @@ def clear_dead_mount(path: Path) -> None:
     if entry is None or entry.fstype != mounts.FSTYPE:
         return
     try:
-        os.stat(path)
+        # statvfs, not stat: the kernel answers stat from its attribute cache even when the
+        # server is gone, but always asks the server for statfs.
+        os.statvfs(path)
     except OSError as exc:
         if exc.errno == errno.ENOTCONN:
             log.warning("clearing the dead mount of %s at %s", entry.source, path)
