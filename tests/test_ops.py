@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import fcntl
 import os
 import shutil
 import socket
@@ -346,6 +347,19 @@ def test_o_append(mnt):
         for fd in fds:
             os.close(fd)
     assert f.read_bytes() == b"start0123456789"
+
+
+def test_o_append_cleared_by_fcntl(mnt):
+    f = mnt / "f"
+    f.write_bytes(b"12345")
+    fd = os.open(f, os.O_RDWR | os.O_APPEND)
+    try:
+        os.pwrite(fd, b"a", 0)  # Linux appends, whatever the offset
+        fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) & ~os.O_APPEND)
+        os.pwrite(fd, b"Y", 0)  # no longer appending: the offset counts
+    finally:
+        os.close(fd)
+    assert f.read_bytes() == b"Y2345a"
 
 
 def test_sparse_file(volume, mnt):

@@ -63,11 +63,10 @@ def _fail(code: int):
 
 
 class OpenFile:
-    __slots__ = ("append", "inode")
+    __slots__ = ("inode",)
 
-    def __init__(self, inode: Inode, append: bool) -> None:
+    def __init__(self, inode: Inode) -> None:
         self.inode = inode
-        self.append = append
 
 
 class VolumeOperations(pyfuse3.Operations):
@@ -332,7 +331,7 @@ class VolumeOperations(pyfuse3.Operations):
             self._writable()
         fh = self._next_fh
         self._next_fh += 1
-        self._files[fh] = OpenFile(inode, bool(flags & os.O_APPEND))
+        self._files[fh] = OpenFile(inode)
         inode.opens += 1
         return pyfuse3.FileInfo(fh=fh, keep_cache=True)
 
@@ -360,13 +359,13 @@ class VolumeOperations(pyfuse3.Operations):
     @_errno_guard
     async def write(self, fh, off, buf):
         self._writable()
-        handle = self._files[fh]
-        if handle.append:
-            off = handle.inode.size
+        # O_APPEND needs nothing here: the kernel sends the end of the file as *off* (under
+        # its inode lock), and only it knows whether fcntl(F_SETFL) has cleared the flag since.
+        inode = self._files[fh].inode
         volume = self.volume
-        if volume.quota and volume.used + volume.growth(handle.inode, off, len(buf)) > volume.quota:
+        if volume.quota and volume.used + volume.growth(inode, off, len(buf)) > volume.quota:
             raise _fail(errno.ENOSPC)
-        volume.write(handle.inode, off, buf, time.time_ns())
+        volume.write(inode, off, buf, time.time_ns())
         return len(buf)
 
     async def flush(self, fh):
