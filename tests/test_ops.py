@@ -234,6 +234,11 @@ def test_readdir_stable_while_changing(mnt):
                 if victim.exists():
                     victim.unlink()
                 churn += 1
+                # Names that stay throughout, while what they name changes.
+                i = n % 1500
+                renameat2(d / f"s{i:05d}", d / f"s{2999 - i:05d}", RENAME_EXCHANGE)
+                os.close(os.open(d / "over", os.O_CREAT | os.O_WRONLY))
+                os.rename(d / "over", d / f"s{(n * 7) % 3000:05d}")
     stable_seen = [name for name in seen if name in stable]
     assert len(stable_seen) == len(set(stable_seen)) == len(stable)
 

@@ -41,6 +41,13 @@ class DirEntries:
         self._by_cookie[cookie] = name
         self._cookies.append(cookie)
 
+    def replace(self, name: bytes, ino: int) -> int:
+        """Point the existing entry *name* at *ino*, keeping its place in listings; return
+        the inode it pointed to."""
+        old, cookie = self._entries[name]
+        self._entries[name] = (ino, cookie)
+        return old
+
     def remove(self, name: bytes) -> int:
         """Remove *name* and return the inode it pointed to."""
         ino, cookie = self._entries.pop(name)

@@ -236,19 +236,18 @@ class Volume:
         elif kind == UNLINK:
             _, parent_ino, name = record
             parent = self.inodes[parent_ino]
-            child = self.inodes[parent.entries.remove(name)]
-            if child.entries is not None:
-                parent.nlink -= 1
-                child.nlink = 0
-            else:
-                child.nlink -= 1
+            self._unlinked(parent, self.inodes[parent.entries.remove(name)])
         elif kind == RENAME:
+            # Onto an existing name, the entry is replaced in place (the name keeps its place
+            # in listings in progress) and the inode it named loses that link.
             _, old_parent_ino, old_name, new_parent_ino, new_name = record
             old_parent, new_parent = self.inodes[old_parent_ino], self.inodes[new_parent_ino]
-            if new_name in new_parent.entries:
-                raise ValueError(f"entry {new_name!r} exists in {new_parent_ino}")
             child = self.inodes[old_parent.entries.remove(old_name)]
-            new_parent.entries.add(new_name, child.ino)
+            if new_name in new_parent.entries:
+                replaced = self.inodes[new_parent.entries.replace(new_name, child.ino)]
+                self._unlinked(new_parent, replaced)
+            else:
+                new_parent.entries.add(new_name, child.ino)
             if child.entries is not None:
                 old_parent.nlink -= 1
                 new_parent.nlink += 1
@@ -256,10 +255,9 @@ class Volume:
         elif kind == EXCHANGE:
             _, parent_a_ino, name_a, parent_b_ino, name_b = record
             parent_a, parent_b = self.inodes[parent_a_ino], self.inodes[parent_b_ino]
-            a = self.inodes[parent_a.entries.remove(name_a)]
-            b = self.inodes[parent_b.entries.remove(name_b)]
-            parent_a.entries.add(name_a, b.ino)
-            parent_b.entries.add(name_b, a.ino)
+            a = self.inodes[parent_a.entries.get(name_a)]
+            b = self.inodes[parent_b.entries.replace(name_b, a.ino)]
+            parent_a.entries.replace(name_a, b.ino)
             for child, old, new in ((a, parent_a, parent_b), (b, parent_b, parent_a)):
                 if child.entries is not None:
                     old.nlink -= 1
@@ -281,6 +279,15 @@ class Volume:
                 self._put(inode, start, Frame(eseg, epos, flen, tuple(sums)), length, skip)
         else:
             raise ValueError(f"unknown record kind {kind!r}")
+
+    @staticmethod
+    def _unlinked(parent: Inode, child: Inode) -> None:
+        """Count *child*'s link from *parent* as gone."""
+        if child.entries is not None:
+            parent.nlink -= 1
+            child.nlink = 0
+        else:
+            child.nlink -= 1
 
     def _put(self, inode: Inode, offset: int, fr: Frame, length: int = -1, skip: int = 0) -> None:
         if length < 0:
@@ -372,7 +379,7 @@ class Volume:
 
     def unlink(self, parent: Inode, name: bytes, child: Inode, now_ns: int) -> None:
         records = [[UNLINK, parent.ino, name], self._touched(parent, now_ns)]
-        if child.entries is None and child.nlink > 1:
+        if child.entries is None:  # its ctime changes with its link count
             records.append(self._touched(child, now_ns, mtime=False))
         self.commit(records)
         self.forget(child)
@@ -387,13 +394,12 @@ class Volume:
         now_ns: int,
     ) -> None:
         """Move an entry, replacing *replaced* (the inode at the new name) if given."""
-        records = []
-        if replaced is not None:
-            records.append([UNLINK, new_parent.ino, new_name])
-        records.append([RENAME, old_parent.ino, old_name, new_parent.ino, new_name])
+        records = [[RENAME, old_parent.ino, old_name, new_parent.ino, new_name]]
         records += self._touched_parents(old_parent, new_parent, now_ns)
         moved = self.inodes[old_parent.entries.get(old_name)]
         records.append(self._touched(moved, now_ns, mtime=False))
+        if replaced is not None and replaced.entries is None:
+            records.append(self._touched(replaced, now_ns, mtime=False))
         self.commit(records)
         if replaced is not None:
             self.forget(replaced)
@@ -402,7 +408,10 @@ class Volume:
         self, parent_a: Inode, name_a: bytes, parent_b: Inode, name_b: bytes, now_ns: int
     ) -> None:
         records = [[EXCHANGE, parent_a.ino, name_a, parent_b.ino, name_b]]
-        self.commit(records + self._touched_parents(parent_a, parent_b, now_ns))
+        records += self._touched_parents(parent_a, parent_b, now_ns)
+        for parent, name in ((parent_a, name_a), (parent_b, name_b)):
+            records.append(self._touched(self.inodes[parent.entries.get(name)], now_ns, False))
+        self.commit(records)
 
     def _touched_parents(self, a: Inode, b: Inode, now_ns: int) -> list[list]:
         return [self._touched(a, now_ns)] if a is b else [self._touched(p, now_ns) for p in (a, b)]
