@@ -608,6 +608,28 @@ def perform(root: str, step: tuple) -> None:
         raise ValueError(op)
 
 
+def _partly_written(before: dict, step: tuple, got: dict) -> dict | None:
+    """*before* with a prefix of the in-flight write *step* applied.
+
+    The kernel cuts one write() into several FUSE requests at page boundaries, and a crash
+    can fall between them: a write that never returned may be in the store in part.
+    """
+    _, path, offset, data = step
+    want, have = before.get(path), got.get(path)
+    if want is None or have is None or want.kind != "f" or have.kind != "f":
+        return None
+    done = 0
+    while done < len(data) and have.content[offset + done : offset + done + 1] == data[done:][:1]:
+        done += 1
+    content = bytearray(want.content)
+    content.extend(bytes(max(0, offset - len(content))))
+    content[offset : offset + done] = data[:done]
+    return {
+        p: e._replace(content=bytes(content), mtime=None) if e.links == want.links else e
+        for p, e in before.items()
+    }
+
+
 def check_metadata(root: Path, seed: int, acked: int) -> dict:
     """The tree must be the model after the acknowledged steps, or after one more."""
     got = scan(root)
@@ -619,6 +641,8 @@ def check_metadata(root: Path, seed: int, acked: int) -> dict:
             after, in_flight = model.snapshot(), step
             break
     if trees_match(got, before) or trees_match(got, after):
+        return got
+    if in_flight[0] == "write" and trees_match(got, _partly_written(before, in_flight, got)):
         return got
     pytest.fail(
         f"after steps 0..{acked} of seed {seed} acknowledged (step {acked + 1}, maybe in "
