@@ -162,6 +162,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--die-with-parent", action="store_true")
     args = parser.parse_args(argv)
     logging.basicConfig(
+        force=True,  # `volfsd mount -f` runs this in the CLI's process, which set up its own
         level=logging.DEBUG if args.debug else logging.INFO,
         format="%(asctime)s volfsd[%(process)d] %(levelname)s %(name)s: %(message)s",
     )

@@ -86,9 +86,11 @@ class StoreRoot:
         try:
             text = marker.read_text()
         except FileNotFoundError:
-            tmp = self.path / "FORMAT.tmp"
-            tmp.write_text(f"volfs-store {STORE_FORMAT}\n")
-            tmp.rename(marker)
+            fd = os.open(self.path, _DIR_FLAGS)
+            try:  # synced with the directory, so "volumes/" and FORMAT outlive a power cut
+                _write_durably(fd, "FORMAT", f"volfs-store {STORE_FORMAT}\n".encode())
+            finally:
+                os.close(fd)
             return
         except OSError as exc:
             raise StoreError(
@@ -136,6 +138,7 @@ class StoreRoot:
         try:
             path.mkdir(mode=0o700)
             made = True
+            _fsync_dir(path.parent)  # the new volume's name must survive a power cut too
         except FileExistsError:
             made = False
         dir_fd = os.open(path, _DIR_FLAGS)
@@ -294,3 +297,11 @@ def _write_durably(dir_fd: int, name: str, data: bytes) -> None:
         os.close(fd)
     os.rename(tmp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
     os.fsync(dir_fd)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, _DIR_FLAGS)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
