@@ -473,7 +473,7 @@ def test_hostile_control_frames(host, tmp_path):
     ]
     for raw in hostile:
         reply = host.request(raw)
-        assert reply is None or reply["ok"] is False, (raw[:40], reply)
+        assert reply is not None and reply["ok"] is False, (raw[:40], reply)
     assert host.request(frame({"cmd": "status", "args": {}}))["ok"] is True
     assert (tmp_path / "m" / "f").read_bytes() == b"unchanged"
     assert host.cli("ls", "-q").stdout.split() == ["steady"]
