@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime as dt
+import fcntl
 import importlib.metadata
 import json
 import os
@@ -26,6 +27,7 @@ import re
 import shlex
 import shutil
 import signal
+import sqlite3
 import statistics
 import subprocess
 import sys
@@ -35,30 +37,78 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import scale
+import workloads
+
 BENCH_DIR = Path(__file__).resolve().parent
 REPO_ROOT = BENCH_DIR.parent
 MIB = 1024 * 1024
 
-WORKLOADS = ("seqwrite", "seqread_cold", "seqread_warm", "randread4k", "randwrite4k", "smallfiles")
+# In the order a pass runs them: each one depends on the cache state the previous left.
+WORKLOADS = (
+    "seqwrite_nofsync",
+    "seqwrite_fsync",
+    "seqread_cold",
+    "seqread_warm",
+    "randread4k",
+    "randread4k_4jobs",
+    "randwrite4k",
+    "randwrite4k_4jobs",
+    "smallfiles",
+    "listdir_cold",
+    "listdir_warm",
+    "sqlite_rollback",
+    "sqlite_wal",
+)
 UNITS = {
-    "seqwrite": "MB/s",
+    "seqwrite_nofsync": "MB/s",
+    "seqwrite_fsync": "MB/s",
     "seqread_cold": "MB/s",
     "seqread_warm": "MB/s",
     "randread4k": "IOPS",
+    "randread4k_4jobs": "IOPS",
     "randwrite4k": "IOPS",
+    "randwrite4k_4jobs": "IOPS",
     "smallfiles": "files/s",
+    "listdir_cold": "entries/s",
+    "listdir_warm": "entries/s",
+    "sqlite_rollback": "txn/s",
+    "sqlite_wal": "txn/s",
 }
-# Workloads that need the SIZE test file to exist; they run after seqwrite made it.
-FILE_WORKLOADS = ("seqread_cold", "seqread_warm", "randread4k", "randwrite4k")
-ALL_TARGETS = ("native", "volfs", "bindfs")
+FIO_WORKLOADS = WORKLOADS[:8]
+# Workloads that need the SIZE test file to exist; they run after seqwrite_fsync made it.
+FILE_WORKLOADS = FIO_WORKLOADS[2:]
+ALL_TARGETS = ("native", "volfs", "bindfs", "rclone")
 
-DEFAULTS = {"size": 1024 * MIB, "runtime": 10, "repeats": 3, "files": 2000}
-SMOKE = {"size": 8 * MIB, "runtime": 1, "repeats": 1, "files": 200}
+DEFAULTS = {
+    "size": 1024 * MIB,
+    "runtime": 10.0,
+    "repeats": 3,
+    "files": 10_000,
+    "entries": 100_000,
+    "txns": 200,
+    "rows": 50,
+    "scale": [10_000, 100_000, 1_000_000],
+    "scale_ops": 10_000,
+}
+SMOKE = {
+    "size": 8 * MIB,
+    "runtime": 0.5,
+    "repeats": 1,
+    "files": 100,
+    "entries": 500,
+    "txns": 5,
+    "rows": 50,
+    "scale": [300, 1000],
+    "scale_ops": 100,
+}
 
 # Longer than volfsd's own 60 s mount timeout, so its own error and cleanup win.
 MOUNT_TIMEOUT_S = 90.0
 MOUNT_LIVE_WAIT_S = 10.0
 DATA_FILE = "fio.dat"
+NOFSYNC_FILE = "fio-nofsync.dat"
+LISTDIR = "listdir"
 
 
 class TargetMissing(Exception):
@@ -202,6 +252,13 @@ class Target:
     def refresh(self) -> None:
         """Start the next read from nothing the filesystem itself has cached."""
 
+    def backing_dir(self) -> Path | None:
+        """A native directory whose files the target shows at self.path, if it has one.
+
+        Preparing big untimed fixtures there is much faster than through the mount.
+        """
+        return None
+
     def diagnostics(self) -> str:
         """The daemon's own log tail, which usually says more than the failing syscall."""
         return ""
@@ -209,6 +266,16 @@ class Target:
 
 class NativeTarget(Target):
     name = "native"
+
+    def backing_dir(self) -> Path | None:
+        return self.path
+
+
+def _log_tail(path: Path, lines: int = 20) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").strip().splitlines()[-lines:])
+    except OSError:
+        return ""
 
 
 class MountTarget(Target):
@@ -230,16 +297,21 @@ class MountTarget(Target):
         """A target-specific unmount command tried before fusermount3."""
         return None
 
+    def run_mount(self, argv: list[str]) -> tuple[int, str]:
+        """Run the mount command and wait for the mount; (exit status, output tail)."""
+        rc, tail = run_logged(argv, self.log, env=self.env())
+        deadline = time.monotonic() + MOUNT_LIVE_WAIT_S
+        while rc == 0 and not is_mounted(self.mountpoint) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        return rc, tail
+
     def setup(self) -> None:
         self.mountpoint.mkdir(parents=True, exist_ok=True)
         if is_mounted(self.mountpoint):
             raise TargetMissing(f"{self.mountpoint} is already mounted by someone else")
         argv = self.mount_argv()
         with deferred_interrupts():
-            rc, tail = run_logged(argv, self.log, env=self.env())
-            deadline = time.monotonic() + MOUNT_LIVE_WAIT_S
-            while rc == 0 and not is_mounted(self.mountpoint) and time.monotonic() < deadline:
-                time.sleep(0.05)
+            rc, tail = self.run_mount(argv)
         if rc != 0 or not is_mounted(self.mountpoint):
             self.teardown()  # a timed-out command may still have mounted
             why = f"exit {rc}" if rc != 0 else "exited 0 but no mount appeared"
@@ -247,7 +319,8 @@ class MountTarget(Target):
             extra = f"\ndaemon log:\n{extra}" if extra else ""
             raise TargetMissing(f"mount failed ({why}): {tail or 'no output'}{extra}")
 
-    def teardown(self) -> bool:
+    def unmount(self) -> bool:
+        """Remove the mount; whatever serves it may stay (volfsd's daemon does)."""
         with deferred_interrupts():
             if not is_mounted(self.mountpoint):
                 return True
@@ -256,9 +329,12 @@ class MountTarget(Target):
                 run_logged(argv, self.log, env=self.env())
             return force_unmount(self.mountpoint, self.log)
 
+    def teardown(self) -> bool:
+        return self.unmount()
+
     def refresh(self) -> None:
         # Remount so the daemon's in-memory caches start empty, as after a restart.
-        if not self.teardown():
+        if not self.unmount():
             raise RuntimeError(f"could not unmount {self.mountpoint} to remount it")
         try:
             self.setup()
@@ -267,13 +343,25 @@ class MountTarget(Target):
 
 
 class VolfsTarget(MountTarget):
+    """A volume of a volfsd daemon of our own (own store root and run dir)."""
+
     name = "volfs"
+
+    def __init__(self, workdir: Path, *, volume: str = "bench", store: str = "store") -> None:
+        super().__init__(workdir)
+        self.volume = volume
+        self.store = workdir / store
+        self.run_dir = workdir / f"run-{store}"
+        self._cmd: list[str] | None = None
+        if volume != "bench":
+            self.mountpoint = self.path = workdir / f"mnt-{volume}"
+            self.log = workdir / "logs" / f"{volume}.log"
 
     def env(self) -> dict[str, str] | None:
         env = dict(
             os.environ,
-            VOLFS_ROOT=str(self.workdir / "store"),
-            VOLFS_RUN_DIR=str(self.workdir / "run"),  # a daemon of our own, stopped at teardown
+            VOLFS_ROOT=str(self.store),
+            VOLFS_RUN_DIR=str(self.run_dir),  # a daemon of our own, stopped at teardown
         )
         # Prefer the checkout next to this script over any installed copy.
         env["PYTHONPATH"] = os.pathsep.join(
@@ -282,9 +370,12 @@ class VolfsTarget(MountTarget):
         return env
 
     def _command(self) -> list[str]:
+        if self._cmd is not None:
+            return self._cmd
         for candidate in (Path(sys.executable).parent / "volfsd", shutil.which("volfsd")):
             if candidate and os.access(candidate, os.X_OK):
-                return [str(candidate)]
+                self._cmd = [str(candidate)]
+                return self._cmd
         # find_spec rather than import: importing __main__ may run the CLI.
         check = (
             "import importlib.util, sys, volfs; "
@@ -302,24 +393,38 @@ class VolfsTarget(MountTarget):
         if probe.returncode != 0:
             last = (probe.stderr.strip().splitlines() or ["unknown error"])[-1]
             raise TargetMissing(f"volfs not importable: {last}")
-        return [sys.executable, "-m", "volfs"]
+        self._cmd = [sys.executable, "-m", "volfs"]
+        return self._cmd
 
     def diagnostics(self) -> str:
         # volfsd writes the worker's output to <VOLFS_ROOT>/logs/<volume>.log.
-        path = self.workdir / "store" / "logs" / "bench.log"
+        return _log_tail(self.store / "logs" / f"{self.volume}.log")
+
+    def lock_file(self) -> Path:
+        return self.store / "volumes" / self.volume / "lock"
+
+    def worker_pid(self) -> int | None:
+        """The serving process: the first word of the volume's lock file."""
         try:
-            return "\n".join(path.read_text(errors="replace").strip().splitlines()[-20:])
-        except OSError:
-            return ""
+            return int(self.lock_file().read_text().split()[0])
+        except (OSError, ValueError, IndexError):
+            return None
+
+    def wait_released(self, timeout: float = 120.0) -> bool:
+        """Wait until no process holds the volume's lock (its worker has checkpointed)."""
+        deadline = time.monotonic() + timeout
+        while lock_held(self.lock_file()):
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.02)
+        return True
 
     def mount_argv(self) -> list[str]:
-        (self.workdir / "store").mkdir(parents=True, exist_ok=True)
-        self._cmd = self._command()
-        return [*self._cmd, "mount", "bench", str(self.mountpoint)]
+        self.store.mkdir(parents=True, exist_ok=True)
+        return [*self._command(), "mount", self.volume, str(self.mountpoint)]
 
     def unmount_argv(self) -> list[str] | None:
-        cmd = getattr(self, "_cmd", None)
-        return [*cmd, "umount", str(self.mountpoint)] if cmd else None
+        return [*self._cmd, "umount", str(self.mountpoint)] if self._cmd else None
 
     def teardown(self) -> bool:
         unmounted = super().teardown()
@@ -328,22 +433,53 @@ class VolfsTarget(MountTarget):
 
     def _stop_daemon(self) -> None:
         """End the volfsd daemon that `volfsd mount` started for this run dir."""
+        pid_file = self.run_dir / "volfsd.pid"
+        if not lock_held(pid_file):  # the daemon holds it while it runs: none is running
+            return
         try:
-            pid = int((self.workdir / "run" / "volfsd.pid").read_text().split()[0])
+            pid = int(pid_file.read_text().split()[0])
             os.kill(pid, signal.SIGTERM)
         except (OSError, ValueError, IndexError):
             return
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            try:
-                os.kill(pid, 0)
-            except ProcessLookupError:
-                return
-            time.sleep(0.05)
+        if not wait_gone(pid, 60):
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGKILL)
+
+
+def lock_held(path: Path) -> bool:
+    """Whether a process holds a flock on path (volfs's pid-lock files)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        return False
+    except OSError:
+        return True
+    finally:
+        os.close(fd)
+
+
+def wait_gone(pid: int, timeout: float) -> bool:
+    """Wait for a process that is not our child to end (a zombie counts as ended)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with open(f"/proc/{pid}/stat", encoding="utf-8") as fh:
+                if fh.read().rsplit(") ", 1)[1][0] == "Z":
+                    return True
+        except (OSError, IndexError):
+            return True
+        time.sleep(0.05)
+    return False
 
 
 class BindfsTarget(MountTarget):
     name = "bindfs"
+
+    def backing_dir(self) -> Path | None:
+        return self.workdir / "bindfs-src"
 
     def mount_argv(self) -> list[str]:
         if shutil.which("bindfs") is None:
@@ -353,24 +489,125 @@ class BindfsTarget(MountTarget):
         return ["bindfs", str(src), str(self.mountpoint)]
 
 
+class RcloneTarget(MountTarget):
+    """`rclone mount` of a local directory: a Go FUSE file system, another peer.
+
+    --vfs-cache-mode writes, because with the cache off rclone refuses random
+    writes and files opened for both read and write (fio's randwrite, SQLite).
+    Files opened for writing live in the cache dir (on the same disk) and are
+    copied to the source directory 5 s after they are closed (rclone's default
+    --vfs-write-back); all other options are rclone's defaults.
+    """
+
+    name = "rclone"
+    OPTIONS = ("--vfs-cache-mode", "writes")
+
+    def __init__(self, workdir: Path) -> None:
+        super().__init__(workdir)
+        self.src = workdir / "rclone-src"
+        self.cache = workdir / "rclone-cache"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def backing_dir(self) -> Path | None:
+        return self.src
+
+    def mount_argv(self) -> list[str]:
+        if shutil.which("rclone") is None:
+            raise TargetMissing("rclone is not installed (apt-get install rclone)")
+        self.src.mkdir(parents=True, exist_ok=True)
+        config = self.workdir / "rclone.conf"  # an empty one: a local path needs no remote
+        config.touch()
+        return [
+            "rclone",
+            "mount",
+            "--config",
+            str(config),
+            "--cache-dir",
+            str(self.cache),
+            *self.OPTIONS,
+            str(self.src),
+            str(self.mountpoint),
+        ]
+
+    def run_mount(self, argv: list[str]) -> tuple[int, str]:
+        # rclone serves in the foreground: keep it as our child, wait for the mount.
+        self.log.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.log, "ab") as fh:
+            fh.write(f"$ {shlex.join(argv)}\n".encode())
+            fh.flush()
+            try:
+                self.proc = subprocess.Popen(
+                    argv,
+                    stdin=subprocess.DEVNULL,
+                    stdout=fh,
+                    stderr=subprocess.STDOUT,
+                    start_new_session=True,
+                )
+            except OSError as exc:
+                return 127, str(exc)
+        deadline = time.monotonic() + MOUNT_LIVE_WAIT_S
+        while not is_mounted(self.mountpoint) and time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                return self.proc.returncode, _log_tail(self.log, 12)
+            time.sleep(0.01)
+        return 0, _log_tail(self.log, 12)
+
+    def diagnostics(self) -> str:
+        return _log_tail(self.log)
+
+    def _dirty(self) -> list[Path]:
+        """Cached files rclone has not yet copied to the source directory."""
+        meta = self.cache / "vfsMeta"
+        if not meta.is_dir():
+            return []
+        dirty = []
+        for path in meta.rglob("*"):
+            with contextlib.suppress(OSError, ValueError):
+                if path.is_file() and json.loads(path.read_text()).get("Dirty"):
+                    dirty.append(path)
+        return dirty
+
+    def unmount(self) -> bool:
+        unmounted = super().unmount()
+        proc, self.proc = self.proc, None
+        if proc is not None:
+            try:
+                proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        return unmounted
+
+    def refresh(self) -> None:
+        # An unmount does not wait for pending uploads: they would be lost to the
+        # next mount's reads. Wait for them, then start with an empty cache.
+        deadline = time.monotonic() + 300
+        while (dirty := self._dirty()) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        if dirty:
+            raise RuntimeError(f"rclone did not write back {len(dirty)} cached files in 300 s")
+        if not self.unmount():
+            raise RuntimeError(f"could not unmount {self.mountpoint} to remount it")
+        shutil.rmtree(self.cache, ignore_errors=True)
+        super().refresh()
+
+    def error_count(self) -> int:
+        try:
+            text = self.log.read_text(errors="replace")
+            return sum(" ERROR " in line for line in text.splitlines())
+        except OSError:
+            return 0
+
+
 TARGET_CLASSES: dict[str, type[Target]] = {
     "native": NativeTarget,
     "volfs": VolfsTarget,
     "bindfs": BindfsTarget,
+    "rclone": RcloneTarget,
 }
 
 
 # --------------------------------------------------------------------------- workloads
-
-
-def drop_caches() -> bool:
-    """Evict the page cache; without root the cold read is only as cold as fio's fadvise."""
-    os.sync()
-    try:
-        Path("/proc/sys/vm/drop_caches").write_text("3\n")
-    except OSError:
-        return False
-    return True
 
 
 def run_fio(
@@ -381,11 +618,12 @@ def run_fio(
     size: int,
     logdir: Path,
     *,
-    runtime: int | None = None,
+    runtime: float | None = None,
     end_fsync: bool = False,
     invalidate: bool = False,
+    numjobs: int = 1,
 ) -> dict[str, Any]:
-    """One single-threaded buffered fio job; returns its JSON job record plus argv."""
+    """One buffered psync fio job (numjobs>1: that many, reported as one); JSON record + argv."""
     out = logdir / f"fio-{name}.json"
     argv = [
         "fio",
@@ -397,7 +635,7 @@ def run_fio(
         "--ioengine=psync",
         "--direct=0",
         "--iodepth=1",
-        "--numjobs=1",
+        f"--numjobs={numjobs}",
         # fio preallocates by default, which turns seqwrite into an overwrite of
         # unwritten extents natively and is not supported by every FUSE fs.
         "--fallocate=none",
@@ -409,8 +647,11 @@ def run_fio(
         "--output-format=json",
         f"--output={out}",
     ]
+    if numjobs > 1:
+        # All jobs share the one file; one aggregate record, IOPS summed over jobs.
+        argv.append("--group_reporting")
     if runtime is not None:
-        argv += ["--time_based", f"--runtime={runtime}s"]
+        argv += ["--time_based", f"--runtime={max(1, round(runtime * 1000))}ms"]
     logdir.mkdir(parents=True, exist_ok=True)
     proc = subprocess.run(argv, capture_output=True, text=True, check=False)
     if proc.returncode != 0:
@@ -448,91 +689,107 @@ def seq_sample(job: dict[str, Any], direction: str, size: int) -> dict[str, Any]
     return sample
 
 
-def smallfiles(directory: Path, count: int) -> dict[str, Any]:
-    """Metadata-heavy churn in one directory; os-level calls keep Python overhead small."""
-    d = directory / "smallfiles"
-    if d.exists():
-        shutil.rmtree(d)
-    d.mkdir()
-    payload = os.urandom(4096)
-    names = [str(d / f"f{i:06d}") for i in range(count)]
-    t0 = time.perf_counter()
-    for name in names:
-        fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-        try:
-            if os.write(fd, payload) != len(payload):
-                raise RuntimeError(f"short write to {name}")
-        finally:
-            os.close(fd)
-    t1 = time.perf_counter()
-    for name in names:
-        if os.stat(name).st_size != len(payload):
-            raise RuntimeError(f"{name} has the wrong size after write")
-    t2 = time.perf_counter()
-    for name in names:
-        os.unlink(name)
-    t3 = time.perf_counter()
-    d.rmdir()
-    return {
-        "value": count / (t3 - t0),
-        "files": count,
-        "seconds": t3 - t0,
-        "create_per_s": count / (t1 - t0),
-        "stat_per_s": count / (t2 - t1),
-        "unlink_per_s": count / (t3 - t2),
-    }
+Samples = Iterator[tuple[str, dict[str, Any]]]
 
 
-def target_pass(target: Target, cfg: argparse.Namespace) -> Iterator[tuple[str, dict[str, Any]]]:
-    """All selected workloads on one target, in the order the file's cache state needs.
-
-    Yields as it goes so results measured before a failure are kept.
-    """
+def fio_group(target: Target, cfg: argparse.Namespace, wanted: set[str]) -> Samples:
+    """The fio workloads: two fresh sequential writes, then reads and rewrites of the second."""
     logdir = cfg.workdir / "logs"
     data = target.path / DATA_FILE
     size = cfg.size
-    wanted = set(cfg.workloads)
-    if wanted & {"seqwrite", *FILE_WORKLOADS}:
-        # A fresh file each time, so every repeat allocates the same way.
+    if "seqwrite_nofsync" in wanted:
+        scratch = target.path / NOFSYNC_FILE
+        scratch.unlink(missing_ok=True)
+        os.sync()
+        job = run_fio("seqwrite_nofsync", scratch, "write", "1M", size, logdir)
+        yield "seqwrite_nofsync", seq_sample(job, "write", size)
+        scratch.unlink()
+    if wanted & {"seqwrite_fsync", *FILE_WORKLOADS}:
+        # A fresh file each time, so every repeat allocates the same way; the sync
+        # first keeps the previous write's writeback out of this one's time.
         data.unlink(missing_ok=True)
         os.sync()
-        job = run_fio("seqwrite", data, "write", "1M", size, logdir, end_fsync=True)
+        job = run_fio("seqwrite_fsync", data, "write", "1M", size, logdir, end_fsync=True)
         sample = seq_sample(job, "write", size)
-        if "seqwrite" in wanted:
-            yield "seqwrite", sample
+        if "seqwrite_fsync" in wanted:
+            yield "seqwrite_fsync", sample
     if wanted & set(FILE_WORKLOADS) and (actual := data.stat().st_size) != size:
         # Otherwise fio silently extends a short file and the reads look fine.
         raise RuntimeError(f"{data} is {actual} bytes after writing {size}")
     if "seqread_cold" in wanted:
         target.refresh()
-        dropped = drop_caches()
+        dropped = workloads.drop_caches()
+        if (actual := data.stat().st_size) != size:
+            raise RuntimeError(f"{data} is {actual} bytes after a remount, not {size}")
         job = run_fio("seqread_cold", data, "read", "1M", size, logdir, invalidate=True)
         yield "seqread_cold", {**seq_sample(job, "read", size), "caches_dropped": dropped}
     if "seqread_warm" in wanted:
         os.sync()
         job = run_fio("seqread_warm", data, "read", "1M", size, logdir)
         yield "seqread_warm", seq_sample(job, "read", size)
-    if "randread4k" in wanted:
-        os.sync()
-        job = run_fio("randread4k", data, "randread", "4k", size, logdir, runtime=cfg.runtime)
-        yield "randread4k", fio_sample(job, "read", "IOPS")
-    if "randwrite4k" in wanted:
-        os.sync()
-        job = run_fio(
-            "randwrite4k",
-            data,
-            "randwrite",
-            "4k",
-            size,
-            logdir,
-            runtime=cfg.runtime,
-            end_fsync=True,
-        )
-        yield "randwrite4k", fio_sample(job, "write", "IOPS")
+    for rw, name in (("randread", "randread4k"), ("randwrite", "randwrite4k")):
+        for jobs, workload in ((1, name), (4, f"{name}_4jobs")):
+            if workload not in wanted:
+                continue
+            os.sync()
+            job = run_fio(
+                workload,
+                data,
+                rw,
+                "4k",
+                size,
+                logdir,
+                runtime=cfg.runtime,
+                end_fsync=rw == "randwrite",
+                numjobs=jobs,
+            )
+            yield workload, {**fio_sample(job, rw[4:], "IOPS"), "numjobs": jobs}
     data.unlink(missing_ok=True)
-    if "smallfiles" in wanted:
-        os.sync()
-        yield "smallfiles", smallfiles(target.path, cfg.files)
+
+
+def smallfiles_group(target: Target, cfg: argparse.Namespace, wanted: set[str]) -> Samples:
+    os.sync()
+    yield "smallfiles", workloads.smallfiles(target.path / "smallfiles", cfg.files)
+
+
+def prepare_listdir(target: Target, cfg: argparse.Namespace) -> dict[str, Any]:
+    """Create the big directory once per target, untimed, before the first pass.
+
+    Through the backing directory where the target has one (same files, much
+    faster); volfs has none, so its entries are created through the mount.
+    """
+    base = target.backing_dir() or target.path
+    seconds = workloads.populate_flat(base / LISTDIR, cfg.entries, cfg.workers)
+    os.sync()
+    return {"entries": cfg.entries, "seconds": seconds, "via": str(base)}
+
+
+def listdir_group(target: Target, cfg: argparse.Namespace, wanted: set[str]) -> Samples:
+    directory = target.path / LISTDIR
+    if "listdir_cold" in wanted:
+        target.refresh()
+        dropped = workloads.drop_caches()
+        sample = workloads.listdir(directory, cfg.entries)
+        yield "listdir_cold", {**sample, "caches_dropped": dropped}
+    if "listdir_warm" in wanted:
+        yield "listdir_warm", workloads.listdir(directory, cfg.entries)
+
+
+def sqlite_group(target: Target, cfg: argparse.Namespace, wanted: set[str]) -> Samples:
+    for mode, workload in (("delete", "sqlite_rollback"), ("wal", "sqlite_wal")):
+        if workload in wanted:
+            os.sync()
+            db = target.path / f"bench-{mode}.db"
+            yield workload, workloads.sqlite_inserts(db, mode, cfg.txns, cfg.rows)
+
+
+# Independent groups: one failing does not keep the next from running.
+GROUPS = (
+    (FIO_WORKLOADS, fio_group),
+    (("smallfiles",), smallfiles_group),
+    (("listdir_cold", "listdir_warm"), listdir_group),
+    (("sqlite_rollback", "sqlite_wal"), sqlite_group),
+)
 
 
 def warm_up_disk(native_dir: Path, cfg: argparse.Namespace) -> float:
@@ -590,6 +847,8 @@ def machine_facts(workdir: Path) -> dict[str, Any]:
         "pyfuse3": pyfuse3,
         "fio": capture(["fio", "--version"]),
         "bindfs": capture(["bindfs", "--version"]),
+        "rclone": capture(["rclone", "version"]),
+        "sqlite": sqlite3.sqlite_version,
         "git_commit": capture(["git", "-C", str(REPO_ROOT), "rev-parse", "HEAD"]),
         "workdir": str(workdir),
         "workdir_fstype": fstype,
@@ -627,7 +886,7 @@ def summarize(
 
 def format_table(rows: list[dict[str, Any]]) -> str:
     def num(value: float, unit: str) -> str:
-        return f"{value:.1f}" if unit == "MB/s" else f"{value:.0f}"
+        return f"{value:.1f}" if unit == "MB/s" or value < 100 else f"{value:.0f}"
 
     header = ("workload", "target", "median", "min", "max", "unit", "ratio-to-native")
     body = [
@@ -642,18 +901,7 @@ def format_table(rows: list[dict[str, Any]]) -> str:
         )
         for r in rows
     ]
-    widths = [max(len(row[i]) for row in [header, *body]) for i in range(len(header))]
-    numeric = {2, 3, 4, 6}
-
-    def line(cells: tuple[str, ...]) -> str:
-        parts = [
-            c.rjust(w) if i in numeric else c.ljust(w)
-            for i, (c, w) in enumerate(zip(cells, widths, strict=True))
-        ]
-        return " | ".join(parts).rstrip()
-
-    sep = "-+-".join("-" * w for w in widths)
-    return "\n".join([line(header), sep, *(line(r) for r in body)])
+    return scale.text_table(header, body, left=2)
 
 
 # --------------------------------------------------------------------------- driver
@@ -673,23 +921,54 @@ def parse_size(text: str) -> int:
 
 def csv_list(allowed: tuple[str, ...]) -> Any:
     def parse(text: str) -> list[str]:
+        if text.strip() == "none":
+            return []
         items = [s.strip() for s in text.split(",") if s.strip()]
         bad = [s for s in items if s not in allowed]
         if bad or not items:
-            raise argparse.ArgumentTypeError(f"choose from {','.join(allowed)}")
+            raise argparse.ArgumentTypeError(f"choose from {','.join(allowed)} (or none)")
         return list(dict.fromkeys(items))
 
     return parse
 
 
+def count_list(text: str) -> list[int]:
+    if text.strip() in ("", "none"):
+        return []
+    try:
+        return sorted({scale.parse_count(item) for item in text.split(",") if item.strip()})
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"{exc}; try 10k,100k,1M or none") from None
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--targets", type=csv_list(ALL_TARGETS), default=list(ALL_TARGETS))
-    p.add_argument("--workloads", type=csv_list(WORKLOADS), default=list(WORKLOADS))
+    p.add_argument(
+        "--workloads",
+        type=csv_list(WORKLOADS),
+        default=list(WORKLOADS),
+        help="comma-separated, or none to run only the scale part",
+    )
     p.add_argument("--size", type=parse_size, help="test file size (default 1G)")
-    p.add_argument("--repeats", type=int, help="repeats per workload (default 3)")
-    p.add_argument("--runtime", type=int, help="seconds per random-I/O run (default 10)")
-    p.add_argument("--files", type=int, help="files in the smallfiles workload (default 2000)")
+    p.add_argument("--repeats", type=int, help="repeats of everything (default 3)")
+    p.add_argument("--runtime", type=float, help="seconds per random-I/O run (default 10)")
+    p.add_argument("--files", type=int, help="files in the smallfiles workload (default 10000)")
+    p.add_argument("--entries", type=int, help="entries of the listed directory (default 100000)")
+    p.add_argument("--txns", type=int, help="SQLite transactions per run (default 200)")
+    p.add_argument("--rows", type=int, help="rows per SQLite transaction (default 50)")
+    p.add_argument(
+        "--scale",
+        type=count_list,
+        help="volfs volume sizes in files for the scale table (default 10k,100k,1M; none skips)",
+    )
+    p.add_argument("--scale-ops", type=int, help="files stat()ed and cycled per size (10000)")
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=os.cpu_count() or 1,
+        help="processes that create the untimed fixtures (default: one per core)",
+    )
     p.add_argument("--workdir", type=Path, help="scratch dir (default: new dir in /var/tmp)")
     p.add_argument("--json", type=Path, default=BENCH_DIR / "results" / "latest.json")
     p.add_argument("--keep", action="store_true", help="keep the scratch data and logs")
@@ -699,8 +978,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     for key, value in preset.items():
         if getattr(args, key) is None:
             setattr(args, key, value)
-    if args.repeats < 1 or args.runtime < 1 or args.files < 1:
-        p.error("--repeats, --runtime and --files must be positive")
+    counts = (args.repeats, args.files, args.entries, args.txns, args.rows, args.scale_ops)
+    if min(counts) < 1 or args.runtime <= 0 or args.workers < 1:
+        p.error("--repeats, --runtime, --files, --entries, --txns, --rows, --scale-ops and "
+                "--workers must be positive")  # fmt: skip
     if "native" not in args.targets:
         # Ratios are the point; a run without its own baseline cannot produce them.
         args.targets.insert(0, "native")
@@ -727,6 +1008,117 @@ def log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
+def record_sample(report: dict[str, Any], rep: int, target: str, workload: str, sample: dict):
+    unit = UNITS[workload]
+    log(f"[{rep + 1}/{report['config']['repeats']}] {target:<6} {workload:<17} "
+        f"{sample['value']:12.1f} {unit}")  # fmt: skip
+    report["runs"].append(
+        {"repeat": rep, "target": target, "workload": workload, "unit": unit, **sample}
+    )
+
+
+def run_comparison(args: argparse.Namespace, report: dict[str, Any], made: list[Target]) -> int:
+    """Every selected workload on every target, repeats times; returns the exit status."""
+    rc = 0
+    live: list[Target] = []
+    for name in args.targets:
+        target = TARGET_CLASSES[name](args.workdir)
+        made.append(target)  # everything setup() was tried on, so teardown misses nothing
+        try:
+            target.setup()
+        except TargetMissing as exc:
+            log(f"{name}: missing: {exc}")
+            report["targets"][name] = {"status": "missing", "reason": str(exc)}
+            continue
+        live.append(target)
+        report["targets"][name] = {"status": "ok", "path": str(target.path)}
+    native = made[0]
+
+    unprepared: dict[str, str] = {}
+    if {"listdir_cold", "listdir_warm"} & set(args.workloads):
+        for target in live:
+            log(f"{target.name}: creating {args.entries} entries to list")
+            try:
+                report["targets"][target.name]["listdir_setup"] = prepare_listdir(target, args)
+            except Exception as exc:
+                unprepared[target.name] = f"creating the directory failed: {exc}"
+
+    log(f"warming up the disk with {args.size // MIB} MiB in {native.path}")
+    report["warmup_s"] = warm_up_disk(native.path, args)
+
+    wanted_all = set(args.workloads)
+    for rep in range(args.repeats):
+        # Rotate the order so slow drift over the run does not favour one target.
+        order = live[rep % len(live) :] + live[: rep % len(live)]
+        for target in order:
+            info = report["targets"][target.name]
+            for names, group in GROUPS:
+                wanted = wanted_all & set(names)
+                if not wanted or info.get("dead"):
+                    continue
+                done = "nothing"
+                try:
+                    if group is listdir_group and target.name in unprepared:
+                        raise RuntimeError(unprepared[target.name])
+                    for workload, sample in group(target, args, wanted):
+                        record_sample(report, rep, target.name, workload, sample)
+                        done = workload
+                except Exception as exc:  # a broken workload must not stop the others
+                    reason = f"{type(exc).__name__}: {exc}"
+                    log(f"{target.name}: {'/'.join(names)} failed after {done}: {reason}")
+                    info["status"] = "failed"
+                    info.setdefault("reason", reason)
+                    info.setdefault("errors", []).append(
+                        {
+                            "repeat": rep,
+                            "workloads": list(names),
+                            "after": done,
+                            "reason": reason,
+                            "daemon_log": target.diagnostics(),
+                        }
+                    )
+                    rc = 1
+                    gone = isinstance(target, MountTarget) and not is_mounted(target.mountpoint)
+                    if gone:
+                        info["dead"] = True
+                        with shielded():
+                            target.teardown()
+    for target in live:
+        if isinstance(target, RcloneTarget):
+            report["targets"][target.name]["log_errors"] = target.error_count()
+    return rc
+
+
+def run_scale_part(args: argparse.Namespace, report: dict[str, Any], made: list[Target]) -> int:
+    """The scale table's measurements on a volume of its own; returns the exit status."""
+    results: list[dict[str, Any]] = []
+    info: dict[str, Any] = {"sizes": args.scale, "ops": args.scale_ops, "results": results}
+    report["scale"] = info
+    target = VolfsTarget(args.workdir, volume="scale", store="store-scale")
+    made.append(target)
+    try:
+        scale.run_scale(target, args.scale, args, log, results)
+    except TargetMissing as exc:
+        log(f"scale: volfs missing: {exc}")
+        info.update(status="missing", reason=str(exc))
+        return 0
+    except Exception as exc:
+        reason = f"{type(exc).__name__}: {exc}"
+        log(f"scale: failed: {reason}")
+        info.update(status="failed", reason=reason, daemon_log=target.diagnostics())
+        return 1
+    finally:
+        with shielded():
+            target.teardown()
+    info["status"] = "ok"
+    return 0
+
+
+SCRATCH = ("native", "store", "store-scale", "run-store", "run-store-scale", "bindfs-src",
+           "rclone-src", "rclone-cache", "rclone.conf", "mnt-volfs", "mnt-bindfs",
+           "mnt-rclone", "mnt-scale", "logs")  # fmt: skip
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     # Explicitly, because a shell starts background jobs with SIGINT ignored.
@@ -750,6 +1142,13 @@ def main(argv: list[str] | None = None) -> int:
             "repeats": args.repeats,
             "runtime_s": args.runtime,
             "files": args.files,
+            "entries": args.entries,
+            "sqlite_transactions": args.txns,
+            "sqlite_rows_per_transaction": args.rows,
+            "scale_sizes": args.scale,
+            "scale_ops": args.scale_ops,
+            "workers": args.workers,
+            "rclone_options": list(RcloneTarget.OPTIONS),
             "smoke": args.smoke,
         },
         "machine": machine_facts(args.workdir),
@@ -759,61 +1158,16 @@ def main(argv: list[str] | None = None) -> int:
     if not report["machine"]["workdir_same_device_as_repo"]:
         log(f"warning: {args.workdir} is not on the same device as {REPO_ROOT}")
 
-    targets = {name: TARGET_CLASSES[name](args.workdir) for name in args.targets}
-    made: list[Target] = []  # everything setup() was tried on, so teardown misses nothing
-    live: list[Target] = []
+    made: list[Target] = []
     rc = 0
     try:
-        for name, target in targets.items():
-            made.append(target)
-            try:
-                target.setup()
-            except TargetMissing as exc:
-                log(f"{name}: missing: {exc}")
-                report["targets"][name] = {"status": "missing", "reason": str(exc)}
-                continue
-            live.append(target)
-            report["targets"][name] = {"status": "ok", "path": str(target.path)}
-
-        log(f"warming up the disk with {args.size // MIB} MiB in {targets['native'].path}")
-        report["warmup_s"] = warm_up_disk(targets["native"].path, args)
-
-        for rep in range(args.repeats):
-            # Rotate the order so slow drift over the run does not favour one target.
-            order = live[rep % len(live) :] + live[: rep % len(live)]
-            for target in order:
-                if report["targets"][target.name]["status"] != "ok":
-                    continue
-                done = "nothing"
-                try:
-                    for workload, sample in target_pass(target, args):
-                        unit = UNITS[workload]
-                        log(
-                            f"[{rep + 1}/{args.repeats}] {target.name:<6} {workload:<13} "
-                            f"{sample['value']:12.1f} {unit}"
-                        )
-                        report["runs"].append(
-                            {
-                                "repeat": rep,
-                                "target": target.name,
-                                "workload": workload,
-                                "unit": unit,
-                                **sample,
-                            }
-                        )
-                        done = workload
-                except Exception as exc:  # a broken target must not stop the others
-                    reason = f"{type(exc).__name__}: {exc}"
-                    log(f"{target.name}: failed after {done} in repeat {rep + 1}: {reason}")
-                    report["targets"][target.name] = {
-                        "status": "failed",
-                        "reason": reason,
-                        "repeat": rep,
-                        "daemon_log": target.diagnostics(),
-                    }
-                    rc = 1
-                    with shielded():
-                        target.teardown()
+        if args.workloads:
+            rc = run_comparison(args, report, made)
+            with shielded():  # the scale part runs alone, with the comparison's daemons gone
+                for target in reversed(made):
+                    target.teardown()
+        if args.scale:
+            rc = max(rc, run_scale_part(args, report, made))
     except KeyboardInterrupt:
         log("interrupted, cleaning up")
         report["interrupted"] = True
@@ -841,20 +1195,33 @@ def main(argv: list[str] | None = None) -> int:
                 if own_workdir:
                     shutil.rmtree(args.workdir, ignore_errors=True)
                 else:
-                    for sub in ("native", "store", "bindfs-src", "mnt-volfs", "mnt-bindfs", "logs"):
-                        shutil.rmtree(args.workdir / sub, ignore_errors=True)
+                    for sub in SCRATCH:
+                        path = args.workdir / sub
+                        if path.is_dir():
+                            shutil.rmtree(path, ignore_errors=True)
+                        else:
+                            path.unlink(missing_ok=True)
 
             report["finished"] = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
             report["summary"] = summarize(report["runs"], args.workloads, args.targets)
             args.json.parent.mkdir(parents=True, exist_ok=True)
             args.json.write_text(json.dumps(report, indent=2) + "\n")
 
-    print(format_table(report["summary"]) if report["summary"] else "no results")
-    for name in args.targets:
-        info = report["targets"].get(name, {"status": "not run", "reason": "interrupted"})
-        if info["status"] != "ok":
-            reason = info["reason"].replace("\n", "\n    ")
-            print(f"{name}: {info['status']}: {reason}")
+    if args.workloads:
+        print(format_table(report["summary"]) if report["summary"] else "no results")
+        for name in args.targets:
+            info = report["targets"].get(name, {"status": "not run", "reason": "interrupted"})
+            if info["status"] != "ok":
+                reason = info["reason"].replace("\n", "\n    ")
+                more = len(info.get("errors", [])) - 1
+                more_text = f" (and {more} more errors, see the JSON)" if more > 0 else ""
+                print(f"{name}: {info['status']}: {reason}{more_text}")
+    if args.scale and "scale" in report:
+        info = report["scale"]
+        print()
+        print(scale.format_scale(info["results"]))
+        if info.get("status", "not finished") != "ok":
+            print(f"scale: {info.get('status', 'not finished')}: {info.get('reason', '')}")
     print(f"raw results: {args.json}")
     return rc
 

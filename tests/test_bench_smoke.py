@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -12,16 +13,111 @@ import pytest
 
 BENCH = Path(__file__).resolve().parent.parent / "bench" / "run.py"
 
+WORKLOADS = [
+    "seqwrite_nofsync",
+    "seqwrite_fsync",
+    "seqread_cold",
+    "seqread_warm",
+    "randread4k",
+    "randread4k_4jobs",
+    "randwrite4k",
+    "randwrite4k_4jobs",
+    "smallfiles",
+    "listdir_cold",
+    "listdir_warm",
+    "sqlite_rollback",
+    "sqlite_wal",
+]
 
-@pytest.mark.skipif(shutil.which("fio") is None, reason="fio is not installed (install.sh --dev)")
-def test_bench_smoke(tmp_path):
+pytestmark = pytest.mark.skipif(
+    shutil.which("fio") is None, reason="fio is not installed (install.sh --dev)"
+)
+
+
+def _mounts_under(path: Path) -> list[str]:
+    with open("/proc/mounts", encoding="utf-8") as fh:
+        return [f[1] for f in (line.split() for line in fh) if f[1].startswith(f"{path}/")]
+
+
+def _processes_mentioning(text: str) -> list[str]:
+    """Processes whose command line or environment names text (our work dir)."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit() or int(proc.name) == os.getpid():
+            continue
+        try:
+            blob = (proc / "cmdline").read_bytes() + (proc / "environ").read_bytes()
+        except OSError:
+            continue
+        if text.encode() in blob:
+            found.append(f"{proc.name}: {(proc / 'cmdline').read_bytes()[:200]!r}")
+    return found
+
+
+def _bench(tmp_path: Path, *args: str, env: dict[str, str] | None = None):
     out = tmp_path / "smoke.json"
+    work = tmp_path / "work"
     done = subprocess.run(
-        [sys.executable, str(BENCH), "--smoke", "--targets", "native,volfs",
-         "--workdir", str(tmp_path / "work"), "--json", str(out)],
-        capture_output=True, text=True, timeout=600,
-    )  # fmt: skip
-    assert done.returncode == 0, done.stderr[-3000:]
-    results = json.loads(out.read_text())
-    assert "volfs" in done.stdout and "ratio" in done.stdout
-    assert results, "no results written"
+        [sys.executable, str(BENCH), "--smoke", "--workdir", str(work), "--json", str(out), *args],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=env,
+    )
+    assert not _mounts_under(work), "the benchmark left mounts behind"
+    assert not _processes_mentioning(str(work)), "the benchmark left processes behind"
+    return done, json.loads(out.read_text())
+
+
+def test_bench_smoke(tmp_path):
+    """Every workload on every target, and the scale part, with tiny sizes."""
+    done, results = _bench(tmp_path)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert results["config"]["workloads"] == WORKLOADS
+    ran = {(r["target"], r["workload"]) for r in results["runs"]}
+    for target in ("native", "bindfs", "volfs", "rclone"):
+        info = results["targets"][target]
+        if info["status"] == "missing":  # bindfs and rclone may not be installed
+            assert target not in ("native", "volfs") and info["reason"]
+            assert f"{target}: missing" in done.stdout
+            continue
+        assert info["status"] == "ok", info
+        assert {w for t, w in ran if t == target} == set(WORKLOADS), target
+    for row in results["summary"]:
+        assert row["median"] > 0 and row["ratio"] is not None, row
+    assert "ratio-to-native" in done.stdout and "sqlite_wal" in done.stdout
+
+    small = next(r for r in results["runs"] if r["workload"] == "smallfiles")
+    assert {"create_per_s", "stat_per_s", "read_per_s", "unlink_per_s"} <= small.keys()
+    machine = results["machine"]
+    assert machine["kernel"] and machine["cpu_count"] and machine["python"]
+
+    scale = results["scale"]
+    assert scale["status"] == "ok", scale
+    assert [r["files"] for r in scale["results"]] == scale["sizes"] and len(scale["sizes"]) >= 2
+    for record in scale["results"]:
+        assert record["mount_s"]["median"] > 0
+        assert record["cycle_us"]["median"] > 0 and record["stat_cold_us"]["median"] > 0
+        assert record["peak_rss_mib"]["median"] > 0
+    assert "files in volume" in done.stdout and "peak RSS MiB" in done.stdout
+
+
+def test_bench_reports_missing_peers(tmp_path):
+    """Without bindfs and rclone on PATH the run still completes and says they are missing."""
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    for tool in ("fio", "fusermount3", "pkg-config", "git"):
+        if path := shutil.which(tool):
+            (bindir / tool).symlink_to(path)
+    env = {**os.environ, "PATH": str(bindir)}
+    done, results = _bench(
+        tmp_path,
+        *("--targets", "native,bindfs,rclone", "--workloads", "seqwrite_fsync", "--scale", "none"),
+        env=env,
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    for target in ("bindfs", "rclone"):
+        assert results["targets"][target]["status"] == "missing"
+        assert "not installed" in results["targets"][target]["reason"]
+        assert f"{target}: missing" in done.stdout
+    assert [r["target"] for r in results["runs"]] == ["native"]
