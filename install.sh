@@ -10,8 +10,8 @@ mode=system
 if [ "${1:-}" = "--dev" ]; then mode=dev; fi
 
 packages=(fuse3 libfuse3-dev pkg-config gcc python3-dev python3-venv sqlite3 util-linux)
-# The test suite and bench/ also drive fio, bindfs (a peer to compare with) and attr tools.
-if [ "$mode" = dev ]; then packages+=(fio bindfs attr); fi
+# The test suite and bench/ also drive fio, bindfs and rclone (peers to compare with), attr tools.
+if [ "$mode" = dev ]; then packages+=(fio bindfs rclone attr); fi
 missing=()
 for p in "${packages[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

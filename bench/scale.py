@@ -19,6 +19,7 @@ The daemon runs throughout, so a mount does not include starting it.
 
 from __future__ import annotations
 
+import argparse
 import random
 import statistics
 import time
@@ -27,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 import workloads
+from targets import VolfsTarget
 
 KIB = 1024
 
@@ -70,16 +72,16 @@ def tree_bytes(path: Path) -> int:
 
 
 def run_scale(
-    target: Any,
+    target: VolfsTarget,
     sizes: list[int],
-    cfg: Any,
+    cfg: argparse.Namespace,
     log: Callable[[str], None],
     results: list[dict[str, Any]],
 ) -> None:
     """Fill target's volume step by step and measure at each size; one record per size.
 
-    target is run.py's VolfsTarget: setup() mounts, unmount() unmounts and
-    leaves the daemon running, teardown() (the caller's) also stops it.
+    setup() mounts the target, unmount() unmounts it and leaves its daemon
+    running; the caller's teardown() also stops the daemon.
     Records are appended to results as they are made, so a failure keeps
     what was measured before it.
     """
