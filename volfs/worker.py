@@ -111,7 +111,9 @@ async def _serve(volume: Volume, parent: int | None) -> None:
     async with trio.open_nursery() as nursery:
         nursery.start_soon(_housekeeping, volume, parent)
         nursery.start_soon(_stop_on_signals)
-        await pyfuse3.main()
+        # One reading task: handlers never await, so a second task could not overlap with
+        # the first; it would only cost a lock hand-off between the two on every request.
+        await pyfuse3.main(min_tasks=1, max_tasks=1)
         nursery.cancel_scope.cancel()
 
 
