@@ -81,7 +81,9 @@ async def _housekeeping(volume: Volume, parent: int | None) -> None:
             return
         try:
             await _compact(volume)
-            if volume.checkpoint_due:
+            if volume.reclaim_due:
+                volume.reclaim()
+            elif volume.checkpoint_due:
                 volume.checkpoint()
             volume.save_usage()
         except Exception:

@@ -13,6 +13,7 @@ copied from elsewhere or renamed is refused rather than replayed.
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import logging
 import os
@@ -35,6 +36,12 @@ _MARK = struct.Struct("<QQQ")
 #: Open segment files kept for reading; older ones are closed and reopened on demand.
 MAX_OPEN_SEGMENTS = 256
 OPEN_FLAGS = os.O_NOFOLLOW | os.O_CLOEXEC
+#: Unit of the holes `SegmentLog.punch` makes: file systems free whole blocks only.
+PUNCH_ALIGN = 4096
+_FALLOC_FL_KEEP_SIZE = 0x01
+_FALLOC_FL_PUNCH_HOLE = 0x02
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
 
 
 class Position(NamedTuple):
@@ -179,11 +186,16 @@ class SegmentLog:
             0o600,
             dir_fd=self._dir_fd,
         )
+        try:
+            end = self._write(fd, self._segment_header(seg), 0)
+        except OSError:  # a full disk, say: leave no headless segment behind
+            os.close(fd)
+            os.unlink(segment_name(seg), dir_fd=self._dir_fd)
+            raise
         self._fds[seg] = fd
         self.segments.append(seg)
         self._dir_dirty = True
         self._dirty.add(seg)
-        end = self._write(fd, self._segment_header(seg), 0)
         self.head = Position(seg, end)
 
     @staticmethod
@@ -276,6 +288,27 @@ class SegmentLog:
             if seg not in sizes and seg != self.head.seg:
                 sizes[seg] = os.fstat(self._fd(seg)).st_size  # sealed: it never changes again
         return {seg: self.head.pos if seg == self.head.seg else sizes[seg] for seg in self.segments}
+
+    def punch(self, seg: int, start: int, end: int) -> int:
+        """Give the disk blocks under [start, end) of segment *seg* back to the file system.
+
+        Only whole blocks go, and never the segment's header frame; the file keeps its size,
+        so every position in the log stays what it was, and the range reads as zeros.  The
+        caller must make sure nothing will read the range again.  Returns the bytes freed
+        (an estimate: blocks that were holes already count too).
+        """
+        start = -(-max(start, self._header_size(seg)) // PUNCH_ALIGN) * PUNCH_ALIGN
+        end = end // PUNCH_ALIGN * PUNCH_ALIGN
+        if end <= start:
+            return 0
+        mode = _FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE
+        if _libc.fallocate(self._fd(seg), mode, start, end - start) != 0:
+            code = ctypes.get_errno()
+            raise OSError(code, f"cannot punch a hole in segment {seg}: {os.strerror(code)}")
+        return end - start
+
+    def _header_size(self, seg: int) -> int:
+        return sum(len(b) for b in self._segment_header(seg))
 
     def remove_segment(self, seg: int) -> None:
         fd = self._fds.pop(seg, None)

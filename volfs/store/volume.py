@@ -9,6 +9,8 @@ state after a crash is exactly the state built from the frames that reached the 
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import logging
 import os
 import stat
@@ -42,6 +44,14 @@ CHECKPOINT_AFTER = 256 * 1024 * 1024
 USAGE_FILE = "usage"
 #: Compact once the log holds more dead bytes than live ones, and at least this many.
 COMPACT_MIN_GARBAGE = 64 * 1024 * 1024
+#: A file of this size kept in the volume directory, given up when the disk is full so that
+#: the checkpoint which lets `reclaim` free space has room to be written.
+RESERVE_FILE = "reserve"
+RESERVE_SIZE = 8 * 1024 * 1024
+#: Free dead data in place (`Volume.reclaim`) when the disk has less free space than this and
+#: at least RECLAIM_MIN bytes of dead data still take disk space.
+RECLAIM_FREE_BELOW = 256 * 1024 * 1024
+RECLAIM_MIN = 1024 * 1024
 
 
 class Inode:
@@ -116,6 +126,7 @@ class Volume:
         self._checkpoint_size = 0
         self._appended_since_checkpoint = 0
         self._unmovable: set[int] = set()  # segments holding damaged live data
+        self._punched: dict[int, int] = {}  # segment -> its dead bytes when last punched
         self._synced_head = Position(0, 0)  # log head at the last sync
         self.quota = 0  #: most bytes of file data the volume may hold; 0: no limit
         self._saved_usage: dict | None = None
@@ -141,6 +152,7 @@ class Volume:
         for ino in [i.ino for i in self.inodes.values() if i.nlink == 0]:
             self._free(self.inodes[ino])  # open but unlinked when the volume went down
         self.log.start_appending(head)
+        self._keep_reserve()
         if ROOT_INO not in self.inodes:
             root = Inode(ROOT_INO, stat.S_IFDIR | 0o755)
             root.uid, root.gid = os.getuid(), os.getgid()
@@ -314,8 +326,19 @@ class Volume:
     # -- committing -------------------------------------------------------------------------
 
     def commit(self, records: list[list], data: bytes = b"") -> None:
-        """Journal *records* (one operation) as one frame, then apply them."""
-        at, data_pos = self.log.append(records, data)
+        """Journal *records* (one operation) as one frame, then apply them.
+
+        On a full disk, dead data is freed (`reclaim`) and the append tried once more: a
+        failed append leaves nothing behind, and deleting files must make room again.
+        """
+        try:
+            at, data_pos = self.log.append(records, data)
+        except OSError as exc:
+            if exc.errno != errno.ENOSPC or self.reclaimable() < RECLAIM_MIN:
+                raise
+            log.warning("volume %s: the disk is full; freeing the space of dead data", self.name)
+            self.reclaim()
+            at, data_pos = self.log.append(records, data)
         self._appended_since_checkpoint += data_pos + len(data) - at.pos
         for record in records:
             self._apply(record, at.seg, data_pos)
@@ -497,6 +520,7 @@ class Volume:
             if seg < end.seg and self.live.get(seg, 0) == 0:
                 self.log.remove_segment(seg)
                 self.live.pop(seg, None)
+                self._punched.pop(seg, None)
         self.log.sync()
 
     def _state_records(self, end: Position) -> Iterator[list]:
@@ -527,8 +551,15 @@ class Volume:
         """
         try:
             if checkpoint:
-                self.checkpoint()
-                self.save_usage()
+                try:
+                    self.checkpoint()
+                    self.save_usage()
+                except OSError as exc:  # a full disk, say: nothing is lost, replay covers it
+                    log.warning(
+                        "volume %s: no checkpoint at close (%s); the next mount replays the log",
+                        self.name,
+                        exc,
+                    )
         finally:
             self.log.close()
             os.close(self._dir_fd)
@@ -578,6 +609,84 @@ class Volume:
                 self._unmovable.add(seg)  # keep it: reads must go on reporting the damage
                 continue
             self.commit([[WRITE, ino, pos, n, frame.block_sums(data), None]], data)
+
+    # -- giving space back -------------------------------------------------------------------
+
+    def reclaimable(self) -> int:
+        """Bytes of dead data in the log that still take disk space (not yet punched)."""
+        sizes = self.log.sizes()
+        return sum(
+            max(0, size - self.live.get(seg, 0) - self._punched.get(seg, 0))
+            for seg, size in sizes.items()
+        )
+
+    @property
+    def reclaim_due(self) -> bool:
+        """Whether the disk is nearly full while dead data could give space back."""
+        disk = self.disk_stats()
+        return (
+            disk.f_bavail * disk.f_frsize < RECLAIM_FREE_BELOW and self.reclaimable() >= RECLAIM_MIN
+        )
+
+    def reclaim(self) -> int:
+        """Give the disk space of every byte no file uses back to the file system, now.
+
+        Compaction frees space by copying, and only once garbage is plentiful; this punches
+        holes in place.  A checkpoint comes first: replay never reads the log before it, so
+        every byte there outside a live extent may go (headers of dead frames too).  If the
+        disk is too full for the checkpoint, the reserve file makes room for it.  Returns
+        the bytes punched.
+        """
+        try:
+            self.checkpoint()
+        except OSError as exc:
+            if exc.errno != errno.ENOSPC:
+                raise
+            self._drop_reserve()
+            self.checkpoint()
+        end = self.checkpoint_at
+        live: dict[int, list[tuple[int, int]]] = {}
+        for inode in self.inodes.values():
+            if inode.extents:
+                for ext in inode.extents:
+                    first = ext.frame.pos + ext.skip
+                    live.setdefault(ext.frame.seg, []).append((first, first + ext.length))
+        sizes = self.log.sizes()
+        freed = 0
+        for seg in [s for s in self.log.segments if s <= end.seg]:
+            limit = end.pos if seg == end.seg else sizes[seg]
+            pos = 0
+            for first, stop in [*sorted(live.get(seg, ())), (limit, limit)]:
+                if first > pos:
+                    freed += self.log.punch(seg, pos, min(first, limit))
+                pos = max(pos, stop)
+                if pos >= limit:
+                    break
+            self._punched[seg] = sizes[seg] - self.live.get(seg, 0)
+        self._keep_reserve()
+        log.info("volume %s: gave %d bytes of dead data back to the disk", self.name, freed)
+        return freed
+
+    def _keep_reserve(self) -> None:
+        """Make sure the reserve file exists (best effort: not on a full disk)."""
+        flags = os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
+        try:
+            fd = os.open(RESERVE_FILE, flags, 0o600, dir_fd=self._dir_fd)
+        except OSError:
+            return
+        try:
+            if os.fstat(fd).st_size < RESERVE_SIZE:
+                os.posix_fallocate(fd, 0, RESERVE_SIZE)
+        except OSError:  # a part of it would only take space without being sure of room
+            with contextlib.suppress(OSError):
+                os.ftruncate(fd, 0)
+        finally:
+            os.close(fd)
+
+    def _drop_reserve(self) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(RESERVE_FILE, dir_fd=self._dir_fd)
+        log.warning("volume %s: the disk is full; using the reserve", self.name)
 
     # -- figures --------------------------------------------------------------------------
 
