@@ -44,6 +44,10 @@ def parse_size(text: str | int) -> int:
 def check_mountpoint(text: object) -> Path:
     if not isinstance(text, str) or "\0" in text or not text:
         raise VolfsError("a mount point must be a non-empty path")
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        raise VolfsError("mount point paths must be valid UTF-8: rename the directory") from None
     path = Path(text)
     if not path.is_absolute():
         raise VolfsError(f"mount point {text[:200]!r} is relative: give an absolute path")
