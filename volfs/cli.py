@@ -46,9 +46,7 @@ def _call(cmd: str, **args: object) -> object:
 
 def _start_daemon(root: StoreRoot) -> None:
     """Start `volfsd serve` in the background and wait until it answers."""
-    logs = root.path / "logs"
-    logs.mkdir(mode=0o700, exist_ok=True)
-    with open(logs / "volfsd.log", "ab") as log_file:
+    with root.open_log("volfsd.log") as log_file:
         proc = subprocess.Popen(
             [sys.executable, "-m", "volfs", "serve"],
             stdin=subprocess.DEVNULL,
@@ -63,7 +61,7 @@ def _start_daemon(root: StoreRoot) -> None:
             return
         except control.DaemonNotRunning:
             if proc.poll() is not None:
-                lines = (logs / "volfsd.log").read_text(errors="replace").strip().splitlines()
+                lines = root.log_path("volfsd.log").read_text(errors="replace").strip().splitlines()
                 last = lines[-1].split(": ", 1)[-1] if lines else "no output"
                 if "already serves" not in last:  # lost a race with another starter: fine
                     raise CliError(f"the daemon failed to start: {last}") from None

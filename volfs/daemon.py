@@ -212,7 +212,9 @@ class Daemon:
         if keep:
             entries.append([name, str(path), read_only])
         tmp = self.run_dir / (REMEMBERED + ".tmp")
-        tmp.write_bytes(msgpack.packb(entries))
+        flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC
+        with os.fdopen(os.open(tmp, flags, 0o600), "wb") as f:
+            f.write(msgpack.packb(entries))
         tmp.rename(self.run_dir / REMEMBERED)
 
     async def _mount_remembered(self) -> None:
@@ -451,17 +453,17 @@ class Daemon:
 
     async def _start_worker(self, served: Served) -> None:
         if self._bind:
-            served.staging.mkdir(parents=True, exist_ok=True)
+            served.staging.parent.mkdir(mode=0o700, exist_ok=True)
+            served.staging.mkdir(mode=0o700, exist_ok=True)
             if mounts.find_mount(served.staging) is not None:
                 mounts.detach(served.staging, lazy=True)  # left by a worker that died
-        log_dir = self.root.path / "logs"
-        log_dir.mkdir(mode=0o700, exist_ok=True)
+        log_name = f"{served.name}.log"
         ready_r, ready_w = os.pipe()
         args = [sys.executable, "-m", "volfs.worker", "--root", str(self.root.path),
                 "--name", served.name, "--mountpoint", str(served.staging),
                 "--ready-fd", str(ready_w), "--die-with-parent"]  # fmt: skip
         try:
-            with open(log_dir / f"{served.name}.log", "ab") as log_file:
+            with self.root.open_log(log_name) as log_file:
                 process = await trio.lowlevel.open_process(
                     args, pass_fds=(ready_w,), stdin=subprocess.DEVNULL,
                     stdout=log_file, stderr=log_file,
@@ -483,7 +485,7 @@ class Daemon:
                 process.kill()
             await process.wait()
             reason = text.removeprefix("error: ") or (
-                f"the mount worker exited early; see {log_dir / served.name}.log"
+                f"the mount worker exited early; see {self.root.log_path(log_name)}"
             )
             raise VolfsError(reason)
         served.process = process

@@ -19,6 +19,7 @@ import shutil
 import time
 import uuid
 from pathlib import Path
+from typing import BinaryIO
 
 import msgpack
 
@@ -104,6 +105,16 @@ class StoreRoot:
                 f"store root {self.path} has format {version}, newer than this volfs "
                 f"understands ({STORE_FORMAT}): upgrade volfs"
             )
+
+    def log_path(self, name: str) -> Path:
+        """The log file *name* (``NAME.log`` of a volume's worker, ``volfsd.log``)."""
+        return self.path / "logs" / name
+
+    def open_log(self, name: str) -> BinaryIO:
+        """Open log file *name* for appending: private to the store's owner, like the store."""
+        (self.path / "logs").mkdir(mode=0o700, exist_ok=True)
+        flags = os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW | os.O_CLOEXEC
+        return os.fdopen(os.open(self.log_path(name), flags, 0o600), "ab")
 
     def volume_path(self, name: str) -> Path:
         return self.path / "volumes" / check_name(name)

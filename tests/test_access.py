@@ -1,0 +1,88 @@
+"""Nobody let in: other users reach neither the daemon nor the store, and the store never
+follows a link planted among its files."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import stat
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+
+from conftest import stop_daemon, volfsd
+
+ROOT_ONLY = pytest.mark.skipif(os.geteuid() != 0, reason="acting as another uid needs root")
+
+
+@pytest.fixture
+def public_tmp():
+    """A directory other users can traverse (pytest's own are private to root)."""
+    path = Path(tempfile.mkdtemp(prefix="volfs-access-"))
+    path.chmod(0o755)
+    try:
+        yield path
+    finally:
+        stop_daemon(path / "run")
+        subprocess.run(["fusermount3", "-uz", str(path / "mnt")], capture_output=True)
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def _as_nobody(*args: str, env: dict) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", *args],
+        capture_output=True, text=True, timeout=60, env=env,
+    )  # fmt: skip
+
+
+@ROOT_ONLY
+def test_other_users_are_refused_by_daemon_and_store(public_tmp):
+    root, run = public_tmp / "store", public_tmp / "run"
+    env = {**os.environ, "VOLFS_ROOT": str(root), "VOLFS_RUN_DIR": str(run)}
+    mnt = public_tmp / "mnt"
+    volfsd("mount", "v", str(mnt), root=root)  # its run dir is public_tmp/run
+    (mnt / "f").write_bytes(b"secret")
+    for path in [root, run, *root.rglob("*"), *run.glob("*")]:
+        mode = stat.S_IMODE(path.lstat().st_mode)
+        if path.is_dir() and not path.is_symlink():
+            assert mode == 0o700, path
+        elif not path.is_symlink():
+            assert mode & 0o077 == 0, (path, oct(mode))
+    python = [sys.executable, "-m", "volfs"]
+    env["PYTHONPATH"] = str(Path(__file__).resolve().parent.parent)
+    for args in (["status"], ["ls"], ["umount", str(mnt)], ["rm", "-f", "v"], ["inspect", "v"]):
+        done = _as_nobody(*python, *args, env=env)
+        assert done.returncode == 1, (args, done)
+        assert done.stderr.count("\n") == 1 and "Traceback" not in done.stderr, done.stderr
+        assert "permission" in done.stderr.lower() or "not writable" in done.stderr, done.stderr
+    assert (mnt / "f").read_bytes() == b"secret"  # nothing changed
+    # A link inside the volume to the store leads nowhere for them either.
+    os.chmod(mnt, 0o777)
+    link = _as_nobody("sh", "-c", f"ln -s {root} {mnt}/store && cat {mnt}/store/FORMAT", env=env)
+    assert link.returncode != 0 and "Permission denied" in link.stderr, link
+
+
+@pytest.mark.parametrize("planted", ["checkpoint", "durable", "seg-00000009.log", "volume"])
+def test_planted_symlink_is_never_followed(volume, tmp_path, planted):
+    mnt = volume.mount()
+    (mnt / "f").write_bytes(b"data")
+    volume.unmount()
+    bait = tmp_path / "bait"
+    bait.write_bytes(b"not a store file")
+    target = volume.store / planted
+    if target.exists():
+        target.unlink()
+    target.symlink_to(bait)
+    done = volfsd("mount", volume.name, str(tmp_path / "again"), root=volume.root, check=False)
+    assert bait.read_bytes() == b"not a store file"  # never read as ours, never written
+    if done.returncode == 0:  # the link was ignored or replaced, never followed
+        volume.path = tmp_path / "again"
+        volume.pid = int((volume.store / "lock").read_text().split()[0])
+        volume._paths.append(volume.path)
+        volume.unmount()
+    else:
+        assert done.stderr.count("\n") == 1 and "Traceback" not in done.stderr, done.stderr
+    assert bait.read_bytes() == b"not a store file"
