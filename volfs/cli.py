@@ -15,9 +15,9 @@ import sys
 import time
 from pathlib import Path
 
-from volfs import control, mounts
+from volfs import control, mounts, scrub
 from volfs.errors import VolfsError
-from volfs.store import check, pidlock
+from volfs.store import pidlock
 from volfs.store.root import StoreRoot, check_name, default_root
 from volfs.volumes import check_mountpoint, describe, parse_size, prepare_mountpoint
 
@@ -245,44 +245,21 @@ def cmd_rm(args: argparse.Namespace) -> None:
 
 
 def cmd_fsck(args: argparse.Namespace) -> None:
-    """Exit 0 if the volume is clean, 1 if problems were found, 2 if it could not be checked."""
-    root = _root()
-    name = check_name(args.name)
-    if not root.exists(name):
-        print(f"volfsd: no such volume: {name}", file=sys.stderr)
-        raise SystemExit(2)
-    if root.is_served(name):
-        print(f"volfsd: volume {name} is mounted: unmount it before checking it", file=sys.stderr)
-        raise SystemExit(2)
-    try:
-        volume = root.open_volume(name, create=False)
-    except VolfsError as exc:
-        print(f"volfsd: cannot check volume {name}: {exc}", file=sys.stderr)
-        raise SystemExit(2) from None
-    total = sum(i.stored for i in volume.inodes.values())
-    tty = sys.stderr.isatty()
+    raise SystemExit(scrub.fsck(default_root(), args.name, args.repair))
 
-    def progress(done: int) -> None:
-        if tty and total:
-            print(f"\rverifying data: {done * 100 // total:3d}%", end="", file=sys.stderr)
 
+def cmd_scrub(args: argparse.Namespace) -> None:
+    raise SystemExit(scrub.scrub(default_root(), args.name, args.rate))
+
+
+def _rate(text: str) -> float:
     try:
-        problems = check.check(volume, progress)
-        if tty and total:
-            print(file=sys.stderr)
-        print(f"volume {name}: {len(volume.inodes)} inodes, {total} bytes of data verified, "
-              f"{len(problems)} problem(s)")  # fmt: skip
-        for problem in problems:
-            print(f"  {problem.path}: {problem.what}")
-        if args.repair and problems:
-            for change in check.repair(volume, problems):
-                print(f"  repaired: {change}")
-            problems = check.check(volume)
-            print(f"after repair: {len(problems)} problem(s) left")
-    finally:
-        volume.close(checkpoint=args.repair)
-    if problems:
-        raise SystemExit(1)
+        rate = float(text)
+    except ValueError:
+        rate = -1.0
+    if not rate >= 0:
+        raise argparse.ArgumentTypeError(f"invalid rate {text!r}: MB/s, or 0 for no limit")
+    return rate
 
 
 def cmd_serve(args: argparse.Namespace) -> None:
@@ -335,6 +312,12 @@ def build_parser() -> argparse.ArgumentParser:
     fsck.add_argument("name", metavar="NAME")
     fsck.add_argument("--repair", action="store_true", help="fix what needs no guessing")
     fsck.set_defaults(func=cmd_fsck)
+
+    scrubs = sub.add_parser("scrub", help="verify every checksum of a volume, mounted or not")
+    scrubs.add_argument("name", metavar="NAME")
+    scrubs.add_argument("--rate", type=_rate, default=scrub.DEFAULT_RATE, metavar="MB/s",
+                        help="read at most this fast (default 50; 0: no limit)")  # fmt: skip
+    scrubs.set_defaults(func=cmd_scrub)
 
     status = sub.add_parser("status", help="show the daemon's state")
     status.set_defaults(func=cmd_status)
