@@ -491,17 +491,15 @@ class Volume:
         return buf[skip - start : skip - start + length]
 
     def forget(self, inode: Inode) -> None:
-        """Let go of what nothing can reach any more.
+        """Let go of an unlinked inode, with its data, once nothing can reach it any more.
 
-        The data of an unlinked file goes once it is closed (nobody can open it again, so the
-        space comes back at once); the inode itself once the kernel forgets it too.
+        Not at its last close: while the kernel holds a reference (a lookup), a process that
+        resolved the name just before the unlink may still open it, and must read its data,
+        not zeros.  The kernel forgets an unlinked inode as soon as its last user is gone.
         """
-        if inode.nlink or inode.opens > 0 or inode.ino == ROOT_INO:
+        if inode.nlink or inode.opens > 0 or inode.lookups > 0 or inode.ino == ROOT_INO:
             return
-        if inode.extents:
-            inode.stored -= self._release(inode.extents.truncate(0))
-        if inode.lookups <= 0:
-            self._free(inode)
+        self._free(inode)
 
     # -- durability -------------------------------------------------------------------------
 
