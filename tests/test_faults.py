@@ -87,3 +87,83 @@ def test_full_disk_across_a_remount(small_disk, volume):
     new = volume.remount()
     assert (new / "after").read_bytes() == b"a" * (2 << 20)
     assert not (new / "big").exists()
+
+
+# -- I/O errors from the store's disk ----------------------------------------------------------
+#
+# No device-mapper or fault injection here, so the disk's EIO is injected at the store's I/O
+# calls, in-process (the FUSE layer turns the store's OSError into the same errno, logged).
+
+
+def _open_store(tmp_path):
+    import stat
+    import time
+
+    from volfs.store.root import StoreRoot
+
+    root = StoreRoot(tmp_path / "store")
+    root.create_volume("v")
+    volume = root.open_volume("v")
+    now = time.time_ns()
+    files = {}
+    for name in (b"good", b"victim"):
+        inode = volume.new_inode(stat.S_IFREG | 0o644, 0, 0, 0, now)
+        volume.create(volume.inodes[1], name, inode, now)
+        files[name] = volume.inodes[inode.ino]
+    return root, volume, files
+
+
+def test_disk_eio_reaches_the_reader_and_spares_the_rest(tmp_path, monkeypatch):
+    from volfs.store import log as store_log
+
+    root, volume, files = _open_store(tmp_path)
+    volume.write(files[b"good"], 0, b"g" * 10_000, 1)
+    volume.write(files[b"victim"], 0, b"v" * 10_000, 1)
+    volume.sync()
+    victim_pos = next(iter(files[b"victim"].extents)).frame.pos
+    real_pread = store_log.os.pread
+
+    def failing_pread(fd, length, offset):
+        if offset <= victim_pos < offset + length:
+            raise OSError(errno.EIO, "Input/output error")
+        return real_pread(fd, length, offset)
+
+    monkeypatch.setattr(store_log.os, "pread", failing_pread)
+    with pytest.raises(OSError) as info:
+        volume.read(files[b"victim"], 0, 4096)
+    assert info.value.errno == errno.EIO
+    assert volume.read(files[b"good"], 0, 10_000) == b"g" * 10_000
+    monkeypatch.undo()  # the disk recovers: nothing was changed by the failure
+    assert volume.read(files[b"victim"], 0, 10_000) == b"v" * 10_000
+    volume.close()
+    again = root.open_volume("v")
+    assert {n for n, _ in again.inodes[1].entries.names()} == {b"good", b"victim"}
+    again.close()
+
+
+def test_disk_eio_on_write_leaves_nothing_behind(tmp_path, monkeypatch):
+    from volfs.store import log as store_log
+
+    root, volume, files = _open_store(tmp_path)
+    volume.write(files[b"good"], 0, b"before", 1)
+    real_pwritev = store_log.os.pwritev
+    calls = []
+
+    def failing_pwritev(fd, buffers, offset):
+        calls.append(offset)
+        real_pwritev(fd, [b"".join(buffers)[:100]], offset)  # a part reached the disk
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(store_log.os, "pwritev", failing_pwritev)
+    with pytest.raises(OSError) as info:
+        volume.write(files[b"victim"], 0, b"x" * 50_000, 2)
+    assert info.value.errno == errno.EIO and calls
+    monkeypatch.undo()
+    assert files[b"victim"].size == 0  # the failed write changed nothing
+    volume.write(files[b"victim"], 0, b"after", 3)  # and the log goes on where it was
+    volume.close(checkpoint=False)  # as a crash leaves it: the next open replays the log
+    again = root.open_volume("v")
+    by_name = {n: again.inodes[i] for n, i in again.inodes[1].entries.names()}
+    assert again.read(by_name[b"good"], 0, 100) == b"before"
+    assert again.read(by_name[b"victim"], 0, 100) == b"after"
+    again.close()
