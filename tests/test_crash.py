@@ -47,6 +47,8 @@ import pytest
 from volfs import mounts
 from volfs.store import frame, journal
 
+from conftest import volfsd
+
 # -- self-describing records -----------------------------------------------------------------
 
 RECORD = 4096
@@ -1045,6 +1047,42 @@ def test_kill_with_open_unlinked_file(volume, mnt, tmp_path, how):
     assert (new / "orphan").read_bytes() == b"again"
     assert (new / "alias").read_bytes() == alias
     assert (new / "alias").stat().st_nlink == 1
+
+
+# -- 4b. several processes at once, then fsck -------------------------------------------------
+
+
+def _crash_mixed(volume, mnt: Path, tmp: Path, seeds: tuple[int, ...], delay: float, how: str):
+    """Metadata writers (each in a directory of its own) and a streaming writer at once."""
+    specs = []
+    for i, seed in enumerate(seeds):
+        sub = mnt / f"w{i}"
+        sub.mkdir()
+        os.chmod(sub, 0o755)
+        specs.append((f"m{i}", "meta", sub, seed, 10**7))
+    specs.append(("s", "stream", mnt / "stream", 0, "fsync16", 10**7))
+    acks, new = crash_during(volume, tmp, delay, how, *specs)
+    for i, seed in enumerate(seeds):
+        check_metadata(new / f"w{i}", seed, acks[i].last)
+    mode = StreamMode.parse("fsync16")
+    check_single_writer((new / "stream").read_bytes(), 0, acks[-1].last, mode.write_size, None)
+    volume.unmount()
+    done = volfsd("fsck", volume.name, root=volume.root, check=False)
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
+@pytest.mark.parametrize(("seeds", "delay", "how"), [((11, 12, 13), 0.4, "kill"),
+                                                     ((21, 22, 23), 0.7, "crash")])  # fmt: skip
+def test_several_writers_killed_then_fsck(volume, mnt, tmp_path, seeds, delay, how):
+    _crash_mixed(volume, mnt, tmp_path, seeds, _jitter(delay, seeds), how)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", range(30))
+def test_several_writers_killed_then_fsck_many(volume, mnt, tmp_path, case):
+    rng = random.Random(f"mixed{case}")
+    seeds = tuple(rng.randrange(1000, 9999) for _ in range(3))
+    _crash_mixed(volume, mnt, tmp_path, seeds, rng.uniform(0.05, 3.0), rng.choice(HOW))
 
 
 # -- 5. many crashes of one volume ---------------------------------------------------------------
