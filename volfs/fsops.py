@@ -363,7 +363,10 @@ class VolumeOperations(pyfuse3.Operations):
         # its inode lock), and only it knows whether fcntl(F_SETFL) has cleared the flag since.
         inode = self._files[fh].inode
         volume = self.volume
-        if volume.quota and volume.used + volume.growth(inode, off, len(buf)) > volume.quota:
+        if (
+            volume.quota
+            and volume.used_by_files + volume.growth(inode, off, len(buf)) > volume.quota
+        ):
             raise _fail(errno.ENOSPC)
         volume.write(inode, off, buf, time.time_ns())
         return len(buf)
@@ -424,7 +427,7 @@ class VolumeOperations(pyfuse3.Operations):
         blocks, free = disk.f_blocks, disk.f_bavail
         if self.volume.quota:  # a sized volume shows its own size, used and free space
             blocks = self.volume.quota // disk.f_frsize
-            used = -(-self.volume.used // disk.f_frsize)
+            used = -(-self.volume.used_by_files // disk.f_frsize)
             free = max(0, min(free, blocks - used))
         stats.f_blocks = blocks
         stats.f_bfree = stats.f_bavail = free

@@ -121,6 +121,8 @@ class Volume:
         self.inodes: dict[int, Inode] = {}
         self.live: dict[int, int] = {}  #: segment -> bytes of it that files still use
         self.used = 0  #: bytes of file data the volume holds (the sum of ``live``)
+        #: Unlinked and closed inodes whose data waits for the kernel to forget them.
+        self._leaving: set[Inode] = set()
         self.next_ino = ROOT_INO + 1
         self.checkpoint_at = Position(0, 0)
         self._checkpoint_size = 0
@@ -497,9 +499,19 @@ class Volume:
         resolved the name just before the unlink may still open it, and must read its data,
         not zeros.  The kernel forgets an unlinked inode as soon as its last user is gone.
         """
-        if inode.nlink or inode.opens > 0 or inode.lookups > 0 or inode.ino == ROOT_INO:
-            return
-        self._free(inode)
+        if inode.nlink or inode.opens > 0 or inode.ino == ROOT_INO:
+            self._leaving.discard(inode)
+        elif inode.lookups > 0:
+            self._leaving.add(inode)  # its space counts as free already (`used_by_files`)
+        else:
+            self._leaving.discard(inode)
+            self._free(inode)
+
+    @property
+    def used_by_files(self) -> int:
+        """Bytes of data the volume's files hold, as quotas and statfs count them: `used`
+        without the data of unlinked, closed files that only wait for the kernel's forget."""
+        return self.used - sum(inode.stored for inode in self._leaving)
 
     # -- durability -------------------------------------------------------------------------
 
@@ -698,7 +710,7 @@ class Volume:
 
     def save_usage(self) -> None:
         """Write the usage figures for `volfsd ls` if they changed (no fsync: advisory)."""
-        usage = {"used": self.used, "inodes": len(self.inodes)}
+        usage = {"used": self.used_by_files, "inodes": len(self.inodes)}
         if usage == self._saved_usage:
             return
         tmp = USAGE_FILE + ".tmp"
