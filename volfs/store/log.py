@@ -113,11 +113,18 @@ class SegmentLog:
         """Yield every frame from *start* to the end of the log.
 
         Raises `LogDamage` at the first frame whose header or meta fails its checksum (or is
-        cut short); what follows it cannot be located, so replay has to stop there.
+        cut short); what follows it cannot be located, so replay has to stop there.  Likewise
+        at the end of a segment that stops short of the segment size while a later one exists.
         """
+        last: Position | None = None  # the end of the segment replayed before
         for seg in self.segments:
             if seg < start.seg:
                 continue
+            if last is not None and (seg != last.seg + 1 or last.pos < self.segment_size):
+                # A segment ends before the log moved on (segments start once the one before
+                # reaches segment_size): its unsynced tail was lost while later segments reached
+                # the disk.  What follows the gap never applies to what replay has seen.
+                raise LogDamage(last, f"the log has a gap before segment {seg}")
             fd = self._fd(seg)
             size = os.fstat(fd).st_size
             pos = start.pos if seg == start.seg else 0
@@ -137,6 +144,7 @@ class SegmentLog:
                     raise LogDamage(at, "data part cut short")
                 yield LogFrame(at, Position(seg, end), meta, data_pos, data_len)
                 pos = end
+            last = Position(seg, size)
 
     def _check_segment_header(self, seg: int, fd: int, size: int) -> int:
         header = os.pread(fd, frame.HEADER.size, 0)
