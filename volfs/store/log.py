@@ -178,6 +178,12 @@ class SegmentLog:
     def start_appending(self, at: Position) -> None:
         """Continue the log at *at*, the end that replay found (``(0, 0)``: nothing found)."""
         self.discard_after(at)  # anything beyond the end replay found holds no valid frame
+        # What replay found past the durable mark was written by a process that may have
+        # died before syncing it, in segments whose names may not be durable yet: the first
+        # sync must cover all of it, as the mark it then writes vouches for the log before it.
+        mark = self.durable_mark()
+        self._dirty.update(seg for seg in self.segments if seg >= mark.seg)
+        self._dir_dirty = True
         if at.seg == 0:
             self._new_segment(1)
         elif at.pos == 0:
