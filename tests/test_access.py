@@ -63,6 +63,18 @@ def test_other_users_are_refused_by_daemon_and_store(public_tmp):
     os.chmod(mnt, 0o777)
     link = _as_nobody("sh", "-c", f"ln -s {root} {mnt}/store && cat {mnt}/store/FORMAT", env=env)
     assert link.returncode != 0 and "Permission denied" in link.stderr, link
+    # trusted.* xattrs are root's: others can neither set nor see them.
+    os.setxattr(mnt / "f", "trusted.owner-only", b"root")
+    os.chmod(mnt / "f", 0o666)
+    code = (
+        "import os, sys\n"
+        f"f = {str(mnt / 'f')!r}\n"
+        "try:\n    os.setxattr(f, 'trusted.x', b'1')\nexcept OSError as e:\n    print(e.errno)\n"
+        "print(sorted(os.listxattr(f)))\n"
+        "try:\n    os.getxattr(f, 'trusted.owner-only')\nexcept OSError as e:\n    print(e.errno)\n"
+    )
+    done = _as_nobody(sys.executable, "-c", code, env=env)
+    assert done.stdout.split("\n")[:3] == ["1", "[]", "61"], done  # EPERM, nothing, ENODATA
 
 
 @pytest.mark.parametrize("planted", ["checkpoint", "durable", "seg-00000009.log", "volume"])
