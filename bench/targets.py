@@ -9,7 +9,6 @@ harness always knows what is mounted.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import json
 import os
 import re
@@ -21,6 +20,8 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+
+from volfs.store.pidlock import is_held
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -331,7 +332,7 @@ class VolfsTarget(MountTarget):
     def wait_released(self, timeout: float = 120.0) -> bool:
         """Wait until no process holds the volume's lock (its worker has checkpointed)."""
         deadline = time.monotonic() + timeout
-        while lock_held(self.lock_file()):
+        while is_held(self.lock_file()):
             if time.monotonic() > deadline:
                 return False
             time.sleep(0.02)
@@ -352,7 +353,7 @@ class VolfsTarget(MountTarget):
     def _stop_daemon(self) -> None:
         """End the volfsd daemon that `volfsd mount` started for this run dir."""
         pid_file = self.run_dir / "volfsd.pid"
-        if not lock_held(pid_file):  # the daemon holds it while it runs: none is running
+        if not is_held(pid_file):  # the daemon holds it while it runs: none is running
             return
         try:
             pid = int(pid_file.read_text().split()[0])
@@ -362,21 +363,6 @@ class VolfsTarget(MountTarget):
         if not wait_gone(pid, 60):
             with contextlib.suppress(OSError):
                 os.kill(pid, signal.SIGKILL)
-
-
-def lock_held(path: Path) -> bool:
-    """Whether a process holds a flock on path (volfs's pid-lock files)."""
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    except FileNotFoundError:
-        return False
-    try:
-        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-        return False
-    except OSError:
-        return True
-    finally:
-        os.close(fd)
 
 
 def wait_gone(pid: int, timeout: float) -> bool:
