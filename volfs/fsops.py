@@ -62,13 +62,6 @@ def _fail(code: int):
     return pyfuse3.FUSEError(code)
 
 
-class OpenFile:
-    __slots__ = ("inode",)
-
-    def __init__(self, inode: Inode) -> None:
-        self.inode = inode
-
-
 class VolumeOperations(pyfuse3.Operations):
     """pyfuse3 handlers for one volume."""
 
@@ -79,7 +72,7 @@ class VolumeOperations(pyfuse3.Operations):
         self.volume = volume
         self.read_only = read_only
         self._inodes = volume.inodes
-        self._files: dict[int, OpenFile] = {}
+        self._files: dict[int, Inode] = {}  #: open file handle -> its inode
         self._next_fh = 1
 
     # -- helpers --------------------------------------------------------------------------
@@ -331,7 +324,7 @@ class VolumeOperations(pyfuse3.Operations):
             self._writable()
         fh = self._next_fh
         self._next_fh += 1
-        self._files[fh] = OpenFile(inode)
+        self._files[fh] = inode
         inode.opens += 1
         return pyfuse3.FileInfo(fh=fh, keep_cache=True)
 
@@ -354,14 +347,14 @@ class VolumeOperations(pyfuse3.Operations):
 
     @_errno_guard
     async def read(self, fh, off, size):
-        return self.volume.read(self._files[fh].inode, off, size)
+        return self.volume.read(self._files[fh], off, size)
 
     @_errno_guard
     async def write(self, fh, off, buf):
         self._writable()
         # O_APPEND needs nothing here: the kernel sends the end of the file as *off* (under
         # its inode lock), and only it knows whether fcntl(F_SETFL) has cleared the flag since.
-        inode = self._files[fh].inode
+        inode = self._files[fh]
         volume = self.volume
         if (
             volume.quota
@@ -378,7 +371,7 @@ class VolumeOperations(pyfuse3.Operations):
 
     @_errno_guard
     async def release(self, fh):
-        inode = self._files.pop(fh).inode
+        inode = self._files.pop(fh)
         inode.opens -= 1
         self.volume.forget(inode)
 

@@ -45,13 +45,13 @@ def check_mountpoint(text: object) -> Path:
     if not isinstance(text, str) or "\0" in text or not text:
         raise VolfsError("a mount point must be a non-empty path")
     try:
-        text.encode()
+        encoded = text.encode()
     except UnicodeEncodeError:
         raise VolfsError("mount point paths must be valid UTF-8: rename the directory") from None
     path = Path(text)
     if not path.is_absolute():
         raise VolfsError(f"mount point {text[:200]!r} is relative: give an absolute path")
-    if len(text.encode()) > 4000:
+    if len(encoded) > 4000:
         raise VolfsError("mount point path is too long")
     # Resolved, so that a mount point reached through a symlink is known by the path the
     # mount table will show.

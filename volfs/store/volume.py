@@ -595,15 +595,18 @@ class Volume:
         seg = min(candidates, key=lambda s: self.live.get(s, 0) / sizes[s])
         return seg if self.live.get(seg, 0) <= sizes[seg] // 2 else None
 
+    def _live_extents(self) -> dict[int, list[tuple[int, Extent]]]:
+        """(ino, extent) of every extent in use, by the segment its data lies in."""
+        by_segment: dict[int, list[tuple[int, Extent]]] = {}
+        for inode in self.inodes.values():
+            if inode.extents:
+                for ext in inode.extents:
+                    by_segment.setdefault(ext.frame.seg, []).append((inode.ino, ext))
+        return by_segment
+
     def live_ranges(self, seg: int) -> list[tuple[int, int, int]]:
         """(ino, start, length) of every extent whose data lies in segment *seg*."""
-        return [
-            (inode.ino, ext.start, ext.length)
-            for inode in self.inodes.values()
-            if inode.extents
-            for ext in inode.extents
-            if ext.frame.seg == seg
-        ]
+        return [(ino, ext.start, ext.length) for ino, ext in self._live_extents().get(seg, ())]
 
     def relocate(self, ino: int, start: int, length: int, seg: int) -> None:
         """Copy what of [start, start+length) of *ino* still lies in *seg* to the log's head."""
@@ -655,18 +658,15 @@ class Volume:
             self._drop_reserve()
             self.checkpoint()
         end = self.checkpoint_at
-        live: dict[int, list[tuple[int, int]]] = {}
-        for inode in self.inodes.values():
-            if inode.extents:
-                for ext in inode.extents:
-                    first = ext.frame.pos + ext.skip
-                    live.setdefault(ext.frame.seg, []).append((first, first + ext.length))
+        live = self._live_extents()
         sizes = self.log.sizes()
         freed = 0
         for seg in [s for s in self.log.segments if s <= end.seg]:
             limit = end.pos if seg == end.seg else sizes[seg]
+            starts = [(e.frame.pos + e.skip, e.length) for _, e in live.get(seg, ())]
+            used = sorted((first, first + length) for first, length in starts)
             pos = 0
-            for first, stop in [*sorted(live.get(seg, ())), (limit, limit)]:
+            for first, stop in [*used, (limit, limit)]:
                 if first > pos:
                     freed += self.log.punch(seg, pos, min(first, limit))
                 pos = max(pos, stop)
