@@ -56,7 +56,7 @@ def picture(volume: Volume, digest_of: Callable[[Inode], bytes] | None = None) -
     pending = [(ROOT_INO, b"")]
     while pending:
         ino, prefix = pending.pop()
-        for name, child_ino in volume.inodes[ino].entries.names():
+        for name, child_ino in volume.inodes[ino].entries.items():
             child = volume.inodes[child_ino]
             path = prefix + b"/" + name
             out.append(
@@ -164,7 +164,7 @@ class Work:
         pending = [inodes[ROOT_INO]]
         while pending:
             directory = pending.pop()
-            for name, ino in directory.entries.names():
+            for name, ino in directory.entries.items():
                 child = inodes[ino]
                 out.append((directory, name, child))
                 if child.entries is not None:

@@ -152,7 +152,7 @@ def test_disk_eio_reaches_the_reader_and_spares_the_rest(tmp_path, monkeypatch):
     assert volume.read(files[b"victim"], 0, 10_000) == b"v" * 10_000
     volume.close()
     again = root.open_volume("v")
-    assert {n for n, _ in again.inodes[1].entries.names()} == {b"good", b"victim"}
+    assert {n for n, _ in again.inodes[1].entries.items()} == {b"good", b"victim"}
     again.close()
 
 
@@ -178,7 +178,7 @@ def test_disk_eio_on_write_leaves_nothing_behind(tmp_path, monkeypatch):
     volume.write(files[b"victim"], 0, b"after", 3)  # and the log goes on where it was
     volume.close(checkpoint=False)  # as a crash leaves it: the next open replays the log
     again = root.open_volume("v")
-    by_name = {n: again.inodes[i] for n, i in again.inodes[1].entries.names()}
+    by_name = {n: again.inodes[i] for n, i in again.inodes[1].entries.items()}
     assert again.read(by_name[b"good"], 0, 100) == b"before"
     assert again.read(by_name[b"victim"], 0, 100) == b"after"
     again.close()

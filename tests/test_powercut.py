@@ -503,7 +503,7 @@ def test_a_segment_that_ends_early_is_a_gap_not_a_seam(tmp_path):
     except VolumeDamaged as exc:
         raise AssertionError(f"a lost unsynced tail made the volume unopenable: {exc}") from None
     try:
-        names = {name for name, _ in volume.inodes[ROOT_INO].entries.names()}
+        names = {name for name, _ in volume.inodes[ROOT_INO].entries.items()}
         assert names == {b"keep", b"filler"}
         assert volume.read(volume.inodes[keep.ino], 0, 100) == b"k" * 100
         assert seg + 1 not in volume.log.segments

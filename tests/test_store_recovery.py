@@ -21,7 +21,7 @@ def picture(volume: Volume) -> dict[str, tuple]:
     out = {}
 
     def walk(ino: int, prefix: str) -> None:
-        for name, child_ino in volume.inodes[ino].entries.names():
+        for name, child_ino in volume.inodes[ino].entries.items():
             child = volume.inodes[child_ino]
             path = f"{prefix}/{name.decode()}"
             if child.extents is not None:

@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from volfs.store import frame
-from volfs.store.dirents import DirEntries
+from volfs.store.dirents import FIRST_OFFSET, Listing
 from volfs.store.extents import CHUNK_SIZE, ExtentMap, Frame
 
 # -- extent map against a bytearray -------------------------------------------------------------
@@ -78,39 +78,39 @@ def test_extent_pieces_of_a_range_inside_one_extent():
 
 
 @given(st.lists(st.tuples(st.booleans(), st.integers(0, 40)), max_size=200), st.data())
-def test_readdir_cookies_never_repeat_or_skip(changes, data):
-    entries = DirEntries()
-    for i in range(20):
-        entries.add(b"base%d" % i, i)
+def test_listing_offsets_never_repeat_or_skip(changes, data):
+    entries = {b"base%d" % i: i for i in range(20)}
+    listing = Listing(entries)
     listed: list[bytes] = []
-    cookie = 0
+    offset = 0
     for add, n in changes:
         name = b"x%d" % n
-        if add and name not in entries:
-            entries.add(name, 1000 + n)
-        elif not add and name in entries:
-            entries.remove(name)
-        batch = list(entries.after(cookie))[: data.draw(st.integers(1, 5))]
-        for name_, _ino, c in batch:
+        if add:
+            entries[name] = 1000 + n
+        else:
+            entries.pop(name, None)
+        batch = list(listing.after(offset))[: data.draw(st.integers(1, 5))]
+        for name_, ino, next_offset in batch:
+            assert entries[name_] == ino
+            assert next_offset > offset >= 0
             listed.append(name_)
-            assert c > cookie
-            cookie = c
-    listed += [name for name, _ino, _c in entries.after(cookie)]
-    # Entries that existed throughout appear exactly once; one removed and added again is a
-    # new entry and may appear again.
-    stable = [name for name in listed if name.startswith(b"base")]
-    assert sorted(stable) == sorted(b"base%d" % i for i in range(20))
+            offset = next_offset
+    listed += [name for name, _ino, _offset in listing.after(offset)]
+    # Entries that existed throughout appear exactly once, and no name appears twice.
+    assert len(listed) == len(set(listed))
+    assert {name for name in listed if name.startswith(b"base")} == {
+        b"base%d" % i for i in range(20)
+    }
 
 
-def test_dirents_remove_and_lookup():
-    entries = DirEntries()
-    for i in range(200):
-        entries.add(b"n%d" % i, i)
-    for i in range(0, 200, 2):
-        assert entries.remove(b"n%d" % i) == i
-    assert len(entries) == 100
-    assert entries.get(b"n3") == 3 and entries.get(b"n4") is None
-    assert [name for name, _, _ in entries.after(0)] == [b"n%d" % i for i in range(1, 200, 2)]
+def test_listing_rewind_sees_new_entries():
+    entries = {b"a": 2}
+    listing = Listing(entries)
+    assert [name for name, _, _ in listing.after(0)] == [b"a"]
+    entries[b"b"] = 3
+    del entries[b"a"]
+    assert [name for name, _, _ in listing.after(FIRST_OFFSET)] == []
+    assert [(name, ino) for name, ino, _ in listing.after(0)] == [(b"b", 3)]
 
 
 # -- frames -------------------------------------------------------------------------------------

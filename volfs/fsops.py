@@ -18,6 +18,7 @@ import time
 import pyfuse3
 
 from volfs.errors import DataDamaged
+from volfs.store.dirents import Listing
 from volfs.store.volume import ROOT_INO, Inode, Volume
 
 log = logging.getLogger(__name__)
@@ -73,6 +74,7 @@ class VolumeOperations(pyfuse3.Operations):
         self.read_only = read_only
         self._inodes = volume.inodes
         self._files: dict[int, Inode] = {}  #: open file handle -> its inode
+        self._listings: dict[int, tuple[Inode, Listing]] = {}  #: open directory handles
         self._next_fh = 1
 
     # -- helpers --------------------------------------------------------------------------
@@ -383,13 +385,16 @@ class VolumeOperations(pyfuse3.Operations):
 
     @_errno_guard
     async def opendir(self, inode, ctx):
-        self._dir(inode)
-        return inode
+        directory = self._dir(inode)
+        fh = self._next_fh
+        self._next_fh += 1
+        self._listings[fh] = (directory, Listing(directory.entries))
+        return fh
 
     @_errno_guard
     async def readdir(self, fh, start_id, token):
-        directory = self._inodes.get(fh)
-        if directory is None:
+        directory, listing = self._listings[fh]
+        if directory.nlink == 0:
             return  # removed while open: nothing more to list
         # "." and ".." first, at offsets 1 and 2 (entries start at 3).  The kernel takes no
         # reference for them, so their lookup counts stay as they are.
@@ -399,14 +404,14 @@ class VolumeOperations(pyfuse3.Operations):
                 token, name, self._attrs(node), offset
             ):
                 return
-        for name, ino, cookie in directory.entries.after(start_id):
+        for name, ino, offset in listing.after(start_id):
             child = self._inodes[ino]
-            if not pyfuse3.readdir_reply(token, name, self._attrs(child), cookie):
+            if not pyfuse3.readdir_reply(token, name, self._attrs(child), offset):
                 break
             child.lookups += 1
 
     async def releasedir(self, fh):
-        pass
+        del self._listings[fh]
 
     @_errno_guard
     async def fsyncdir(self, fh, datasync):

@@ -361,7 +361,7 @@ def paths_of(volume: Volume) -> dict[int, str]:
     pending = [ROOT_INO]
     while pending:
         ino = pending.pop()
-        for name, child in volume.inodes[ino].entries.names():
+        for name, child in volume.inodes[ino].entries.items():
             inode = volume.inodes.get(child)
             if child in paths or inode is None:
                 continue
@@ -431,7 +431,7 @@ def _tree_problems(volume: Volume, paths: dict[int, str]) -> list[Problem]:
     links: Counter[int] = Counter()
     subdirs: Counter[int] = Counter()
     for inode in volume.inodes.values():
-        for _name, child in inode.entries.names() if inode.entries is not None else ():
+        for _name, child in inode.entries.items() if inode.entries is not None else ():
             links[child] += 1
             child_inode = volume.inodes.get(child)
             if child_inode is not None and child_inode.entries is not None:

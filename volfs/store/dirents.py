@@ -1,73 +1,36 @@
-"""Directory entries with readdir offsets that stay valid while entries come and go.
+"""Directory listings whose offsets stay valid while entries come and go.
 
-Every entry gets a *cookie* from a per-directory counter when it is added.  Cookies only grow,
-so listing "everything after cookie N" never repeats or skips an entry that existed for the
-whole listing, whatever was added or removed meanwhile.  Cookies live only in memory: the
-kernel does not keep readdir offsets across mounts.
+A directory's entries are a plain dict, name -> inode number: every entry of every directory
+is held in memory, so an entry costs its dict slot and nothing more.  Stable readdir offsets
+come from `Listing`, one per open directory handle: it takes a snapshot of the names when the
+listing starts (or is rewound) and hands out positions in that snapshot as offsets.  So an
+entry that exists for the whole listing is listed exactly once, one removed meanwhile is
+skipped, and one added meanwhile may or may not be listed, as POSIX allows.
 """
 
 from __future__ import annotations
 
-from bisect import bisect_right
 from collections.abc import Iterator
 
 #: Offsets 0, 1 and 2 mean the start of the directory, after "." and after "..".
-FIRST_COOKIE = 3
+FIRST_OFFSET = 3
 
 
-class DirEntries:
-    __slots__ = ("_by_cookie", "_cookies", "_entries", "_next_cookie")
+class Listing:
+    """One pass (or several, after rewinds) over a directory through one open handle."""
 
-    def __init__(self) -> None:
-        self._entries: dict[bytes, tuple[int, int]] = {}  # name -> (ino, cookie)
-        self._by_cookie: dict[int, bytes] = {}
-        self._cookies: list[int] = []  # ascending; may hold cookies of removed entries
-        self._next_cookie = FIRST_COOKIE
+    __slots__ = ("_entries", "_names")
 
-    def __len__(self) -> int:
-        return len(self._entries)
+    def __init__(self, entries: dict[bytes, int]) -> None:
+        self._entries = entries
+        self._names: list[bytes] | None = None
 
-    def __contains__(self, name: bytes) -> bool:
-        return name in self._entries
-
-    def get(self, name: bytes) -> int | None:
-        entry = self._entries.get(name)
-        return None if entry is None else entry[0]
-
-    def add(self, name: bytes, ino: int) -> None:
-        cookie = self._next_cookie
-        self._next_cookie += 1
-        self._entries[name] = (ino, cookie)
-        self._by_cookie[cookie] = name
-        self._cookies.append(cookie)
-
-    def replace(self, name: bytes, ino: int) -> int:
-        """Point the existing entry *name* at *ino*, keeping its place in listings; return
-        the inode it pointed to."""
-        old, cookie = self._entries[name]
-        self._entries[name] = (ino, cookie)
-        return old
-
-    def remove(self, name: bytes) -> int:
-        """Remove *name* and return the inode it pointed to."""
-        ino, cookie = self._entries.pop(name)
-        del self._by_cookie[cookie]
-        if len(self._cookies) > 64 and len(self._cookies) > 2 * len(self._by_cookie):
-            self._cookies = [c for c in self._cookies if c in self._by_cookie]
-        return ino
-
-    def names(self) -> Iterator[tuple[bytes, int]]:
-        """(name, ino) in the order the entries were added."""
-        for name, (ino, _cookie) in self._entries.items():
-            yield name, ino
-
-    def after(self, cookie: int) -> Iterator[tuple[bytes, int, int]]:
-        """(name, ino, cookie) of each entry added after *cookie*, in cookie order."""
-        cookies = self._cookies
-        i = bisect_right(cookies, cookie)
-        while i < len(cookies):
-            c = cookies[i]
-            i += 1
-            name = self._by_cookie.get(c)
-            if name is not None:
-                yield name, self._entries[name][0], c
+    def after(self, offset: int) -> Iterator[tuple[bytes, int, int]]:
+        """(name, ino, offset) of each entry after *offset*; offset 0 starts afresh."""
+        if offset == 0 or self._names is None:
+            self._names = list(self._entries)
+        names, entries = self._names, self._entries
+        for i in range(max(0, offset - FIRST_OFFSET + 1), len(names)):
+            ino = entries.get(names[i])
+            if ino is not None:
+                yield names[i], ino, FIRST_OFFSET + i

@@ -1,6 +1,6 @@
 """Where each byte range of a file lives in the log: the file's chunks and their extents.
 
-A file is cut into chunks of ``CHUNK_SIZE`` bytes of file offset.  Each chunk holds a sorted,
+A file is cut into chunks of ``CHUNK_SIZE`` bytes of file offset.  Each chunk is a sorted,
 non-overlapping list of extents; an extent maps ``length`` bytes at file offset ``start`` to the
 data part of one log frame, ``skip`` bytes into it, and never crosses a chunk boundary.  Frames
 are immutable, so overwriting part of an extent only trims or splits the extents it covers;
@@ -8,12 +8,17 @@ several extents may share one frame.  Ranges with no extent are holes and read a
 
 Chunks keep every update local: a file rewritten by millions of 4 KiB random writes has
 millions of extents, but a write only touches the few hundred of its own chunk.
+
+Every file's map stays in memory, so its shape is chosen for size: an empty file's map is one
+small object, a file within one chunk needs no dict, and a chunk is a bare list searched by
+each extent's start.
 """
 
 from __future__ import annotations
 
-from bisect import bisect_right
+from bisect import bisect_right, insort_right
 from collections.abc import Iterator
+from operator import itemgetter
 from typing import NamedTuple
 
 CHUNK_SIZE = 1 << 20
@@ -36,95 +41,120 @@ class Extent(NamedTuple):
 
 
 Removed = list[tuple[Frame, int]]
+Chunk = list[Extent]  #: sorted by start
+
+_start = itemgetter(0)
 
 
-class _Chunk:
-    """The extents of one chunk, sorted by start, in two parallel lists for bisect."""
+def _first_touching(chunk: Chunk, offset: int) -> int:
+    """Index of the first extent of *chunk* that ends after *offset*."""
+    i = bisect_right(chunk, offset, key=_start) - 1
+    if i < 0:
+        return 0
+    ext = chunk[i]
+    return i if ext.start + ext.length > offset else i + 1
 
-    __slots__ = ("extents", "starts")
 
-    def __init__(self) -> None:
-        self.starts: list[int] = []
-        self.extents: list[Extent] = []
+def _punch_chunk(chunk: Chunk, start: int, end: int, removed: Removed) -> None:
+    i = j = _first_touching(chunk, start)
+    kept: list[Extent] = []
+    while j < len(chunk) and chunk[j].start < end:
+        ext = chunk[j]
+        ext_end = ext.start + ext.length
+        if ext.start < start:
+            kept.append(Extent(ext.start, start - ext.start, ext.skip, ext.frame))
+        if ext_end > end:
+            kept.append(Extent(end, ext_end - end, ext.skip + end - ext.start, ext.frame))
+        removed.append((ext.frame, min(ext_end, end) - max(ext.start, start)))
+        j += 1
+    if i != j:
+        chunk[i:j] = kept
 
-    def first_touching(self, offset: int) -> int:
-        """Index of the first extent that ends after *offset*."""
-        i = bisect_right(self.starts, offset) - 1
-        if i < 0:
-            return 0
-        ext = self.extents[i]
-        return i if ext.start + ext.length > offset else i + 1
 
-    def punch(self, start: int, end: int, removed: Removed) -> None:
-        i = j = self.first_touching(start)
-        kept: list[Extent] = []
-        extents = self.extents
-        while j < len(extents) and extents[j].start < end:
-            ext = extents[j]
-            ext_end = ext.start + ext.length
-            if ext.start < start:
-                kept.append(Extent(ext.start, start - ext.start, ext.skip, ext.frame))
-            if ext_end > end:
-                kept.append(Extent(end, ext_end - end, ext.skip + end - ext.start, ext.frame))
-            removed.append((ext.frame, min(ext_end, end) - max(ext.start, start)))
-            j += 1
-        if i != j:
-            extents[i:j] = kept
-            self.starts[i:j] = [ext.start for ext in kept]
-
-    def insert(self, ext: Extent) -> None:
-        i = bisect_right(self.starts, ext.start)
-        self.starts.insert(i, ext.start)
-        self.extents.insert(i, ext)
-
-    def pieces(self, start: int, end: int) -> Iterator[tuple[int, int, Frame | None, int]]:
-        extents = self.extents
-        i = self.first_touching(start)
-        pos = start
-        while pos < end:
-            if i < len(extents) and extents[i].start <= pos:
-                ext = extents[i]
-                take = min(end, ext.start + ext.length) - pos
-                yield pos, take, ext.frame, ext.skip + pos - ext.start
-                i += 1
-            else:
-                take = (min(end, extents[i].start) if i < len(extents) else end) - pos
-                yield pos, take, None, 0
-            pos += take
+def _chunk_pieces(
+    chunk: Chunk, start: int, end: int
+) -> Iterator[tuple[int, int, Frame | None, int]]:
+    i = _first_touching(chunk, start)
+    pos = start
+    while pos < end:
+        if i < len(chunk) and chunk[i].start <= pos:
+            ext = chunk[i]
+            take = min(end, ext.start + ext.length) - pos
+            yield pos, take, ext.frame, ext.skip + pos - ext.start
+            i += 1
+        else:
+            take = (min(end, chunk[i].start) if i < len(chunk) else end) - pos
+            yield pos, take, None, 0
+        pos += take
 
 
 class ExtentMap:
-    """The extents of one file."""
+    """The extents of one file, by chunk.
 
-    __slots__ = ("_chunks",)
+    Chunk 0 has a slot of its own and the others share a dict made on demand: most files
+    are smaller than a chunk, and a dict would cost more than the extents in it.
+    """
+
+    __slots__ = ("_first", "_more")
 
     def __init__(self) -> None:
-        self._chunks: dict[int, _Chunk] = {}
+        self._first: Chunk | None = None  #: chunk 0
+        self._more: dict[int, Chunk] | None = None  #: chunks 1 and up, by index
+
+    def _chunk(self, index: int) -> Chunk | None:
+        if index == 0:
+            return self._first
+        return None if self._more is None else self._more.get(index)
+
+    def _new_chunk(self, index: int) -> Chunk:
+        chunk: Chunk = []
+        if index == 0:
+            self._first = chunk
+        else:
+            if self._more is None:
+                self._more = {}
+            self._more[index] = chunk
+        return chunk
+
+    def _drop_chunk(self, index: int) -> None:
+        if index == 0:
+            self._first = None
+        else:
+            del self._more[index]
+            if not self._more:
+                self._more = None
+
+    def _indexes(self) -> list[int]:
+        """Indexes of the chunks that exist, in order."""
+        more = sorted(self._more) if self._more else []
+        return more if self._first is None else [0, *more]
 
     def __iter__(self) -> Iterator[Extent]:
-        for index in sorted(self._chunks):
-            yield from self._chunks[index].extents
+        for index in self._indexes():
+            yield from self._chunk(index)
 
     def __len__(self) -> int:
-        return sum(len(c.extents) for c in self._chunks.values())
+        return sum(len(self._chunk(index)) for index in self._indexes())
 
-    def _indexes(self, start: int, end: int) -> list[int]:
-        """Indexes of the chunks that exist within [start, end), in order."""
-        first, last = start // CHUNK_SIZE, (end - 1) // CHUNK_SIZE
-        if last - first < len(self._chunks):
-            return [i for i in range(first, last + 1) if i in self._chunks]
-        return sorted(i for i in self._chunks if first <= i <= last)
+    def __bool__(self) -> bool:
+        return self._first is not None or self._more is not None
 
     def punch(self, start: int, end: int) -> Removed:
         """Make [start, end) a hole; return (frame, bytes) for every piece removed."""
         removed: Removed = []
-        if end <= start:
+        if end <= start or not self:
             return removed
-        for index in self._indexes(start, end):
-            chunk = self._chunks[index]
-            chunk.punch(start, end, removed)
-            if not chunk.extents:
-                del self._chunks[index]
+        first, last = start // CHUNK_SIZE, (end - 1) // CHUNK_SIZE
+        if last - first < 1 + len(self._more or ()):
+            indexes = range(first, last + 1)
+        else:
+            indexes = [i for i in self._indexes() if first <= i <= last]
+        for index in indexes:
+            chunk = self._chunk(index)
+            if chunk is not None:
+                _punch_chunk(chunk, start, end, removed)
+                if not chunk:
+                    self._drop_chunk(index)
         return removed
 
     def put(self, start: int, length: int, frame: Frame, skip: int = 0) -> Removed:
@@ -135,18 +165,18 @@ class ExtentMap:
         while pos < end:
             index = pos // CHUNK_SIZE
             take = min(end, (index + 1) * CHUNK_SIZE) - pos
-            chunk = self._chunks.get(index)
+            chunk = self._chunk(index)
             if chunk is None:
-                chunk = self._chunks[index] = _Chunk()
-            chunk.insert(Extent(pos, take, skip + pos - start, frame))
+                chunk = self._new_chunk(index)
+            insort_right(chunk, Extent(pos, take, skip + pos - start, frame), key=_start)
             pos += take
         return removed
 
     def truncate(self, size: int) -> Removed:
         """Drop everything at or beyond *size*."""
-        if not self._chunks:
+        if not self:
             return []
-        return self.punch(size, max(size, (max(self._chunks) + 1) * CHUNK_SIZE))
+        return self.punch(size, max(size, (self._indexes()[-1] + 1) * CHUNK_SIZE))
 
     def pieces(self, start: int, end: int) -> Iterator[tuple[int, int, Frame | None, int]]:
         """Cover [start, end) with (offset, length, frame, skip); holes have frame None."""
@@ -154,9 +184,9 @@ class ExtentMap:
         while pos < end:
             index = pos // CHUNK_SIZE
             stop = min(end, (index + 1) * CHUNK_SIZE)
-            chunk = self._chunks.get(index)
+            chunk = self._chunk(index)
             if chunk is None:
                 yield pos, stop - pos, None, 0
             else:
-                yield from chunk.pieces(pos, stop)
+                yield from _chunk_pieces(chunk, pos, stop)
             pos = stop

@@ -18,7 +18,6 @@ from collections.abc import Iterator
 
 from volfs.errors import DataDamaged, VolumeDamaged
 from volfs.store import frame, journal
-from volfs.store.dirents import DirEntries
 from volfs.store.extents import Extent, ExtentMap, Frame
 from volfs.store.journal import (
     CHECKPOINT,
@@ -54,6 +53,20 @@ RECLAIM_FREE_BELOW = 256 * 1024 * 1024
 RECLAIM_MIN = 1024 * 1024
 
 
+#: Values many inodes share (modes, owners): one int object each instead of one per inode.
+_SHARED: dict[int, int] = {}
+_SHARED_MAX = 4096
+
+
+def _shared(value: int) -> int:
+    shared = _SHARED.get(value)
+    if shared is not None:
+        return shared
+    if len(_SHARED) < _SHARED_MAX:
+        _SHARED[value] = value
+    return value
+
+
 class Inode:
     __slots__ = (
         "atime_ns",
@@ -84,7 +97,8 @@ class Inode:
         self.atime_ns = self.mtime_ns = self.ctime_ns = 0
         self.target: bytes | None = None
         self.xattrs: dict[bytes, bytes] | None = None
-        self.entries = DirEntries() if stat.S_ISDIR(mode) else None
+        #: name -> inode number, for a directory
+        self.entries: dict[bytes, int] | None = {} if stat.S_ISDIR(mode) else None
         self.extents = ExtentMap() if stat.S_ISREG(mode) else None
         self.parent = 0
         # A directory counts "." and its entry in the parent; the root is its own parent.
@@ -234,15 +248,19 @@ class Volume:
                 raise ValueError(f"inode {ino} cannot change its type")
             if inode.extents is not None and size < inode.size:
                 inode.stored -= self._release(inode.extents.truncate(size))
-            inode.mode, inode.uid, inode.gid, inode.rdev, inode.size = mode, uid, gid, rdev, size
-            inode.atime_ns, inode.mtime_ns, inode.ctime_ns = atime, mtime, ctime
+            inode.mode, inode.uid, inode.gid = _shared(mode), _shared(uid), _shared(gid)
+            inode.rdev, inode.size = rdev, size
+            # Equal times share one int object (32 bytes each; a volume may hold millions).
+            mtime = atime if mtime == atime else mtime
+            inode.atime_ns, inode.mtime_ns = atime, mtime
+            inode.ctime_ns = mtime if ctime == mtime else ctime
             inode.target = target
         elif kind == LINK:
             _, parent_ino, name, ino = record
             parent, child = self.inodes[parent_ino], self.inodes[ino]
             if name in parent.entries:
                 raise ValueError(f"entry {name!r} exists in {parent_ino}")
-            parent.entries.add(name, ino)
+            parent.entries[name] = child.ino  # one int object for both
             child.nlink += 1
             if child.entries is not None:
                 parent.nlink += 1
@@ -250,18 +268,15 @@ class Volume:
         elif kind == UNLINK:
             _, parent_ino, name = record
             parent = self.inodes[parent_ino]
-            self._unlinked(parent, self.inodes[parent.entries.remove(name)])
+            self._unlinked(parent, self.inodes[parent.entries.pop(name)])
         elif kind == RENAME:
-            # Onto an existing name, the entry is replaced in place (the name keeps its place
-            # in listings in progress) and the inode it named loses that link.
+            # Onto an existing name, the inode it named loses that link.
             _, old_parent_ino, old_name, new_parent_ino, new_name = record
             old_parent, new_parent = self.inodes[old_parent_ino], self.inodes[new_parent_ino]
-            child = self.inodes[old_parent.entries.remove(old_name)]
+            child = self.inodes[old_parent.entries.pop(old_name)]
             if new_name in new_parent.entries:
-                replaced = self.inodes[new_parent.entries.replace(new_name, child.ino)]
-                self._unlinked(new_parent, replaced)
-            else:
-                new_parent.entries.add(new_name, child.ino)
+                self._unlinked(new_parent, self.inodes[new_parent.entries[new_name]])
+            new_parent.entries[new_name] = child.ino
             if child.entries is not None:
                 old_parent.nlink -= 1
                 new_parent.nlink += 1
@@ -269,9 +284,9 @@ class Volume:
         elif kind == EXCHANGE:
             _, parent_a_ino, name_a, parent_b_ino, name_b = record
             parent_a, parent_b = self.inodes[parent_a_ino], self.inodes[parent_b_ino]
-            a = self.inodes[parent_a.entries.get(name_a)]
-            b = self.inodes[parent_b.entries.replace(name_b, a.ino)]
-            parent_a.entries.replace(name_a, b.ino)
+            a = self.inodes[parent_a.entries[name_a]]
+            b = self.inodes[parent_b.entries[name_b]]
+            parent_a.entries[name_a], parent_b.entries[name_b] = b.ino, a.ino
             for child, old, new in ((a, parent_a, parent_b), (b, parent_b, parent_a)):
                 if child.entries is not None:
                     old.nlink -= 1
@@ -551,7 +566,7 @@ class Volume:
                 ]
         for inode in self.inodes.values():
             if inode.entries is not None:
-                for name, ino in inode.entries.names():
+                for name, ino in inode.entries.items():
                     yield [LINK, inode.ino, name, ino]
 
     def close(self, checkpoint: bool = True) -> None:
