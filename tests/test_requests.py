@@ -1,0 +1,145 @@
+"""Write-only handles use direct_io (one FUSE request per write, not two): what must not change.
+
+Through the page cache the kernel sends getxattr(security.capability) before every write, so
+`VolumeOperations` opens write-only handles with direct_io.  These tests hold the promises that
+could break with it: other descriptors and mappings see the new bytes, O_APPEND appends, and a
+write still drops setuid/setgid bits and file capabilities as the kernel would.
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+import shutil
+import stat
+import subprocess
+import tempfile
+from pathlib import Path
+
+import pytest
+
+PAGE = mmap.PAGESIZE
+
+
+def _as_nobody(code: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
+         "/usr/bin/python3", "-c", code],
+        capture_output=True, text=True, timeout=30,
+    )  # fmt: skip
+
+
+def test_write_only_write_reaches_cached_pages_and_mappings(mnt: Path):
+    path = mnt / "shared"
+    path.write_bytes(b"a" * 2 * PAGE)
+    fd = os.open(path, os.O_RDWR)
+    try:
+        with mmap.mmap(fd, 2 * PAGE, mmap.MAP_SHARED) as mapped:
+            assert mapped[:PAGE] == b"a" * PAGE  # both pages cached and mapped
+            assert os.pread(fd, 2 * PAGE, 0) == b"a" * 2 * PAGE
+            writer = os.open(path, os.O_WRONLY)
+            try:
+                assert os.pwrite(writer, b"b" * PAGE, 0) == PAGE
+                assert os.pwrite(writer, b"c" * 10, PAGE + 5) == 10
+            finally:
+                os.close(writer)
+            expected = b"b" * PAGE + b"a" * 5 + b"c" * 10 + b"a" * (PAGE - 15)
+            assert mapped[:] == expected
+            assert os.pread(fd, 2 * PAGE, 0) == expected
+            # And the other way round: a write through the mapping, read by a new descriptor.
+            mapped[:3] = b"xyz"
+            mapped.flush()
+            assert path.read_bytes()[:4] == b"xyzb"
+    finally:
+        os.close(fd)
+
+
+def test_write_only_append_and_sizes(mnt: Path):
+    path = mnt / "log"
+    for piece in (b"one\n", b"two\n", b"three\n"):
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            os.write(fd, piece)
+            assert os.fstat(fd).st_size == path.stat().st_size
+        finally:
+            os.close(fd)
+    assert path.read_bytes() == b"one\ntwo\nthree\n"
+    fd = os.open(path, os.O_WRONLY | os.O_TRUNC)
+    try:
+        os.pwrite(fd, b"Z", 9)  # a hole before it
+        assert os.fstat(fd).st_size == 10
+    finally:
+        os.close(fd)
+    assert path.read_bytes() == b"\0" * 9 + b"Z"
+
+
+@pytest.fixture
+def public_mnt(volume):
+    """A mount another uid can reach (pytest's tmp dirs are private to root)."""
+    outer = Path(tempfile.mkdtemp(prefix="volfs-requests-"))
+    outer.chmod(0o755)
+    try:
+        mnt = volume.mount(outer / "mnt")
+        os.chmod(mnt, 0o777)
+        yield mnt
+    finally:
+        volume.cleanup()
+        shutil.rmtree(outer, ignore_errors=True)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to act as another uid")
+@pytest.mark.parametrize("added_while_open", [False, True])
+def test_unprivileged_write_drops_setuid(public_mnt: Path, added_while_open: bool):
+    path = public_mnt / "prog"
+    path.write_bytes(b"#!/bin/sh\n")
+    os.chown(path, 65534, 65534)
+    os.chmod(path, 0o755 if added_while_open else 0o6755)
+    # The owner may set the bits; a write by a writer without CAP_FSETID drops them.  Set
+    # after the open, the kernel leaves that to volfs (the handle is direct_io).
+    code = (
+        "import os\n"
+        f"p = {str(path)!r}\n"
+        "fd = os.open(p, os.O_WRONLY | os.O_APPEND)\n"
+        f"if {added_while_open}: os.chmod(p, 0o6755)\n"
+        "os.write(fd, b'echo hi\\n')\n"
+        "os.close(fd)\n"
+    )
+    done = _as_nobody(code)
+    assert done.returncode == 0, done.stderr
+    assert stat.S_IMODE(path.stat().st_mode) == 0o755
+    assert path.read_bytes() == b"#!/bin/sh\necho hi\n"
+
+
+def test_root_write_keeps_setuid(mnt: Path):
+    path = mnt / "prog"
+    path.write_bytes(b"x")
+    fd = os.open(path, os.O_WRONLY)
+    try:
+        os.chmod(path, 0o4755)
+        os.write(fd, b"y")
+    finally:
+        os.close(fd)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o4755  # root has CAP_FSETID
+
+
+@pytest.mark.skipif(shutil.which("setcap") is None, reason="needs setcap (libcap)")
+@pytest.mark.parametrize("added_while_open", [False, True])
+def test_write_drops_file_capabilities(mnt: Path, added_while_open: bool):
+    path = mnt / "tool"
+    path.write_bytes(b"x")
+
+    def setcap() -> None:
+        subprocess.run(["setcap", "cap_net_raw+ep", str(path)], check=True, timeout=30)
+        assert "security.capability" in os.listxattr(path)
+
+    if not added_while_open:
+        setcap()
+    fd = os.open(path, os.O_WRONLY)
+    try:
+        if added_while_open:
+            setcap()
+        os.write(fd, b"y")
+    finally:
+        os.close(fd)
+    assert "security.capability" not in os.listxattr(path)
+    assert path.read_bytes() == b"y"
