@@ -85,7 +85,7 @@ async def _housekeeping(volume: Volume, parent: int | None) -> None:
             if volume.reclaim_due:
                 volume.reclaim()
             elif volume.checkpoint_due:
-                volume.checkpoint()
+                await _checkpoint(volume)
             volume.save_usage()
         except Exception:
             log.exception("volume %s: housekeeping failed; trying again later", volume.name)
@@ -99,7 +99,20 @@ async def _compact(volume: Volume) -> None:
         for ino, start, length in ranges:
             volume.relocate(ino, start, length, seg)
             await trio.sleep(0)  # let waiting requests in between pieces
-        volume.checkpoint()  # the segment can go only once a checkpoint no longer needs it
+        await _checkpoint(volume)  # the segment can go only once a checkpoint no longer needs it
+
+
+async def _checkpoint(volume: Volume) -> None:
+    """Checkpoint in a forked writer while requests go on being served, and wait for it."""
+    pid = volume.fork_checkpoint()
+    pidfd = os.pidfd_open(pid)
+    try:
+        # If the worker is stopping meanwhile, `Volume.close` waits for the writer instead.
+        await trio.lowlevel.wait_readable(pidfd)
+    finally:
+        os.close(pidfd)
+    _, status = os.waitpid(pid, 0)
+    volume.end_checkpoint(status)
 
 
 async def _stop_on_signals() -> None:

@@ -10,11 +10,15 @@ state after a crash is exactly the state built from the frames that reached the 
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import errno
+import gc
 import logging
 import os
+import signal
 import stat
 from collections.abc import Iterator
+from typing import NamedTuple
 
 from volfs.errors import DataDamaged, VolumeDamaged
 from volfs.store import frame, journal
@@ -51,6 +55,25 @@ RESERVE_SIZE = 8 * 1024 * 1024
 #: at least RECLAIM_MIN bytes of dead data still take disk space.
 RECLAIM_FREE_BELOW = 256 * 1024 * 1024
 RECLAIM_MIN = 1024 * 1024
+
+
+class _CheckpointPlan(NamedTuple):
+    end: Position  #: the checkpoint covers the log up to here
+    dead: list[int]  #: segments it lets go
+    appended: int  #: log bytes appended since the previous checkpoint, up to *end*
+    parent: int  #: pid of the server
+
+
+_PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent(parent: int) -> None:
+    """Have the kernel kill this (forked) process when *parent*, its forking thread, ends."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
+        raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG) failed")
+    if os.getppid() != parent:  # it ended before the request took effect
+        os._exit(1)
 
 
 #: Values many inodes share (modes, owners): one int object each instead of one per inode.
@@ -146,6 +169,7 @@ class Volume:
         self._synced_head = Position(0, 0)  # log head at the last sync
         self.quota = 0  #: most bytes of file data the volume may hold; 0: no limit
         self._saved_usage: dict | None = None
+        self._forked: tuple[int, _CheckpointPlan] | None = None  #: checkpoint writer, if any
 
     # -- opening and replay ---------------------------------------------------------------
 
@@ -536,16 +560,76 @@ class Volume:
             self._synced_head = self.log.sync()
 
     def checkpoint(self) -> None:
-        """Write the whole state as a checkpoint so replay starts from the log's end."""
+        """Write the whole state as a checkpoint, now, so replay starts from the log's end."""
+        self.wait_checkpoint()
+        plan = self._plan_checkpoint()
+        journal.write_checkpoint(self._dir_fd, self._state_records(plan.end))
+        self._finish_checkpoint(plan)
+
+    def fork_checkpoint(self) -> int:
+        """Start writing a checkpoint in a child process; return the child's pid.
+
+        The child writes from a copy-on-write image of this process's memory, so it sees the
+        state exactly as it is now while this process goes on serving requests: a checkpoint
+        of a million files takes seconds, and the mount would stand still meanwhile.  Call
+        `end_checkpoint` with the child's wait status once it has ended; `checkpoint` and
+        `close` wait for it themselves.  The child holds the volume's lock while it lives and
+        is killed if this process dies, so no later server can meet it writing.
+        """
+        self.wait_checkpoint()
+        plan = self._plan_checkpoint()
+        pid = os.fork()
+        if pid == 0:  # the child: never returns to the caller
+            code = 1
+            try:
+                gc.disable()  # a collection would only copy pages the parent still shares
+                _die_with_parent(plan.parent)
+                journal.write_checkpoint(self._dir_fd, self._state_records(plan.end))
+                code = 0
+            except BaseException:
+                log.exception("volume %s: writing a checkpoint failed", self.name)
+            finally:
+                os._exit(code)
+        self._forked = (pid, plan)
+        return pid
+
+    def end_checkpoint(self, status: int) -> bool:
+        """Complete the forked checkpoint whose child ended with wait status *status*;
+        return whether it was written."""
+        pid, plan = self._forked
+        self._forked = None
+        if os.waitstatus_to_exitcode(status) != 0:
+            log.error("volume %s: checkpoint writer %d failed (%s)", self.name, pid, status)
+            return False
+        self._finish_checkpoint(plan)
+        return True
+
+    def wait_checkpoint(self) -> None:
+        """Wait for a forked checkpoint to end and complete it (nothing if none runs)."""
+        if self._forked is not None:
+            _, status = os.waitpid(self._forked[0], 0)
+            self.end_checkpoint(status)
+
+    @property
+    def checkpoint_running(self) -> bool:
+        return self._forked is not None
+
+    def _plan_checkpoint(self) -> _CheckpointPlan:
         end = self.log.sync()
-        self._checkpoint_size = journal.write_checkpoint(self._dir_fd, self._state_records(end))
-        self.checkpoint_at = end
-        self._appended_since_checkpoint = 0
-        for seg in list(self.log.segments):
-            if seg < end.seg and self.live.get(seg, 0) == 0:
-                self.log.remove_segment(seg)
-                self.live.pop(seg, None)
-                self._punched.pop(seg, None)
+        # Sealed segments no file uses now are not referenced by a checkpoint of this state,
+        # and no later change puts data into a sealed segment.
+        dead = [s for s in self.log.segments if s < end.seg and self.live.get(s, 0) == 0]
+        return _CheckpointPlan(end, dead, self._appended_since_checkpoint, os.getpid())
+
+    def _finish_checkpoint(self, plan: _CheckpointPlan) -> None:
+        """Take a checkpoint of the state at *plan.end*, now on disk, as the new start."""
+        self._checkpoint_size = os.stat(journal.CHECKPOINT_FILE, dir_fd=self._dir_fd).st_size
+        self.checkpoint_at = plan.end
+        self._appended_since_checkpoint -= plan.appended
+        for seg in plan.dead:
+            self.log.remove_segment(seg)
+            self.live.pop(seg, None)
+            self._punched.pop(seg, None)
         self.log.sync()
 
     def _state_records(self, end: Position) -> Iterator[list]:
@@ -586,6 +670,10 @@ class Volume:
                         exc,
                     )
         finally:
+            if self._forked is not None:  # as if killed: its writer dies with it
+                os.kill(self._forked[0], signal.SIGKILL)
+                os.waitpid(self._forked[0], 0)
+                self._forked = None
             self.log.close()
             os.close(self._dir_fd)
             os.close(self._lock_fd)
