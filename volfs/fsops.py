@@ -33,7 +33,7 @@ XATTR_NAMESPACES = (b"user.", b"trusted.", b"security.", b"system.")
 CACHE_TIMEOUT = 60.0
 RENAME_NOREPLACE = 1
 RENAME_EXCHANGE = 2
-#: File capabilities: the kernel removes them at every write (as it does for setuid bits).
+#: File capabilities: the kernel asks for them before every write through the page cache.
 CAPS_XATTR = b"security.capability"
 _SETGID_TYPES = (stat.S_IFDIR,)
 
@@ -76,8 +76,6 @@ class VolumeOperations(pyfuse3.Operations):
         self.read_only = read_only
         self._inodes = volume.inodes
         self._files: dict[int, Inode] = {}  #: open file handle -> its inode
-        #: write-only handles opened with direct_io -> (uid, gid) of the opener (see `_open`)
-        self._direct: dict[int, tuple[int, int]] = {}
         self._listings: dict[int, tuple[Inode, Listing]] = {}  #: open directory handles
         self._next_fh = 1
 
@@ -325,51 +323,19 @@ class VolumeOperations(pyfuse3.Operations):
 
     # -- files ----------------------------------------------------------------------------
 
-    @staticmethod
-    def _privileged(inode: Inode) -> bool:
-        """Whether a write may have to drop something: setuid/setgid bits or capabilities."""
-        return bool(inode.mode & (stat.S_ISUID | stat.S_ISGID)) or bool(
-            inode.xattrs and CAPS_XATTR in inode.xattrs
-        )
-
-    def _open(self, inode: Inode, flags: int, ctx) -> pyfuse3.FileInfo:
-        access = flags & os.O_ACCMODE
-        if access != os.O_RDONLY:
+    def _open(self, inode: Inode, flags: int) -> pyfuse3.FileInfo:
+        if flags & os.O_ACCMODE != os.O_RDONLY:
             self._writable()
         fh = self._next_fh
         self._next_fh += 1
         self._files[fh] = inode
         inode.opens += 1
-        if access == os.O_WRONLY and not self._privileged(inode):
-            # Write-only handles skip the page cache (direct_io).  Through the page cache the
-            # kernel sends getxattr(security.capability) before every write, to drop file
-            # capabilities; the direct path does not, so each write costs one request instead
-            # of two.  Nothing else changes: a write-only descriptor cannot be read or mmapped,
-            # the kernel drops the cached pages a direct write covers, write() still returns
-            # only once the store has the bytes, and the page cache only ever cached what the
-            # next reader's getattr (mtime changed) made the kernel throw away anyway.  The
-            # kernel leaves dropping privileges on such writes to us: see `_drop_privileges`.
-            self._direct[fh] = (ctx.uid, ctx.gid)
-            return pyfuse3.FileInfo(fh=fh, direct_io=True, keep_cache=True)
+        # Not direct_io, even for write-only handles, though it would spare the
+        # getxattr(security.capability) the kernel sends before each write through the page
+        # cache: a direct write of an O_SYNC/O_DSYNC descriptor or with RWF_SYNC/RWF_DSYNC
+        # gets no fsync from the kernel (the flag rides in the WRITE request, which pyfuse3
+        # does not pass to `write`), so it would return before the bytes are durable.
         return pyfuse3.FileInfo(fh=fh, keep_cache=True)
-
-    def _drop_privileges(self, inode: Inode, uid: int, gid: int, now: int) -> None:
-        """What the kernel does before a write through the page cache, for a direct one.
-
-        Capabilities always go; setuid (and setgid, if group-executable or the writer's
-        primary group is not the file's) unless the writer holds CAP_FSETID, which we can
-        only tell as "root opened it".  Handles are opened direct only for files with none
-        of these, so this runs only when one was added while the file was open for writing.
-        """
-        if inode.xattrs and CAPS_XATTR in inode.xattrs:
-            self.volume.set_xattr(inode, CAPS_XATTR, None, now)
-        if uid == 0:
-            return
-        kill = inode.mode & stat.S_ISUID
-        if inode.mode & stat.S_ISGID and (inode.mode & stat.S_IXGRP or gid != inode.gid):
-            kill |= stat.S_ISGID
-        if kill:
-            self.volume.set_attrs(inode, mode=inode.mode & ~kill, ctime_ns=now)
 
     @_errno_guard
     async def open(self, inode, flags, ctx):
@@ -380,13 +346,13 @@ class VolumeOperations(pyfuse3.Operations):
             self._writable()
             now = time.time_ns()
             self.volume.set_attrs(node, size=0, mtime_ns=now, ctime_ns=now)
-        return self._open(node, flags, ctx)
+        return self._open(node, flags)
 
     @_errno_guard
     async def create(self, parent_inode, name, mode, flags, ctx):
         mode = stat.S_IFREG | (stat.S_IMODE(mode) & ~ctx.umask)
         entry = self._new(self._dir(parent_inode), name, mode, ctx)
-        return self._open(self._inodes[entry.st_ino], flags, ctx), entry
+        return self._open(self._inodes[entry.st_ino], flags), entry
 
     @_errno_guard
     async def read(self, fh, off, size):
@@ -404,10 +370,7 @@ class VolumeOperations(pyfuse3.Operations):
             and volume.used_by_files + volume.growth(inode, off, len(buf)) > volume.quota
         ):
             raise _fail(errno.ENOSPC)
-        now = time.time_ns()
-        if fh in self._direct and self._privileged(inode):
-            self._drop_privileges(inode, *self._direct[fh], now)
-        volume.write(inode, off, buf, now)
+        volume.write(inode, off, buf, time.time_ns())
         return len(buf)
 
     async def flush(self, fh):
@@ -418,7 +381,6 @@ class VolumeOperations(pyfuse3.Operations):
     @_errno_guard
     async def release(self, fh):
         inode = self._files.pop(fh)
-        self._direct.pop(fh, None)
         inode.opens -= 1
         self.volume.forget(inode)
 
@@ -512,7 +474,7 @@ class VolumeOperations(pyfuse3.Operations):
     @_errno_guard
     async def getxattr(self, inode, name, ctx):
         node = self._inode(inode)
-        if not node.xattrs and name == CAPS_XATTR:  # asked before each write through the cache
+        if not node.xattrs and name == CAPS_XATTR:  # asked before every write: answer first
             raise _fail(pyfuse3.ENOATTR)
         self._check_xattr_name(name)
         if node.xattrs is None or name not in node.xattrs:
