@@ -166,6 +166,10 @@ class SegmentLog:
         for seg in [s for s in self.segments if s > at.seg]:
             dropped += os.stat(segment_name(seg), dir_fd=self._dir_fd).st_size
             self.remove_segment(seg)
+        # Later segments must be gone for good before this one is cut short: a power cut
+        # between the two would otherwise leave a short segment followed by the old next one,
+        # whose records would replay after a hole.
+        self.sync_names()
         if at.seg in self.segments:
             fd = self._fd(at.seg)
             dropped += max(0, os.fstat(fd).st_size - at.pos)
@@ -261,14 +265,28 @@ class SegmentLog:
         was durable.  Being outside the log, the mark cannot be forged by file contents.
         """
         head = self.head
+        self.flush()
+        self._write_mark(head)
+        return head
+
+    def flush(self) -> None:
+        """Make every frame appended so far durable, without recording the mark.
+
+        A forked checkpoint writer calls this on its copy of the log's state: it flushes
+        what was appended before the fork (and, harmlessly, whatever the server appended to
+        the same files since), while the server's own record of what is synced stays as it
+        was.  A mark written from here could go back behind one the server wrote meanwhile.
+        """
         for seg in sorted(self._dirty):
             os.fdatasync(self._fd(seg))
         self._dirty.clear()
+        self.sync_names()
+
+    def sync_names(self) -> None:
+        """Make the segment files' creation and deletion durable."""
         if self._dir_dirty:
             os.fsync(self._dir_fd)
             self._dir_dirty = False
-        self._write_mark(head)
-        return head
 
     def _write_mark(self, at: Position) -> None:
         if self._mark_fd is None:
