@@ -392,7 +392,7 @@ class Work:
             return
         seg = min(sealed, key=lambda s: volume.live.get(s, 0) / sizes[s])
         self.rec.add("note", "compaction begins")
-        for ino, start, length in volume.live_ranges(seg):
+        for ino, start, length in volume.live_ranges()[seg]:
             volume.relocate(ino, start, length, seg)
         volume.checkpoint()
         self.rec.add("note", "compaction ends")

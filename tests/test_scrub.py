@@ -276,9 +276,9 @@ def test_snapshot_skips_data_compaction_moved_away(tmp_path):
         volume.checkpoint()
         snapshot = check.open_snapshot(root.volume_path("v"), "v")
         try:
-            assert volume.live_ranges(min(volume.log.segments))  # keep's data is spread out
+            assert volume.live_ranges()[min(volume.log.segments)]  # keep's data is spread out
             for seg in list(volume.log.segments[:-1]):  # what the worker's compaction does
-                for ino, start, length in volume.live_ranges(seg):
+                for ino, start, length in volume.live_ranges()[seg]:
                     volume.relocate(ino, start, length, seg)
             volume.checkpoint()  # which deletes the segments emptied
             report = check.examine(snapshot)

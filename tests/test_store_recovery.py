@@ -217,7 +217,7 @@ def test_compaction_bounds_the_log_and_keeps_data(tmp_path):
         volume.write(inode, offset, data, 3)
         if step % 50 == 0:
             while (seg := volume.compaction_victim(min_garbage=512 * 1024)) is not None:
-                for ino, start, length in volume.live_ranges(seg):
+                for ino, start, length in volume.live_ranges()[seg]:
                     volume.relocate(ino, start, length, seg)
                 volume.checkpoint()
                 assert seg not in volume.log.segments

@@ -93,8 +93,14 @@ async def _housekeeping(volume: Volume, parent: int | None) -> None:
 
 
 async def _compact(volume: Volume) -> None:
+    live: dict[int, list[tuple[int, int, int]]] = {}
     while (seg := volume.compaction_victim()) is not None:
-        ranges = volume.live_ranges(seg)
+        # Ranges from an earlier scan stay good for segments sealed by then: no data enters
+        # a sealed segment, and `relocate` skips what has moved or gone since.  A segment
+        # met again (it was the head at that scan, say) gets a new scan.
+        if seg not in live:
+            live = volume.live_ranges()
+        ranges = live.pop(seg)
         log.info("volume %s: compacting segment %d (%d extents)", volume.name, seg, len(ranges))
         for ino, start, length in ranges:
             volume.relocate(ino, start, length, seg)

