@@ -67,8 +67,14 @@ class _CheckpointPlan(NamedTuple):
 _PR_SET_PDEATHSIG = 1
 
 
-def _die_with_parent(parent: int) -> None:
-    """Have the kernel kill this (forked) process when *parent*, its forking thread, ends."""
+def _detach_from_parent(parent: int) -> None:
+    """Make a forked child independent of the server's signal handling, and have the kernel
+    kill it when *parent*, its forking thread, ends."""
+    # The server's handlers (trio's) and its wakeup fd would hand the child's signals to the
+    # server's event loop; the child only needs the default action.
+    signal.set_wakeup_fd(-1)
+    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(signum, signal.SIG_DFL)
     libc = ctypes.CDLL(None, use_errno=True)
     if libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
         raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG) failed")
@@ -583,7 +589,7 @@ class Volume:
             code = 1
             try:
                 gc.disable()  # a collection would only copy pages the parent still shares
-                _die_with_parent(plan.parent)
+                _detach_from_parent(plan.parent)
                 # The log the checkpoint points into must be durable before it is; flushing
                 # it here spares the server a wait of up to CHECKPOINT_AFTER bytes of writeback.
                 self.log.flush()
