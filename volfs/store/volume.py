@@ -568,9 +568,11 @@ class Volume:
     def checkpoint(self) -> None:
         """Write the whole state as a checkpoint, now, so replay starts from the log's end."""
         self.wait_checkpoint()
-        plan = self._plan_checkpoint(self.log.sync())
+        plan = self._plan_checkpoint(self.log.head)
+        self.log.flush(skip=plan.dead)  # what the checkpoint points into, before it is durable
         journal.write_checkpoint(self._dir_fd, self._state_records(plan.end))
         self._finish_checkpoint(plan)
+        self.log.sync()  # nothing left to flush: this records the durable mark
 
     def fork_checkpoint(self) -> int:
         """Start writing a checkpoint in a child process; return the child's pid.
@@ -592,7 +594,7 @@ class Volume:
                 _detach_from_parent(plan.parent)
                 # The log the checkpoint points into must be durable before it is; flushing
                 # it here spares the server a wait of up to CHECKPOINT_AFTER bytes of writeback.
-                self.log.flush()
+                self.log.flush(skip=plan.dead)
                 journal.write_checkpoint(self._dir_fd, self._state_records(plan.end))
                 code = 0
             except BaseException:
