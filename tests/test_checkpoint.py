@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import signal
 import stat
 import subprocess
 import sys
 import textwrap
+from functools import partial
 
+import pytest
+import trio
+
+from volfs import worker
 from volfs.store import journal, pidlock
 from volfs.store.root import StoreRoot
 from volfs.store.volume import ROOT_INO, Volume
@@ -142,4 +148,82 @@ def test_the_writer_dies_with_the_server(tmp_path):
     assert not pidlock.is_held(store / "volumes" / "v" / "lock")
     again = StoreRoot(store).open_volume("v")
     assert len(again.inodes[ROOT_INO].entries) == 30_000
+    again.close()
+
+
+def _volume_with_garbage(tmp_path) -> Volume:
+    volume = StoreRoot(tmp_path / "store").open_volume("v", segment_size=SEGMENT)
+    for i in range(40):
+        _create(volume, b"f%d" % i, os.urandom(10_000))
+    for i in range(0, 40, 2):
+        name = b"f%d" % i
+        volume.unlink(volume.inodes[ROOT_INO], name, volume.inodes[_ino(volume, name)], 3)
+    return volume
+
+
+def test_a_failing_writer_stops_compaction_instead_of_forking_again(tmp_path, monkeypatch):
+    volume = _volume_with_garbage(tmp_path)
+    forks = []
+    real_fork = volume.fork_checkpoint
+
+    def counting_fork():
+        if len(forks) > 3:
+            raise AssertionError("compaction forks writer after writer")
+        forks.append(real_fork())
+        return forks[-1]
+
+    def fail(dir_fd, records):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(journal, "write_checkpoint", fail)
+    monkeypatch.setattr(volume, "fork_checkpoint", counting_fork)
+    monkeypatch.setattr(volume, "compaction_victim", partial(volume.compaction_victim, 0))
+    assert volume.compaction_victim() is not None
+    with pytest.raises(OSError):  # housekeeping logs it and waits before trying again
+        trio.run(worker._compact, volume)
+    assert len(forks) == 1
+    monkeypatch.undo()
+    volume.close()
+
+
+def test_a_request_may_complete_the_writer_the_worker_waits_for(tmp_path):
+    """On a full disk a request's commit checkpoints in-process, reaping the forked writer
+    that housekeeping waits for; housekeeping must take that in its stride."""
+    volume = _volume_with_garbage(tmp_path)
+
+    async def request():  # runs once the writer is forked, and blocks until it ends
+        await trio.sleep(0)
+        volume.checkpoint()
+
+    async def both():
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(request)
+            await worker._checkpoint(volume)
+
+    trio.run(both)
+    assert not volume.checkpoint_running
+    volume.close()
+
+
+def test_a_writeback_error_the_writer_saw_fails_every_later_sync(tmp_path, monkeypatch):
+    """The kernel reports a writeback error to one fsync per open file: if the writer's
+    flush took it, the server must not acknowledge later fsyncs."""
+    volume = _volume_with_garbage(tmp_path)
+    _create(volume, b"unsynced", b"y" * 5000)
+
+    def broken_disk(fd):
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(os, "fdatasync", broken_disk)  # in the child too
+    pid = volume.fork_checkpoint()
+    monkeypatch.undo()
+    _, status = os.waitpid(pid, 0)
+    assert not volume.end_checkpoint(status)
+    _create(volume, b"later", b"z" * 100)
+    with pytest.raises(OSError) as failed:
+        volume.sync()
+    assert failed.value.errno == errno.EIO
+    volume.close()  # the checkpoint at close fails too; the next mount replays the log
+    again = StoreRoot(tmp_path / "store").open_volume("v")
+    assert again.log.failed is None
     again.close()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import gc
 import logging
 import os
@@ -97,9 +98,10 @@ async def _compact(volume: Volume) -> None:
     while (seg := volume.compaction_victim()) is not None:
         # Ranges from an earlier scan stay good for segments sealed by then: no data enters
         # a sealed segment, and `relocate` skips what has moved or gone since.  A segment
-        # met again (it was the head at that scan, say) gets a new scan.
+        # sealed since that scan (or met again) gets a new scan.
         if seg not in live:
             live = volume.live_ranges()
+            del live[volume.log.head.seg]  # still growing: a later scan will have all of it
         ranges = live.pop(seg)
         log.info("volume %s: compacting segment %d (%d extents)", volume.name, seg, len(ranges))
         for ino, start, length in ranges:
@@ -117,8 +119,10 @@ async def _checkpoint(volume: Volume) -> None:
         await trio.lowlevel.wait_readable(pidfd)
     finally:
         os.close(pidfd)
-    _, status = os.waitpid(pid, 0)
-    volume.end_checkpoint(status)
+    # The volume reaps the writer (unless a request's checkpoint, on a full disk, already
+    # did); a failure goes to housekeeping's retry delay instead of forking again at once.
+    if not volume.wait_checkpoint():
+        raise OSError(errno.EIO, f"checkpoint writer {pid} failed; see the log above")
 
 
 async def _stop_on_signals() -> None:

@@ -18,7 +18,7 @@ import errno
 import logging
 import os
 import struct
-from collections.abc import Collection, Iterator
+from collections.abc import Iterator
 from typing import NamedTuple
 
 import xxhash
@@ -40,8 +40,9 @@ OPEN_FLAGS = os.O_NOFOLLOW | os.O_CLOEXEC
 PUNCH_ALIGN = 4096
 _FALLOC_FL_KEEP_SIZE = 0x01
 _FALLOC_FL_PUNCH_HOLE = 0x02
-_libc = ctypes.CDLL(None, use_errno=True)
-_libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+#: libc, for the calls Python's os module lacks (fallocate here, prctl in volume.py).
+libc = ctypes.CDLL(None, use_errno=True)
+libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
 
 
 class Position(NamedTuple):
@@ -84,6 +85,7 @@ class SegmentLog:
         self._dir_dirty = False
         self._sealed_sizes: dict[int, int] = {}
         self._mark_fd: int | None = None
+        self.failed: OSError | None = None  #: the error of a failed flush (see `fail`)
         self.segments: list[int] = sorted(self._list_segments())
         self.head = Position(0, 0)  #: where the next frame goes; set by ``start_appending``
 
@@ -269,22 +271,39 @@ class SegmentLog:
         self._write_mark(head)
         return head
 
-    def flush(self, skip: Collection[int] = ()) -> None:
+    def flush(self) -> None:
         """Make every frame appended so far durable, without recording the mark.
 
-        Segments in *skip* are left to the page cache: a checkpoint about to make them
-        unneeded need not wait for their writeback, which deleting them then cancels (a
-        deleted file's 1 GiB of data would otherwise be written out at the next fsync).
+        Every segment, even one whose data is all dead: until a newer checkpoint is durable,
+        replay runs from the old one through all the segments after it, and a hole in that
+        sequence would cut off everything synced beyond it.
 
         A forked checkpoint writer calls this on its copy of the log's state: it flushes
         what was appended before the fork (and, harmlessly, whatever the server appended to
         the same files since), while the server's own record of what is synced stays as it
         was.  A mark written from here could go back behind one the server wrote meanwhile.
         """
-        for seg in sorted(self._dirty.difference(skip)):
-            os.fdatasync(self._fd(seg))
-            self._dirty.discard(seg)
-        self.sync_names()
+        if self.failed is not None:
+            raise OSError(errno.EIO, f"an earlier flush of the log failed ({self.failed})")
+        try:
+            for seg in sorted(self._dirty):
+                os.fdatasync(self._fd(seg))
+                self._dirty.discard(seg)
+            self.sync_names()
+        except OSError as exc:
+            self.fail(exc)
+            raise
+
+    def fail(self, exc: OSError) -> None:
+        """Record that a flush failed: from now on every flush and sync fails.
+
+        The kernel reports a writeback error to one fsync per open file and then marks the
+        pages clean: a later fsync would succeed although the data never reached the disk.
+        So the failure sticks until the volume is opened again (replay then finds what the
+        disk really holds, and checksums report what is damaged).
+        """
+        if self.failed is None:
+            self.failed = exc
 
     def sync_names(self) -> None:
         """Make the segment files' creation and deletion durable."""
@@ -338,7 +357,7 @@ class SegmentLog:
         if end <= start:
             return 0
         mode = _FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE
-        if _libc.fallocate(self._fd(seg), mode, start, end - start) != 0:
+        if libc.fallocate(self._fd(seg), mode, start, end - start) != 0:
             code = ctypes.get_errno()
             raise OSError(code, f"cannot punch a hole in segment {seg}: {os.strerror(code)}")
         return end - start

@@ -34,7 +34,7 @@ from volfs.store.journal import (
     WRITE,
     XATTR,
 )
-from volfs.store.log import LogDamage, Position, SegmentLog
+from volfs.store.log import LogDamage, Position, SegmentLog, libc
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +65,8 @@ class _CheckpointPlan(NamedTuple):
 
 
 _PR_SET_PDEATHSIG = 1
+#: Exit code of a checkpoint writer whose flush of the log failed.
+_FLUSH_FAILED = 3
 
 
 def _detach_from_parent(parent: int) -> None:
@@ -75,7 +77,6 @@ def _detach_from_parent(parent: int) -> None:
     signal.set_wakeup_fd(-1)
     for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(signum, signal.SIG_DFL)
-    libc = ctypes.CDLL(None, use_errno=True)
     if libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
         raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG) failed")
     if os.getppid() != parent:  # it ended before the request took effect
@@ -568,11 +569,9 @@ class Volume:
     def checkpoint(self) -> None:
         """Write the whole state as a checkpoint, now, so replay starts from the log's end."""
         self.wait_checkpoint()
-        plan = self._plan_checkpoint(self.log.head)
-        self.log.flush(skip=plan.dead)  # what the checkpoint points into, before it is durable
+        plan = self._plan_checkpoint(self.log.sync())
         journal.write_checkpoint(self._dir_fd, self._state_records(plan.end))
         self._finish_checkpoint(plan)
-        self.log.sync()  # nothing left to flush: this records the durable mark
 
     def fork_checkpoint(self) -> int:
         """Start writing a checkpoint in a child process; return the child's pid.
@@ -594,7 +593,13 @@ class Volume:
                 _detach_from_parent(plan.parent)
                 # The log the checkpoint points into must be durable before it is; flushing
                 # it here spares the server a wait of up to CHECKPOINT_AFTER bytes of writeback.
-                self.log.flush(skip=plan.dead)
+                try:
+                    self.log.flush()
+                except OSError:
+                    # The kernel reported the writeback error to this process only: the
+                    # server must learn it from the exit code (see `SegmentLog.fail`).
+                    code = _FLUSH_FAILED
+                    raise
                 journal.write_checkpoint(self._dir_fd, self._state_records(plan.end))
                 code = 0
             except BaseException:
@@ -609,17 +614,22 @@ class Volume:
         return whether it was written."""
         pid, plan = self._forked
         self._forked = None
-        if os.waitstatus_to_exitcode(status) != 0:
-            log.error("volume %s: checkpoint writer %d failed (%s)", self.name, pid, status)
+        code = os.waitstatus_to_exitcode(status)
+        if code == _FLUSH_FAILED:
+            self.log.fail(OSError(errno.EIO, f"checkpoint writer {pid} could not flush the log"))
+        if code != 0:
+            log.error("volume %s: checkpoint writer %d failed (exit code %d)", self.name, pid, code)
             return False
         self._finish_checkpoint(plan)
         return True
 
-    def wait_checkpoint(self) -> None:
-        """Wait for a forked checkpoint to end and complete it (nothing if none runs)."""
-        if self._forked is not None:
-            _, status = os.waitpid(self._forked[0], 0)
-            self.end_checkpoint(status)
+    def wait_checkpoint(self) -> bool:
+        """Wait for a forked checkpoint to end and complete it; return whether it was
+        written (True if none was running: whoever waited for it has completed it)."""
+        if self._forked is None:
+            return True
+        _, status = os.waitpid(self._forked[0], 0)
+        return self.end_checkpoint(status)
 
     @property
     def checkpoint_running(self) -> bool:
