@@ -38,6 +38,14 @@ def volfsd(*args: str, root: Path, check: bool = True, **kwargs) -> subprocess.C
     return done
 
 
+def as_nobody(*argv: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    """Run *argv* as uid and gid 65534 with no supplementary groups; output captured as text."""
+    return subprocess.run(
+        ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", *argv],
+        capture_output=True, text=True, timeout=60, env=env,
+    )  # fmt: skip
+
+
 def _alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import stop_daemon, volfsd
+from conftest import as_nobody, stop_daemon, volfsd
 
 ROOT_ONLY = pytest.mark.skipif(os.geteuid() != 0, reason="acting as another uid needs root")
 
@@ -29,13 +29,6 @@ def public_tmp():
         stop_daemon(path / "run")
         subprocess.run(["fusermount3", "-uz", str(path / "mnt")], capture_output=True)
         shutil.rmtree(path, ignore_errors=True)
-
-
-def _as_nobody(*args: str, env: dict) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", *args],
-        capture_output=True, text=True, timeout=60, env=env,
-    )  # fmt: skip
 
 
 @ROOT_ONLY
@@ -54,14 +47,14 @@ def test_other_users_are_refused_by_daemon_and_store(public_tmp):
     python = [sys.executable, "-m", "volfs"]
     env["PYTHONPATH"] = str(Path(__file__).resolve().parent.parent)
     for args in (["status"], ["ls"], ["umount", str(mnt)], ["rm", "-f", "v"], ["inspect", "v"]):
-        done = _as_nobody(*python, *args, env=env)
+        done = as_nobody(*python, *args, env=env)
         assert done.returncode == 1, (args, done)
         assert done.stderr.count("\n") == 1 and "Traceback" not in done.stderr, done.stderr
         assert "permission" in done.stderr.lower() or "not writable" in done.stderr, done.stderr
     assert (mnt / "f").read_bytes() == b"secret"  # nothing changed
     # A link inside the volume to the store leads nowhere for them either.
     os.chmod(mnt, 0o777)
-    link = _as_nobody("sh", "-c", f"ln -s {root} {mnt}/store && cat {mnt}/store/FORMAT", env=env)
+    link = as_nobody("sh", "-c", f"ln -s {root} {mnt}/store && cat {mnt}/store/FORMAT", env=env)
     assert link.returncode != 0 and "Permission denied" in link.stderr, link
     # trusted.* xattrs are root's: others can neither set nor see them.
     os.setxattr(mnt / "f", "trusted.owner-only", b"root")
@@ -73,7 +66,7 @@ def test_other_users_are_refused_by_daemon_and_store(public_tmp):
         "print(sorted(os.listxattr(f)))\n"
         "try:\n    os.getxattr(f, 'trusted.owner-only')\nexcept OSError as e:\n    print(e.errno)\n"
     )
-    done = _as_nobody(sys.executable, "-c", code, env=env)
+    done = as_nobody(sys.executable, "-c", code, env=env)
     assert done.stdout.split("\n")[:3] == ["1", "[]", "61"], done  # EPERM, nothing, ENODATA
 
 

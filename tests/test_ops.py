@@ -15,6 +15,8 @@ from pathlib import Path
 
 import pytest
 
+from conftest import as_nobody
+
 libc = ctypes.CDLL(None, use_errno=True)
 AT_FDCWD = -100
 RENAME_NOREPLACE = 1
@@ -493,18 +495,12 @@ def _check_other_uid(mnt: Path) -> None:
     (mnt / "private").write_bytes(b"secret")
     os.chmod(mnt / "private", 0o600)
 
-    def as_nobody(code: str) -> subprocess.CompletedProcess:
-        return subprocess.run(
-            ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
-             "/usr/bin/python3", "-c", code],
-            capture_output=True, text=True, timeout=30,
-        )  # fmt: skip
-
-    done = as_nobody(f"open({str(mnt / 'open' / 'mine')!r}, 'w').write('x')")
+    python = ("/usr/bin/python3", "-c")  # not the venv's: uid 65534 may not reach it
+    done = as_nobody(*python, f"open({str(mnt / 'open' / 'mine')!r}, 'w').write('x')")
     assert done.returncode == 0, done.stderr
     st = os.stat(mnt / "open" / "mine")
     assert (st.st_uid, st.st_gid) == (65534, 65534)
-    done = as_nobody(f"open({str(mnt / 'private')!r}).read()")
+    done = as_nobody(*python, f"open({str(mnt / 'private')!r}).read()")
     assert "PermissionError" in done.stderr
-    done = as_nobody(f"open({str(mnt / 'denied')!r}, 'w')")
+    done = as_nobody(*python, f"open({str(mnt / 'denied')!r}, 'w')")
     assert "PermissionError" in done.stderr

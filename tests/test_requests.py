@@ -22,15 +22,9 @@ from pathlib import Path
 
 import pytest
 
+from conftest import as_nobody
+
 PAGE = mmap.PAGESIZE
-
-
-def _as_nobody(code: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
-         "/usr/bin/python3", "-c", code],
-        capture_output=True, text=True, timeout=30,
-    )  # fmt: skip
 
 
 def test_write_only_write_reaches_cached_pages_and_mappings(mnt: Path):
@@ -108,7 +102,7 @@ def test_unprivileged_write_drops_setuid(public_mnt: Path, added_while_open: boo
         "os.write(fd, b'echo hi\\n')\n"
         "os.close(fd)\n"
     )
-    done = _as_nobody(code)
+    done = as_nobody("/usr/bin/python3", "-c", code)
     assert done.returncode == 0, done.stderr
     assert stat.S_IMODE(path.stat().st_mode) == 0o755
     assert path.read_bytes() == b"#!/bin/sh\necho hi\n"
