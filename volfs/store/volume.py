@@ -578,10 +578,11 @@ class Volume:
 
         The child writes from a copy-on-write image of this process's memory, so it sees the
         state exactly as it is now while this process goes on serving requests: a checkpoint
-        of a million files takes seconds, and the mount would stand still meanwhile.  Call
-        `end_checkpoint` with the child's wait status once it has ended; `checkpoint` and
-        `close` wait for it themselves.  The child holds the volume's lock while it lives and
-        is killed if this process dies, so no later server can meet it writing.
+        of a million files takes seconds, and the mount would stand still meanwhile.  Once
+        the child has ended, `wait_checkpoint` reaps it and completes the checkpoint (the
+        volume alone reaps it: `checkpoint` and `close` wait for it too).  The child holds
+        the volume's lock while it lives and is killed if this process dies, so no later
+        server can meet it writing.
         """
         self.wait_checkpoint()
         plan = self._plan_checkpoint(self.log.head)
