@@ -275,8 +275,11 @@ class VolfsModel(RuleBasedStateMachine):
     def __init__(self) -> None:
         super().__init__()
         self.work = Path(tempfile.mkdtemp(prefix="example-", dir=self.base_dir))
-        self.model = self.work / "native"
-        self.model.mkdir()
+        # Not beside the mount points: a symlink that leads out of the root (the base tree's
+        # "../c", once renamed to the top) must reach different files from the two roots,
+        # or the model's write through it and volfs's would land in one file.
+        self.model = self.work / "model" / "native"
+        self.model.mkdir(parents=True)
         self.volume = Volume(self.work / "store", "model", self.work)
         self.mnt: Path | None = None
         self.remounts = 0
