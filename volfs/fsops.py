@@ -93,6 +93,11 @@ class VolumeOperations(pyfuse3.Operations):
             raise _fail(errno.ENOTDIR)
         return inode
 
+    def _new_handle(self) -> int:
+        """A handle number for an open file or directory, never given out before."""
+        self._next_fh += 1
+        return self._next_fh - 1
+
     def _writable(self) -> None:
         if self.read_only:
             raise _fail(errno.EROFS)
@@ -326,8 +331,7 @@ class VolumeOperations(pyfuse3.Operations):
     def _open(self, inode: Inode, flags: int) -> pyfuse3.FileInfo:
         if flags & os.O_ACCMODE != os.O_RDONLY:
             self._writable()
-        fh = self._next_fh
-        self._next_fh += 1
+        fh = self._new_handle()
         self._files[fh] = inode
         inode.opens += 1
         # Not direct_io, even for write-only handles, though it would spare the
@@ -393,8 +397,7 @@ class VolumeOperations(pyfuse3.Operations):
     @_errno_guard
     async def opendir(self, inode, ctx):
         directory = self._dir(inode)
-        fh = self._next_fh
-        self._next_fh += 1
+        fh = self._new_handle()
         self._listings[fh] = (directory, Listing(directory.entries))
         return fh
 
