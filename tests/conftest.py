@@ -121,7 +121,9 @@ class Volume:
                 pid = int((self.store / "lock").read_text().split()[0])
                 entry = mounts.find_mount(self.path)
                 if pid != old and _alive(pid) and entry and entry.fstype == mounts.FSTYPE:
-                    os.stat(self.path)  # answered by the new worker, not the bare directory
+                    # statvfs, not stat: the kernel answers stat from its cache even on the
+                    # dead mount that stays at the path until the new one replaces it.
+                    os.statvfs(self.path)
                     self.pid = pid
                     self._pids.add(pid)
                     return
@@ -172,18 +174,74 @@ class Volume:
 
 
 def stop_daemon(run_dir: Path) -> int | None:
-    """SIGTERM the daemon of *run_dir* (if any) and wait for it; SIGKILL if it hangs."""
+    """Stop the daemon of *run_dir* (if any) and every worker it started.
+
+    SIGTERM alone is a hand-off (the workers go on serving), so first `umount --all`, the
+    full stop; then SIGTERM, and SIGKILL for a daemon or worker that hangs.
+    """
     try:
         pid = int((run_dir / "volfsd.pid").read_text().split()[0])
     except (OSError, ValueError, IndexError):
-        return None
-    with contextlib.suppress(ProcessLookupError):
-        os.kill(pid, signal.SIGTERM)
-    if not _wait_gone(pid, 60):
+        pid = None
+    if pid is not None and _alive(pid):
+        env = {
+            **os.environ,
+            "VOLFS_RUN_DIR": str(run_dir),
+            "VOLFS_ROOT": str(run_dir.parent / "store"),
+        }
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            subprocess.run([*VOLFSD, "umount", "--all"], env=env, capture_output=True, timeout=150)
         with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)
-        _wait_gone(pid, 10)
+            os.kill(pid, signal.SIGTERM)
+        if not _wait_gone(pid, 60):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+            _wait_gone(pid, 10)
+    for worker in workers_of(run_dir):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(worker, signal.SIGTERM)
+        if not _wait_gone(worker, 30):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(worker, signal.SIGKILL)
+            _wait_gone(worker, 10)
     return pid
+
+
+def _processes(marker: bytes, env_prefix: bytes | None = None) -> list[int]:
+    """Pids whose command line holds *marker* (and, if given, an environment variable
+    starting with *env_prefix*)."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        with contextlib.suppress(OSError):
+            if marker not in (entry / "cmdline").read_bytes():
+                continue
+            if env_prefix is not None:
+                env = (entry / "environ").read_bytes().split(b"\0")
+                if not any(e.startswith(env_prefix) for e in env):
+                    continue
+            if _alive(int(entry.name)):
+                pids.append(int(entry.name))
+    return pids
+
+
+def workers_of(run_dir: Path) -> list[int]:
+    """Pids of the mount workers a daemon with runtime dir *run_dir* started."""
+    return _processes(b"--run-dir\0" + str(run_dir).encode() + b"\0")
+
+
+@pytest.fixture
+def host(tmp_path: Path):
+    """A store root and runtime dir of the test's own, and the CLI pointed at them; the
+    daemon and workers they get are stopped after the test."""
+    from hosts import Host
+
+    h = Host(tmp_path)
+    try:
+        yield h
+    finally:
+        h.cleanup()
 
 
 @pytest.fixture
@@ -212,17 +270,12 @@ def mnt(volume: Volume) -> Path:
 
 def _our_daemons(base: str) -> list[int]:
     """Pids of volfsd daemons whose runtime dir lies under *base*."""
-    pids = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        with contextlib.suppress(OSError):
-            if b"volfs\0serve" not in (entry / "cmdline").read_bytes():
-                continue
-            env = (entry / "environ").read_bytes().split(b"\0")
-            if any(e.startswith(b"VOLFS_RUN_DIR=" + base.encode()) for e in env):
-                pids.append(int(entry.name))
-    return pids
+    return _processes(b"volfs\0serve", b"VOLFS_RUN_DIR=" + base.encode())
+
+
+def _our_workers(base: str) -> list[int]:
+    """Pids of mount workers whose runtime dir lies under *base*."""
+    return _processes(b"--run-dir\0" + base.encode())
 
 
 @pytest.fixture(autouse=True, scope="session")
@@ -233,8 +286,10 @@ def _nothing_left_behind(tmp_path_factory):
     for path in left:
         mounts.detach(path, lazy=True)
     daemons = _our_daemons(base)
-    for pid in daemons:
+    workers = _our_workers(base)
+    for pid in daemons + workers:
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
     assert not left, f"tests left mounts behind: {left}"
     assert not daemons, f"tests left volfsd daemons behind: {daemons}"
+    assert not workers, f"tests left mount workers behind: {workers}"

@@ -859,13 +859,15 @@ HOW = ("kill", "crash")
 
 
 def _wait_served(path: Path, timeout: float = 60) -> None:
-    """Wait until *path* is a volfs mount again (the daemon binds it after the worker is up)."""
+    """Wait until *path* is served again: the dead mount stays there until the daemon has
+    put the new worker's mount beneath it, and statfs (unlike stat) always asks the server."""
     deadline = time.monotonic() + timeout
     while True:
         entry = mounts.find_mount(path)
         if entry is not None and entry.fstype == mounts.FSTYPE:
-            os.stat(path)
-            return
+            with contextlib.suppress(OSError):
+                os.statvfs(path)
+                return
         assert time.monotonic() < deadline, f"{path} was not mounted again"
         time.sleep(0.02)
 

@@ -24,72 +24,10 @@ import pytest
 
 from volfs import mounts
 
-from conftest import _wait_gone, stop_daemon
+from conftest import _wait_gone
+from hosts import Host
 
 ROOT_ONLY = pytest.mark.skipif(os.geteuid() != 0, reason="bind mounts need root")
-
-
-class Host:
-    """A store root and runtime dir of our own, and the CLI pointed at them."""
-
-    def __init__(self, tmp: Path) -> None:
-        self.tmp = tmp
-        self.root = tmp / "store"
-        self.run = tmp / "run"
-        self.env = {**os.environ, "VOLFS_ROOT": str(self.root), "VOLFS_RUN_DIR": str(self.run)}
-
-    def cli(self, *args: str, check: bool = True) -> subprocess.CompletedProcess:
-        done = subprocess.run([sys.executable, "-m", "volfs", *args], env=self.env,
-                              capture_output=True, text=True, timeout=180)  # fmt: skip
-        if check:
-            assert done.returncode == 0, f"volfsd {' '.join(args)}: {done.stderr}"
-        return done
-
-    def refused(self, *args: str, words: tuple[str, ...] = ()) -> str:
-        done = self.cli(*args, check=False)
-        assert done.returncode == 1, done
-        assert done.stderr.count("\n") == 1 and done.stderr.startswith("volfsd: "), done.stderr
-        for word in words:
-            assert word in done.stderr, done.stderr
-        return done.stderr
-
-    def daemon_pid(self) -> int:
-        return int((self.run / "volfsd.pid").read_text().split()[0])
-
-    def worker_pid(self, name: str) -> int:
-        return int((self.root / "volumes" / name / "lock").read_text().split()[0])
-
-    def request(self, raw: bytes, timeout: float = 10) -> dict | None:
-        """Send raw bytes to the control socket; return the decoded reply, if any."""
-        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
-            sock.settimeout(timeout)
-            sock.connect(str(self.run / "volfsd.sock"))
-            sock.sendall(raw)
-            with contextlib.suppress(OSError):
-                sock.shutdown(socket.SHUT_WR)
-            data = b""
-            while chunk := sock.recv(65536):
-                data += chunk
-        if len(data) < 4:
-            return None
-        return msgpack.unpackb(data[4:], raw=False)
-
-    def cleanup(self) -> None:
-        daemon = stop_daemon(self.run)
-        for entry in mounts.volfs_mounts():
-            if entry.mountpoint.startswith(str(self.tmp)):
-                mounts.detach(entry.mountpoint, lazy=True)
-        if daemon:
-            _wait_gone(daemon, 10)
-
-
-@pytest.fixture
-def host(tmp_path):
-    h = Host(tmp_path)
-    try:
-        yield h
-    finally:
-        h.cleanup()
 
 
 def frame(message) -> bytes:
@@ -151,8 +89,8 @@ def test_cli_refusals(host, tmp_path):
     host.refused("mount", "--ro", "v", str(tmp_path / "m"), words=("already mounted",))
     host.refused("mount", "w", str(tmp_path / "m"), words=("already a mount point",))
     host.refused("mount", "v", str(tmp_path / "m2"), "--size", "1G", words=("size",))
-    status = json.loads(host.cli("status").stdout)
-    assert status["pid"] == host.daemon_pid() and "v" in status["volumes"]
+    status = host.status()
+    assert status["daemon"]["pid"] == host.daemon_pid() and "v" in status["by_name"]
 
 
 SIZES = [("512M", 512 << 20), ("10G", 10 << 30), ("1T", 1 << 40), ("4096", 4096), ("1.5G", 3 << 29)]
@@ -199,17 +137,20 @@ def test_ls_survives_a_damaged_volume(host, tmp_path):
 
 
 @ROOT_ONLY
-def test_symlinked_mountpoint(host, tmp_path):
+def test_symlinked_mountpoint_refused(host, tmp_path):
+    """The daemon runs as root and never follows a symlink in a mount point: not at the end,
+    not in between, and it creates nothing where one leads."""
     real = tmp_path / "real"
     real.mkdir()
     (tmp_path / "link").symlink_to(real)
-    host.cli("mount", "v", str(tmp_path / "link"))
-    (tmp_path / "link" / "f").write_bytes(b"x")
-    row = json.loads(host.cli("ls", "--format", "json").stdout)
-    assert row["mounts"] == [str(real)]
-    host.cli("umount", str(tmp_path / "link"))
+    host.refused("mount", "v", str(tmp_path / "link"), words=("symlink", str(tmp_path / "link")))
+    host.refused("mount", "v", str(tmp_path / "link" / "deeper"), words=("symlink",))
+    assert not (real / "deeper").exists()
     assert mounts.find_mount(real) is None
-    host.cli("rm", "v")
+    host.cli("mount", "v", str(real))  # the real path is fine
+    (real / "f").write_bytes(b"x")
+    host.refused("umount", str(tmp_path / "link"), words=("not a volfs mount",))
+    host.cli("umount", str(real))
 
 
 # -- sharing -------------------------------------------------------------------------------------
@@ -403,8 +344,7 @@ def test_killed_worker_comes_back_at_every_path(host, tmp_path):
         raise AssertionError("the volume did not come back at both paths")
     (b / "g").write_bytes(b"new worker")
     assert (a / "g").read_bytes() == b"new worker"
-    status = json.loads(host.cli("status").stdout)
-    assert status["volumes"]["heal"]["restarts"] == 1
+    assert host.status()["by_name"]["heal"]["restarts"] == 1
     assert "worker exited" in (host.root / "logs" / "volfsd.log").read_text()
 
 
@@ -415,34 +355,89 @@ def test_worker_lives_past_idle_daemon_threads(host, tmp_path):
     time.sleep(12)
     (tmp_path / "m" / "f").write_bytes(b"same worker")
     assert host.worker_pid("steady") == pid
-    assert json.loads(host.cli("status").stdout)["volumes"]["steady"]["restarts"] == 0
+    assert host.status()["by_name"]["steady"]["restarts"] == 0
 
 
-def test_workers_end_with_the_daemon(host, tmp_path):
-    """A daemon killed with SIGKILL takes its workers down cleanly; the next mount recovers."""
-    mnt = tmp_path / "m"
-    host.cli("mount", "orphan", str(mnt))
-    (mnt / "f").write_bytes(b"acknowledged")
+@ROOT_ONLY
+def test_workers_outlive_the_daemon(host, tmp_path):
+    """kill -9 of the daemon leaves every volume served; the next daemon adopts the worker
+    and then heals it, unmounts it and reports it like one of its own."""
+    a, b = tmp_path / "a", tmp_path / "b"
+    host.cli("mount", "orphan", str(a))
+    host.cli("mount", "orphan", str(b))
     worker = host.worker_pid("orphan")
-    os.kill(host.daemon_pid(), signal.SIGKILL)
-    assert _wait_gone(worker, 15), "the worker outlived its daemon"
-    host.cli("mount", "orphan", str(mnt))  # clears the dead mount left at the path
-    assert (mnt / "f").read_bytes() == b"acknowledged"
+    writer = _Appender(a / "log")
+    try:
+        writer.until(20)
+        os.kill(host.daemon_pid(), signal.SIGKILL)
+        writer.until(40)  # no error meanwhile: the data plane does not need the daemon
+        assert host.worker_pid("orphan") == worker
+        host.cli("create", "other")  # works without a daemon, straight on the store
+        host.cli("mount", "other", str(tmp_path / "c"))  # starts the next daemon
+        writer.until(60)
+        volume = host.status()["by_name"]["orphan"]
+        assert volume["adopted"] is True and volume["worker_pid"] == worker
+        assert volume["status"] == "mounted"
+        assert [m["path"] for m in volume["mounts"]] == [str(a), str(b)]
+        os.kill(worker, signal.SIGKILL)  # the adopted worker is healed like any other
+        _wait_for(lambda: host.worker_pid("orphan") != worker and (b / "log").stat().st_size)
+        writer.reopen()
+        writer.until(80)
+        assert host.status()["by_name"]["orphan"]["restarts"] == 1
+    finally:
+        writer.close()
+    host.cli("umount", str(a))
+    host.cli("umount", str(b))
+    assert mounts.find_mount(a) is None and mounts.find_mount(b) is None
+    host.cli("mount", "orphan", str(a))
+    numbers = [int(n) for n in (a / "log").read_text().split()]
+    assert numbers == list(range(len(numbers))) and len(numbers) >= 80
 
 
-def test_requested_mounts_come_back_after_a_daemon_restart(host, tmp_path):
+class _Appender:
+    """Appends numbered lines to a file through a volume, one write() each, and fails the
+    test at the first error."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.n = 0
+        self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND)
+
+    def until(self, n: int) -> None:
+        while self.n < n:
+            os.write(self.fd, f"{self.n}\n".encode())
+            self.n += 1
+            time.sleep(0.01)
+
+    def reopen(self) -> None:
+        """After a heal: descriptors opened on the dead mount fail; a new open works."""
+        os.close(self.fd)
+        self.fd = os.open(self.path, os.O_WRONLY | os.O_APPEND)
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            os.close(self.fd)
+
+
+def test_sigterm_hands_off_and_mounts_come_back(host, tmp_path):
+    """SIGTERM of the daemon (systemctl restart, an upgrade) leaves the volumes served; the
+    next daemon adopts them, and a path unmounted on purpose stays unmounted."""
     a, b = tmp_path / "a", tmp_path / "gone"
     host.cli("mount", "kept", str(a))
     host.cli("mount", "other", str(b))
     host.cli("umount", str(b))  # unmounted on purpose: stays unmounted
     (a / "f").write_bytes(b"still mounted")
-    daemon = host.daemon_pid()
+    daemon, worker = host.daemon_pid(), host.worker_pid("kept")
     os.kill(daemon, signal.SIGTERM)
     assert _wait_gone(daemon, 60)
-    assert mounts.find_mount(a) is None
+    assert not (host.run / "volfsd.pid").exists() and not (host.run / "volfsd.sock").exists()
+    assert mounts.find_mount(a) is not None and host.worker_pid("kept") == worker
+    (a / "g").write_bytes(b"served without a daemon")
     host.cli("mount", "third", str(tmp_path / "c"))  # starts a new daemon
     assert (a / "f").read_bytes() == b"still mounted"
     assert mounts.find_mount(b) is None
+    volume = host.status()["by_name"]["kept"]
+    assert volume["adopted"] and volume["worker_pid"] == worker
 
 
 def test_hostile_control_frames(host, tmp_path):
@@ -483,7 +478,7 @@ def test_second_serve_refused(host, tmp_path):
     host.cli("mount", "v", str(tmp_path / "m"))
     done = host.cli("serve", check=False)
     assert done.returncode == 1 and "already serves" in done.stderr, done.stderr
-    assert json.loads(host.cli("status").stdout)["pid"] == host.daemon_pid()
+    assert host.status()["daemon"]["pid"] == host.daemon_pid()
 
 
 def test_socket_and_store_modes(host, tmp_path):
@@ -493,17 +488,21 @@ def test_socket_and_store_modes(host, tmp_path):
     assert host.root.stat().st_mode & 0o777 == 0o700
 
 
-def test_sigterm_unmounts_everything(host, tmp_path):
+def test_umount_all_stops_everything(host, tmp_path):
     host.cli("mount", "one", str(tmp_path / "one"))
     host.cli("mount", "two", str(tmp_path / "two"))
     (tmp_path / "two" / "f").write_bytes(b"flushed")
-    pid = host.daemon_pid()
     workers = [host.worker_pid("one"), host.worker_pid("two")]
-    os.kill(pid, signal.SIGTERM)
-    assert _wait_gone(pid, 60)
+    done = host.cli("umount", "--all")
+    assert "unmounted 2 volume(s)" in done.stdout
     assert all(_wait_gone(w, 10) for w in workers)
     assert not [m for m in mounts.volfs_mounts() if m.mountpoint.startswith(str(tmp_path))]
-    host.cli("mount", "two", str(tmp_path / "again"))
+    assert host.status()["volumes"] == []
+    daemon = host.daemon_pid()
+    os.kill(daemon, signal.SIGTERM)
+    assert _wait_gone(daemon, 60)
+    host.cli("mount", "two", str(tmp_path / "again"))  # nothing came back by itself
+    assert mounts.find_mount(tmp_path / "one") is None
     assert (tmp_path / "again" / "f").read_bytes() == b"flushed"
 
 
@@ -537,9 +536,7 @@ def test_path_unmounted_behind_our_back(host, tmp_path):
     host.cli("umount", str(e1))  # already gone: the daemon lets go of it
     assert (e2 / "f").read_bytes() == b"kept"
     subprocess.run(["umount", str(e2)], check=True)
-    pid = host.daemon_pid()
-    os.kill(pid, signal.SIGTERM)
-    assert _wait_gone(pid, 60)
+    host.cli("umount", "--all")
     assert not [m for m in mounts.volfs_mounts() if m.mountpoint.startswith(str(tmp_path))]
     log = (host.root / "logs" / "volfsd.log").read_text()
     assert "Traceback" not in log and "unmounted behind volfsd's back" in log
@@ -620,15 +617,19 @@ def test_config_notify_and_restart(host, tmp_path):
                                               .stdout.splitlines())}  # fmt: skip
             assert rows["declared"]["size"] == 64 << 20
             assert rows["other"]["labels"] == {"team": "ci"}
+            if round_ == 1:  # adopted from the first round's daemon
+                assert all(v["adopted"] for v in host.status()["volumes"])
             proc.send_signal(signal.SIGTERM)
             assert notify.recv(4096) == b"STOPPING=1"
             assert proc.wait(timeout=120) == 0
-            assert mounts.find_mount(a) is None and mounts.find_mount(c) is None
+            assert mounts.find_mount(a) is not None  # a hand-off: the volumes stay
         finally:
             if proc.poll() is None:
                 proc.kill()
                 proc.wait()
     notify.close()
+    host.cli("umount", "--all")  # starts a daemon to stop them: the full stop
+    assert mounts.find_mount(a) is None and mounts.find_mount(c) is None
 
 
 def test_bad_config_is_one_line(host, tmp_path):
@@ -654,6 +655,7 @@ def test_systemd_unit_verifies(tmp_path):
                           capture_output=True, text=True, timeout=60)  # fmt: skip
     assert done.stderr.strip() == "", done.stderr
     assert "Type=notify" in unit and "Before=docker.service" in unit
+    assert "KillMode=process" in unit  # a stop or restart must not kill the workers
     settings = "\n".join(line for line in unit.splitlines() if not line.startswith("#"))
     for forbidden in ("PrivateTmp", "ProtectSystem", "ProtectHome", "ReadWritePaths",
                       "PrivateDevices", "PrivateMounts", "MountFlags"):  # fmt: skip

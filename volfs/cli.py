@@ -17,9 +17,10 @@ from pathlib import Path
 
 from volfs import control, mounts, scrub
 from volfs.errors import VolfsError
+from volfs.mountpoint import REPLACE, normalize, open_mountpoint, prepare
 from volfs.store import pidlock
 from volfs.store.root import StoreRoot, check_name, default_root
-from volfs.volumes import check_mountpoint, describe, parse_size, prepare_mountpoint
+from volfs.volumes import describe, parse_size
 
 #: How long `mount` waits for a daemon it started to listen.
 DAEMON_START_TIMEOUT = 30.0
@@ -84,7 +85,7 @@ def human_size(n: int) -> str:
 
 def print_table(rows: list[dict]) -> None:
     header = ["NAME", "SIZE", "USED", "MOUNTS", "STATUS", "CREATED"]
-    table = [header] + [
+    table = [
         [
             r["name"],
             human_size(r["size"]) if r["size"] else "-",
@@ -95,6 +96,11 @@ def print_table(rows: list[dict]) -> None:
         ]
         for r in rows
     ]
+    _print_rows(header, table)
+
+
+def _print_rows(header: list[str], rows: list[list[str]]) -> None:
+    table = [header, *rows]
     widths = [max(len(row[i]) for row in table) for i in range(len(header))]
     for row in table:
         print(
@@ -158,12 +164,32 @@ def cmd_status(args: argparse.Namespace) -> None:
         status = _call("status")
     except control.DaemonNotRunning as exc:
         raise CliError(f"volfsd is not running ({exc})") from None
-    print(json.dumps(status, indent=2, sort_keys=True))
+    if args.format == "json":
+        print(json.dumps(status, indent=2, sort_keys=True))
+        return
+    daemon = status["daemon"]
+    print(f"volfsd {daemon['version']}, pid {daemon['pid']}, up {daemon['uptime']:.0f} s, "
+          f"store {daemon['store']}")  # fmt: skip
+    rows = []
+    for volume in status["volumes"]:
+        worker = volume["worker_pid"]
+        paths = [
+            m["path"] + (" (ro)" if m["read_only"] else "")
+            + ("" if m["state"] == "mounted" else f" [{m['state'].split(':')[0]}]")
+            for m in volume["mounts"]
+        ]  # fmt: skip
+        rows.append([volume["name"], volume["status"], str(worker or "-"),
+                     str(volume["restarts"]), "yes" if volume["adopted"] else "no",
+                     ", ".join(paths) or "-"])  # fmt: skip
+    _print_rows(["VOLUME", "STATUS", "WORKER", "RESTARTS", "ADOPTED", "MOUNTS"], rows)
+    for volume in status["volumes"]:
+        for problem in volume["problems"]:
+            print(f"{volume['name']}: {problem}")
 
 
 def cmd_mount(args: argparse.Namespace) -> None:
     name = check_name(args.name)
-    mountpoint = check_mountpoint(args.mountpoint)
+    mountpoint = normalize(args.mountpoint)
     size = parse_size(args.size) if args.size is not None else 0
     root = _root()
     if args.foreground:
@@ -188,7 +214,9 @@ def _mount_foreground(
     if root.is_served(name):
         holder = (root.volume_path(name) / "lock").read_text().strip() or "unknown"
         raise CliError(f"volume {name} is already being served (pid {holder})")
-    prepare_mountpoint(mountpoint)
+    with open_mountpoint(mountpoint, create=True) as target:
+        if prepare(target, name) == REPLACE:
+            mounts.detach(mountpoint, lazy=True)  # a dead mount of this volume
     worker_args = ["--root", str(root.path), "--name", name, "--mountpoint", str(mountpoint)]
     if read_only:
         worker_args.append("--read-only")
@@ -197,7 +225,14 @@ def _mount_foreground(
 
 
 def cmd_umount(args: argparse.Namespace) -> None:
-    mountpoint = check_mountpoint(args.mountpoint)
+    if args.all:
+        if args.mountpoint is not None:
+            raise CliError("give a mount point or --all, not both")
+        _umount_all()
+        return
+    if args.mountpoint is None:
+        raise CliError("give the mount point to unmount, or --all")
+    mountpoint = normalize(args.mountpoint)
     entry = mounts.find_mount(mountpoint)
     try:  # the daemon also lets go of a path of its that was unmounted behind its back
         _call("umount", mountpoint=str(mountpoint), lazy=args.lazy)
@@ -209,6 +244,11 @@ def cmd_umount(args: argparse.Namespace) -> None:
             raise
     if entry is None or entry.fstype != mounts.FSTYPE:
         raise CliError(f"{mountpoint} is not a volfs mount")
+    run_dir = control.default_run_dir()
+    if mountpoint.is_relative_to(run_dir):
+        raise CliError(
+            f"{mountpoint} is the daemon's own staging mount: unmount the volume's paths instead"
+        )
     # Served outside the daemon (volfsd mount -f): detach it and wait for its worker.
     problem = mounts.detach(mountpoint, lazy=args.lazy)
     if problem is not None:
@@ -218,6 +258,17 @@ def cmd_umount(args: argparse.Namespace) -> None:
             )
         raise CliError(f"cannot unmount {mountpoint}: {problem}")
     _wait_released(default_root(), entry.source)
+
+
+def _umount_all() -> None:
+    try:
+        done = _call("umount_all")
+    except control.DaemonNotRunning:
+        # Workers outlive their daemon: one started now adopts them, then stops them.
+        _start_daemon(_root())
+        done = _call("umount_all")
+    assert isinstance(done, dict)
+    print(f"unmounted {len(done['volumes'])} volume(s) in {done['seconds']:.1f} s")
 
 
 def _wait_released(root: Path, name: str) -> None:
@@ -299,8 +350,11 @@ def build_parser() -> argparse.ArgumentParser:
     mount.set_defaults(func=cmd_mount)
 
     umount = sub.add_parser("umount", help="unmount MOUNTPOINT; the data stays")
-    umount.add_argument("mountpoint", metavar="MOUNTPOINT")
-    umount.add_argument("--lazy", action="store_true", help="detach even if files are open")
+    umount.add_argument("mountpoint", metavar="MOUNTPOINT", nargs="?")
+    umount.add_argument("--lazy", action="store_true", help="detach even if files are in use")
+    umount.add_argument(
+        "--all", action="store_true", help="unmount every volume and stop every worker"
+    )
     umount.set_defaults(func=cmd_umount)
 
     rm = sub.add_parser("rm", help="destroy volumes and their data")
@@ -320,6 +374,7 @@ def build_parser() -> argparse.ArgumentParser:
     scrubs.set_defaults(func=cmd_scrub)
 
     status = sub.add_parser("status", help="show the daemon's state")
+    status.add_argument("--format", choices=["table", "json"], default="table")
     status.set_defaults(func=cmd_status)
 
     serve = sub.add_parser("serve", help="run the daemon in the foreground")

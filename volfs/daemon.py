@@ -6,9 +6,10 @@ a *staging* path under the runtime directory, and every mount point a user asks 
 mount of that staging mount (the model Kubernetes CSI uses).  So all paths of a volume are one
 file system: the same bytes, the same POSIX and flock locks, at once.
 
-If a worker dies, the daemon clears its dead mounts and brings the volume back at all its
-paths.  SIGTERM unmounts everything cleanly and exits 0.  Without root there are no bind
-mounts: a volume is then mounted directly, at one path only.
+If a worker dies, the daemon brings the volume back at all its paths (served.py).  Workers
+outlive the daemon: SIGTERM (or a crash) of the daemon leaves them serving, and the next
+daemon adopts them (workerctl.py); `umount --all` is the full stop.  Without root there are
+no bind mounts: a volume is then mounted directly, at one path only.
 """
 
 from __future__ import annotations
@@ -20,32 +21,28 @@ import math
 import os
 import signal
 import socket
-import subprocess
 import sys
 import time
 import tomllib
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import msgpack
 import trio
 
-from volfs import control, mounts
+from volfs import __version__, control, mounts, sysmount, users, workerctl
 from volfs.errors import VolfsError
+from volfs.mountpoint import PRESENT, normalize, open_mountpoint, prepare
+from volfs.served import DEAD, MOUNTED, REFUSED, MountPath, Served
 from volfs.store import pidlock
 from volfs.store.root import StoreRoot, check_name
-from volfs.volumes import (
-    check_mountpoint,
-    clear_dead_mount,
-    describe,
-    parse_size,
-    prepare_mountpoint,
-)
+from volfs.volumes import describe, parse_size
+from volfs.workerctl import WorkerProcess
 
 log = logging.getLogger(__name__)
 
 DEFAULT_CONFIG = Path("/etc/volfs/volumes.toml")
 REMEMBERED = "mounts.msgpack"
+PID_FILE = "volfsd.pid"
 READY_TIMEOUT = 60.0
 #: How long a worker whose mounts are gone may take to end by itself before it gets SIGTERM.
 STOP_GRACE = 10.0
@@ -83,7 +80,7 @@ def load_config(path: Path) -> dict[str, dict]:
         if not isinstance(labels, dict) or not all(isinstance(v, str) for v in labels.values()):
             raise VolfsError(f"{where}: labels must be a table of strings")
         declared[name] = {
-            "paths": [check_mountpoint(p) for p in paths],
+            "paths": [normalize(p) for p in paths],
             "size": parse_size(spec["size"]) if "size" in spec else 0,
             "read_only": bool(spec.get("read_only", False)),
             "labels": labels,
@@ -103,20 +100,6 @@ def notify(state: str) -> None:
         socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock,
     ):
         sock.sendto(state.encode(), address)
-
-
-@dataclass
-class Served:
-    """A volume this daemon serves: its worker, staging mount and user mount points."""
-
-    name: str
-    staging: Path
-    paths: list[Path] = field(default_factory=list)
-    read_only: set[Path] = field(default_factory=set)
-    process: trio.Process | None = None
-    status: str = "starting"
-    stopping: bool = False
-    restarts: int = 0
 
 
 class Daemon:
@@ -139,7 +122,7 @@ class Daemon:
         os.chmod(self.run_dir, 0o700)
         dir_fd = os.open(self.run_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         try:
-            return pidlock.take("volfsd.pid", dir_fd)
+            return pidlock.take(PID_FILE, dir_fd)
         except pidlock.LockHeld as held:
             raise VolfsError(
                 f"another volfsd (pid {held.holder}) already serves {self.run_dir}: "
@@ -149,6 +132,9 @@ class Daemon:
             os.close(dir_fd)
 
     async def run(self) -> None:
+        # Not the directory we were started from: a daemon that stays there pins it (a
+        # tmpfs it lies on could not be unmounted), and so would every worker it starts.
+        os.chdir("/")
         pid_fd = self._take_run_dir()
         try:
             listener = trio.socket.socket(trio.socket.AF_UNIX, trio.socket.SOCK_STREAM)
@@ -161,11 +147,11 @@ class Daemon:
             finally:
                 os.umask(old_umask)
             listener.listen(64)
-            # Signals are caught from here on, so a stop during start-up still unmounts.
             with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
                 async with trio.open_nursery() as nursery:
                     self._nursery = nursery
                     nursery.start_soon(self._accept, listener)
+                    await self._adopt_workers()
                     await self._mount_declared()
                     await self._mount_remembered()
                     log.info("volfsd ready: store %s, socket %s", self.root.path, path)
@@ -174,13 +160,90 @@ class Daemon:
                         log.info("received %s", signal.Signals(signum).name)
                         break
                     notify("STOPPING=1")
-                    log.info("stopping: unmounting every volume")
-                    await self._stop_all()
+                    # A hand-off, not a stop: the workers go on serving, and the next daemon
+                    # adopts them.  `volfsd umount --all` is the full stop.
+                    log.info(
+                        "stopping; %d volume(s) stay served by their workers "
+                        "(`volfsd umount --all` unmounts them)",
+                        len(self.served),
+                    )
                     nursery.cancel_scope.cancel()
         finally:
             with contextlib.suppress(OSError):
                 (self.run_dir / control.SOCKET_NAME).unlink()
+            with contextlib.suppress(OSError):
+                (self.run_dir / PID_FILE).unlink()
             os.close(pid_fd)
+
+    async def _adopt_workers(self) -> None:
+        """Take over the workers an earlier daemon started, found by their control sockets."""
+        for sock in sorted((self.run_dir / workerctl.WORKERS_DIR).glob("*.sock")):
+            name = sock.name.removesuffix(".sock")
+            try:
+                check_name(name)
+                status = await workerctl.call(sock, "status")
+            except VolfsError:
+                continue
+            except workerctl.WorkerUnreachable as exc:
+                if not self.root.is_served(name):
+                    log.info("removing the stale worker socket %s", sock)
+                    with contextlib.suppress(OSError):
+                        sock.unlink()
+                else:
+                    log.warning("volume %s: its worker does not answer (%s)", name, exc)
+                    self._adopt_silent(name)
+                continue
+            if status.get("root") != str(self.root.path) or status.get("name") != name:
+                log.warning("worker socket %s belongs to another store; left alone", sock)
+                continue
+            try:
+                worker = WorkerProcess(int(status["pid"]), child=False)
+            except (ProcessLookupError, KeyError, TypeError, ValueError):
+                continue
+            served = Served(name, Path(str(status.get("mountpoint"))), worker=worker,
+                            device=str(status.get("device", "")), adopted=True)  # fmt: skip
+            if status.get("protocol") != workerctl.PROTOCOL:
+                served.status = "needs-remount"
+                served.problems.append(
+                    f"its worker (pid {worker.pid}) is of volfs {status.get('version')}: "
+                    "unmount and mount the volume again to update it"
+                )
+            else:
+                served.status = "mounted"
+            self._adopt(served)
+            log.info("volume %s: adopted its worker (pid %d) and its paths %s", name,
+                     worker.pid, ", ".join(map(str, served.paths)) or "(none)")  # fmt: skip
+
+    def _adopt(self, served: Served) -> None:
+        """Serve *served* from now on; its paths are the binds of its mount that are there."""
+        if served.device:
+            for entry in mounts.mount_table():
+                path = Path(entry.mountpoint)
+                if entry.device == served.device and path != served.staging:
+                    served.paths[path] = MountPath(path, entry.read_only)
+        self.served[served.name] = served
+        assert self._nursery is not None
+        self._nursery.start_soon(self._supervise, served)
+
+    def _adopt_silent(self, name: str) -> None:
+        """Watch a worker that serves *name* but answers no control socket (a volfs from
+        before workers had one): it goes on serving, and `status` says it needs a remount."""
+        try:
+            pid = int((self.root.volume_path(name) / "lock").read_text().split()[0])
+            worker = WorkerProcess(pid, child=False)
+        except (OSError, ValueError, IndexError, ProcessLookupError):
+            return
+        staging = self.run_dir / "staging" / name
+        entry = mounts.find_mount(staging)
+        device = entry.device if entry is not None and entry.fstype == mounts.FSTYPE else ""
+        served = Served(name, staging, worker=worker, device=device, adopted=True,
+                        status="needs-remount")  # fmt: skip
+        served.problems.append(
+            f"its worker (pid {pid}) has no control socket (an older volfs?): unmount the "
+            "volume and mount it again to update it"
+        )
+        self._adopt(served)
+        log.warning("volume %s: adopted a worker that needs a remount (pid %d)", name, pid)
 
     async def _mount_declared(self) -> None:
         if self.config_path is None:
@@ -191,7 +254,7 @@ class Daemon:
                 try:
                     self.root.create_volume(name, size=spec["size"], labels=spec["labels"])
                     for path in spec["paths"]:
-                        await self._mount(name, path, spec["read_only"])
+                        await self._mount(name, path, spec["read_only"], create=True)
                 except VolfsError as exc:
                     log.error("declared volume %s: %s", name, exc)
 
@@ -218,25 +281,23 @@ class Daemon:
         tmp.rename(self.run_dir / REMEMBERED)
 
     async def _mount_remembered(self) -> None:
+        """Bring back the mounts made on request: adopt the ones still live, replace dead
+        ones, and never create a directory or follow a symlink (this is a heal)."""
         async with self._admin:
             for name, path, read_only in self._remembered():
                 try:
-                    await self._mount(check_name(name), check_mountpoint(path), bool(read_only))
+                    if name not in self.served and self.root.is_served(check_name(name)):
+                        self._adopt_silent(name)
+                    await self._mount(check_name(name), normalize(path), bool(read_only))
                 except (VolfsError, TypeError) as exc:
-                    log.error("could not mount %s at %s again: %s", name, path, exc)
-                    self._remember(str(name), Path(str(path)), False, keep=False)
-
-    async def _stop_all(self) -> None:
-        """Unmount every volume, then wait for all their workers at once."""
-        async with self._admin:
-            for served in list(self.served.values()):
-                try:
-                    await self._detach_volume(served, lazy=True)
-                except VolfsError as exc:  # stop the others all the same
-                    log.error("volume %s: %s", served.name, exc)
-            async with trio.open_nursery() as nursery:
-                for served in list(self.stopping.values()):
-                    nursery.start_soon(self._wait_stopped, served, STOP_GRACE)
+                    # Kept (and shown by `status`): the mount point may come right again, and
+                    # forgetting it would leave it bare for good.
+                    log.error("volume %s: not mounted at %s again: %s", name, path, exc)
+                    if isinstance(name, str) and isinstance(path, str):
+                        staging = self.run_dir / "staging" / name
+                        served = self.served.setdefault(name, Served(name, staging, status="down"))
+                        mount_path = MountPath(Path(path), bool(read_only), REFUSED, str(exc))
+                        served.paths.setdefault(Path(path), mount_path)
 
     # -- requests -----------------------------------------------------------------------------
 
@@ -248,6 +309,7 @@ class Daemon:
                 log.error("cannot accept a connection: %s", exc)
                 await trio.sleep(0.5)
                 continue
+            assert self._nursery is not None
             self._nursery.start_soon(self._serve_connection, conn)
 
     def _peer_allowed(self, conn) -> bool:
@@ -278,8 +340,7 @@ class Daemon:
     async def _answer(self, stream: trio.SocketStream) -> dict:
         try:
             with trio.fail_after(REQUEST_READ_TIMEOUT):
-                length = control.frame_length(await _recv_exactly(stream, 4))
-                request = control.decode_body(await _recv_exactly(stream, length))
+                request = await workerctl.receive_frame(stream)
             cmd, args = request.get("cmd"), request.get("args", {})
             handler = self.COMMANDS.get(cmd) if isinstance(cmd, str) else None
             if handler is None:
@@ -295,7 +356,8 @@ class Daemon:
             return {"ok": False, "error": str(exc)}
         except Exception:
             log.exception("request failed")
-            return {"ok": False, "error": "internal error in volfsd; see its log"}
+            where = self.root.log_path("volfsd.log")
+            return {"ok": False, "error": f"internal error in volfsd; see its log ({where})"}
 
     def _describe(self, name: str) -> dict:
         served = self.served.get(name)
@@ -325,19 +387,21 @@ class Daemon:
 
     async def cmd_status(self):
         return {
-            "pid": os.getpid(),
-            "store": str(self.root.path),
-            "socket": str(self.run_dir / control.SOCKET_NAME),
-            "uptime": round(time.time() - self._started, 1),
-            "volumes": {n: {"status": s.status, "mounts": [str(p) for p in s.paths],
-                            "restarts": s.restarts} for n, s in self.served.items()},
-        }  # fmt: skip
+            "daemon": {
+                "pid": os.getpid(),
+                "version": __version__,
+                "uptime": round(time.time() - self._started, 1),
+                "socket": str(self.run_dir / control.SOCKET_NAME),
+                "store": str(self.root.path),
+            },
+            "volumes": [self.served[n].describe() for n in sorted(self.served)],
+        }
 
     async def cmd_mount(
         self, name: str, mountpoint: str, read_only: bool = False, size: str | int = 0
     ):
         check_name(name)
-        path = check_mountpoint(mountpoint)
+        path = normalize(mountpoint)
         size_bytes = parse_size(size) if size else 0
         async with self._admin:
             if self.root.exists(name):
@@ -348,26 +412,49 @@ class Daemon:
                     )
             else:
                 self.root.create_volume(name, size=size_bytes)
-            await self._mount(name, path, read_only)
+            await self._mount(name, path, read_only, create=True)
             self._remember(name, path, read_only, keep=True)
         return self._describe(name)
 
     async def cmd_umount(self, mountpoint: str, lazy: bool = False):
-        path = check_mountpoint(mountpoint)
+        path = normalize(mountpoint)
         async with self._admin:
             served = next((s for s in self.served.values() if path in s.paths), None)
             if served is None:
                 raise VolfsError(f"{path} is not a volume mount of this daemon")
-            await self._unmount_path(served, path, lazy)
+            last = len(served.paths) == 1
+            if not lazy:
+                self._refuse_if_in_use(served, path if not last else None)
+            await self._unmount_path(served, path)
             self._remember(served.name, path, False, keep=False)
-            if served.paths:
+            if not last:
                 return {"mountpoint": str(path)}
-            await self._detach_volume(served, lazy=lazy)
+            self._detach_volume(served)
         if lazy:  # files may stay open on it: the worker serves them until they are closed
+            assert self._nursery is not None
             self._nursery.start_soon(self._wait_stopped, served, math.inf)
         else:  # the worker ends once it has checkpointed; wait outside the lock for that
             await self._wait_stopped(served, STOP_GRACE)
         return {"mountpoint": str(path)}
+
+    async def cmd_umount_all(self):
+        """The full stop: every volume unmounted (lazily where busy), every worker ended."""
+        started = time.monotonic()
+        async with self._admin:
+            leaving = list(self.served.values())
+            for served in leaving:
+                for path in list(served.paths):
+                    try:
+                        await self._unmount_path(served, path)
+                    except VolfsError as exc:  # stop the others all the same
+                        log.error("volume %s: %s", served.name, exc)
+                    self._remember(served.name, path, False, keep=False)
+                self._detach_volume(served)
+            async with trio.open_nursery() as nursery:
+                for served in leaving:
+                    nursery.start_soon(self._wait_stopped, served, STOP_GRACE)
+        return {"volumes": [s.name for s in leaving],
+                "seconds": round(time.monotonic() - started, 2)}  # fmt: skip
 
     async def cmd_rm(self, name: str, force: bool = False):
         check_name(name)
@@ -381,9 +468,11 @@ class Daemon:
                     raise VolfsError(
                         f"volume {name} is mounted at {mounted}: unmount it first or use --force"
                     )
+                self._refuse_if_in_use(served, None)
                 for path in list(served.paths):
+                    await self._unmount_path(served, path)
                     self._remember(name, path, False, keep=False)
-                await self._detach_volume(served, lazy=True)
+                self._detach_volume(served)
             if name in self.stopping:
                 await self._wait_stopped(self.stopping[name], STOP_GRACE)
             if self.root.is_served(name):
@@ -398,76 +487,80 @@ class Daemon:
         "status": cmd_status,
         "mount": cmd_mount,
         "umount": cmd_umount,
+        "umount_all": cmd_umount_all,
         "rm": cmd_rm,
     }
 
     # -- mounting -------------------------------------------------------------------------------
 
-    async def _mount(self, name: str, path: Path, read_only: bool) -> None:
+    async def _mount(self, name: str, path: Path, read_only: bool, create: bool = False) -> None:
+        """Serve *name* at *path*: start its worker if it has none, then bind *path*."""
         served = self.served.get(name)
-        if served is not None and path in served.paths:
-            if read_only != (path in served.read_only):
-                mode = "read-only" if path in served.read_only else "read-write"
-                raise VolfsError(f"volume {name} is already mounted {mode} at {path}")
+        existing = served.paths.get(path) if served is not None else None
+        if existing is not None and existing.read_only != read_only:
+            mode = "read-only" if existing.read_only else "read-write"
+            raise VolfsError(f"volume {name} is already mounted {mode} at {path}")
+        if existing is not None and existing.state == MOUNTED:
             return  # asked again for what is there: nothing to do
-        if served is not None and not self._bind:
+        if served is not None and not self._bind and existing is None:
             raise VolfsError(
-                f"volume {name} is already mounted at {served.paths[0]}: a second mount point "
-                "needs bind mounts, which need root"
+                f"volume {name} is already mounted at {next(iter(served.paths))}: a second "
+                "mount point needs bind mounts, which need root"
             )
-        prepare_mountpoint(path)
-        leaving = self.stopping.get(name) if served is None else None
-        if leaving is not None and leaving.process is not None:
+        mount_path = existing or MountPath(path, read_only)
+        # The mount point is checked before a worker starts, so a bad one costs nothing.
+        with open_mountpoint(path, create=create) as target:
+            how = prepare(target, name, served.device if served is not None else "")
+        if served is None or served.worker is None:
+            served = await self._start_volume(name, path, served)
+        if self._bind:
+            served.bind_path(mount_path, create=False)
+        else:
+            mount_path.state = MOUNTED
+        served.paths[path] = mount_path
+        if how != PRESENT:
+            log.info("volume %s mounted at %s%s", name, path, " (read-only)" if read_only else "")
+
+    async def _start_volume(self, name: str, path: Path, served: Served | None) -> Served:
+        """Start the worker of *name* (whose *served* record, if any, has none)."""
+        leaving = self.stopping.get(name)
+        if leaving is not None and leaving.worker is not None:
             with trio.move_on_after(STOP_GRACE):
-                await leaving.process.wait()
-            if leaving.process.returncode is None:
+                await leaving.worker.wait()
+            if leaving.worker.running:
                 raise VolfsError(
                     f"volume {name} is still being unmounted: files are open on a path "
                     "unmounted with --lazy; close them and try again"
                 )
+        if self.root.is_served(name):
+            raise VolfsError(f"volume {name} is being served by another process (volfsd mount -f?)")
         if served is None:
-            if self.root.is_served(name):
-                raise VolfsError(
-                    f"volume {name} is being served by another process (volfsd mount -f?)"
-                )
-            staging = self.run_dir / "staging" / name if self._bind else path
-            served = Served(name, staging)
-            await self._start_worker(served)
-            self.served[name] = served
-            self._nursery.start_soon(self._supervise, served)
-        if self._bind:
-            await self._bind_mount(served.staging, path, read_only)
-        served.paths.append(path)
-        if read_only:
-            served.read_only.add(path)
-        log.info("volume %s mounted at %s%s", name, path, " (read-only)" if read_only else "")
-
-    async def _bind_mount(self, staging: Path, path: Path, read_only: bool) -> None:
-        await _run(["mount", "--bind", str(staging), str(path)])
-        if read_only:
-            try:
-                await _run(["mount", "-o", "remount,bind,ro", str(path)])
-            except VolfsError:
-                await _run(["umount", "-l", str(path)])
-                raise
+            served = Served(name, self.run_dir / "staging" / name if self._bind else path)
+        await self._start_worker(served)
+        self.served[name] = served
+        assert self._nursery is not None
+        self._nursery.start_soon(self._supervise, served)
+        return served
 
     async def _start_worker(self, served: Served) -> None:
         if self._bind:
-            served.staging.parent.mkdir(mode=0o700, exist_ok=True)
-            served.staging.mkdir(mode=0o700, exist_ok=True)
-            if mounts.find_mount(served.staging) is not None:
-                mounts.detach(served.staging, lazy=True)  # left by a worker that died
+            for directory in (served.staging.parent, served.staging):
+                # Not Path.mkdir(exist_ok=True): its stat of a dead mount fails (ENOTCONN).
+                with contextlib.suppress(FileExistsError):
+                    os.mkdir(directory, 0o700)
+            with open_mountpoint(served.staging) as staging:
+                if staging.top() is not None:
+                    sysmount.detach(staging.fd)  # left by a worker that died
+        else:
+            mounts.detach(served.staging, lazy=True)  # a dead mount of ours, if any
         log_name = f"{served.name}.log"
         ready_r, ready_w = os.pipe()
         args = [sys.executable, "-m", "volfs.worker", "--root", str(self.root.path),
                 "--name", served.name, "--mountpoint", str(served.staging),
-                "--ready-fd", str(ready_w), "--die-with-parent"]  # fmt: skip
+                "--ready-fd", str(ready_w), "--run-dir", str(self.run_dir)]  # fmt: skip
         try:
             with self.root.open_log(log_name) as log_file:
-                process = await trio.lowlevel.open_process(
-                    args, pass_fds=(ready_w,), stdin=subprocess.DEVNULL,
-                    stdout=log_file, stderr=log_file,
-                )  # fmt: skip
+                process = WorkerProcess.spawn(args, log_file.fileno(), ready_w)
         finally:
             os.close(ready_w)
         stream = trio.lowlevel.FdStream(ready_r)
@@ -480,117 +573,155 @@ class Daemon:
                 reply += chunk
         await stream.aclose()
         text = reply.decode(errors="replace").strip()
-        if text != "ok":
-            with contextlib.suppress(ProcessLookupError):
-                process.kill()
+        if text.split(" ")[0] != "ok":
+            process.send_signal(signal.SIGKILL)
             await process.wait()
             reason = text.removeprefix("error: ") or (
                 f"the mount worker exited early; see {self.root.log_path(log_name)}"
             )
             raise VolfsError(reason)
-        served.process = process
+        served.worker = process
+        served.device = text.removeprefix("ok").strip()
         served.status = "mounted"
+        served.adopted = False
 
     async def _supervise(self, served: Served) -> None:
         """Wait for the worker to end; bring the volume back if nobody asked it to stop."""
         while True:
-            await served.process.wait()
+            assert served.worker is not None
+            await served.worker.wait()
             if served.stopping:
                 return
-            code = served.process.returncode
-            log.error("volume %s: its worker exited (%s); remounting at %s", served.name, code,
+            code = served.worker.returncode
+            log.error("volume %s: its worker exited (pid %d, %s); remounting at %s",
+                      served.name, served.worker.pid, "status unknown" if code is None else code,
                       ", ".join(str(p) for p in served.paths))  # fmt: skip
-            served.status = "restarting"
             await self._heal(served)
             if served.stopping:
                 return
 
     async def _heal(self, served: Served) -> None:
-        for path in served.paths:
-            mounts.detach(path, lazy=True)
-        if self._bind:
-            mounts.detach(served.staging, lazy=True)
+        """Start a new worker and put its mount at every path of the volume.
+
+        The dead mounts stay on the paths meanwhile (writers get ENOTCONN, not the directory
+        under the mount); each is replaced from beneath (served.py).
+        """
+        served.status = "healing"
+        for mount_path in served.paths.values():
+            if mount_path.state == MOUNTED:
+                mount_path.state = DEAD
+        if not self._bind:  # no way to replace a mount from beneath: detach, then mount
+            for path in served.paths:
+                mounts.detach(path, lazy=True)
         for delay in (*RESTART_DELAYS, *([RESTART_DELAYS[-1]] * 1000)):
             if served.stopping:
                 return
             try:
                 async with self._admin:
+                    if served.stopping:
+                        return
                     await self._start_worker(served)
-                    if self._bind:
-                        for path in served.paths:
-                            await self._bind_mount(served.staging, path, path in served.read_only)
+                    for mount_path in served.paths.values():
+                        if self._bind:
+                            served.rebind(mount_path)
+                        else:
+                            mount_path.state = MOUNTED
                 served.restarts += 1
                 log.info("volume %s is back at %s", served.name,
-                         ", ".join(str(p) for p in served.paths))  # fmt: skip
+                         ", ".join(str(p) for p, m in served.paths.items()
+                                   if m.state == MOUNTED))  # fmt: skip
                 return
-            except VolfsError as exc:
-                served.status = f"failed: {exc}"
+            except (VolfsError, OSError) as exc:  # nothing here may take the daemon down
+                served.status = "down"
+                served.problems[:] = [f"restart failed: {exc}"]
                 log.error(
                     "volume %s: restart failed: %s; retrying in %s s", served.name, exc, delay
                 )
                 await trio.sleep(delay)
 
-    async def _unmount_path(self, served: Served, path: Path, lazy: bool) -> None:
-        if mounts.find_mount(path) is None:
-            log.warning("volume %s: %s was unmounted behind volfsd's back", served.name, path)
-            problem = None
-        elif self._bind:
-            problem = await trio.to_thread.run_sync(_umount, path, lazy)
-        else:
-            problem = await trio.to_thread.run_sync(mounts.detach, path, lazy)
-        if problem is not None:
-            if "busy" in problem.lower():
-                raise VolfsError(
-                    f"{path} is busy: stop the processes using it, or use --lazy to detach now"
-                )
-            raise VolfsError(f"cannot unmount {path}: {problem}")
-        served.paths.remove(path)
-        served.read_only.discard(path)
+    def _refuse_if_in_use(self, served: Served, path: Path | None) -> None:
+        """Refuse to unmount *path* (None: the whole volume) while processes use it.
+
+        One path of several: only processes of our own mount namespace whose files are under
+        that path count (the kernel cannot tell which bind another namespace's copy came
+        from, and the volume stays for them anyway through its other paths).
+        """
+        if not served.device:
+            return
+        exclude = {os.getpid()} | ({served.worker.pid} if served.worker is not None else set())
+        found = users.users_of(served.device, exclude)
+        if path is not None:
+            found = [u for u in found if u.what != "mount namespace" and _uses_path(u, path)]
+        if found:
+            what = str(path) if path is not None else f"volume {served.name}"
+            raise VolfsError(
+                f"{what} is busy, in use by {users.describe_users(found)}: stop them, or use "
+                "--lazy to detach now"
+            )
+
+    async def _unmount_path(self, served: Served, path: Path) -> None:
+        """Detach *path* (lazily: open files stay usable until closed) if the mount there is
+        still this volume's; forget the path either way."""
+        mount_path = served.paths[path]
+        try:
+            if self._bind:
+                with open_mountpoint(path) as target:
+                    if served.owns(target):
+                        sysmount.detach(target.fd)
+                    elif mount_path.state != REFUSED:
+                        log.warning("volume %s: %s was unmounted behind volfsd's back",
+                                    served.name, path)  # fmt: skip
+            else:
+                entry = mounts.find_mount(path)
+                if entry is None or entry.fstype != mounts.FSTYPE:
+                    log.warning("volume %s: %s was unmounted behind volfsd's back",
+                                served.name, path)  # fmt: skip
+                else:
+                    problem = await trio.to_thread.run_sync(mounts.detach, path, True)
+                    if problem is not None:
+                        raise VolfsError(f"cannot unmount {path}: {problem}")
+        except VolfsError as exc:  # the mount point is gone or changed: nothing of ours there
+            log.warning("volume %s: %s", served.name, exc)
+        del served.paths[path]
         log.info("volume %s unmounted from %s", served.name, path)
 
-    async def _detach_volume(self, served: Served, lazy: bool) -> None:
-        """Unmount every path of *served* and its staging mount, so that its worker ends.
+    def _detach_volume(self, served: Served) -> None:
+        """Detach the staging mount of a volume whose paths are gone, so that its worker ends.
 
-        Detaching the last mount ends the worker's FUSE session (at once, or with a lazy
-        detach once the last open file closes); the worker then checkpoints and exits by
-        itself.  It gets SIGTERM only if its staging mount could not be detached.
+        That ends the worker's FUSE session (at once, or once the last open file on a lazily
+        detached path closes); the worker then checkpoints and exits by itself.
         `_wait_stopped` waits for the end.
         """
-        for path in list(served.paths):
-            try:
-                await self._unmount_path(served, path, lazy)
-            except VolfsError:
-                await self._unmount_path(served, path, True)
         served.stopping = True
         self.served.pop(served.name, None)
         self.stopping[served.name] = served
-        process = served.process
-        if process is None or process.returncode is not None:
+        if served.worker is None or not served.worker.running:
             return
-        detached = (
-            self._bind
-            and await trio.to_thread.run_sync(mounts.detach, served.staging, lazy) is None
-        )
-        if not detached:
-            process.send_signal(signal.SIGTERM)
+        if self._bind:
+            try:
+                with open_mountpoint(served.staging) as staging:
+                    if served.owns(staging):
+                        sysmount.detach(staging.fd)
+                        return
+            except (VolfsError, OSError) as exc:
+                log.warning("volume %s: staging mount: %s", served.name, exc)
+        served.worker.send_signal(signal.SIGTERM)
 
     async def _wait_stopped(self, served: Served, grace: float) -> None:
         """Wait for the worker of a detached volume to end: *grace* s by itself, then
         `STOP_TIMEOUT` s after SIGTERM, then it is killed."""
-        process = served.process
-        if process is not None and process.returncode is None:
+        worker = served.worker
+        if worker is not None and worker.running:
             with trio.move_on_after(grace):
-                await process.wait()
-            if process.returncode is None:
-                process.send_signal(signal.SIGTERM)
+                await worker.wait()
+            if worker.running:
+                worker.send_signal(signal.SIGTERM)
                 with trio.move_on_after(STOP_TIMEOUT):
-                    await process.wait()
-            if process.returncode is None:
+                    await worker.wait()
+            if worker.running:
                 log.error("volume %s: worker did not stop in time; killing it", served.name)
-                process.kill()
-                await process.wait()
-        if self._bind:
-            clear_dead_mount(served.staging)
+                worker.send_signal(signal.SIGKILL)
+                await worker.wait()
         if self.stopping.get(served.name) is served:
             del self.stopping[served.name]
 
@@ -620,29 +751,17 @@ def checked_args(handler, args: dict) -> dict:
     return args
 
 
-async def _recv_exactly(stream: trio.SocketStream, n: int) -> bytes:
-    data = b""
-    while len(data) < n:
-        chunk = await stream.receive_some(n - len(data))
-        if not chunk:
-            raise control.ProtocolError("connection closed mid-frame")
-        data += chunk
-    return data
-
-
-async def _run(args: list[str]) -> None:
-    done = await trio.run_process(args, capture_stdout=True, capture_stderr=True, check=False)
-    if done.returncode != 0:
-        message = (done.stderr.decode(errors="replace").strip().splitlines() or ["failed"])[-1]
-        raise VolfsError(f"{' '.join(args[:2])} failed: {message}")
-
-
-def _umount(path: Path, lazy: bool) -> str | None:
-    args = ["umount", "-l", str(path)] if lazy else ["umount", str(path)]
-    done = subprocess.run(args, capture_output=True, text=True, timeout=60)
-    if done.returncode == 0:
-        return None
-    return (done.stderr.strip().splitlines() or ["failed"])[-1]
+def _uses_path(user: users.User, path: Path) -> bool:
+    """Whether *user* (of our mount namespace) has a file or directory open under *path*."""
+    proc = Path("/proc") / str(user.pid)
+    links = [proc / "cwd", proc / "root"]
+    with contextlib.suppress(OSError):
+        links += list((proc / "fd").iterdir())
+    for link in links:
+        with contextlib.suppress(OSError):
+            if Path(os.readlink(link)).is_relative_to(path):
+                return True
+    return user.what == "memory map"  # maps name no path we could trust: count them
 
 
 def serve(config: Path | None) -> None:

@@ -15,7 +15,13 @@ class MountEntry(NamedTuple):
     mountpoint: str
     fstype: str
     source: str
-    options: str
+    options: str  #: the per-mount options (field 6): "rw" or "ro" first
+    mount_id: int = 0
+    parent_id: int = 0
+
+    @property
+    def read_only(self) -> bool:
+        return self.options.split(",")[0] == "ro"
 
 
 def _unescape(field: str) -> str:
@@ -24,20 +30,27 @@ def _unescape(field: str) -> str:
 
 def mount_table() -> list[MountEntry]:
     """Every mount of this process's mount namespace, from /proc/self/mountinfo."""
-    entries = []
     with open("/proc/self/mountinfo") as info:
-        for line in info:
-            fields = line.split()
-            sep = fields.index("-")
-            entries.append(
-                MountEntry(
-                    fields[2],
-                    _unescape(fields[4]),
-                    fields[sep + 1],
-                    _unescape(fields[sep + 2]),
-                    fields[5],
-                )
+        return parse_mountinfo(info.read())
+
+
+def parse_mountinfo(text: str) -> list[MountEntry]:
+    """The entries of a mountinfo file (of any process's namespace)."""
+    entries = []
+    for line in text.splitlines():
+        fields = line.split()
+        sep = fields.index("-")
+        entries.append(
+            MountEntry(
+                fields[2],
+                _unescape(fields[4]),
+                fields[sep + 1],
+                _unescape(fields[sep + 2]),
+                fields[5],
+                int(fields[0]),
+                int(fields[1]),
             )
+        )
     return entries
 
 
@@ -49,6 +62,10 @@ def find_mount(mountpoint: str | Path) -> MountEntry | None:
         if entry.mountpoint == path:
             found = entry
     return found
+
+
+def by_id(table: list[MountEntry]) -> dict[int, MountEntry]:
+    return {entry.mount_id: entry for entry in table}
 
 
 def volfs_mounts() -> list[MountEntry]:

@@ -5,9 +5,7 @@ Kept apart from the daemon so that the CLI can use them without loading trio.
 
 from __future__ import annotations
 
-import errno
 import logging
-import os
 import re
 import time
 from collections.abc import Iterable
@@ -39,57 +37,6 @@ def parse_size(text: str | int) -> int:
     if value > MAX_SIZE:
         raise VolfsError(f"size {str(text)[:40]!r} is too large: at most 4096P")
     return value
-
-
-def check_mountpoint(text: object) -> Path:
-    if not isinstance(text, str) or "\0" in text or not text:
-        raise VolfsError("a mount point must be a non-empty path")
-    try:
-        encoded = text.encode()
-    except UnicodeEncodeError:
-        raise VolfsError("mount point paths must be valid UTF-8: rename the directory") from None
-    path = Path(text)
-    if not path.is_absolute():
-        raise VolfsError(f"mount point {text[:200]!r} is relative: give an absolute path")
-    if len(encoded) > 4000:
-        raise VolfsError("mount point path is too long")
-    # Resolved, so that a mount point reached through a symlink is known by the path the
-    # mount table will show.
-    return Path(os.path.realpath(path))
-
-
-def clear_dead_mount(path: Path) -> None:
-    """Detach a volfs mount at *path* whose server died ("Transport endpoint not connected")."""
-    entry = mounts.find_mount(path)
-    if entry is None or entry.fstype != mounts.FSTYPE:
-        return
-    try:
-        # statvfs, not stat: the kernel answers stat from its attribute cache even when the
-        # server is gone, but always asks the server for statfs.
-        os.statvfs(path)
-    except OSError as exc:
-        if exc.errno == errno.ENOTCONN:
-            log.warning("clearing the dead mount of %s at %s", entry.source, path)
-            mounts.detach(path, lazy=True)
-
-
-def prepare_mountpoint(path: Path) -> None:
-    """Make *path* an empty directory that is not a mount point, or say why it cannot be."""
-    clear_dead_mount(path)
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-    except FileExistsError:
-        raise VolfsError(f"mount point {path} exists and is not a directory") from None
-    except OSError as exc:
-        raise VolfsError(f"cannot create mount point {path}: {exc.strerror}") from None
-    entry = mounts.find_mount(path)
-    if entry is not None:
-        raise VolfsError(f"{path} is already a mount point ({entry.fstype} {entry.source})")
-    try:
-        if any(path.iterdir()):
-            raise VolfsError(f"mount point {path} is not empty: use an empty directory")
-    except PermissionError:
-        raise VolfsError(f"cannot read mount point {path}: permission denied") from None
 
 
 def describe(

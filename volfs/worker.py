@@ -1,8 +1,11 @@
 """The mount worker: one process that serves one volume at one mount point.
 
 pyfuse3 keeps its session in process-global state, so each served volume needs a process of
-its own; the CLI (and later the supervisor) starts this module as that process.  The worker
-reports readiness on a pipe once the mount is live, so its starter can return only then.
+its own; the daemon (or `volfsd mount -f`) starts this module as that process.  The worker
+reports readiness (and its mount's device number) on a pipe once the mount is live, so its
+starter can return only then.  A worker started by the daemon does not end with it: it serves
+until its mount goes away or it gets a signal, and answers on a control socket in the daemon's
+runtime dir so that the next daemon can adopt it (workerctl.py).
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ from pathlib import Path
 import pyfuse3
 import trio
 
-from volfs import mounts
+from volfs import __version__, mounts, workerctl
 from volfs.errors import VolfsError
 from volfs.fsops import VolumeOperations
 from volfs.store.root import StoreRoot
@@ -53,34 +56,24 @@ def _user_allow_other() -> bool:
         return False
 
 
-def _raise_read_ahead(mountpoint: Path) -> None:
+def _raise_read_ahead(device: str) -> None:
     """Best effort: only root may write the mount's bdi settings.
 
     The device number comes from the mount table: a stat() of the mount point would wait for
     this very process to answer it.
     """
-    entry = mounts.find_mount(mountpoint)
-    if entry is None:
+    if not device:
         return
     try:
-        Path(f"/sys/class/bdi/{entry.device}/read_ahead_kb").write_text(str(READ_AHEAD_KB))
+        Path(f"/sys/class/bdi/{device}/read_ahead_kb").write_text(str(READ_AHEAD_KB))
     except OSError as exc:
-        log.debug("could not raise read-ahead of %s: %s", mountpoint, exc)
+        log.debug("could not raise read-ahead of %s: %s", device, exc)
 
 
-async def _housekeeping(volume: Volume, parent: int | None) -> None:
-    """Compact and checkpoint between requests; a failure here is logged, never fatal.
-
-    With *parent* set, also unmount once that process (the daemon) is gone.  (Not
-    PR_SET_PDEATHSIG: it fires when the parent *thread* ends, and trio starts processes from
-    worker threads that it retires after 10 idle seconds.)
-    """
+async def _housekeeping(volume: Volume) -> None:
+    """Compact and checkpoint between requests; a failure here is logged, never fatal."""
     while True:
         await trio.sleep(HOUSEKEEPING_INTERVAL)
-        if parent is not None and os.getppid() != parent:
-            log.info("volume %s: the daemon is gone; unmounting", volume.name)
-            pyfuse3.terminate()
-            return
         try:
             await _compact(volume)
             if volume.reclaim_due:
@@ -133,10 +126,17 @@ async def _stop_on_signals() -> None:
             return
 
 
-async def _serve(volume: Volume, parent: int | None) -> None:
+async def _serve(volume: Volume, control: Path | None, status: dict) -> None:
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(_housekeeping, volume, parent)
+        nursery.start_soon(_housekeeping, volume)
         nursery.start_soon(_stop_on_signals)
+        if control is not None:
+            listener = await workerctl.listen(control)
+
+            async def answer_status() -> dict:
+                return status
+
+            nursery.start_soon(workerctl.serve, listener, {"status": answer_status})
         # One reading task: handlers never await, so a second task could not overlap with
         # the first; it would only cost a lock hand-off between the two on every request.
         await pyfuse3.main(min_tasks=1, max_tasks=1)
@@ -149,10 +149,13 @@ def serve(
     mountpoint: Path,
     read_only: bool,
     ready_fd: int | None,
-    parent: int | None = None,
+    run_dir: Path | None = None,
 ) -> None:
-    """Serve volume *name* at *mountpoint* until it is unmounted, a signal arrives, or the
-    process *parent* (if given) ends."""
+    """Serve volume *name* at *mountpoint* until it is unmounted or a signal arrives.
+
+    With *run_dir* (a daemon's), also answer on the worker control socket there, so that
+    the daemon, or the next one, can find and adopt this worker.
+    """
     # Loading makes an object or more per file and no reference cycles: collections during
     # it would only cost (half the load time at 300k files), and scanning those long-lived
     # objects again at every later full collection would make each request dearer the larger
@@ -170,16 +173,32 @@ def serve(
         volume.close()
         raise VolfsError(f"cannot mount {name} at {mountpoint}: {exc}") from None
     clean = False
+    control = None if run_dir is None else workerctl.socket_path(run_dir, name)
     try:
-        _raise_read_ahead(mountpoint)
+        entry = mounts.find_mount(mountpoint)
+        device = entry.device if entry is not None else ""
+        _raise_read_ahead(device)
         log.info("volume %s mounted at %s (pid %d)", name, mountpoint, os.getpid())
+        status = {
+            "protocol": workerctl.PROTOCOL,
+            "version": __version__,
+            "name": name,
+            "root": str(root),
+            "pid": os.getpid(),
+            "mountpoint": str(mountpoint),
+            "device": device,
+            "read_only": read_only,
+        }
         if ready_fd is not None:
-            os.write(ready_fd, b"ok\n")
+            os.write(ready_fd, f"ok {device}\n".encode())
             os.close(ready_fd)
             ready_fd = None
-        trio.run(_serve, volume, parent)
+        trio.run(_serve, volume, control, status)
         clean = True
     finally:
+        if control is not None:
+            with contextlib.suppress(OSError):
+                control.unlink()
         # The volume must close (checkpoint) whole: a late SIGTERM must not cut it short.
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
         # unmount=True detaches the mount if the kernel still has it (signal, error).
@@ -196,7 +215,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--read-only", action="store_true")
     parser.add_argument("--ready-fd", type=int)
     parser.add_argument("--debug", action="store_true")
-    parser.add_argument("--die-with-parent", action="store_true")
+    parser.add_argument("--run-dir", type=Path, help="the daemon's: serve a control socket there")
     args = parser.parse_args(argv)
     logging.basicConfig(
         force=True,  # `volfsd mount -f` runs this in the CLI's process, which set up its own
@@ -204,8 +223,7 @@ def main(argv: list[str] | None = None) -> int:
         format="%(asctime)s volfsd[%(process)d] %(levelname)s %(name)s: %(message)s",
     )
     try:
-        parent = os.getppid() if args.die_with_parent else None
-        serve(args.root, args.name, args.mountpoint, args.read_only, args.ready_fd, parent)
+        serve(args.root, args.name, args.mountpoint, args.read_only, args.ready_fd, args.run_dir)
     except VolfsError as exc:
         log.error("%s", exc)
         if args.ready_fd is not None:
