@@ -11,7 +11,12 @@ if [ "${1:-}" = "--dev" ]; then mode=dev; fi
 
 packages=(fuse3 libfuse3-dev pkg-config gcc python3-dev python3-venv sqlite3 util-linux)
 # The test suite and bench/ also drive fio, bindfs and rclone (peers to compare with), attr tools.
-if [ "$mode" = dev ]; then packages+=(fio bindfs rclone attr); fi
+# The container tests start their own Docker engine (Debian's docker.io brings dockerd, its own
+# containerd and runc, and the /usr/bin/docker client the tests use) and build their image from
+# busybox-static; docker-compose is for tests of the README's compose recipe.
+if [ "$mode" = dev ]; then
+    packages+=(fio bindfs rclone attr docker.io busybox-static docker-compose)
+fi
 missing=()
 for p in "${packages[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -19,6 +19,8 @@ import pytest
 
 from volfs import mounts
 
+from docker_engine import DockerEngine, EngineError
+
 VOLFSD = [sys.executable, "-m", "volfs"]
 
 
@@ -266,6 +268,37 @@ def volume(tmp_path: Path, store_root: Path):
 def mnt(volume: Volume) -> Path:
     """The mount point of a fresh, mounted volume."""
     return volume.mount()
+
+
+@pytest.fixture(scope="session")
+def docker_engine(tmp_path_factory):
+    """A real Docker engine of the session's own, started on first use, stopped at the end.
+
+    It fails (not skips) the tests that need it when dockerd cannot start: CI runs as root on
+    machines where it can, so a skip would hide a broken set-up. See tests/docker_engine.py.
+    """
+    engine = DockerEngine(tmp_path_factory.mktemp("docker"))
+    try:
+        try:
+            engine.start()
+        except EngineError as exc:
+            pytest.fail(str(exc), pytrace=False)
+        yield engine
+    finally:
+        engine.stop()
+
+
+@pytest.fixture
+def engine(docker_engine: DockerEngine):
+    """The session's Docker engine; every container is removed after the test, pass or fail.
+
+    Request it after the volumes its containers bind (``def test_x(mnt, engine)``), so that
+    its containers are gone before the volumes are unmounted.
+    """
+    try:
+        yield docker_engine
+    finally:
+        docker_engine.remove_containers()
 
 
 def _our_daemons(base: str) -> list[int]:

@@ -1,0 +1,152 @@
+"""Volumes used by real containers, in the session's own Docker engine (tests/docker_engine.py).
+
+What the README promises containers: a bind of the mount point shows the same files and locks
+as the host and other containers, non-root container users get the kernel's permission checks,
+and a bind of the mount point's *parent* with rslave propagation survives a restart of the
+volume's serving process.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import subprocess
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from conftest import Volume
+from docker_engine import DockerEngine
+
+# Containers that are driven with `docker exec`: they do nothing by themselves, and the
+# fixtures remove them (SIGKILL) long before this runs out.
+IDLE = ("sleep", "600")
+
+
+def wait_for(check: Callable[[], bool], what: str, timeout: float = 30) -> None:
+    """Poll *check* until it holds; fail naming *what* after *timeout* s (never a fixed sleep)."""
+    deadline = time.monotonic() + timeout
+    while not check():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(0.05)
+
+
+def test_writes_are_seen_at_once_by_host_and_containers(mnt: Path, engine: DockerEngine):
+    a = engine.run_container("-v", f"{mnt}:/p", engine.image, *IDLE)
+    b = engine.run_container("-v", f"{mnt}:/p", engine.image, *IDLE)
+
+    engine.exec(a, "sh", "-c", "echo from-a > /p/a && dd if=/dev/zero of=/p/big bs=64k count=16")
+    assert (mnt / "a").read_text() == "from-a\n"
+    assert (mnt / "big").stat().st_size == 1 << 20
+
+    (mnt / "h").write_text("from-host\n")
+    assert engine.exec(a, "cat", "/p/h").stdout == "from-host\n"
+
+    assert engine.exec(b, "cat", "/p/a").stdout == "from-a\n"
+    engine.exec(b, "sh", "-c", "echo from-b > /p/b && mv /p/a /p/a2 && rm /p/h")
+    assert engine.exec(a, "cat", "/p/b").stdout == "from-b\n"
+    assert engine.exec(a, "ls", "/p").stdout.split() == ["a2", "b", "big"]
+    assert sorted(os.listdir(mnt)) == ["a2", "b", "big"]
+
+
+def test_non_root_container_user_gets_permission_checks(mnt: Path, engine: DockerEngine):
+    (mnt / "closed").mkdir(mode=0o755)  # root-owned, as root made it
+    (mnt / "open").mkdir()
+    (mnt / "open").chmod(0o777)
+    (mnt / "secret").write_text("root only\n")
+    (mnt / "secret").chmod(0o600)
+    user = engine.run_container("-v", f"{mnt}:/p", "--user", "1000:1000", engine.image, *IDLE)
+
+    assert engine.exec(user, "id").stdout.split()[:2] == ["uid=1000", "gid=1000"]
+    denied = engine.exec(user, "touch", "/p/closed/x", check=False)
+    assert denied.returncode != 0 and "Permission denied" in denied.stderr, denied
+    assert not (mnt / "closed" / "x").exists()
+    denied = engine.exec(user, "cat", "/p/secret", check=False)
+    assert denied.returncode != 0 and "Permission denied" in denied.stderr, denied
+
+    engine.exec(user, "touch", "/p/open/x")
+    made = (mnt / "open" / "x").stat()
+    assert (made.st_uid, made.st_gid) == (1000, 1000)
+    # Root in the container is root on the host: the same tree is writable for it.
+    engine.exec(user, "touch", "/p/closed/y", user="0")
+    assert (mnt / "closed" / "y").stat().st_uid == 0
+
+
+def test_flock_in_one_container_blocks_another(mnt: Path, engine: DockerEngine):
+    holder = engine.run_container(
+        "-v", f"{mnt}:/p", engine.image, "flock", "/p/lock", "sh", "-c", "touch /p/held; sleep 600"
+    )
+    other = engine.run_container("-v", f"{mnt}:/p", engine.image, *IDLE)
+    wait_for((mnt / "held").exists, "the first container to take the lock")
+
+    tried = engine.exec(other, "flock", "-n", "/p/lock", "true", check=False)
+    assert (tried.returncode, tried.stderr) == (1, ""), tried  # flock: "already locked"
+    # The host, through its own path to the volume, is blocked as well.
+    with open(mnt / "lock") as f, pytest.raises(BlockingIOError):
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+
+    engine.docker("kill", holder)  # its lock goes with its last process
+    wait_for(
+        lambda: engine.exec(other, "flock", "-n", "/p/lock", "true", check=False).returncode == 0,
+        "the lock to be free once its holder was killed",
+    )
+
+
+@pytest.fixture
+def shared_parent(tmp_path: Path) -> Iterator[Path]:
+    """A directory made a shared mount, as the parent-bind recipe needs, and unmade after.
+
+    / is a private mount on these machines, and Docker refuses rslave propagation from a
+    private source. The volume must be mounted *after* this, so that its mount lands inside
+    the shared mount (and reaches the containers' slave copies).
+    """
+    parent = tmp_path / "volumes"
+    parent.mkdir()
+    subprocess.run(["mount", "--bind", parent, parent], check=True, timeout=60)
+    try:
+        subprocess.run(["mount", "--make-rshared", parent], check=True, timeout=60)
+        yield parent
+    finally:
+        # The volume's own teardown has unmounted it by now; -R takes anything left with it.
+        if subprocess.run(["umount", "-R", parent], capture_output=True, timeout=60).returncode:
+            subprocess.run(["umount", "-R", "-l", parent], capture_output=True, timeout=60)
+
+
+@pytest.fixture
+def parent_volume(shared_parent: Path, volume: Volume) -> Volume:
+    """A volume mounted at PARENT/vol, PARENT being a shared mount (torn down after it)."""
+    volume.mount(shared_parent / "vol")
+    return volume
+
+
+def test_parent_bind_follows_a_healed_volume(parent_volume: Volume, engine: DockerEngine):
+    volume = parent_volume
+    assert volume.path is not None
+    parent = volume.path.parent
+    (volume.path / "before").write_text("written before the crash\n")
+    recipe = engine.run_container(
+        "--mount", f"type=bind,source={parent},target=/volumes,bind-propagation=rslave",
+        engine.image, *IDLE,
+    )  # fmt: skip
+    # The plain bind of the mount point, which the README says does not survive a restart.
+    plain = engine.run_container("-v", f"{volume.path}:/p", engine.image, *IDLE)
+    assert engine.exec(recipe, "cat", "/volumes/vol/before").stdout == "written before the crash\n"
+    assert engine.exec(plain, "cat", "/p/before").stdout == "written before the crash\n"
+
+    volume.kill()  # SIGKILL of the serving process; returns once the daemon has healed it
+
+    def healed() -> bool:
+        seen = engine.exec(recipe, "cat", "/volumes/vol/before", check=False)
+        return seen.stdout == "written before the crash\n"
+
+    wait_for(healed, "the healed volume to reach the container through its parent bind")
+    engine.exec(recipe, "sh", "-c", "echo after > /volumes/vol/after")
+    assert (volume.path / "after").read_text() == "after\n"
+    (volume.path / "before").unlink()
+    assert engine.exec(recipe, "ls", "/volumes/vol").stdout.split() == ["after"]
+
+    dead = engine.exec(plain, "cat", "/p/before", check=False)
+    assert dead.returncode != 0 and "not connected" in dead.stderr, dead
