@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import fcntl
 import os
+import signal
 import subprocess
 import time
 from collections.abc import Callable, Iterator
@@ -17,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import Volume
+from conftest import Volume, _wait_gone, run_dir_of, volfsd
 from docker_engine import DockerEngine
 
 # Containers that are driven with `docker exec`: they do nothing by themselves, and the
@@ -150,3 +151,115 @@ def test_parent_bind_follows_a_healed_volume(parent_volume: Volume, engine: Dock
 
     dead = engine.exec(plain, "cat", "/p/before", check=False)
     assert dead.returncode != 0 and "not connected" in dead.stderr, dead
+
+
+# -- the trial's findings, with hostile containers ------------------------------------------
+
+
+def _daemon_pid(volume: Volume) -> int:
+    return int((run_dir_of(volume.root) / "volfsd.pid").read_text().split()[0])
+
+
+def test_a_container_cannot_redirect_a_healing_mount(
+    parent_volume: Volume, engine: DockerEngine, tmp_path: Path
+):
+    """Item 1 of the trial: a container that can write the parent (a writable parent bind)
+    tries, in a loop, to swap the mount point for a symlink to a host path while the worker
+    is killed and the daemon restarted.  The dead mount stays on the path until the new one
+    is beneath it, so the swap never succeeds, and nothing is made or mounted on the host."""
+    volume = parent_volume
+    assert volume.path is not None
+    parent, escape = volume.path.parent, tmp_path / "escape-target"
+    (volume.path / "f").write_text("kept\n")
+    hostile = engine.run_container(
+        "--mount", f"type=bind,source={parent},target=/volumes,bind-propagation=rslave",
+        engine.image, "sh", "-c",
+        f"while true; do rmdir /volumes/vol 2>/dev/null && ln -s {escape} /volumes/vol "
+        "&& echo planted; done",
+    )  # fmt: skip
+    volume.kill()
+    volume.kill()
+    os.kill(_daemon_pid(volume), signal.SIGKILL)
+    assert volume.pid is not None
+    os.kill(volume.pid, signal.SIGKILL)  # no daemon: nothing heals, the dead mount stays
+    assert _wait_gone(volume.pid, 30)
+    volfsd("mount", "other", str(tmp_path / "other"), root=volume.root)  # the next daemon
+    wait_for(lambda: (volume.path / "f").exists(), "the volume to be back at its path")
+    assert "planted" not in engine.docker("logs", hostile).stdout
+    assert not escape.exists() and not os.path.islink(volume.path)
+    assert (volume.path / "f").read_text() == "kept\n"
+    engine.docker("rm", "-f", hostile)
+
+
+_APPENDER = (
+    "n=0; while [ ! -e /volumes/stop ]; do "
+    "if echo $n >> /volumes/vol/lines 2>/dev/null; then n=$((n+1)); fi; done; echo $n"
+)
+
+
+def test_writes_from_a_container_during_a_heal_stay_in_the_volume(
+    parent_volume: Volume, engine: DockerEngine
+):
+    """Item 2: a container appending lines through the README's recipe (a read-only parent
+    bind) while the worker is killed gets errors during the heal; none of its lines land in
+    the host directory under the mount, and it cannot touch the mount point itself."""
+    volume = parent_volume
+    assert volume.path is not None
+    parent = volume.path.parent
+    writer = engine.run_container(
+        "--mount", f"type=bind,source={parent},target=/volumes,readonly,bind-propagation=rslave",
+        engine.image, "sh", "-c", _APPENDER,
+    )  # fmt: skip
+    wait_for(lambda: (volume.path / "lines").exists(), "the container's first line")
+    denied = engine.exec(writer, "rmdir", "/volumes/vol", check=False)
+    assert denied.returncode != 0 and "Read-only" in denied.stderr, denied
+    for _ in range(3):
+        volume.kill()
+        size = (volume.path / "lines").stat().st_size
+        wait_for(lambda size=size: (volume.path / "lines").stat().st_size > size, "more lines")
+    (parent / "stop").touch()
+    engine.docker("wait", writer)
+    written = int(engine.docker("logs", writer).stdout)
+    volume.unmount()
+    assert os.listdir(parent / "vol") == [], "writes landed in the directory under the mount"
+    volume.mount(parent / "vol")
+    numbers = [int(n) for n in (volume.path / "lines").read_text().split()]
+    assert sorted(set(numbers)) == list(range(written)) and numbers == sorted(numbers)
+
+
+def test_a_container_writer_sees_no_error_across_daemon_restarts(
+    mnt: Path, volume: Volume, engine: DockerEngine
+):
+    """Item 3: kill -9 and SIGTERM of the daemon, each followed by a new daemon, leave the
+    worker serving: a container writing all along sees no error at all."""
+    writer = engine.run_container(
+        "-v", f"{mnt}:/p", engine.image, "sh", "-c",
+        "n=0; while [ ! -e /p/stop ]; do echo $n >> /p/lines || exit 3; n=$((n+1)); done",
+    )  # fmt: skip
+    worker = volume.pid
+    for signum in (signal.SIGKILL, signal.SIGTERM):
+        size = (mnt / "lines").stat().st_size if (mnt / "lines").exists() else 0
+        os.kill(_daemon_pid(volume), signum)
+        wait_for(lambda size=size: (mnt / "lines").stat().st_size > size + 100, "more lines")
+        volfsd("ls", root=volume.root)
+        volume.mount(mnt)  # a new daemon: it adopts the worker, the path is there already
+        assert volume.pid == worker
+    (mnt / "stop").touch()
+    assert engine.docker("wait", writer).stdout.strip() == "0"
+    numbers = [int(n) for n in (mnt / "lines").read_text().split()]
+    assert numbers == list(range(len(numbers)))
+
+
+def test_umount_and_rm_are_refused_while_a_container_uses_the_volume(
+    mnt: Path, volume: Volume, engine: DockerEngine
+):
+    """Item 4: a running container that bound the volume holds it, open files or not; umount
+    and rm --force say which container, and --lazy or the container's end lets it go."""
+    user = engine.run_container("-v", f"{mnt}:/p", engine.image, *IDLE)
+    short = engine.docker("inspect", "-f", "{{.Id}}", user).stdout.strip()[:12]
+    for args in (("umount", str(mnt)), ("rm", "--force", volume.name)):
+        done = volfsd(*args, root=volume.root, check=False)
+        assert done.returncode == 1 and "busy" in done.stderr and short in done.stderr, done
+    assert engine.exec(user, "sh", "-c", "echo still > /p/f && cat /p/f").stdout == "still\n"
+    engine.docker("rm", "-f", user)
+    volume.unmount()
