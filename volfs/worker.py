@@ -17,6 +17,7 @@ import gc
 import logging
 import os
 import signal
+import socket
 import sys
 from pathlib import Path
 
@@ -126,17 +127,16 @@ async def _stop_on_signals() -> None:
             return
 
 
-async def _serve(volume: Volume, control: Path | None, status: dict) -> None:
+async def _serve(volume: Volume, control: socket.socket | None, status: dict) -> None:
     async with trio.open_nursery() as nursery:
         nursery.start_soon(_housekeeping, volume)
         nursery.start_soon(_stop_on_signals)
         if control is not None:
-            listener = await workerctl.listen(control)
 
             async def answer_status() -> dict:
                 return status
 
-            nursery.start_soon(workerctl.serve, listener, {"status": answer_status})
+            nursery.start_soon(workerctl.serve, control, {"status": answer_status})
         # One reading task: handlers never await, so a second task could not overlap with
         # the first; it would only cost a lock hand-off between the two on every request.
         await pyfuse3.main(min_tasks=1, max_tasks=1)
@@ -173,8 +173,11 @@ def serve(
         volume.close()
         raise VolfsError(f"cannot mount {name} at {mountpoint}: {exc}") from None
     clean = False
-    control = None if run_dir is None else workerctl.socket_path(run_dir, name)
+    control_path = None if run_dir is None else workerctl.socket_path(run_dir, name)
+    control = None
     try:
+        if control_path is not None:
+            control = workerctl.listen(control_path)
         entry = mounts.find_mount(mountpoint)
         device = entry.device if entry is not None else ""
         _raise_read_ahead(device)
@@ -196,9 +199,9 @@ def serve(
         trio.run(_serve, volume, control, status)
         clean = True
     finally:
-        if control is not None:
+        if control_path is not None:
             with contextlib.suppress(OSError):
-                control.unlink()
+                control_path.unlink()
         # The volume must close (checkpoint) whole: a late SIGTERM must not cut it short.
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
         # unmount=True detaches the mount if the kernel still has it (signal, error).

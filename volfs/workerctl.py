@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import socket
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
@@ -54,24 +55,26 @@ async def _receive_exactly(stream: trio.abc.ReceiveStream, n: int) -> bytes:
 # -- the worker's side ----------------------------------------------------------------------
 
 
-async def listen(path: Path) -> trio.socket.SocketType:
+def listen(path: Path) -> socket.socket:
     """A listening socket at *path*, mode 0600, in a 0700 directory; a stale one is replaced
-    (the caller holds the volume's lock, so no live worker listens there)."""
+    (the caller holds the volume's lock, so no live worker listens there).  Made before the
+    worker reports ready, so that a daemon started at any moment after finds it."""
     path.parent.mkdir(mode=0o700, exist_ok=True)
     with contextlib.suppress(FileNotFoundError):
         path.unlink()
-    listener = trio.socket.socket(trio.socket.AF_UNIX, trio.socket.SOCK_STREAM)
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
     old_umask = os.umask(0o177)
     try:
-        await listener.bind(str(path))
+        listener.bind(str(path))
     finally:
         os.umask(old_umask)
     listener.listen(16)
     return listener
 
 
-async def serve(listener: trio.socket.SocketType, handlers: dict[str, Handler]) -> None:
-    """Answer requests on *listener* one at a time, from root or our own uid only."""
+async def serve(sock: socket.socket, handlers: dict[str, Handler]) -> None:
+    """Answer requests on *sock* one at a time, from root or our own uid only."""
+    listener = trio.socket.from_stdlib_socket(sock)
     while True:
         conn, _ = await listener.accept()
         stream = trio.SocketStream(conn)
