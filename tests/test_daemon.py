@@ -155,7 +155,8 @@ def test_cli_refusals(host, tmp_path):
     assert status["pid"] == host.daemon_pid() and "v" in status["volumes"]
 
 
-SIZES = [("512M", 512 << 20), ("10G", 10 << 30), ("1T", 1 << 40), ("4096", 4096), ("1.5G", 3 << 29)]
+SIZES = [("512M", 512 << 20), ("10G", 10 << 30), ("1T", 1 << 40), ("4096", 4096), ("1K", 1024),
+         (4096, 4096), ("4194304T", 1 << 62)]  # fmt: skip
 
 
 @pytest.mark.parametrize("size,expected", SIZES)
@@ -165,13 +166,27 @@ def test_sizes(size, expected):
     assert parse_size(size) == expected
 
 
-@pytest.mark.parametrize("size", ["", "0", "-1G", "10X", "G", "1e999", "1e3", "20000000T"])
+#: Only what the README lists: a whole number with K, M, G or T (upper case), nothing else.
+BAD_SIZES = ["", "0", "0G", "-1G", "10X", "G", "1e999", "1e3", "20000000T", "4194305T", "1.5G",
+             "5P", "10g", "10GB", "10GiB", "10B", " 10G", "10G ", "10 G", "+10G", "\u0661\u0660G",
+             "9" * 5000, -5, 0, True]  # fmt: skip
+
+
+@pytest.mark.parametrize("size", BAD_SIZES)
 def test_bad_sizes(size):
     from volfs.errors import VolfsError
     from volfs.volumes import parse_size
 
-    with pytest.raises(VolfsError):
+    with pytest.raises(VolfsError) as info:
         parse_size(size)
+    message = str(info.value)
+    assert "too large" in message or "K, M, G or T" in message, message
+
+
+def test_size_errors_say_what_is_accepted(host):
+    host.refused("create", "v", "--size", "10g", words=("K, M, G or T", "upper case: 10G"))
+    host.refused("create", "v", "--size", "1.5G", words=("whole number",))
+    assert host.cli("ls", "-q").stdout.split() == []
 
 
 def test_store_limits_are_one_line_errors(host, tmp_path):

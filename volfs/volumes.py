@@ -19,25 +19,36 @@ from volfs.store.root import StoreRoot
 
 log = logging.getLogger(__name__)
 
-_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40, "P": 1 << 50}
-_SIZE = re.compile(r"(\d+(?:\.\d+)?)([KMGTP]?)")
+_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+#: A whole number of bytes, or of KiB, MiB, GiB or TiB: the only spellings the README lists.
+#: No fractions, no lower case and no B/iB: "10g" or "1.5G" would be guesses at what was meant
+#: (and a config that says "10GB" reads as decimal gigabytes to many people).
+_SIZE = re.compile(r"([0-9]+)([KMGT]?)")
 #: Largest size a volume may be given: sizes are stored as unsigned 64-bit numbers.
 MAX_SIZE = 1 << 62
+_ACCEPTED = "a whole number of bytes, or one followed by K, M, G or T (powers of 1024): 512M, 10G"
 
 
 def parse_size(text: str | int) -> int:
-    """Bytes in "512M", "10G", "1T", "1.5G", "4096" (binary units; a trailing B or iB is
-    allowed)."""
+    """Bytes in "4096", "512M", "10G", "1T" (binary units, upper case); an int is taken as is."""
     if isinstance(text, int) and not isinstance(text, bool):
         value = text
     else:
-        raw = str(text).strip().upper().removesuffix("IB").removesuffix("B")
-        match = _SIZE.fullmatch(raw)
-        value = int(float(match[1]) * _UNITS[match[2]]) if match else -1
+        shown = str(text)[:40]
+        match = _SIZE.fullmatch(text) if isinstance(text, str) else None
+        if match is None:
+            hint = ""
+            if isinstance(text, str) and _SIZE.fullmatch(text.upper()):
+                hint = f" (units are upper case: {text.upper()})"
+            raise VolfsError(f"invalid size {shown!r}: use {_ACCEPTED}{hint}")
+        # More digits than any allowed size has is too large, not parsed (int() of thousands
+        # of digits is slow, and refused past 4300).
+        value = int(match[1]) * _UNITS[match[2]] if len(match[1]) <= 30 else MAX_SIZE + 1
+        text = shown
     if value <= 0:
-        raise VolfsError(f"invalid size {str(text)[:40]!r}: use a number with K, M, G or T")
+        raise VolfsError(f"invalid size {str(text)[:40]!r}: use {_ACCEPTED}")
     if value > MAX_SIZE:
-        raise VolfsError(f"size {str(text)[:40]!r} is too large: at most 4096P")
+        raise VolfsError(f"size {str(text)[:40]!r} is too large: at most {MAX_SIZE >> 40}T")
     return value
 
 
