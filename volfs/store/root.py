@@ -112,9 +112,7 @@ class StoreRoot:
 
     def open_log(self, name: str) -> BinaryIO:
         """Open log file *name* for appending: private to the store's owner, like the store."""
-        (self.path / "logs").mkdir(mode=0o700, exist_ok=True)
-        flags = os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW | os.O_CLOEXEC
-        return os.fdopen(os.open(self.log_path(name), flags, 0o600), "ab")
+        return open_log(self.path, name)
 
     def volume_path(self, name: str) -> Path:
         return self.path / "volumes" / check_name(name)
@@ -291,6 +289,13 @@ class StoreRoot:
         if header.get("block_size") != frame.BLOCK_SIZE:
             raise StoreError(f"volume {name}: unsupported block size {header.get('block_size')}")
         return header
+
+
+def open_log(root: Path, name: str) -> BinaryIO:
+    """Open log file *name* of store root *root* for appending (its logs/ made if missing)."""
+    (Path(root) / "logs").mkdir(mode=0o700, exist_ok=True)
+    flags = os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW | os.O_CLOEXEC
+    return os.fdopen(os.open(Path(root) / "logs" / name, flags, 0o600), "ab")
 
 
 def _write_durably(dir_fd: int, name: str, data: bytes) -> None:
