@@ -88,6 +88,7 @@ def test_planted_symlink_is_never_followed(volume, tmp_path, planted):
         volume.pid = int((volume.store / "lock").read_text().split()[0])
         volume._paths.append(volume.path)
         volume.unmount()
-    else:
+    else:  # refused, naming the link, not as an internal error
         assert done.stderr.count("\n") == 1 and "Traceback" not in done.stderr, done.stderr
+        assert f"{target} is a symbolic link" in done.stderr, done.stderr
     assert bait.read_bytes() == b"not a store file"

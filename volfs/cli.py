@@ -205,8 +205,7 @@ def _mount_foreground(
     if not root.exists(name):
         root.create_volume(name, size)
     if root.is_served(name):
-        holder = (root.volume_path(name) / "lock").read_text().strip() or "unknown"
-        raise CliError(f"volume {name} is already being served (pid {holder})")
+        raise CliError(f"volume {name} is already being served (pid {root.lock_holder(name)})")
     prepare_mountpoint(mountpoint)
     worker_args = ["--root", str(root.path), "--name", name, "--mountpoint", str(mountpoint)]
     if read_only:

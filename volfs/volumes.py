@@ -115,18 +115,29 @@ def describe(
     *status*, *staging* and *read_only* come from the daemon when it serves the volume;
     without them the status is read off the volume's lock.
     """
+    # One damaged volume must not hide the others from `ls`: what is wrong with it is its
+    # status, and the rest of its row shows what could be read.
+    problems = []
     try:
         header = root.header(name)
-    except VolfsError as exc:  # one damaged volume must not hide the others from `ls`
-        header, status = {}, f"damaged: {exc}"
+    except VolfsError as exc:
+        header = {}
+        problems.append(str(exc))
+    try:
+        served = root.is_served(name)
+    except VolfsError as exc:  # its lock file is a link or not a file
+        served = False
+        problems.append(str(exc))
     usage = root.usage(name)
     paths = sorted(
         e.mountpoint
         for e in mounts.volfs_mounts()
         if e.source == name and e.mountpoint != str(staging)
     )
-    if status is None:
-        status = ("mounted" if paths else "busy") if root.is_served(name) else "unmounted"
+    if problems:
+        status = "damaged: " + "; ".join(problems)
+    elif status is None:
+        status = ("mounted" if paths else "busy") if served else "unmounted"
     created = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(header.get("created_ns", 0) / 1e9))
     return {
         "name": name,

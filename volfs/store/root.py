@@ -13,9 +13,13 @@ Layout::
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import logging
 import os
 import re
 import shutil
+import stat
 import time
 import uuid
 from pathlib import Path
@@ -27,6 +31,8 @@ from volfs.errors import StoreError
 from volfs.store import frame, pidlock
 from volfs.store.volume import FORMAT, USAGE_FILE, Volume
 
+log = logging.getLogger(__name__)
+
 STORE_FORMAT = 1
 VOLUME_KIND = "volfs-volume"
 DEFAULT_SEGMENT_SIZE = 64 * 1024 * 1024
@@ -34,6 +40,8 @@ DEFAULT_SEGMENT_SIZE = 64 * 1024 * 1024
 MAX_LABELS = 32 * 1024
 NAME_PATTERN = re.compile(r"[a-z0-9][a-z0-9_.-]{0,62}")
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+#: For the store's own small files: no links followed, and no hang on a FIFO planted there.
+_FILE_FLAGS = os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
 
 
 def default_root() -> Path:
@@ -80,6 +88,10 @@ class StoreRoot:
                 f"store root {self.path} is not writable by this user: "
                 "run as its owner or set VOLFS_ROOT to a writable directory"
             )
+        # The root itself may be reached through a link (/var/lib/volfs -> /data/volfs), but
+        # nothing inside it: a link there would lead the store's files out of it.
+        for part in ("volumes", "logs"):
+            _check_real_dir(self.path / part, f"store root {self.path}: {part}/")
         self._check_format()
 
     def _check_format(self) -> None:
@@ -118,15 +130,51 @@ class StoreRoot:
         return self.path / "volumes" / check_name(name)
 
     def names(self) -> list[str]:
-        """Names of the volumes in the store (directories with a header file)."""
-        return sorted(
-            p.name
-            for p in (self.path / "volumes").iterdir()
-            if NAME_PATTERN.fullmatch(p.name) and (p / "volume").is_file()
-        )
+        """Names of the volumes in the store: directories with a header file.
+
+        Anything else under a volume's name (a symbolic link, a file, a directory without a
+        header) is left out with a warning naming it, so that it hides only itself.  A volume
+        whose header is there but bad is listed: `ls` shows it as damaged.
+        """
+        found = []
+        with os.scandir(self.path / "volumes") as entries:
+            for entry in entries:
+                if not NAME_PATTERN.fullmatch(entry.name):
+                    continue  # volfs's own (.removing-NAME-...), never a volume
+                problem = self.entry_problem(entry.name)
+                if problem is None:
+                    found.append(entry.name)
+                else:
+                    log.warning("store %s: ignoring %s: %s", self.path, entry.path, problem)
+        return sorted(found)
+
+    def entry_problem(self, name: str) -> str | None:
+        """Why volumes/NAME is not a volume (None: it is one, or nothing is there)."""
+        path = self.volume_path(name)
+        try:
+            mode = path.lstat().st_mode
+        except FileNotFoundError:
+            return None
+        if stat.S_ISLNK(mode):
+            return "a symbolic link, not a volume directory (volfs follows no links in its store)"
+        if not stat.S_ISDIR(mode):
+            return f"{_kind(mode)}, not a volume directory"
+        if not os.path.lexists(path / "volume"):
+            return (
+                "a directory without a volume header (an interrupted create leaves one: "
+                f"'volfsd create {name}' completes it)"
+            )
+        return None
 
     def exists(self, name: str) -> bool:
-        return (self.volume_path(name) / "volume").is_file()
+        """Whether volumes/NAME is taken: by a volume, or by something that is not one (which
+        opening it as a volume names); a directory without a header is not a volume yet."""
+        path = self.volume_path(name)
+        try:
+            mode = path.lstat().st_mode
+        except FileNotFoundError:
+            return False
+        return not stat.S_ISDIR(mode) or os.path.lexists(path / "volume")
 
     def create_volume(
         self,
@@ -150,7 +198,7 @@ class StoreRoot:
             _fsync_dir(path.parent)  # the new volume's name must survive a power cut too
         except FileExistsError:
             made = False
-        dir_fd = os.open(path, _DIR_FLAGS)
+        dir_fd = self._open_dir(name)
         try:
             try:
                 header = self._read_header(name, dir_fd)
@@ -193,24 +241,64 @@ class StoreRoot:
             os.close(dir_fd)
 
     def _open_dir(self, name: str) -> int:
+        path = self.volume_path(name)
         try:
-            return os.open(self.volume_path(name), _DIR_FLAGS)
+            return os.open(path, _DIR_FLAGS)
         except FileNotFoundError:
             raise StoreError(f"volume {name} does not exist") from None
+        except OSError as exc:
+            if exc.errno not in (errno.ENOTDIR, errno.ELOOP):
+                raise StoreError(f"volume {name}: cannot open {path}: {exc.strerror}") from None
+            problem = self.entry_problem(name) or "not a volume directory"
+            raise StoreError(
+                f"volume {name}: {path} is {problem}: move it out of the store"
+            ) from None
 
     def usage(self, name: str) -> dict:
-        """The last usage figures the volume's server wrote: {"used": bytes, "inodes": n}."""
+        """The last usage figures the volume's server wrote: {"used": bytes, "inodes": n}.
+
+        Advisory, so anything wrong with the file (missing, damaged, not a file) gives {}."""
         try:
-            raw = (self.volume_path(name) / USAGE_FILE).read_bytes()
+            dir_fd = self._open_dir(name)
+        except StoreError:
+            return {}
+        try:
+            fd = os.open(USAGE_FILE, os.O_RDONLY | _FILE_FLAGS, dir_fd=dir_fd)
+            with os.fdopen(fd, "rb") as src:
+                if not stat.S_ISREG(os.fstat(src.fileno()).st_mode):
+                    return {}
+                raw = src.read(1 << 16)
             meta_len, _, _ = frame.decode_header(raw)
             usage = frame.decode_meta(raw[: frame.HEADER.size], raw[frame.HEADER.size :][:meta_len])
-            return usage if isinstance(usage, dict) else {}
         except (OSError, frame.FrameError):
             return {}
+        finally:
+            os.close(dir_fd)
+        if not isinstance(usage, dict):
+            return {}
+        return {k: v for k, v in usage.items() if k in ("used", "inodes") and _count(v)}
 
     def is_served(self, name: str) -> bool:
-        """Whether a process holds the volume's lock right now."""
-        return pidlock.is_held(self.volume_path(name) / "lock")
+        """Whether a process holds the volume's lock right now.
+
+        False if volumes/NAME is no directory (nobody can serve that); `pidlock.NotALockFile`
+        if the lock file is not a regular file."""
+        try:
+            dir_fd = self._open_dir(name)
+        except StoreError:
+            return False
+        try:
+            return pidlock.is_held("lock", dir_fd)
+        finally:
+            os.close(dir_fd)
+
+    def lock_holder(self, name: str) -> str:
+        """The pid the volume's lock file names (for messages; "unknown" if none)."""
+        dir_fd = self._open_dir(name)
+        try:
+            return pidlock.holder("lock", dir_fd)
+        finally:
+            os.close(dir_fd)
 
     def remove_volume(self, name: str) -> None:
         """Destroy volume *name* and its data; refused while it is served."""
@@ -247,7 +335,16 @@ class StoreRoot:
                 raise StoreError(f"volume {name} does not exist") from None
             volume = Volume(name, dir_fd, lock_fd, header["id"], header["segment_size"])
             volume.quota = header.get("size", 0)
-            volume.load(time.time_ns())
+            try:
+                volume.load(time.time_ns())
+            except OSError as exc:
+                if exc.errno != errno.ELOOP or exc.filename is None:
+                    raise
+                path = self.volume_path(name) / exc.filename  # opened relative to the dir
+                raise StoreError(
+                    f"volume {name}: {path} is a symbolic link: volfs follows no links in "
+                    "its store; remove it (or put the file itself there)"
+                ) from None
         except BaseException:
             os.close(dir_fd)
             if lock_fd >= 0:
@@ -266,11 +363,26 @@ class StoreRoot:
                 "unmount it there first, or add a mount point of that mount"
             ) from None
 
-    @staticmethod
-    def _read_header(name: str, dir_fd: int) -> dict:
+    def _read_header(self, name: str, dir_fd: int) -> dict:
         """The volume's header; FileNotFoundError if it has none (not created yet)."""
-        fd = os.open("volume", os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
+        path = self.volume_path(name) / "volume"
+        try:
+            fd = os.open("volume", os.O_RDONLY | _FILE_FLAGS, dir_fd=dir_fd)
+        except FileNotFoundError:
+            raise
+        except OSError as exc:
+            if exc.errno == errno.ELOOP:
+                raise StoreError(
+                    f"volume {name}: its header {path} is a symbolic link: volfs follows no "
+                    "links in its store"
+                ) from None
+            raise StoreError(
+                f"volume {name}: cannot read its header {path}: {exc.strerror}"
+            ) from None
         with os.fdopen(fd, "rb") as src:
+            mode = os.fstat(src.fileno()).st_mode
+            if not stat.S_ISREG(mode):
+                raise StoreError(f"volume {name}: its header {path} is {_kind(mode)}")
             raw = src.read(1 << 16)
         try:
             meta_len, _, _ = frame.decode_header(raw)
@@ -281,6 +393,8 @@ class StoreRoot:
             raise StoreError(f"volume {name}: its header file is damaged ({exc})") from None
         if not isinstance(header, dict) or header.get("kind") != VOLUME_KIND:
             raise StoreError(f"volume {name}: its header file is not a volfs volume header")
+        if not _count(header.get("format", 0)):
+            raise StoreError(f"volume {name}: its header file is damaged (bad format)")
         if header.get("format", 0) > FORMAT:
             raise StoreError(
                 f"volume {name} has format {header['format']}, newer than this volfs "
@@ -288,14 +402,91 @@ class StoreRoot:
             )
         if header.get("block_size") != frame.BLOCK_SIZE:
             raise StoreError(f"volume {name}: unsupported block size {header.get('block_size')}")
+        # Fields are checked here, once, so that nothing that uses a header can trip on one
+        # that decodes but holds the wrong types (it is shown as damaged instead).
+        labels = header.get("labels", {})
+        checks = {
+            "id": isinstance(header.get("id"), str),
+            "created_ns": _count(header.get("created_ns", 0)),
+            "segment_size": _count(header.get("segment_size")) and header["segment_size"] > 0,
+            "size": _count(header.get("size", 0)),
+            "labels": isinstance(labels, dict)
+            and all(isinstance(k, str) and isinstance(v, str) for k, v in labels.items()),
+        }
+        bad = [key for key, ok in checks.items() if not ok]
+        if bad:
+            raise StoreError(f"volume {name}: its header file is damaged (bad {', '.join(bad)})")
         return header
 
 
+def _count(value: object) -> bool:
+    """Whether *value* is a non-negative int (and not a bool)."""
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _kind(mode: int) -> str:
+    """What a file of *mode* is, for messages."""
+    for test, kind in (
+        (stat.S_ISLNK, "a symbolic link"),
+        (stat.S_ISDIR, "a directory"),
+        (stat.S_ISREG, "a regular file"),
+        (stat.S_ISFIFO, "a FIFO"),
+        (stat.S_ISSOCK, "a socket"),
+    ):
+        if test(mode):
+            return kind
+    return "a device node"
+
+
+def _check_real_dir(path: Path, what: str) -> None:
+    """Refuse *path* if it is there but is not a directory of its own (a link, a file)."""
+    try:
+        mode = path.lstat().st_mode
+    except FileNotFoundError:
+        return
+    if not stat.S_ISDIR(mode):
+        raise StoreError(
+            f"{what} is {_kind(mode)}, not a directory: volfs follows no links in its store; "
+            f"put the directory itself at {path}"
+        )
+
+
 def open_log(root: Path, name: str) -> BinaryIO:
-    """Open log file *name* of store root *root* for appending (its logs/ made if missing)."""
-    (Path(root) / "logs").mkdir(mode=0o700, exist_ok=True)
-    flags = os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW | os.O_CLOEXEC
-    return os.fdopen(os.open(Path(root) / "logs" / name, flags, 0o600), "ab")
+    """Open log file *name* of store root *root* for appending (its logs/ made if missing).
+
+    Never through a symbolic link, and only a regular file: a link planted at logs/NAME.log
+    would have the daemon append to (and create) files anywhere; a FIFO would hang the open.
+    """
+    logs = Path(root) / "logs"
+    path = logs / name
+    with contextlib.suppress(FileExistsError):
+        logs.mkdir(mode=0o700)
+    _check_real_dir(logs, "log directory")
+    dir_fd = os.open(logs, _DIR_FLAGS)
+    try:
+        flags = os.O_WRONLY | os.O_CREAT | os.O_APPEND | _FILE_FLAGS
+        try:
+            fd = os.open(name, flags, 0o600, dir_fd=dir_fd)
+        except OSError as exc:
+            if exc.errno not in (errno.ELOOP, errno.EISDIR, errno.ENXIO):
+                raise StoreError(f"cannot open log file {path}: {exc.strerror}") from None
+            mode = os.stat(name, dir_fd=dir_fd, follow_symlinks=False).st_mode
+            raise StoreError(_not_a_log(path, mode)) from None
+    finally:
+        os.close(dir_fd)
+    mode = os.fstat(fd).st_mode
+    if not stat.S_ISREG(mode):
+        os.close(fd)
+        raise StoreError(_not_a_log(path, mode))
+    os.set_blocking(fd, True)  # a regular file after all: the flag only guarded the open
+    return os.fdopen(fd, "ab")
+
+
+def _not_a_log(path: Path, mode: int) -> str:
+    return (
+        f"log file {path} is {_kind(mode)}, not a regular file: volfs follows no links in its "
+        "store; remove it"
+    )
 
 
 def _write_durably(dir_fd: int, name: str, data: bytes) -> None:
