@@ -93,6 +93,7 @@ class StoreRoot:
         for part in ("volumes", "logs"):
             _check_real_dir(self.path / part, f"store root {self.path}: {part}/")
         self._check_format()
+        self._make_private()
 
     def _check_format(self) -> None:
         marker = self.path / "FORMAT"
@@ -117,6 +118,42 @@ class StoreRoot:
                 f"store root {self.path} has format {version}, newer than this volfs "
                 f"understands ({STORE_FORMAT}): upgrade volfs"
             )
+
+    def _make_private(self) -> None:
+        """Give the root, volumes/ and each volume directory in it, logs/ and each log file
+        back the modes volfs made them with (0700, 0600), with a warning naming each.
+
+        Repaired rather than refused: volfs made them private, so other modes were set from
+        outside (a chmod -R, a copy or restore that kept no modes), and there is only one
+        right answer.  Refusing would turn a mode bit into an outage (under systemd no volume
+        would mount at boot, and every container bound to one would fail) while leaving the
+        files readable until someone acted; repairing closes the leak at once, and the warning
+        says that it was open.  The files in a volume directory are repaired when the volume
+        is opened (`open_volume`): listing a store must not stat every segment of every volume.
+        """
+        root_fd = os.open(self.path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)  # may be a link
+        try:
+            _repair_mode(root_fd, self.path)
+            for part in ("volumes", "logs"):
+                try:
+                    fd = os.open(part, _DIR_FLAGS, dir_fd=root_fd)
+                except FileNotFoundError:
+                    continue
+                try:
+                    _repair_mode(fd, self.path / part)
+                    # Volume directories and log files; links and other strangers are left
+                    # alone (`names` and `open_log` refuse them).
+                    ours = "dir" if part == "volumes" else "file"
+                    with os.scandir(fd) as entries:
+                        for entry in entries:
+                            kind = "dir" if entry.is_dir(follow_symlinks=False) else "file"
+                            if kind == ours:
+                                _repair_entry(fd, entry.name, self.path / part / entry.name)
+                finally:
+                    os.close(fd)
+            _repair_entry(root_fd, "FORMAT", self.path / "FORMAT")
+        finally:
+            os.close(root_fd)
 
     def log_path(self, name: str) -> Path:
         """The log file *name* (``NAME.log`` of a volume's worker, ``volfsd.log``)."""
@@ -329,6 +366,7 @@ class StoreRoot:
         lock_fd = -1
         try:
             lock_fd = self._lock(name, dir_fd)
+            _make_volume_private(dir_fd, self.volume_path(name))
             try:
                 header = self._read_header(name, dir_fd)
             except FileNotFoundError:
@@ -417,6 +455,56 @@ class StoreRoot:
         if bad:
             raise StoreError(f"volume {name}: its header file is damaged (bad {', '.join(bad)})")
         return header
+
+
+#: The one mode of each kind of file in a store: private to the store's owner.
+_PRIVATE = {stat.S_IFDIR: 0o700, stat.S_IFREG: 0o600}
+
+
+def _repair_mode(fd: int, path: Path) -> None:
+    """Set the mode of the directory or regular file open at *fd* to its private one."""
+    st = os.fstat(fd)
+    wanted = _PRIVATE.get(stat.S_IFMT(st.st_mode))
+    mode = stat.S_IMODE(st.st_mode)
+    if wanted is None or mode == wanted:
+        return
+    try:
+        os.fchmod(fd, wanted)
+    except OSError as exc:
+        raise StoreError(
+            f"{path} has mode {mode:04o}, open to other users, and cannot be made "
+            f"{wanted:04o}: {exc.strerror}; run as the store's owner"
+        ) from None
+    log.warning(
+        "%s had mode %04o, open to other users (they may have read it); set it to %04o",
+        path, mode, wanted,
+    )  # fmt: skip
+
+
+def _repair_entry(dir_fd: int, name: str, path: Path) -> None:
+    """`_repair_mode` of entry *name* of *dir_fd*, if it is a directory or regular file.
+
+    Opened without following a link and without blocking on a FIFO, and checked through the
+    fd, so that what is changed is what was checked."""
+    try:
+        fd = os.open(name, os.O_RDONLY | _FILE_FLAGS, dir_fd=dir_fd)
+    except OSError as exc:
+        if exc.errno in (errno.ENOENT, errno.ELOOP, errno.ENXIO):
+            return  # gone meanwhile, a link, a socket: nothing of ours to repair
+        raise StoreError(f"cannot check the mode of {path}: {exc.strerror}") from None
+    try:
+        _repair_mode(fd, path)
+    finally:
+        os.close(fd)
+
+
+def _make_volume_private(dir_fd: int, path: Path) -> None:
+    """Give a volume directory and each file in it their private modes (see `_make_private`)."""
+    _repair_mode(dir_fd, path)
+    with os.scandir(dir_fd) as entries:
+        for entry in entries:
+            if entry.is_file(follow_symlinks=False):
+                _repair_entry(dir_fd, entry.name, path / entry.name)
 
 
 def _count(value: object) -> bool:
