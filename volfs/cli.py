@@ -108,7 +108,7 @@ def print_table(rows: list[dict]) -> None:
             r["name"],
             human_size(r["size"]) if r["size"] else "-",
             human_size(r["used"]),
-            ",".join(r["mounts"]) or "-",
+            ",".join(f"{m} (ro)" if m in r.get("read_only", ()) else m for m in r["mounts"]) or "-",
             r["status"],
             r["created"],
         ]

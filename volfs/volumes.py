@@ -109,11 +109,16 @@ def describe(
     status: str | None = None,
     staging: Path | None = None,
     read_only: Iterable[Path] = (),
+    device: str | None = None,
 ) -> dict:
     """What `ls` and `inspect` show of volume *name*.
 
-    *status*, *staging* and *read_only* come from the daemon when it serves the volume;
-    without them the status is read off the volume's lock.
+    *status*, *staging*, *read_only* and *device* (the "major:minor" of the FUSE mount serving
+    the volume) come from the daemon when it serves the volume; without them the status is read
+    off the volume's lock and the device off ``volumes/NAME/device``.  Mounts are this volume's
+    if they are of its device; with no device known, those of a volfs mount named like it,
+    and only while the volume is served: another store's volume of the same name (or a dead
+    mount of this one) is not this volume's.
     """
     # One damaged volume must not hide the others from `ls`: what is wrong with it is its
     # status, and the rest of its row shows what could be read.
@@ -129,11 +134,19 @@ def describe(
         served = False
         problems.append(str(exc))
     usage = root.usage(name)
-    paths = sorted(
-        e.mountpoint
-        for e in mounts.volfs_mounts()
-        if e.source == name and e.mountpoint != str(staging)
-    )
+    if device is None and served:
+        device = root.served_device(name)
+    if device is not None:
+        ours = [e for e in mounts.volfs_mounts() if e.device == device]
+    elif served:
+        ours = [e for e in mounts.volfs_mounts() if e.source == name]
+    else:
+        ours = []
+    ours = [e for e in ours if e.mountpoint != str(staging)]
+    paths = sorted(e.mountpoint for e in ours)
+    # Read-only as the daemon made them, or as the mount table says (per-mount options).
+    ro_paths = {str(p) for p in read_only}
+    ro_paths |= {e.mountpoint for e in ours if "ro" in e.options.split(",")}
     if problems:
         status = "damaged: " + "; ".join(problems)
     elif status is None:
@@ -145,7 +158,7 @@ def describe(
         "used": usage.get("used", 0),
         "inodes": usage.get("inodes", 0),
         "mounts": paths,
-        "read_only": sorted(str(p) for p in read_only),
+        "read_only": sorted(ro_paths),
         "status": status,
         "created": created,
         "labels": header.get("labels", {}),

@@ -7,6 +7,7 @@ Layout::
                                  "segment_size", "block_size", "size" (quota, 0: none), "labels"}
     ROOT/volumes/NAME/usage      one frame: {"used", "inodes"}, rewritten by the server
     ROOT/volumes/NAME/lock       flock held by the one process serving the volume
+    ROOT/volumes/NAME/device     "major:minor\\n" of its FUSE mount, by its server (while locked)
     ROOT/volumes/NAME/checkpoint the state as of a log position (journal.py)
     ROOT/volumes/NAME/seg-*.log  the log (log.py)
 """
@@ -38,6 +39,9 @@ VOLUME_KIND = "volfs-volume"
 DEFAULT_SEGMENT_SIZE = 64 * 1024 * 1024
 #: Most bytes a volume's labels may take (packed): the header file is read in one 64 KiB piece.
 MAX_LABELS = 32 * 1024
+#: In a volume directory: the device of the FUSE mount serving it (`served_device`).
+DEVICE_FILE = "device"
+_DEVICE = re.compile(r"([0-9]{1,10}:[0-9]{1,10})\n?")
 NAME_PATTERN = re.compile(r"[a-z0-9][a-z0-9_.-]{0,62}")
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 #: For the store's own small files: no links followed, and no hang on a FIFO planted there.
@@ -328,6 +332,31 @@ class StoreRoot:
             return pidlock.is_held("lock", dir_fd)
         finally:
             os.close(dir_fd)
+
+    def served_device(self, name: str) -> str | None:
+        """The device ("major:minor") of the FUSE mount serving volume *name*, as its server
+        wrote it in ``volumes/NAME/device`` (one line, "major:minor\\n"); None if there is no
+        such file or it holds anything else.
+
+        Only true while the volume's lock is held: device numbers of FUSE mounts are reused
+        once a mount is gone, so a caller checks `is_served` first.
+        """
+        try:
+            dir_fd = self._open_dir(name)
+        except StoreError:
+            return None
+        try:
+            fd = os.open(DEVICE_FILE, os.O_RDONLY | _FILE_FLAGS, dir_fd=dir_fd)
+            with os.fdopen(fd, "rb") as src:
+                if not stat.S_ISREG(os.fstat(src.fileno()).st_mode):
+                    return None
+                text = src.read(64).decode("ascii", errors="replace")
+        except OSError:
+            return None
+        finally:
+            os.close(dir_fd)
+        match = _DEVICE.fullmatch(text)
+        return match[1] if match else None
 
     def lock_holder(self, name: str) -> str:
         """The pid the volume's lock file names (for messages; "unknown" if none)."""
