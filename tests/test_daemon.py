@@ -682,3 +682,34 @@ def test_config_example_parses():
     declared = load_config(example)
     assert declared["photos"]["size"] == 10 << 30
     assert declared["reference-data"]["read_only"] is True
+
+
+@ROOT_ONLY
+def test_config_example_read_only_volume_can_be_filled(host, tmp_path):
+    """The example declares a read-only volume; what its comment says fills it."""
+    example = (Path(__file__).parent.parent / "systemd" / "volumes.toml.example").read_text()
+    assert "volfsd mount reference-data /srv/admin/reference-data" in example
+    srv = tmp_path / "srv"
+    config = tmp_path / "volumes.toml"
+    config.write_text(example.replace('"/srv/', f'"{srv}/'))
+    notify, notify_path = _notify_socket(tmp_path)
+    proc = subprocess.Popen([sys.executable, "-m", "volfs", "serve", "--config", str(config)],
+                            env={**host.env, "NOTIFY_SOCKET": notify_path},
+                            stderr=subprocess.DEVNULL)  # fmt: skip
+    try:
+        assert notify.recv(4096) == b"READY=1"
+        readers, admin = srv / "readers" / "data", srv / "admin" / "reference-data"
+        with pytest.raises(OSError) as info:
+            (readers / "table.csv").write_bytes(b"x")
+        assert info.value.errno == errno.EROFS
+        host.cli("mount", "reference-data", str(admin))
+        (admin / "table.csv").write_bytes(b"a,b\n1,2\n")
+        host.cli("umount", str(admin))
+        assert (readers / "table.csv").read_bytes() == b"a,b\n1,2\n"
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=120) == 0
+    finally:
+        notify.close()
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
