@@ -9,9 +9,14 @@ cd "$(dirname "$0")"
 mode=system
 if [ "${1:-}" = "--dev" ]; then mode=dev; fi
 
-packages=(fuse3 libfuse3-dev pkg-config gcc python3-dev python3-venv sqlite3 util-linux)
-# The test suite and bench/ also drive fio, bindfs and rclone (peers to compare with), attr tools.
-if [ "$mode" = dev ]; then packages+=(fio bindfs rclone attr); fi
+# fuse3: the kernel interface and fusermount3; libfuse3-dev, pkg-config, gcc, python3-dev: to
+# build pyfuse3; python3-venv; mount: the daemon's bind mounts run mount and umount (a package
+# of its own on Debian, and not an essential one, so a minimal image may lack it).
+packages=(fuse3 libfuse3-dev pkg-config gcc python3-dev python3-venv mount)
+# The test suite and bench/ also drive fio, bindfs and rclone (peers to compare with), attr
+# tools, and util-linux's setpriv and unshare (tests acting as another user, and from another
+# mount namespace). (No sqlite3 shell: the SQLite tests use Python's own sqlite3 module.)
+if [ "$mode" = dev ]; then packages+=(fio bindfs rclone attr util-linux); fi
 missing=()
 for p in "${packages[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
