@@ -144,6 +144,31 @@ def _foreground(store_root, name: str, mnt) -> subprocess.Popen:
     return proc
 
 
+def test_umount_busy_names_the_users(store_root, tmp_path):
+    """Unmounting a foreground mount that a process uses names that process."""
+    mnt = tmp_path / "fg"
+    proc = _foreground(store_root, "fgvol", mnt)
+    holder = None
+    try:
+        (mnt / "f").write_bytes(b"held")
+        with open(mnt / "f") as f:
+            holder = subprocess.Popen(["sleep", "120"], stdin=f, cwd="/")
+        done = volfsd("umount", str(mnt), root=store_root, check=False)
+        refused(done, f"is busy (used by pid {holder.pid} (sleep, open file))", "--lazy")
+    finally:
+        if holder is not None:
+            holder.kill()
+            holder.wait()
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        if mounts.find_mount(mnt) is not None:
+            mounts.detach(mnt, lazy=True)
+
+
 def test_foreground_mount_and_sigterm(store_root, tmp_path):
     mnt = tmp_path / "fg"
     proc = _foreground(store_root, "fgvol", mnt)

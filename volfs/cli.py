@@ -22,6 +22,7 @@ from volfs import control, mounts, scrub
 from volfs.errors import VolfsError
 from volfs.store import pidlock
 from volfs.store.root import StoreRoot, check_name, default_root, open_log
+from volfs.users import describe_users, users_of
 from volfs.volumes import check_mountpoint, describe, parse_size, prepare_mountpoint
 
 #: How long `mount` waits for a daemon it started to listen.
@@ -231,8 +232,10 @@ def cmd_umount(args: argparse.Namespace) -> None:
     problem = mounts.detach(mountpoint, lazy=args.lazy)
     if problem is not None:
         if "busy" in problem.lower():
+            who = describe_users(users_of(entry.device))
             raise CliError(
-                f"{mountpoint} is busy: stop the processes using it, or use --lazy to detach now"
+                f"{mountpoint} is busy{f' (used by {who})' if who else ''}: stop the processes "
+                "using it, or use --lazy to detach now"
             )
         raise CliError(f"cannot unmount {mountpoint}: {problem}")
     _wait_released(default_root(), entry.source)
