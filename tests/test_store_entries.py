@@ -134,7 +134,7 @@ def test_planted_log_and_lock_files_are_refused_by_path(store_root, tmp_path, pl
     bait.mkdir() if where.endswith("logs") else bait.write_bytes(b"not ours")
     volfsd("create", "v", root=store_root)
     if where.startswith("store/logs/"):
-        (store_root / "logs").mkdir()
+        (store_root / "logs").mkdir(mode=0o700)
     run_dir_of(store_root).mkdir(mode=0o700, exist_ok=True)
     path = tmp_path / where
     plant(path, bait)

@@ -430,9 +430,12 @@ class StoreRoot:
                 "unmount it there first, or add a mount point of that mount"
             ) from None
 
-    def _read_header(self, name: str, dir_fd: int) -> dict:
-        """The volume's header; FileNotFoundError if it has none (not created yet)."""
-        path = self.volume_path(name) / "volume"
+    @staticmethod
+    def _read_header(name: str, dir_fd: int) -> dict:
+        """The volume's header; FileNotFoundError if it has none (not created yet).
+
+        Static, for check.py, which has a volume directory and no store root."""
+        path = _fd_path(dir_fd) / "volume"
         try:
             fd = os.open("volume", os.O_RDONLY | _FILE_FLAGS, dir_fd=dir_fd)
         except FileNotFoundError:
@@ -534,6 +537,14 @@ def _make_volume_private(dir_fd: int, path: Path) -> None:
         for entry in entries:
             if entry.is_file(follow_symlinks=False):
                 _repair_entry(dir_fd, entry.name, path / entry.name)
+
+
+def _fd_path(fd: int) -> Path:
+    """The path of the directory open at *fd*, for messages."""
+    try:
+        return Path(os.readlink(f"/proc/self/fd/{fd}"))
+    except OSError:
+        return Path(f"/proc/self/fd/{fd}")
 
 
 def _count(value: object) -> bool:
