@@ -9,13 +9,18 @@ cd "$(dirname "$0")"
 mode=system
 if [ "${1:-}" = "--dev" ]; then mode=dev; fi
 
-packages=(fuse3 libfuse3-dev pkg-config gcc python3-dev python3-venv sqlite3 util-linux)
-# The test suite and bench/ also drive fio, bindfs and rclone (peers to compare with), attr tools.
-# The container tests start their own Docker engine (Debian's docker.io brings dockerd, its own
-# containerd and runc, and the /usr/bin/docker client the tests use) and build their image from
-# busybox-static; docker-compose is for tests of the README's compose recipe.
+# fuse3: the kernel interface and fusermount3; libfuse3-dev, pkg-config, gcc, python3-dev: to
+# build pyfuse3; python3-venv. (The daemon makes its bind mounts with Linux's mount calls on
+# descriptors, not with mount(8).)
+packages=(fuse3 libfuse3-dev pkg-config gcc python3-dev python3-venv)
+# The test suite and bench/ also drive fio, bindfs and rclone (peers to compare with), attr
+# tools, and util-linux's setpriv and unshare (tests acting as another user, and from another
+# mount namespace; its mount and umount too). (No sqlite3 shell: the SQLite tests use Python's
+# own sqlite3 module.) The container tests start their own Docker engine (Debian's docker.io
+# brings dockerd, its own containerd and runc, and the /usr/bin/docker client the tests use)
+# and build their image from busybox-static; docker-compose is for the compose recipe.
 if [ "$mode" = dev ]; then
-    packages+=(fio bindfs rclone attr docker.io busybox-static docker-compose)
+    packages+=(fio bindfs rclone attr util-linux mount docker.io busybox-static docker-compose)
 fi
 missing=()
 for p in "${packages[@]}"; do

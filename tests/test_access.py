@@ -1,5 +1,5 @@
-"""Nobody let in: other users reach neither the daemon nor the store, and the store never
-follows a link planted among its files."""
+"""Nobody let in: other users reach neither the daemon nor the store, the store never follows
+a link planted among its files, and a store made readable to others is made private again."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import as_nobody, stop_daemon, volfsd
+from conftest import as_nobody, run_dir_of, stop_daemon, volfsd
 
 ROOT_ONLY = pytest.mark.skipif(os.geteuid() != 0, reason="acting as another uid needs root")
 
@@ -88,6 +88,40 @@ def test_planted_symlink_is_never_followed(volume, tmp_path, planted):
         volume.pid = int((volume.store / "lock").read_text().split()[0])
         volume._paths.append(volume.path)
         volume.unmount()
-    else:
+    else:  # refused, naming the link, not as an internal error
         assert done.stderr.count("\n") == 1 and "Traceback" not in done.stderr, done.stderr
+        assert f"{target} is a symbolic link" in done.stderr, done.stderr
     assert bait.read_bytes() == b"not a store file"
+
+
+def test_world_readable_store_is_made_private_again(volume, tmp_path):
+    """A store made world-readable from outside (chmod 755/644) gets its private modes back
+    when it is next opened, with a warning naming each path that was open."""
+    root = volume.root
+    mnt = volume.mount()
+    (mnt / "f").write_bytes(b"secret contents")
+    volume.unmount()
+    stop_daemon(run_dir_of(root))  # so that `ls` opens the store itself, in the CLI
+    opened = [root, *root.rglob("*")]
+    for path in opened:
+        path.chmod(0o755 if path.is_dir() else 0o644)
+    done = volfsd("ls", root=root)
+    top = [root, root / "volumes", volume.store, root / "logs", *(root / "logs").iterdir()]
+    for path in top:
+        mode = stat.S_IMODE(path.lstat().st_mode)
+        assert mode == (0o700 if path.is_dir() else 0o600), (path, oct(mode))
+        old = "0755" if path.is_dir() else "0644"
+        assert _warned(done.stderr, f"{path} had mode {old}, open to other users"), done.stderr
+    # The volume's own files are repaired when it is opened: by the worker that mounts it.
+    mnt = volume.mount()
+    assert (mnt / "f").read_bytes() == b"secret contents"
+    worker_log = volume.log_file.read_text()
+    for path in opened:
+        mode = stat.S_IMODE(path.lstat().st_mode)
+        assert mode == (0o700 if path.is_dir() else 0o600), (path, oct(mode))
+        if path.parent == volume.store:
+            assert _warned(worker_log, f"{path} had mode 0644, open to other users"), path
+
+
+def _warned(log_text: str, words: str) -> bool:
+    return any("WARNING" in line and words in line for line in log_text.splitlines())

@@ -1,11 +1,14 @@
-"""The CLI's mount and umount, and every refusal: one line on stderr, exit status 1."""
+"""The CLI's mount and umount, and every refusal: one line on stderr, exit status 1 (2 for
+fsck and scrub), and internal errors that name the file holding their traceback."""
 
 from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
+import tempfile
 import time
 
 import pytest
@@ -141,6 +144,31 @@ def _foreground(store_root, name: str, mnt) -> subprocess.Popen:
     return proc
 
 
+def test_umount_busy_names_the_users(store_root, tmp_path):
+    """Unmounting a foreground mount that a process uses names that process."""
+    mnt = tmp_path / "fg"
+    proc = _foreground(store_root, "fgvol", mnt)
+    holder = None
+    try:
+        (mnt / "f").write_bytes(b"held")
+        with open(mnt / "f") as f:
+            holder = subprocess.Popen(["sleep", "120"], stdin=f, cwd="/")
+        done = volfsd("umount", str(mnt), root=store_root, check=False)
+        refused(done, f"is busy (used by pid {holder.pid} (sleep, open file))", "--lazy")
+    finally:
+        if holder is not None:
+            holder.kill()
+            holder.wait()
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        if mounts.find_mount(mnt) is not None:
+            mounts.detach(mnt, lazy=True)
+
+
 def test_foreground_mount_and_sigterm(store_root, tmp_path):
     mnt = tmp_path / "fg"
     proc = _foreground(store_root, "fgvol", mnt)
@@ -155,3 +183,152 @@ def test_foreground_mount_and_sigterm(store_root, tmp_path):
             proc.wait()
         if mounts.find_mount(mnt) is not None:
             mounts.detach(mnt, lazy=True)
+
+
+# -- version, exit statuses, internal errors -----------------------------------------------------
+
+
+def test_version(store_root):
+    import importlib.metadata
+
+    import volfs
+
+    done = volfsd("--version", root=store_root)
+    assert done.stdout == f"volfsd {volfs.__version__}\n"
+    assert volfs.__version__ == importlib.metadata.version("volfs")  # one version, not two
+
+
+#: A failing call of every command but fsck and scrub: each exits 1 with one line.
+FAILURES = [
+    ("create", "Bad/Name"),
+    ("create", "v", "--size", "lots"),
+    ("inspect", "ghost"),
+    ("mount", "v", "relative"),
+    ("umount", "/"),
+    ("rm", "ghost"),
+    ("status",),
+    ("serve", "--config", "/nonexistent/volumes.toml"),
+    (),
+    ("frobnicate",),
+    ("ls", "--format", "xml"),
+]
+
+
+@pytest.mark.parametrize("args", FAILURES, ids=" ".join)
+def test_every_other_failure_exits_1(store_root, args):
+    refused(volfsd(*args, root=store_root, check=False))
+
+
+def test_ls_of_an_unusable_store_exits_1(store_root):
+    store_root.mkdir()
+    (store_root / "FORMAT").write_text("volfs-store 99\n")
+    refused(volfsd("ls", root=store_root, check=False), "upgrade")
+
+
+#: fsck and scrub exit 1 only for damage found; whatever keeps them from checking exits 2.
+UNCHECKED = [
+    ("fsck", "ghost"),
+    ("scrub", "ghost"),
+    ("fsck", "Bad/Name"),
+    ("fsck",),
+    ("scrub", "ghost", "--rate", "fast"),
+    ("fsck", "ghost", "--bogus"),
+]
+
+
+@pytest.mark.parametrize("args", UNCHECKED, ids=" ".join)
+def test_check_failures_exit_2(store_root, args):
+    done = volfsd(*args, root=store_root, check=False)
+    assert done.returncode == 2, done
+    assert done.stderr.startswith("volfsd: ") and done.stderr.count("\n") == 1, done.stderr
+
+
+def test_cli_internal_error_names_its_log(store_root, monkeypatch, capsys):
+    """A bug in the CLI is one line naming the file that holds its traceback."""
+    from volfs import cli
+
+    def broken(args):
+        raise RuntimeError("a bug\nwith a second line")
+
+    volfsd("create", "v", root=store_root)
+    monkeypatch.setenv("VOLFS_ROOT", str(store_root))
+    monkeypatch.setattr(cli, "cmd_ls", broken)
+    assert cli.main(["ls"]) == 1
+    assert cli.main(["fsck", "v"]) == 0  # only ls is broken
+    capsys.readouterr()
+    monkeypatch.setattr(cli, "cmd_fsck", broken)
+    assert cli.main(["fsck", "v"]) == 2
+    err = capsys.readouterr().err
+    log_file = store_root / "logs" / cli.CLI_LOG
+    assert err == f"volfsd: internal error (RuntimeError: a bug); the traceback is in {log_file}\n"
+    text = log_file.read_text()
+    assert "volfsd ls: internal error" in text and "volfsd fsck v: internal error" in text
+    assert "Traceback" in text and 'raise RuntimeError("a bug' in text
+    assert log_file.stat().st_mode & 0o777 == 0o600
+    # Without a store root to log into, the traceback goes to stderr.
+    monkeypatch.setenv("VOLFS_ROOT", str(store_root.parent / "nowhere"))
+    assert cli.main(["ls"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("volfsd: internal error (RuntimeError: a bug); traceback:\n")
+    assert "Traceback" in err
+    assert not (store_root.parent / "nowhere").exists()
+
+
+_FAKE_DAEMON = """
+import os, socket, struct, sys, msgpack
+sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+sock.bind(sys.argv[1] + "/volfsd.sock")
+sock.listen(8)
+open(sys.argv[1] + "/volfsd.pid", "w").write(f"{os.getpid()}\\n")
+print("ready", flush=True)
+while True:
+    conn, _ = sock.accept()
+    conn.recv(65536)
+    body = msgpack.packb({"ok": False, "error": "internal error in volfsd; see its log"})
+    conn.sendall(struct.pack(">I", len(body)) + body)
+    conn.close()
+"""
+
+
+def test_daemon_internal_error_names_its_log(store_root):
+    """The daemon's reply to a request that hit a bug names no log: the CLI names it."""
+    run = run_dir_of(store_root)
+    run.mkdir(parents=True)
+    log_file = store_root.parent / "daemon.log"
+    with open(log_file, "w") as err:
+        # A stand-in that answers every request as volfsd does when a request hits a bug.
+        proc = subprocess.Popen([sys.executable, "-c", _FAKE_DAEMON, str(run)],
+                                stdout=subprocess.PIPE, stderr=err, text=True)  # fmt: skip
+    try:
+        assert proc.stdout.readline() == "ready\n"
+        done = volfsd("ls", root=store_root, check=False)
+        refused(done, f"internal error in volfsd; the traceback is in {log_file}")
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def test_log_destination():
+    """Where a process logs: its stderr's file, the journal (JOURNAL_STREAM) or the stream."""
+    from volfs.control import log_destination
+
+    with tempfile.NamedTemporaryFile() as f:
+        proc = subprocess.Popen(["sleep", "60"], stderr=f)
+        try:
+            assert log_destination(proc.pid) == f.name
+        finally:
+            proc.kill()
+            proc.wait()
+    left, right = socket.socketpair()
+    with left, right:
+        st = os.fstat(left.fileno())
+        env = {**os.environ, "JOURNAL_STREAM": f"{st.st_dev}:{st.st_ino}"}
+        proc = subprocess.Popen(["sleep", "60"], stderr=left, env=env)
+        other = subprocess.Popen(["sleep", "60"], stderr=left)  # a socket, but no journal
+        try:
+            assert log_destination(proc.pid) == "the journal (journalctl -u volfsd)"
+            assert log_destination(other.pid).startswith(f"the stderr of process {other.pid}")
+        finally:
+            for p in (proc, other):
+                p.kill()
+                p.wait()

@@ -93,7 +93,8 @@ def test_cli_refusals(host, tmp_path):
     assert status["daemon"]["pid"] == host.daemon_pid() and "v" in status["by_name"]
 
 
-SIZES = [("512M", 512 << 20), ("10G", 10 << 30), ("1T", 1 << 40), ("4096", 4096), ("1.5G", 3 << 29)]
+SIZES = [("512M", 512 << 20), ("10G", 10 << 30), ("1T", 1 << 40), ("4096", 4096), ("1K", 1024),
+         (4096, 4096), ("4194304T", 1 << 62)]  # fmt: skip
 
 
 @pytest.mark.parametrize("size,expected", SIZES)
@@ -103,13 +104,27 @@ def test_sizes(size, expected):
     assert parse_size(size) == expected
 
 
-@pytest.mark.parametrize("size", ["", "0", "-1G", "10X", "G", "1e999", "1e3", "20000000T"])
+#: Only what the README lists: a whole number with K, M, G or T (upper case), nothing else.
+BAD_SIZES = ["", "0", "0G", "-1G", "10X", "G", "1e999", "1e3", "20000000T", "4194305T", "1.5G",
+             "5P", "10g", "10GB", "10GiB", "10B", " 10G", "10G ", "10 G", "+10G", "\u0661\u0660G",
+             "9" * 5000, -5, 0, True]  # fmt: skip
+
+
+@pytest.mark.parametrize("size", BAD_SIZES)
 def test_bad_sizes(size):
     from volfs.errors import VolfsError
     from volfs.volumes import parse_size
 
-    with pytest.raises(VolfsError):
+    with pytest.raises(VolfsError) as info:
         parse_size(size)
+    message = str(info.value)
+    assert "too large" in message or "K, M, G or T" in message, message
+
+
+def test_size_errors_say_what_is_accepted(host):
+    host.refused("create", "v", "--size", "10g", words=("K, M, G or T", "upper case: 10G"))
+    host.refused("create", "v", "--size", "1.5G", words=("whole number",))
+    assert host.cli("ls", "-q").stdout.split() == []
 
 
 def test_store_limits_are_one_line_errors(host, tmp_path):
@@ -669,3 +684,44 @@ def test_config_example_parses():
     declared = load_config(example)
     assert declared["photos"]["size"] == 10 << 30
     assert declared["reference-data"]["read_only"] is True
+
+
+@ROOT_ONLY
+def test_config_example_read_only_volume_can_be_filled(host, tmp_path):
+    """The example declares a read-only volume; what its comment says fills it."""
+    example = (Path(__file__).parent.parent / "systemd" / "volumes.toml.example").read_text()
+    assert "volfsd mount reference-data /srv/admin/reference-data" in example
+    srv = tmp_path / "srv"
+    config = tmp_path / "volumes.toml"
+    config.write_text(example.replace('"/srv/', f'"{srv}/'))
+    notify, notify_path = _notify_socket(tmp_path)
+    proc = subprocess.Popen([sys.executable, "-m", "volfs", "serve", "--config", str(config)],
+                            env={**host.env, "NOTIFY_SOCKET": notify_path},
+                            stderr=subprocess.DEVNULL)  # fmt: skip
+    try:
+        assert notify.recv(4096) == b"READY=1"
+        readers, admin = srv / "readers" / "data", srv / "admin" / "reference-data"
+        with pytest.raises(OSError) as info:
+            (readers / "table.csv").write_bytes(b"x")
+        assert info.value.errno == errno.EROFS
+        host.cli("mount", "reference-data", str(admin))
+        (admin / "table.csv").write_bytes(b"a,b\n1,2\n")
+        host.cli("umount", str(admin))
+        assert (readers / "table.csv").read_bytes() == b"a,b\n1,2\n"
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=120) == 0
+    finally:
+        notify.close()
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def test_daemon_and_workers_leave_their_start_directory(host, tmp_path):
+    """Item 11: a daemon started from a directory must not pin it (nor must its workers)."""
+    start = tmp_path / "started-here"
+    start.mkdir()
+    subprocess.run([sys.executable, "-m", "volfs", "mount", "v", str(tmp_path / "m")],
+                   env=host.env, cwd=start, check=True, timeout=120)  # fmt: skip
+    for pid in (host.daemon_pid(), host.worker_pid("v")):
+        assert os.readlink(f"/proc/{pid}/cwd") == "/"

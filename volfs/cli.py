@@ -1,4 +1,5 @@
-"""``volfsd``: the command line.  Every failure is one line on stderr and exit status 1.
+"""``volfsd``: the command line.  Every failure is one line on stderr and exit status 1;
+fsck and scrub exit 0 clean, 1 damage found, 2 not checked (so their failures exit 2).
 
 Commands talk to the daemon over its control socket.  `mount` starts the daemon in the
 background if none is running; commands that only read or change the store (`ls`, `inspect`,
@@ -13,19 +14,29 @@ import logging
 import subprocess
 import sys
 import time
+import traceback
 from pathlib import Path
 
+import volfs
 from volfs import control, mounts, scrub
 from volfs.errors import VolfsError
 from volfs.mountpoint import REPLACE, normalize, open_mountpoint, prepare
 from volfs.store import pidlock
-from volfs.store.root import StoreRoot, check_name, default_root
+from volfs.store.root import StoreRoot, check_name, default_root, open_log
+from volfs.users import describe_users, users_of
 from volfs.volumes import describe, parse_size
 
 #: How long `mount` waits for a daemon it started to listen.
 DAEMON_START_TIMEOUT = 30.0
 #: How long `umount` waits for a worker it detached directly to let go of the volume.
 UMOUNT_TIMEOUT = 120.0
+#: Where the CLI writes the traceback of an internal error, in the store root's logs/.  Volume
+#: names start with a letter or digit, so no volume's worker log can be this file.
+CLI_LOG = "_cli.log"
+#: Commands whose exit status 1 means "damage found": their failures exit 2 ("not checked").
+CHECKS = {"fsck": scrub.UNCHECKED, "scrub": scrub.UNCHECKED}
+#: What the daemon answers when a request hit a bug (volfs/daemon.py); it names no log.
+DAEMON_INTERNAL = "internal error in volfsd; see its log"
 
 
 class CliError(VolfsError):
@@ -42,7 +53,16 @@ def _root() -> StoreRoot:
 
 
 def _call(cmd: str, **args: object) -> object:
-    return control.call(control.default_run_dir(), cmd, **args)
+    run_dir = control.default_run_dir()
+    try:
+        return control.call(run_dir, cmd, **args)
+    except VolfsError as exc:
+        if str(exc) != DAEMON_INTERNAL:
+            raise
+        # Name the log the traceback went to: the daemon's stderr, found through /proc.
+        raise CliError(
+            f"internal error in volfsd; the traceback is in {control.daemon_log(run_dir)}"
+        ) from None
 
 
 def _start_daemon(root: StoreRoot) -> None:
@@ -90,7 +110,7 @@ def print_table(rows: list[dict]) -> None:
             r["name"],
             human_size(r["size"]) if r["size"] else "-",
             human_size(r["used"]),
-            ",".join(r["mounts"]) or "-",
+            ",".join(f"{m} (ro)" if m in r.get("read_only", ()) else m for m in r["mounts"]) or "-",
             r["status"],
             r["created"],
         ]
@@ -212,8 +232,7 @@ def _mount_foreground(
     if not root.exists(name):
         root.create_volume(name, size)
     if root.is_served(name):
-        holder = (root.volume_path(name) / "lock").read_text().strip() or "unknown"
-        raise CliError(f"volume {name} is already being served (pid {holder})")
+        raise CliError(f"volume {name} is already being served (pid {root.lock_holder(name)})")
     with open_mountpoint(mountpoint, create=True) as target:
         if prepare(target, name) == REPLACE:
             mounts.detach(mountpoint, lazy=True)  # a dead mount of this volume
@@ -244,20 +263,50 @@ def cmd_umount(args: argparse.Namespace) -> None:
             raise
     if entry is None or entry.fstype != mounts.FSTYPE:
         raise CliError(f"{mountpoint} is not a volfs mount")
-    run_dir = control.default_run_dir()
-    if mountpoint.is_relative_to(run_dir):
-        raise CliError(
-            f"{mountpoint} is the daemon's own staging mount: unmount the volume's paths instead"
-        )
+    _check_foreground_mount(mountpoint, entry)
     # Served outside the daemon (volfsd mount -f): detach it and wait for its worker.
     problem = mounts.detach(mountpoint, lazy=args.lazy)
     if problem is not None:
         if "busy" in problem.lower():
+            who = describe_users(users_of(entry.device))
             raise CliError(
-                f"{mountpoint} is busy: stop the processes using it, or use --lazy to detach now"
+                f"{mountpoint} is busy{f' (used by {who})' if who else ''}: stop the processes "
+                "using it, or use --lazy to detach now"
             )
         raise CliError(f"cannot unmount {mountpoint}: {problem}")
     _wait_released(default_root(), entry.source)
+
+
+def _check_foreground_mount(mountpoint: Path, entry: mounts.MountEntry) -> None:
+    """Refuse to detach *mountpoint* by hand unless it is a `mount -f` mount of our store.
+
+    Anything else belongs to a daemon (its staging mount, or a bind of it that some other
+    daemon serves): detaching it behind that daemon's back would leave it binding a bare
+    directory, or take a volume from another store's users.
+    """
+    if mountpoint.is_relative_to(control.default_run_dir()):
+        raise CliError(
+            f"{mountpoint} is the daemon's own staging mount: unmount the volume's paths instead"
+        )
+    root = _root()
+    name = entry.source
+    ours = root.exists(name) and root.is_served(name) and root.served_device(name) == entry.device
+    if not ours:
+        raise CliError(
+            f"{mountpoint} is volume {name} of another store or daemon: unmount it with the "
+            "volfsd that serves it (its VOLFS_ROOT and VOLFS_RUN_DIR)"
+        )
+    staging = f"/staging/{name}"
+    staged = [
+        e.mountpoint
+        for e in mounts.volfs_mounts()
+        if e.device == entry.device and e.mountpoint.endswith(staging)
+    ]
+    if staged:
+        raise CliError(
+            f"{mountpoint} is served by another volfsd daemon (staging mount {staged[0]}): "
+            "unmount it through that daemon (set VOLFS_RUN_DIR to its runtime dir)"
+        )
 
 
 def _umount_all() -> None:
@@ -295,12 +344,12 @@ def cmd_rm(args: argparse.Namespace) -> None:
         print(name)
 
 
-def cmd_fsck(args: argparse.Namespace) -> None:
-    raise SystemExit(scrub.fsck(default_root(), args.name, args.repair))
+def cmd_fsck(args: argparse.Namespace) -> int:
+    return scrub.fsck(default_root(), args.name, args.repair)
 
 
-def cmd_scrub(args: argparse.Namespace) -> None:
-    raise SystemExit(scrub.scrub(default_root(), args.name, args.rate))
+def cmd_scrub(args: argparse.Namespace) -> int:
+    return scrub.scrub(default_root(), args.name, args.rate)
 
 
 def _rate(text: str) -> float:
@@ -322,6 +371,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="volfsd", description="Named, persistent, shared volumes over FUSE.")
+    parser.add_argument("--version", action="version", version=f"volfsd {volfs.__version__}")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     create = sub.add_parser("create", help="create volume NAME (no-op if it exists alike)")
@@ -383,20 +433,55 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _error_status(argv: list[str]) -> int:
+    """The exit status of a failure of the command *argv* names (also when it did not parse)."""
+    command = next((a for a in argv if not a.startswith("-")), None)
+    return CHECKS.get(command, 1)
+
+
+def _log_internal_error(argv: list[str]) -> str | None:
+    """Append the traceback of the exception being handled to the store's CLI log; its path."""
+    root = default_root()
+    if not root.is_dir():  # no store to log into, and creating one for this would be wrong
+        return None
+    stamp = time.strftime("%Y-%m-%d %H:%M:%S")
+    text = f"{stamp} volfsd {' '.join(argv)}: internal error\n{traceback.format_exc()}"
+    try:
+        with open_log(root, CLI_LOG) as log_file:
+            log_file.write(text.encode(errors="replace"))
+    except (OSError, VolfsError):
+        return None
+    return str(root / "logs" / CLI_LOG)
+
+
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(
         level=logging.WARNING, format="%(asctime)s volfsd[%(process)d] %(levelname)s %(message)s"
     )
+    argv = sys.argv[1:] if argv is None else argv
+    failed = _error_status(argv)
     try:
         args = build_parser().parse_args(argv)
-        args.func(args)
+        status = args.func(args)  # fsck and scrub return theirs; the others None when done
     except VolfsError as exc:
         print(f"volfsd: {exc}", file=sys.stderr)
-        return 1
+        return failed
     except KeyboardInterrupt:
         return 130
     except OSError as exc:
         where = f": {exc.filename}" if exc.filename else ""
         print(f"volfsd: {exc.strerror or exc}{where}", file=sys.stderr)
-        return 1
-    return 0
+        return failed
+    except Exception as exc:  # a bug: one line that says where the whole story is
+        what = (str(exc).splitlines() or [""])[0][:200]
+        summary = f"{type(exc).__name__}: {what}" if what else type(exc).__name__
+        logged = _log_internal_error(argv)
+        if logged is None:
+            print(f"volfsd: internal error ({summary}); traceback:", file=sys.stderr)
+            traceback.print_exc()
+        else:
+            print(
+                f"volfsd: internal error ({summary}); the traceback is in {logged}", file=sys.stderr
+            )
+        return failed
+    return status or 0

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import socket
+import stat
 import struct
 from pathlib import Path
 
@@ -37,6 +38,47 @@ def default_run_dir() -> Path:
         return Path("/run/volfs")
     runtime = os.environ.get("XDG_RUNTIME_DIR") or f"/tmp/volfs-{os.getuid()}"
     return Path(runtime) / "volfs"
+
+
+def log_destination(pid: int | str = "self") -> str:
+    """Where process *pid* (default: this one) writes its log, i.e. its stderr, for messages.
+
+    volfsd logs to stderr: a file when `volfsd mount` started it (logs/volfsd.log), the journal
+    under systemd (which sets ``JOURNAL_STREAM`` to the device and inode of that socket).
+    """
+    fd2 = f"/proc/{pid}/fd/2"
+    try:
+        target = os.readlink(fd2)
+        st = os.stat(fd2)  # follows the magic link to what fd 2 is
+    except OSError:
+        return f"the log of process {pid} (its stderr)"
+    if stat.S_ISREG(st.st_mode):
+        return target.removesuffix(" (deleted)")
+    journal = os.environ.get("JOURNAL_STREAM") if pid == "self" else _environ(pid, "JOURNAL_STREAM")
+    if journal == f"{st.st_dev}:{st.st_ino}":
+        return "the journal (journalctl -u volfsd)"
+    return f"the stderr of process {pid} ({target})"
+
+
+def _environ(pid: int | str, name: str) -> str | None:
+    try:
+        with open(f"/proc/{pid}/environ", "rb") as env:
+            entries = env.read().split(b"\0")
+    except OSError:
+        return None
+    prefix = name.encode() + b"="
+    return next(
+        (e[len(prefix) :].decode(errors="replace") for e in entries if e.startswith(prefix)), None
+    )
+
+
+def daemon_log(run_dir: Path) -> str:
+    """Where the daemon of *run_dir* logs (named in errors that point to its log)."""
+    try:
+        pid = int((run_dir / "volfsd.pid").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return "the daemon's log (its stderr)"
+    return log_destination(pid)
 
 
 def encode(message: dict) -> bytes:

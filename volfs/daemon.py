@@ -363,7 +363,9 @@ class Daemon:
         served = self.served.get(name)
         if served is None:
             return describe(self.root, name)
-        return describe(self.root, name, served.status, served.staging, served.read_only)
+        staging = served.staging if self._bind else None
+        return describe(self.root, name, served.status, staging, served.read_only,
+                        device=served.device or None)  # fmt: skip
 
     # -- commands -------------------------------------------------------------------------------
 
@@ -651,7 +653,7 @@ class Daemon:
         exclude = {os.getpid()} | ({served.worker.pid} if served.worker is not None else set())
         found = users.users_of(served.device, exclude)
         if path is not None:
-            found = [u for u in found if u.what != "mount namespace" and _uses_path(u, path)]
+            found = [u for u in found if u.what != users.NAMESPACE and _uses_path(u, path)]
         if found:
             what = str(path) if path is not None else f"volume {served.name}"
             raise VolfsError(
@@ -761,7 +763,7 @@ def _uses_path(user: users.User, path: Path) -> bool:
         with contextlib.suppress(OSError):
             if Path(os.readlink(link)).is_relative_to(path):
                 return True
-    return user.what == "memory map"  # maps name no path we could trust: count them
+    return user.what == users.MMAP  # maps name no path we could trust: count them
 
 
 def serve(config: Path | None) -> None:

@@ -1,141 +1,249 @@
-"""Who uses a mounted volume: processes with files, directories or maps on it, and mount
-namespaces (containers) that hold a mount of it.
+"""Who uses a mount: the processes (and containers) that keep a volfs mount busy or alive.
 
-Read from /proc only, never through the mount itself: a stat of a file on a FUSE mount is a
-request to its worker, which may be dead or the very process asking.  A process's open files
-are matched by the mount id in ``/proc/PID/fdinfo/N`` against the ids its *own* mount
-namespace gives the volume's mounts (ids differ between namespaces); its cwd and root by
-``/proc/PID/mountinfo`` and the link text of ``cwd``/``root``; its maps by the device in
-``/proc/PID/maps``.  A process may end at any moment of the scan: whatever vanishes is skipped.
+`users_of(device)` scans /proc for every process that has something on the mount whose device
+is *device* ("major:minor", as in field 3 of /proc/PID/mountinfo): an open file, its working or
+root directory, a memory-mapped file, and mount namespaces other than ours that hold a mount of
+it at all (a container it was bound into: that keeps the file system alive after the host's
+mount is gone, with no file open).
+
+Nothing here calls into the file system it looks at, so a hung or dead volfs server cannot make
+it hang: no stat() of a path on the mount, and none of /proc/PID/fd/N or /proc/PID/cwd either,
+since stat follows those links to the file and asks its file system for attributes (a FUSE
+GETATTR once the attribute cache has expired).  Instead:
+
+* open files: /proc/PID/fdinfo/N names the file's mount (``mnt_id:``);
+* working and root directories: /proc/PID/cwd and /proc/PID/root opened with ``O_PATH``, whose
+  fdinfo names the mount.  The kernel resolves those links to the directory it holds (no lookup),
+  and an ``O_PATH`` open neither checks permissions on the file nor opens it, so the file system
+  is not asked anything (FUSE has no ``d_weak_revalidate``, the one hook such a walk could call);
+* mapped files: /proc/PID/maps gives each mapping's device, in hex;
+* mounts: /proc/PID/mountinfo, read once per mount namespace.
+
+Mount ids are unique system-wide, but each namespace's copy of a mount has an id of its own, so
+an fd's mount is matched against the ids that every namespace gives the device (an fd can be
+passed to a process of another namespace).  The one wait left is the kernel's: reading
+/proc/PID/maps takes the process's mmap lock, which a thread stuck in a page fault on a hung
+mount can hold (shared, so only if another of its threads then waits to map something).
+
+Processes come and go during a scan; whatever vanishes (or cannot be read) is skipped, never
+raised.  Threads are taken to share their process's files and directories (so is nearly always
+the case; a thread that unshared its working directory is not seen).
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
-from dataclasses import dataclass
-from pathlib import Path
+import re
+from collections.abc import Iterable, Iterator
+from typing import NamedTuple
 
-from volfs import mounts
+#: What a process has on the mount.
+FD, CWD, ROOT, MMAP, NAMESPACE = "fd", "cwd", "root", "mmap", "mount-namespace"
+_WORDS = {FD: "open file", CWD: "working directory", ROOT: "root directory", MMAP: "mapped file"}
+#: Entries `describe_users` names before it says "and N more".
+SHOWN = 3
+#: fd targets that are never files on a mount (no fdinfo read needed for them).
+_PSEUDO = ("socket:[", "pipe:[", "anon_inode:")
+#: A container's id in a cgroup path: docker-ID.scope (systemd driver), /docker/ID (cgroupfs),
+#: libpod-ID.scope (podman), cri-containerd-ID.scope, crio-ID.scope, /kubepods/.../ID.
+_CONTAINER = re.compile(r"(?:^|[/\-])([0-9a-f]{64})(?:\.scope)?(?=/|$)")
 
-_PROC = Path("/proc")
 
-
-@dataclass(frozen=True)
-class User:
+class User(NamedTuple):
     pid: int
-    command: str
-    what: str  #: "open file", "cwd", "root", "memory map" or "mount namespace"
-    container: str = ""  #: a Docker container id (12 hex digits), when one is visible
-
-    def describe(self) -> str:
-        who = f"pid {self.pid} ({self.command}, {self.what})"
-        return f"container {self.container} ({who})" if self.container else who
+    command: str  #: /proc/PID/comm
+    what: str  #: FD, CWD, ROOT, MMAP or NAMESPACE
+    container: str | None  #: short (12 hex digits) container id, if its cgroup names one
 
 
-def _read(path: Path) -> str | None:
-    try:
-        return path.read_text(errors="replace")
-    except OSError:
-        return None
-
-
-def _namespace(pid: str) -> str | None:
-    try:
-        return os.readlink(_PROC / pid / "ns" / "mnt")
-    except OSError:
-        return None
-
-
-def _volume_mounts(pid: str, device: str) -> list[mounts.MountEntry] | None:
-    """The mounts of *device* in the mount namespace of *pid* (None if it is gone)."""
-    text = _read(_PROC / pid / "mountinfo")
-    if text is None:
-        return None
-    return [e for e in mounts.parse_mountinfo(text) if e.device == device]
-
-
-def _container(pid: str) -> str:
-    text = _read(_PROC / pid / "cgroup") or ""
-    for part in text.replace("/", " ").replace("-", " ").replace(".", " ").split():
-        if len(part) == 64 and all(c in "0123456789abcdef" for c in part):
-            return part[:12]
-    return ""
-
-
-def _command(pid: str) -> str:
-    return (_read(_PROC / pid / "comm") or "?").strip()
-
-
-def _use(pid: str, device: str, on_volume: list[mounts.MountEntry]) -> str | None:
-    """How process *pid* uses the volume whose mounts in its namespace are *on_volume*."""
-    ids = {e.mount_id for e in on_volume}
-    fd_dir = _PROC / pid / "fdinfo"
-    try:
-        fds = os.listdir(fd_dir)
-    except OSError:
-        fds = []
-    for fd in fds:
-        text = _read(fd_dir / fd) or ""
-        for line in text.splitlines():
-            if line.startswith("mnt_id:") and int(line.split()[1]) in ids:
-                return "open file"
-    for link in ("cwd", "root"):
-        try:
-            target = os.readlink(_PROC / pid / link)
-        except OSError:
+def users_of(device: str, exclude_pids: Iterable[int] = ()) -> list[User]:
+    """Every use of the mount(s) of *device* ("major:minor") by processes not in
+    *exclude_pids*, ordered by pid: one `User` per process and kind of use, and one per mount
+    namespace other than ours that holds a mount of the device while none of its processes
+    uses it otherwise (named by its lowest pid)."""
+    major, minor = (int(part) for part in device.split(":"))
+    excluded = set(exclude_pids)
+    ours = _namespace("self")
+    pids = sorted(p for p in _pids() if p not in excluded)
+    namespace_of = {pid: _namespace(pid) for pid in pids}
+    namespaces: dict[str, list[int]] = {}  # namespace -> its pids, lowest first
+    for pid in pids:
+        if namespace_of[pid] is not None:
+            namespaces.setdefault(namespace_of[pid], []).append(pid)
+    # The ids of the device's mounts, per namespace (read from the first process of each that
+    # lets us: one may exit meanwhile, the next one then answers).
+    holding: set[str] = set()
+    mount_ids: set[int] = set()
+    for ns, members in namespaces.items():
+        for pid in members:
+            ids = _mount_ids(pid, device)
+            if ids is not None:
+                mount_ids |= ids
+                if ids:
+                    holding.add(ns)
+                break
+    found: list[User] = []
+    using: set[str] = set()  # namespaces with a process that uses the mount itself
+    for pid in pids:
+        uses = list(_uses(pid, mount_ids, major, minor))
+        if not uses:
             continue
-        if any(_under(target, e.mountpoint) for e in on_volume):
-            return link
-    major, minor = (int(n) for n in device.split(":"))
-    wanted = f"{major:02x}:{minor:02x}"
-    for line in (_read(_PROC / pid / "maps") or "").splitlines():
-        fields = line.split()
-        if len(fields) > 5 and fields[3] == wanted:
-            return "memory map"
+        command, container = _command(pid), _container(pid)
+        found.extend(User(pid, command, what, container) for what in uses)
+        if namespace_of[pid] is not None:
+            using.add(namespace_of[pid])
+    for ns in sorted(holding - using - {ours}):
+        pid = namespaces[ns][0]
+        if os.path.isdir(f"/proc/{pid}"):  # still there: it names the namespace
+            found.append(User(pid, _command(pid), NAMESPACE, _container(pid)))
+    return sorted(found, key=lambda u: (u.pid, u.what))
+
+
+def describe_users(users: list[User], shown: int = SHOWN) -> str:
+    """One short line naming *users* by process, e.g. "pid 123 (sqlite3, open file),
+    container 3f2a1b9c0d1e (pid 456, sh)"; past *shown* processes, "and N more".  "" if none."""
+    by_pid: dict[int, list[User]] = {}
+    for user in users:
+        by_pid.setdefault(user.pid, []).append(user)
+    parts = []
+    for pid, entries in sorted(by_pid.items()):
+        first = entries[0]
+        uses = [_WORDS[u.what] for u in entries if u.what in _WORDS]
+        details = ", ".join([first.command, *uses])
+        if first.container is not None:
+            parts.append(f"container {first.container} (pid {pid}, {details})")
+        elif uses:
+            parts.append(f"pid {pid} ({details})")
+        else:
+            parts.append(f"the mount namespace of pid {pid} ({first.command})")
+    if len(parts) > shown:
+        parts[shown:] = [f"and {len(parts) - shown} more"]
+    return ", ".join(parts)
+
+
+def container_id(cgroup: str) -> str | None:
+    """The short id of the container a /proc/PID/cgroup text names, if it names one."""
+    for line in cgroup.splitlines():
+        path = line.split(":", 2)[-1]
+        matches = _CONTAINER.findall(path)
+        if matches:
+            return matches[-1][:12]
     return None
 
 
-def _under(path: str, mountpoint: str) -> bool:
-    return path == mountpoint or path.startswith(mountpoint.rstrip("/") + "/")
+# -- /proc, each read allowed to fail (the process may be gone) ---------------------------------
 
 
-def users_of(device: str, exclude: set[int] | frozenset[int] = frozenset()) -> list[User]:
-    """Every process that uses the FUSE mount with *device* ("major:minor"), and one entry
-    per other mount namespace that holds a mount of it without such a process."""
-    ours = _namespace("self")
-    found: list[User] = []
-    holders: dict[str, str] = {}  #: other namespaces holding a mount of it -> lowest pid
-    cache: dict[str, list[mounts.MountEntry]] = {}
-    pids = sorted((p for p in os.listdir(_PROC) if p.isdigit()), key=int)
-    for pid in pids:
-        if int(pid) in exclude or int(pid) == os.getpid():
+def _pids() -> Iterator[int]:
+    with os.scandir("/proc") as entries:
+        for entry in entries:
+            if entry.name.isdigit():
+                yield int(entry.name)
+
+
+def _read(path: str) -> str | None:
+    try:
+        with open(path, encoding="utf-8", errors="replace") as f:
+            return f.read()
+    except OSError:
+        return None
+
+
+def _namespace(pid: int | str) -> str | None:
+    try:
+        return os.readlink(f"/proc/{pid}/ns/mnt")
+    except OSError:
+        return None
+
+
+def _command(pid: int) -> str:
+    return (_read(f"/proc/{pid}/comm") or "?").strip() or "?"
+
+
+def _container(pid: int) -> str | None:
+    text = _read(f"/proc/{pid}/cgroup")
+    return container_id(text) if text else None
+
+
+def _mount_ids(pid: int, device: str) -> set[int] | None:
+    """Ids of the mounts of *device* in the mount namespace of *pid* (None: unreadable)."""
+    text = _read(f"/proc/{pid}/mountinfo")
+    if text is None:
+        return None
+    ids = set()
+    for line in text.splitlines():
+        fields = line.split(" ", 3)
+        if len(fields) > 3 and fields[2] == device:
+            with contextlib.suppress(ValueError):
+                ids.add(int(fields[0]))
+    return ids
+
+
+def _fd_mount(path: str) -> int | None:
+    """The ``mnt_id`` of the fdinfo file at *path*."""
+    text = _read(path)
+    if text is None:
+        return None
+    for line in text.splitlines():
+        if line.startswith("mnt_id:"):
+            with contextlib.suppress(ValueError):
+                return int(line.split()[1])
+    return None
+
+
+def _dir_mount(pid: int, which: str) -> int | None:
+    """The mount id of the working ("cwd") or root ("root") directory of *pid*, without
+    asking its file system anything (see the module's docstring)."""
+    try:
+        fd = os.open(f"/proc/{pid}/{which}", os.O_PATH | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        return _fd_mount(f"/proc/self/fdinfo/{fd}")
+    finally:
+        os.close(fd)
+
+
+def _uses(pid: int, mount_ids: set[int], major: int, minor: int) -> Iterator[str]:
+    """What process *pid* has on the mounts *mount_ids* (of device *major*:*minor*).
+
+    Mappings are matched by device, so they are found also on a mount no namespace shows any
+    more (detached with ``umount -l``); files and directories only by mount id."""
+    try:
+        fds = os.listdir(f"/proc/{pid}/fd") if mount_ids else []
+    except OSError:
+        fds = []
+    for fd in fds:
+        try:
+            target = os.readlink(f"/proc/{pid}/fd/{fd}")  # no file system call: a name only
+        except OSError:
             continue
-        namespace = _namespace(pid)
-        if namespace is None:
+        if target.startswith(_PSEUDO):
             continue
-        if namespace not in cache:
-            on_volume = _volume_mounts(pid, device)
-            if on_volume is None:
-                continue
-            cache[namespace] = on_volume
-        on_volume = cache[namespace]
-        if not on_volume:
-            continue
-        if namespace != ours:
-            holders.setdefault(namespace, pid)
-        what = _use(pid, device, on_volume)
-        if what is not None:
-            found.append(User(int(pid), _command(pid), what, _container(pid)))
-    busy = {_namespace(str(u.pid)) for u in found}
-    for namespace, pid in holders.items():
-        if namespace not in busy:
-            found.append(User(int(pid), _command(pid), "mount namespace", _container(pid)))
-    return found
+        if _fd_mount(f"/proc/{pid}/fdinfo/{fd}") in mount_ids:
+            yield FD
+            break
+    for which, what in (("cwd", CWD), ("root", ROOT)):
+        if mount_ids and _dir_mount(pid, which) in mount_ids:
+            yield what
+    if _maps_device(pid, major, minor):
+        yield MMAP
 
 
-def describe_users(users: list[User], most: int = 3) -> str:
-    """One short line naming the first *most* users."""
-    text = ", ".join(u.describe() for u in users[:most])
-    if len(users) > most:
-        text += f" and {len(users) - most} more"
-    return text
+def _maps_device(pid: int, major: int, minor: int) -> bool:
+    """Whether *pid* maps a file of device *major*:*minor* (/proc/PID/maps: "MM:mm" in hex)."""
+    text = _read(f"/proc/{pid}/maps")
+    if not text:
+        return False
+    for line in text.splitlines():
+        fields = line.split(None, 5)
+        if len(fields) < 5 or fields[4] == "0":  # inode 0: anonymous memory
+            continue
+        dev_major, _, dev_minor = fields[3].partition(":")
+        try:
+            if int(dev_major, 16) == major and int(dev_minor, 16) == minor:
+                return True
+        except ValueError:
+            continue
+    return False

@@ -17,25 +17,36 @@ from volfs.store.root import StoreRoot
 
 log = logging.getLogger(__name__)
 
-_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40, "P": 1 << 50}
-_SIZE = re.compile(r"(\d+(?:\.\d+)?)([KMGTP]?)")
+_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+#: A whole number of bytes, or of KiB, MiB, GiB or TiB: the only spellings the README lists.
+#: No fractions, no lower case and no B/iB: "10g" or "1.5G" would be guesses at what was meant
+#: (and a config that says "10GB" reads as decimal gigabytes to many people).
+_SIZE = re.compile(r"([0-9]+)([KMGT]?)")
 #: Largest size a volume may be given: sizes are stored as unsigned 64-bit numbers.
 MAX_SIZE = 1 << 62
+_ACCEPTED = "a whole number of bytes, or one followed by K, M, G or T (powers of 1024): 512M, 10G"
 
 
 def parse_size(text: str | int) -> int:
-    """Bytes in "512M", "10G", "1T", "1.5G", "4096" (binary units; a trailing B or iB is
-    allowed)."""
+    """Bytes in "4096", "512M", "10G", "1T" (binary units, upper case); an int is taken as is."""
     if isinstance(text, int) and not isinstance(text, bool):
         value = text
     else:
-        raw = str(text).strip().upper().removesuffix("IB").removesuffix("B")
-        match = _SIZE.fullmatch(raw)
-        value = int(float(match[1]) * _UNITS[match[2]]) if match else -1
+        shown = str(text)[:40]
+        match = _SIZE.fullmatch(text) if isinstance(text, str) else None
+        if match is None:
+            hint = ""
+            if isinstance(text, str) and _SIZE.fullmatch(text.upper()):
+                hint = f" (units are upper case: {text.upper()})"
+            raise VolfsError(f"invalid size {shown!r}: use {_ACCEPTED}{hint}")
+        # More digits than any allowed size has is too large, not parsed (int() of thousands
+        # of digits is slow, and refused past 4300).
+        value = int(match[1]) * _UNITS[match[2]] if len(match[1]) <= 30 else MAX_SIZE + 1
+        text = shown
     if value <= 0:
-        raise VolfsError(f"invalid size {str(text)[:40]!r}: use a number with K, M, G or T")
+        raise VolfsError(f"invalid size {str(text)[:40]!r}: use {_ACCEPTED}")
     if value > MAX_SIZE:
-        raise VolfsError(f"size {str(text)[:40]!r} is too large: at most 4096P")
+        raise VolfsError(f"size {str(text)[:40]!r} is too large: at most {MAX_SIZE >> 40}T")
     return value
 
 
@@ -45,24 +56,48 @@ def describe(
     status: str | None = None,
     staging: Path | None = None,
     read_only: Iterable[Path] = (),
+    device: str | None = None,
 ) -> dict:
     """What `ls` and `inspect` show of volume *name*.
 
-    *status*, *staging* and *read_only* come from the daemon when it serves the volume;
-    without them the status is read off the volume's lock.
+    *status*, *staging*, *read_only* and *device* (the "major:minor" of the FUSE mount serving
+    the volume) come from the daemon when it serves the volume; without them the status is read
+    off the volume's lock and the device off ``volumes/NAME/device``.  Mounts are this volume's
+    if they are of its device; with no device known, those of a volfs mount named like it,
+    and only while the volume is served: another store's volume of the same name (or a dead
+    mount of this one) is not this volume's.
     """
+    # One damaged volume must not hide the others from `ls`: what is wrong with it is its
+    # status, and the rest of its row shows what could be read.
+    problems = []
     try:
         header = root.header(name)
-    except VolfsError as exc:  # one damaged volume must not hide the others from `ls`
-        header, status = {}, f"damaged: {exc}"
+    except VolfsError as exc:
+        header = {}
+        problems.append(str(exc))
+    try:
+        served = root.is_served(name)
+    except VolfsError as exc:  # its lock file is a link or not a file
+        served = False
+        problems.append(str(exc))
     usage = root.usage(name)
-    paths = sorted(
-        e.mountpoint
-        for e in mounts.volfs_mounts()
-        if e.source == name and e.mountpoint != str(staging)
-    )
-    if status is None:
-        status = ("mounted" if paths else "busy") if root.is_served(name) else "unmounted"
+    if device is None and served:
+        device = root.served_device(name)
+    if device is not None:
+        ours = [e for e in mounts.volfs_mounts() if e.device == device]
+    elif served:
+        ours = [e for e in mounts.volfs_mounts() if e.source == name]
+    else:
+        ours = []
+    ours = [e for e in ours if e.mountpoint != str(staging)]
+    paths = sorted(e.mountpoint for e in ours)
+    # Read-only as the daemon made them, or as the mount table says (per-mount options).
+    ro_paths = {str(p) for p in read_only}
+    ro_paths |= {e.mountpoint for e in ours if "ro" in e.options.split(",")}
+    if problems:
+        status = "damaged: " + "; ".join(problems)
+    elif status is None:
+        status = ("mounted" if paths else "busy") if served else "unmounted"
     created = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(header.get("created_ns", 0) / 1e9))
     return {
         "name": name,
@@ -70,7 +105,7 @@ def describe(
         "used": usage.get("used", 0),
         "inodes": usage.get("inodes", 0),
         "mounts": paths,
-        "read_only": sorted(str(p) for p in read_only),
+        "read_only": sorted(ro_paths),
         "status": status,
         "created": created,
         "labels": header.get("labels", {}),

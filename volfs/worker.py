@@ -162,7 +162,8 @@ def serve(
     # the volume.  So: no collector while loading, and what was loaded is frozen.
     gc.disable()
     try:
-        volume = StoreRoot(root).open_volume(name)
+        store = StoreRoot(root)
+        volume = store.open_volume(name)
     finally:
         gc.enable()
     gc.freeze()
@@ -180,6 +181,8 @@ def serve(
             control = workerctl.listen(control_path)
         entry = mounts.find_mount(mountpoint)
         device = entry.device if entry is not None else ""
+        if device:  # what `ls` matches mounts by, and `umount` checks a mount against
+            store.record_device(name, device)
         _raise_read_ahead(device)
         log.info("volume %s mounted at %s (pid %d)", name, mountpoint, os.getpid())
         status = {
@@ -206,6 +209,8 @@ def serve(
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
         # unmount=True detaches the mount if the kernel still has it (signal, error).
         pyfuse3.close(unmount=True)
+        with contextlib.suppress(OSError, VolfsError):
+            store.record_device(name, None)
         volume.close()
         log.info("volume %s at %s: %s", name, mountpoint, "unmounted" if clean else "stopped")
 

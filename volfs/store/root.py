@@ -7,15 +7,20 @@ Layout::
                                  "segment_size", "block_size", "size" (quota, 0: none), "labels"}
     ROOT/volumes/NAME/usage      one frame: {"used", "inodes"}, rewritten by the server
     ROOT/volumes/NAME/lock       flock held by the one process serving the volume
+    ROOT/volumes/NAME/device     "major:minor\\n" of its FUSE mount, by its server (while locked)
     ROOT/volumes/NAME/checkpoint the state as of a log position (journal.py)
     ROOT/volumes/NAME/seg-*.log  the log (log.py)
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import logging
 import os
 import re
 import shutil
+import stat
 import time
 import uuid
 from pathlib import Path
@@ -27,13 +32,20 @@ from volfs.errors import StoreError
 from volfs.store import frame, pidlock
 from volfs.store.volume import FORMAT, USAGE_FILE, Volume
 
+log = logging.getLogger(__name__)
+
 STORE_FORMAT = 1
 VOLUME_KIND = "volfs-volume"
 DEFAULT_SEGMENT_SIZE = 64 * 1024 * 1024
 #: Most bytes a volume's labels may take (packed): the header file is read in one 64 KiB piece.
 MAX_LABELS = 32 * 1024
+#: In a volume directory: the device of the FUSE mount serving it (`served_device`).
+DEVICE_FILE = "device"
+_DEVICE = re.compile(r"([0-9]{1,10}:[0-9]{1,10})\n?")
 NAME_PATTERN = re.compile(r"[a-z0-9][a-z0-9_.-]{0,62}")
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+#: For the store's own small files: no links followed, and no hang on a FIFO planted there.
+_FILE_FLAGS = os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
 
 
 def default_root() -> Path:
@@ -80,7 +92,12 @@ class StoreRoot:
                 f"store root {self.path} is not writable by this user: "
                 "run as its owner or set VOLFS_ROOT to a writable directory"
             )
+        # The root itself may be reached through a link (/var/lib/volfs -> /data/volfs), but
+        # nothing inside it: a link there would lead the store's files out of it.
+        for part in ("volumes", "logs"):
+            _check_real_dir(self.path / part, f"store root {self.path}: {part}/")
         self._check_format()
+        self._make_private()
 
     def _check_format(self) -> None:
         marker = self.path / "FORMAT"
@@ -106,29 +123,99 @@ class StoreRoot:
                 f"understands ({STORE_FORMAT}): upgrade volfs"
             )
 
+    def _make_private(self) -> None:
+        """Give the root, volumes/ and each volume directory in it, logs/ and each log file
+        back the modes volfs made them with (0700, 0600), with a warning naming each.
+
+        Repaired rather than refused: volfs made them private, so other modes were set from
+        outside (a chmod -R, a copy or restore that kept no modes), and there is only one
+        right answer.  Refusing would turn a mode bit into an outage (under systemd no volume
+        would mount at boot, and every container bound to one would fail) while leaving the
+        files readable until someone acted; repairing closes the leak at once, and the warning
+        says that it was open.  The files in a volume directory are repaired when the volume
+        is opened (`open_volume`): listing a store must not stat every segment of every volume.
+        """
+        root_fd = os.open(self.path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)  # may be a link
+        try:
+            _repair_mode(root_fd, self.path)
+            for part in ("volumes", "logs"):
+                try:
+                    fd = os.open(part, _DIR_FLAGS, dir_fd=root_fd)
+                except FileNotFoundError:
+                    continue
+                try:
+                    _repair_mode(fd, self.path / part)
+                    # Volume directories and log files; links and other strangers are left
+                    # alone (`names` and `open_log` refuse them).
+                    ours = "dir" if part == "volumes" else "file"
+                    with os.scandir(fd) as entries:
+                        for entry in entries:
+                            kind = "dir" if entry.is_dir(follow_symlinks=False) else "file"
+                            if kind == ours:
+                                _repair_entry(fd, entry.name, self.path / part / entry.name)
+                finally:
+                    os.close(fd)
+            _repair_entry(root_fd, "FORMAT", self.path / "FORMAT")
+        finally:
+            os.close(root_fd)
+
     def log_path(self, name: str) -> Path:
         """The log file *name* (``NAME.log`` of a volume's worker, ``volfsd.log``)."""
         return self.path / "logs" / name
 
     def open_log(self, name: str) -> BinaryIO:
         """Open log file *name* for appending: private to the store's owner, like the store."""
-        (self.path / "logs").mkdir(mode=0o700, exist_ok=True)
-        flags = os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW | os.O_CLOEXEC
-        return os.fdopen(os.open(self.log_path(name), flags, 0o600), "ab")
+        return open_log(self.path, name)
 
     def volume_path(self, name: str) -> Path:
         return self.path / "volumes" / check_name(name)
 
     def names(self) -> list[str]:
-        """Names of the volumes in the store (directories with a header file)."""
-        return sorted(
-            p.name
-            for p in (self.path / "volumes").iterdir()
-            if NAME_PATTERN.fullmatch(p.name) and (p / "volume").is_file()
-        )
+        """Names of the volumes in the store: directories with a header file.
+
+        Anything else under a volume's name (a symbolic link, a file, a directory without a
+        header) is left out with a warning naming it, so that it hides only itself.  A volume
+        whose header is there but bad is listed: `ls` shows it as damaged.
+        """
+        found = []
+        with os.scandir(self.path / "volumes") as entries:
+            for entry in entries:
+                if not NAME_PATTERN.fullmatch(entry.name):
+                    continue  # volfs's own (.removing-NAME-...), never a volume
+                problem = self.entry_problem(entry.name)
+                if problem is None:
+                    found.append(entry.name)
+                else:
+                    log.warning("store %s: ignoring %s: %s", self.path, entry.path, problem)
+        return sorted(found)
+
+    def entry_problem(self, name: str) -> str | None:
+        """Why volumes/NAME is not a volume (None: it is one, or nothing is there)."""
+        path = self.volume_path(name)
+        try:
+            mode = path.lstat().st_mode
+        except FileNotFoundError:
+            return None
+        if stat.S_ISLNK(mode):
+            return "a symbolic link, not a volume directory (volfs follows no links in its store)"
+        if not stat.S_ISDIR(mode):
+            return f"{_kind(mode)}, not a volume directory"
+        if not os.path.lexists(path / "volume"):
+            return (
+                "a directory without a volume header (an interrupted create leaves one: "
+                f"'volfsd create {name}' completes it)"
+            )
+        return None
 
     def exists(self, name: str) -> bool:
-        return (self.volume_path(name) / "volume").is_file()
+        """Whether volumes/NAME is taken: by a volume, or by something that is not one (which
+        opening it as a volume names); a directory without a header is not a volume yet."""
+        path = self.volume_path(name)
+        try:
+            mode = path.lstat().st_mode
+        except FileNotFoundError:
+            return False
+        return not stat.S_ISDIR(mode) or os.path.lexists(path / "volume")
 
     def create_volume(
         self,
@@ -152,7 +239,7 @@ class StoreRoot:
             _fsync_dir(path.parent)  # the new volume's name must survive a power cut too
         except FileExistsError:
             made = False
-        dir_fd = os.open(path, _DIR_FLAGS)
+        dir_fd = self._open_dir(name)
         try:
             try:
                 header = self._read_header(name, dir_fd)
@@ -195,24 +282,109 @@ class StoreRoot:
             os.close(dir_fd)
 
     def _open_dir(self, name: str) -> int:
+        path = self.volume_path(name)
         try:
-            return os.open(self.volume_path(name), _DIR_FLAGS)
+            return os.open(path, _DIR_FLAGS)
         except FileNotFoundError:
             raise StoreError(f"volume {name} does not exist") from None
+        except OSError as exc:
+            if exc.errno not in (errno.ENOTDIR, errno.ELOOP):
+                raise StoreError(f"volume {name}: cannot open {path}: {exc.strerror}") from None
+            problem = self.entry_problem(name) or "not a volume directory"
+            raise StoreError(
+                f"volume {name}: {path} is {problem}: move it out of the store"
+            ) from None
 
     def usage(self, name: str) -> dict:
-        """The last usage figures the volume's server wrote: {"used": bytes, "inodes": n}."""
+        """The last usage figures the volume's server wrote: {"used": bytes, "inodes": n}.
+
+        Advisory, so anything wrong with the file (missing, damaged, not a file) gives {}."""
         try:
-            raw = (self.volume_path(name) / USAGE_FILE).read_bytes()
+            dir_fd = self._open_dir(name)
+        except StoreError:
+            return {}
+        try:
+            fd = os.open(USAGE_FILE, os.O_RDONLY | _FILE_FLAGS, dir_fd=dir_fd)
+            with os.fdopen(fd, "rb") as src:
+                if not stat.S_ISREG(os.fstat(src.fileno()).st_mode):
+                    return {}
+                raw = src.read(1 << 16)
             meta_len, _, _ = frame.decode_header(raw)
             usage = frame.decode_meta(raw[: frame.HEADER.size], raw[frame.HEADER.size :][:meta_len])
-            return usage if isinstance(usage, dict) else {}
         except (OSError, frame.FrameError):
             return {}
+        finally:
+            os.close(dir_fd)
+        if not isinstance(usage, dict):
+            return {}
+        return {k: v for k, v in usage.items() if k in ("used", "inodes") and _count(v)}
 
     def is_served(self, name: str) -> bool:
-        """Whether a process holds the volume's lock right now."""
-        return pidlock.is_held(self.volume_path(name) / "lock")
+        """Whether a process holds the volume's lock right now.
+
+        False if volumes/NAME is no directory (nobody can serve that); `pidlock.NotALockFile`
+        if the lock file is not a regular file."""
+        try:
+            dir_fd = self._open_dir(name)
+        except StoreError:
+            return False
+        try:
+            return pidlock.is_held("lock", dir_fd)
+        finally:
+            os.close(dir_fd)
+
+    def served_device(self, name: str) -> str | None:
+        """The device ("major:minor") of the FUSE mount serving volume *name*, as its server
+        wrote it in ``volumes/NAME/device`` (one line, "major:minor\\n"); None if there is no
+        such file or it holds anything else.
+
+        Only true while the volume's lock is held: device numbers of FUSE mounts are reused
+        once a mount is gone, so a caller checks `is_served` first.
+        """
+        try:
+            dir_fd = self._open_dir(name)
+        except StoreError:
+            return None
+        try:
+            fd = os.open(DEVICE_FILE, os.O_RDONLY | _FILE_FLAGS, dir_fd=dir_fd)
+            with os.fdopen(fd, "rb") as src:
+                if not stat.S_ISREG(os.fstat(src.fileno()).st_mode):
+                    return None
+                text = src.read(64).decode("ascii", errors="replace")
+        except OSError:
+            return None
+        finally:
+            os.close(dir_fd)
+        match = _DEVICE.fullmatch(text)
+        return match[1] if match else None
+
+    def record_device(self, name: str, device: str | None) -> None:
+        """Write (or, with None, remove) ``volumes/NAME/device`` for `served_device`; only the
+        holder of the volume's lock calls this.  Not synced: it means nothing after a crash."""
+        dir_fd = self._open_dir(name)
+        try:
+            if device is None:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(DEVICE_FILE, dir_fd=dir_fd)
+                return
+            tmp = DEVICE_FILE + ".tmp"
+            flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | _FILE_FLAGS
+            fd = os.open(tmp, flags, 0o600, dir_fd=dir_fd)
+            try:
+                os.write(fd, f"{device}\n".encode())
+            finally:
+                os.close(fd)
+            os.rename(tmp, DEVICE_FILE, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+        finally:
+            os.close(dir_fd)
+
+    def lock_holder(self, name: str) -> str:
+        """The pid the volume's lock file names (for messages; "unknown" if none)."""
+        dir_fd = self._open_dir(name)
+        try:
+            return pidlock.holder("lock", dir_fd)
+        finally:
+            os.close(dir_fd)
 
     def remove_volume(self, name: str) -> None:
         """Destroy volume *name* and its data; refused while it is served."""
@@ -243,13 +415,23 @@ class StoreRoot:
         lock_fd = -1
         try:
             lock_fd = self._lock(name, dir_fd)
+            _make_volume_private(dir_fd, self.volume_path(name))
             try:
                 header = self._read_header(name, dir_fd)
             except FileNotFoundError:
                 raise StoreError(f"volume {name} does not exist") from None
             volume = Volume(name, dir_fd, lock_fd, header["id"], header["segment_size"])
             volume.quota = header.get("size", 0)
-            volume.load(time.time_ns())
+            try:
+                volume.load(time.time_ns())
+            except OSError as exc:
+                if exc.errno != errno.ELOOP or exc.filename is None:
+                    raise
+                path = self.volume_path(name) / exc.filename  # opened relative to the dir
+                raise StoreError(
+                    f"volume {name}: {path} is a symbolic link: volfs follows no links in "
+                    "its store; remove it (or put the file itself there)"
+                ) from None
         except BaseException:
             os.close(dir_fd)
             if lock_fd >= 0:
@@ -270,9 +452,27 @@ class StoreRoot:
 
     @staticmethod
     def _read_header(name: str, dir_fd: int) -> dict:
-        """The volume's header; FileNotFoundError if it has none (not created yet)."""
-        fd = os.open("volume", os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
+        """The volume's header; FileNotFoundError if it has none (not created yet).
+
+        Static, for check.py, which has a volume directory and no store root."""
+        path = _fd_path(dir_fd) / "volume"
+        try:
+            fd = os.open("volume", os.O_RDONLY | _FILE_FLAGS, dir_fd=dir_fd)
+        except FileNotFoundError:
+            raise
+        except OSError as exc:
+            if exc.errno == errno.ELOOP:
+                raise StoreError(
+                    f"volume {name}: its header {path} is a symbolic link: volfs follows no "
+                    "links in its store"
+                ) from None
+            raise StoreError(
+                f"volume {name}: cannot read its header {path}: {exc.strerror}"
+            ) from None
         with os.fdopen(fd, "rb") as src:
+            mode = os.fstat(src.fileno()).st_mode
+            if not stat.S_ISREG(mode):
+                raise StoreError(f"volume {name}: its header {path} is {_kind(mode)}")
             raw = src.read(1 << 16)
         try:
             meta_len, _, _ = frame.decode_header(raw)
@@ -283,6 +483,8 @@ class StoreRoot:
             raise StoreError(f"volume {name}: its header file is damaged ({exc})") from None
         if not isinstance(header, dict) or header.get("kind") != VOLUME_KIND:
             raise StoreError(f"volume {name}: its header file is not a volfs volume header")
+        if not _count(header.get("format", 0)):
+            raise StoreError(f"volume {name}: its header file is damaged (bad format)")
         if header.get("format", 0) > FORMAT:
             raise StoreError(
                 f"volume {name} has format {header['format']}, newer than this volfs "
@@ -290,7 +492,149 @@ class StoreRoot:
             )
         if header.get("block_size") != frame.BLOCK_SIZE:
             raise StoreError(f"volume {name}: unsupported block size {header.get('block_size')}")
+        # Fields are checked here, once, so that nothing that uses a header can trip on one
+        # that decodes but holds the wrong types (it is shown as damaged instead).
+        labels = header.get("labels", {})
+        checks = {
+            "id": isinstance(header.get("id"), str),
+            "created_ns": _count(header.get("created_ns", 0)),
+            "segment_size": _count(header.get("segment_size")) and header["segment_size"] > 0,
+            "size": _count(header.get("size", 0)),
+            "labels": isinstance(labels, dict)
+            and all(isinstance(k, str) and isinstance(v, str) for k, v in labels.items()),
+        }
+        bad = [key for key, ok in checks.items() if not ok]
+        if bad:
+            raise StoreError(f"volume {name}: its header file is damaged (bad {', '.join(bad)})")
         return header
+
+
+#: The one mode of each kind of file in a store: private to the store's owner.
+_PRIVATE = {stat.S_IFDIR: 0o700, stat.S_IFREG: 0o600}
+
+
+def _repair_mode(fd: int, path: Path) -> None:
+    """Set the mode of the directory or regular file open at *fd* to its private one."""
+    st = os.fstat(fd)
+    wanted = _PRIVATE.get(stat.S_IFMT(st.st_mode))
+    mode = stat.S_IMODE(st.st_mode)
+    if wanted is None or mode == wanted:
+        return
+    try:
+        os.fchmod(fd, wanted)
+    except OSError as exc:
+        raise StoreError(
+            f"{path} has mode {mode:04o}, open to other users, and cannot be made "
+            f"{wanted:04o}: {exc.strerror}; run as the store's owner"
+        ) from None
+    log.warning(
+        "%s had mode %04o, open to other users (they may have read it); set it to %04o",
+        path, mode, wanted,
+    )  # fmt: skip
+
+
+def _repair_entry(dir_fd: int, name: str, path: Path) -> None:
+    """`_repair_mode` of entry *name* of *dir_fd*, if it is a directory or regular file.
+
+    Opened without following a link and without blocking on a FIFO, and checked through the
+    fd, so that what is changed is what was checked."""
+    try:
+        fd = os.open(name, os.O_RDONLY | _FILE_FLAGS, dir_fd=dir_fd)
+    except OSError as exc:
+        if exc.errno in (errno.ENOENT, errno.ELOOP, errno.ENXIO):
+            return  # gone meanwhile, a link, a socket: nothing of ours to repair
+        raise StoreError(f"cannot check the mode of {path}: {exc.strerror}") from None
+    try:
+        _repair_mode(fd, path)
+    finally:
+        os.close(fd)
+
+
+def _make_volume_private(dir_fd: int, path: Path) -> None:
+    """Give a volume directory and each file in it their private modes (see `_make_private`)."""
+    _repair_mode(dir_fd, path)
+    with os.scandir(dir_fd) as entries:
+        for entry in entries:
+            if entry.is_file(follow_symlinks=False):
+                _repair_entry(dir_fd, entry.name, path / entry.name)
+
+
+def _fd_path(fd: int) -> Path:
+    """The path of the directory open at *fd*, for messages."""
+    try:
+        return Path(os.readlink(f"/proc/self/fd/{fd}"))
+    except OSError:
+        return Path(f"/proc/self/fd/{fd}")
+
+
+def _count(value: object) -> bool:
+    """Whether *value* is a non-negative int (and not a bool)."""
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _kind(mode: int) -> str:
+    """What a file of *mode* is, for messages."""
+    for test, kind in (
+        (stat.S_ISLNK, "a symbolic link"),
+        (stat.S_ISDIR, "a directory"),
+        (stat.S_ISREG, "a regular file"),
+        (stat.S_ISFIFO, "a FIFO"),
+        (stat.S_ISSOCK, "a socket"),
+    ):
+        if test(mode):
+            return kind
+    return "a device node"
+
+
+def _check_real_dir(path: Path, what: str) -> None:
+    """Refuse *path* if it is there but is not a directory of its own (a link, a file)."""
+    try:
+        mode = path.lstat().st_mode
+    except FileNotFoundError:
+        return
+    if not stat.S_ISDIR(mode):
+        raise StoreError(
+            f"{what} is {_kind(mode)}, not a directory: volfs follows no links in its store; "
+            f"put the directory itself at {path}"
+        )
+
+
+def open_log(root: Path, name: str) -> BinaryIO:
+    """Open log file *name* of store root *root* for appending (its logs/ made if missing).
+
+    Never through a symbolic link, and only a regular file: a link planted at logs/NAME.log
+    would have the daemon append to (and create) files anywhere; a FIFO would hang the open.
+    """
+    logs = Path(root) / "logs"
+    path = logs / name
+    with contextlib.suppress(FileExistsError):
+        logs.mkdir(mode=0o700)
+    _check_real_dir(logs, "log directory")
+    dir_fd = os.open(logs, _DIR_FLAGS)
+    try:
+        flags = os.O_WRONLY | os.O_CREAT | os.O_APPEND | _FILE_FLAGS
+        try:
+            fd = os.open(name, flags, 0o600, dir_fd=dir_fd)
+        except OSError as exc:
+            if exc.errno not in (errno.ELOOP, errno.EISDIR, errno.ENXIO):
+                raise StoreError(f"cannot open log file {path}: {exc.strerror}") from None
+            mode = os.stat(name, dir_fd=dir_fd, follow_symlinks=False).st_mode
+            raise StoreError(_not_a_log(path, mode)) from None
+    finally:
+        os.close(dir_fd)
+    mode = os.fstat(fd).st_mode
+    if not stat.S_ISREG(mode):
+        os.close(fd)
+        raise StoreError(_not_a_log(path, mode))
+    os.set_blocking(fd, True)  # a regular file after all: the flag only guarded the open
+    return os.fdopen(fd, "ab")
+
+
+def _not_a_log(path: Path, mode: int) -> str:
+    return (
+        f"log file {path} is {_kind(mode)}, not a regular file: volfs follows no links in its "
+        "store; remove it"
+    )
 
 
 def _write_durably(dir_fd: int, name: str, data: bytes) -> None:
