@@ -356,11 +356,11 @@ class Volume:
         self.live[fr.seg] = self.live.get(fr.seg, 0) + length
         self.used += length
 
-    def _release(self, pieces: list[tuple[Frame, int]]) -> int:
+    def _release(self, pieces: list[tuple[Frame, int, int]]) -> int:
         """Account for log data no longer used; return how many bytes that was."""
         live = self.live
         total = 0
-        for fr, length in pieces:
+        for fr, length, _ in pieces:
             live[fr.seg] -= length
             total += length
         self.used -= total
