@@ -4,7 +4,8 @@ Layout::
 
     ROOT/FORMAT                  "volfs-store 1"
     ROOT/volumes/NAME/volume     one frame: {"kind", "format", "name", "id", "created_ns",
-                                 "segment_size", "block_size", "size" (quota, 0: none), "labels"}
+                                 "segment_size", "block_size", "size" (quota, 0: none), "labels",
+                                 "inodes" (inode limit, 0 or absent: none)}
     ROOT/volumes/NAME/usage      one frame: {"used", "inodes"}, rewritten by the server
     ROOT/volumes/NAME/lock       flock held by the one process serving the volume
     ROOT/volumes/NAME/checkpoint the state as of a log position (journal.py)
@@ -136,6 +137,7 @@ class StoreRoot:
         size: int = 0,
         labels: dict[str, str] | None = None,
         segment_size: int = DEFAULT_SEGMENT_SIZE,
+        inodes: int = 0,
     ) -> dict:
         """Create volume *name* if it is new; return its header.
 
@@ -167,6 +169,7 @@ class StoreRoot:
                     "block_size": frame.BLOCK_SIZE,
                     "size": size,
                     "labels": labels,
+                    "inodes": inodes,
                 }
                 try:
                     _write_durably(dir_fd, "volume", b"".join(frame.encode(header)))
@@ -177,10 +180,15 @@ class StoreRoot:
                 return header
         finally:
             os.close(dir_fd)
-        if (size and header.get("size", 0) != size) or (labels and header.get("labels") != labels):
+        if (
+            (size and header.get("size", 0) != size)
+            or (labels and header.get("labels") != labels)
+            or (inodes and header.get("inodes", 0) != inodes)
+        ):
             raise StoreError(
                 f"volume {name} already exists with other options "
-                f"(size {header.get('size', 0)}, labels {header.get('labels', {})})"
+                f"(size {header.get('size', 0)}, inodes {header.get('inodes', 0)}, "
+                f"labels {header.get('labels', {})})"
             )
         return header
 
@@ -249,6 +257,7 @@ class StoreRoot:
                 raise StoreError(f"volume {name} does not exist") from None
             volume = Volume(name, dir_fd, lock_fd, header["id"], header["segment_size"])
             volume.quota = header.get("size", 0)
+            volume.inode_limit = header.get("inodes", 0)
             volume.load(time.time_ns())
         except BaseException:
             os.close(dir_fd)

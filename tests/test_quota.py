@@ -1,0 +1,318 @@
+"""Sizes and inode limits: everything a user can store counts.
+
+First the accounting in the store alone (cheap, many operations), then through real mounts:
+xattrs, symlinks and directories on a full volume.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import random
+import stat
+import time
+from pathlib import Path
+
+import pytest
+
+from volfs.errors import NoSpace
+from volfs.store.root import StoreRoot
+from volfs.store.volume import (
+    ENTRY_COST,
+    EXTENT_COST,
+    INODE_COST,
+    ROOT_INO,
+    XATTR_COST,
+    Volume,
+)
+
+from conftest import volfsd
+
+MIB = 1 << 20
+
+
+def _now() -> int:
+    return time.time_ns()
+
+
+def _create(volume: Volume, parent: int, name: bytes, mode: int, target: bytes | None = None):
+    inode = volume.new_inode(mode, 0, 0, 0, _now())
+    if target is not None:
+        inode.target, inode.size = target, len(target)
+    volume.create(volume.inodes[parent], name, inode, _now())
+    return volume.inodes[inode.ino]
+
+
+def _counters(volume: Volume) -> dict:
+    kept = {
+        "extents_in": {s: n for s, n in volume.extents_in.items() if n},
+        "extent_count": volume.extent_count,
+        "meta_used": volume.meta_used,
+        "used": volume.used,
+    }
+    return {**kept, "charged": volume.charged, "inodes": volume.inodes_used}
+
+
+def _random_ops(volume: Volume, rng: random.Random, steps: int, tag: bytes) -> None:
+    """A mix of every kind of operation, checking the running accounting after each; names
+    made start with *tag*."""
+    dirs, files, links = [ROOT_INO], [], []
+    for step in range(steps):
+        choice = rng.random()
+        parent = rng.choice(dirs)
+        name = tag + b"%d-" % step + b"x" * rng.randrange(0, 40)
+        if choice < 0.12 or not files:
+            files.append((parent, name, _create(volume, parent, name, stat.S_IFREG | 0o644).ino))
+        elif choice < 0.17:
+            dirs.append(_create(volume, parent, name, stat.S_IFDIR | 0o755).ino)
+        elif choice < 0.22:
+            target = rng.randbytes(rng.randrange(1, 300))
+            links.append((parent, name, _create(volume, parent, name, stat.S_IFLNK, target).ino))
+        elif choice < 0.45:
+            _, _, ino = rng.choice(files)
+            data = rng.randbytes(rng.choice([1, 100, 4096, 70_000, 300_000]))
+            volume.write(volume.inodes[ino], rng.randrange(0, 2 * MIB), data, _now())
+        elif choice < 0.52:
+            _, _, ino = rng.choice(files)
+            volume.set_attrs(volume.inodes[ino], size=rng.randrange(0, MIB), ctime_ns=_now())
+        elif choice < 0.62:
+            _, _, ino = rng.choice(files + links) if rng.random() < 0.8 else (0, 0, parent)
+            inode = volume.inodes[ino]
+            xname = b"user.%d" % rng.randrange(4)
+            if inode.xattrs and xname in inode.xattrs and rng.random() < 0.4:
+                volume.set_xattr(inode, xname, None, _now())
+            elif stat.S_ISLNK(inode.mode):
+                volume.set_xattr(inode, b"trusted.x", rng.randbytes(rng.randrange(50)), _now())
+            else:
+                volume.set_xattr(inode, xname, rng.randbytes(rng.randrange(2000)), _now())
+        elif choice < 0.68:
+            old_parent, old_name, ino = rng.choice(files)
+            volume.link(volume.inodes[ino], volume.inodes[parent], name, _now())
+            files.append((parent, name, ino))
+        elif choice < 0.8:
+            entry = rng.choice(files)
+            old_parent, old_name, ino = entry
+            target = rng.choice(files) if rng.random() < 0.3 else (parent, name, 0)
+            if target[:2] == entry[:2]:
+                continue
+            replaced = volume.inodes[target[2]] if target[2] else None
+            volume.rename(volume.inodes[old_parent], old_name, volume.inodes[target[0]],
+                          target[1], replaced, _now())  # fmt: skip
+            files = [f for f in files if f[:2] not in (entry[:2], target[:2])]
+            files.append((target[0], target[1], ino))
+        elif files:
+            entry = rng.choice(files)
+            parent_ino, old_name, ino = entry
+            volume.unlink(volume.inodes[parent_ino], old_name, volume.inodes[ino], _now())
+            files.remove(entry)
+        counted = volume.recount()
+        assert {k: v for k, v in _counters(volume).items() if k in counted} == counted
+
+
+def test_accounting_survives_replay_and_checkpoints(tmp_path):
+    """The running figures match a recount after every operation, and a load from the
+    checkpoint or from the log alone rebuilds exactly the same."""
+    root = StoreRoot(tmp_path / "store")
+    volume = root.open_volume("v", segment_size=256 * 1024)
+    rng = random.Random(5)
+    _random_ops(volume, rng, 400, b"a")
+    before = _counters(volume)
+    assert before["meta_used"] > 0 and before["extent_count"] > 0
+    volume.close(checkpoint=False)  # as if killed: the next load replays the log
+    volume = root.open_volume("v")
+    assert _counters(volume) == before
+    _random_ops(volume, rng, 200, b"b")
+    before = _counters(volume)
+    volume.close()  # checkpointed: the next load starts from it
+    volume = root.open_volume("v")
+    assert _counters(volume) == before
+    volume.close()
+
+
+def test_what_each_item_costs(tmp_path):
+    volume = StoreRoot(tmp_path / "store").open_volume("v")
+    assert volume.used_by_files == 0 and volume.inodes_used == 1  # the root is free
+    f = _create(volume, ROOT_INO, b"file", stat.S_IFREG | 0o644)
+    assert volume.used_by_files == INODE_COST + ENTRY_COST + 4
+    volume.write(f, 0, b"a" * 1000, _now())
+    base = volume.used_by_files
+    assert base == INODE_COST + ENTRY_COST + 4 + 1000 + EXTENT_COST
+    volume.write(f, 0, b"b" * 1000, _now())  # an overwrite of a whole extent: no more
+    assert volume.used_by_files == base
+    volume.write(f, 100, b"c" * 10, _now())  # inside an extent: it splits in three
+    assert volume.used_by_files == base + 2 * EXTENT_COST
+    volume.set_xattr(f, b"user.k", b"v" * 50, _now())
+    assert volume.used_by_files == base + 2 * EXTENT_COST + XATTR_COST + 6 + 50
+    volume.set_xattr(f, b"user.k", None, _now())
+    assert volume.used_by_files == base + 2 * EXTENT_COST
+    _create(volume, ROOT_INO, b"ln", stat.S_IFLNK | 0o777, b"t" * 4000)
+    assert volume.used_by_files == base + 2 * EXTENT_COST + INODE_COST + ENTRY_COST + 2 + 4000
+    volume.close()
+
+
+def _full_volume(tmp_path, size: int = MIB) -> Volume:
+    root = StoreRoot(tmp_path / "store")
+    root.create_volume("v", size=size)
+    volume = root.open_volume("v")
+    f = _create(volume, ROOT_INO, b"big", stat.S_IFREG | 0o644)
+    with pytest.raises(NoSpace):
+        for _ in range(4 * size // 65536):
+            volume.write(f, f.size, b"z" * 65536, _now())
+    return volume
+
+
+def test_a_full_volume_refuses_everything_that_adds(tmp_path):
+    """ENOSPC for every kind of item, before anything is written to the log."""
+    volume = _full_volume(tmp_path)
+    f = volume.inodes[volume.inodes[ROOT_INO].entries[b"big"]]
+    root = volume.inodes[ROOT_INO]
+    name = b"n" * 255
+    for _ in range(1000):
+        if volume.quota - volume.used_by_files < INODE_COST + ENTRY_COST + len(name):
+            break
+        _create(volume, ROOT_INO, b"d%d" % volume.next_ino, stat.S_IFDIR | 0o755)
+    for _ in range(1000):
+        if volume.quota - volume.used_by_files < ENTRY_COST + len(name):
+            break
+        volume.link(f, root, b"l%d" % volume.next_ino, _now())
+        volume.next_ino += 1
+    free = volume.quota - volume.used_by_files - XATTR_COST - len(b"user.fill")
+    if free >= 0:
+        volume.set_xattr(f, b"user.fill", b"f" * free, _now())
+    free = volume.quota - volume.used_by_files
+    assert 0 <= free < XATTR_COST + len(b"user.fill")
+    attempts = [
+        lambda: volume.set_xattr(f, b"user.x", b"v" * free, _now()),
+        lambda: volume.set_xattr(f, b"user.fill", b"f" * 2000, _now()),  # a larger value
+        lambda: _create(volume, ROOT_INO, b"l", stat.S_IFLNK | 0o777, b"t" * 300),
+        lambda: _create(volume, ROOT_INO, name, stat.S_IFDIR | 0o755),
+        lambda: _create(volume, ROOT_INO, name, stat.S_IFREG | 0o644),
+        lambda: _create(volume, ROOT_INO, name, stat.S_IFIFO | 0o644),
+        lambda: volume.link(f, root, name, _now()),
+        lambda: volume.rename(root, b"big", root, name, None, _now()),  # a longer name
+        lambda: volume.write(f, f.size, b"z" * (free + 1), _now()),
+        lambda: volume.write(f, 10, b"q", _now()),  # splits an extent in three
+    ]
+    for attempt in attempts:
+        head, figures = volume.log.head, _counters(volume)
+        with pytest.raises(NoSpace) as info:
+            attempt()
+        assert info.value.errno == errno.ENOSPC
+        assert volume.log.head == head and _counters(volume) == figures  # nothing journaled
+    # What gives space back, or takes none, still works on a full volume.
+    volume.write(f, 0, b"o" * 65536, _now())  # an overwrite of a whole extent
+    volume.set_attrs(f, mode=stat.S_IFREG | 0o600, ctime_ns=_now())
+    volume.rename(root, b"big", root, b"b", None, _now())  # a shorter name
+    volume.unlink(root, b"b", f, _now())  # one of its names
+    volume.set_attrs(f, size=0, ctime_ns=_now())
+    assert volume.used_by_files < volume.quota // 2
+    volume.close()
+
+
+def test_the_inode_limit(tmp_path):
+    root = StoreRoot(tmp_path / "store")
+    root.create_volume("v", inodes=5)
+    volume = root.open_volume("v")
+    files = [_create(volume, ROOT_INO, b"f%d" % i, stat.S_IFREG | 0o644) for i in range(3)]
+    _create(volume, ROOT_INO, b"d", stat.S_IFDIR | 0o755)
+    for mode, target in ((stat.S_IFREG, None), (stat.S_IFDIR, None), (stat.S_IFLNK, b"t"),
+                         (stat.S_IFIFO, None)):  # fmt: skip
+        with pytest.raises(NoSpace):
+            _create(volume, ROOT_INO, b"more", mode | 0o644, target)
+    volume.link(files[0], volume.inodes[ROOT_INO], b"hard", _now())  # no inode for a link
+    volume.unlink(volume.inodes[ROOT_INO], b"f1", files[1], _now())
+    _create(volume, ROOT_INO, b"again", stat.S_IFREG | 0o644)
+    assert volume.inodes_used == 5
+    volume.close()
+
+
+# -- through real mounts ----------------------------------------------------------------------
+
+
+def _fill(path: Path, piece: int = 65536) -> int:
+    """Write to *path* until the volume is full; return the bytes written."""
+    written = 0
+    with open(path, "wb", buffering=0) as f, pytest.raises(OSError) as info:
+        for _ in range((64 << 20) // piece):  # far more than any volume here holds
+            written += f.write(b"z" * piece)
+    assert info.value.errno == errno.ENOSPC
+    return written
+
+
+def _refused(call, *args) -> None:
+    with pytest.raises(OSError) as info:
+        call(*args)
+    assert info.value.errno == errno.ENOSPC, info.value
+
+
+def _ls(volume) -> dict:
+    return json.loads(volfsd("inspect", volume.name, root=volume.root).stdout)[0]
+
+
+def _use_up(path: Path) -> None:
+    """Take what room is left with xattrs of ever smaller values: afterwards less than an
+    xattr with an empty value (`XATTR_COST` and an 8-byte name) fits."""
+    n = 0
+    for size in [1 << k for k in range(16, -1, -1)] + [0]:
+        for _ in range(100):  # 2 values of each size fill it
+            try:
+                os.setxattr(path, f"user.{n:03d}", b"u" * size)
+            except OSError as exc:
+                assert exc.errno == errno.ENOSPC
+                break
+            n += 1
+        else:
+            pytest.fail(f"{path}: xattrs of {size} bytes never get ENOSPC")
+
+
+def test_xattrs_symlinks_and_names_count_on_a_full_volume(volume):
+    """The user trial: a full 1 MiB volume took 200 xattrs of 64 KiB and 200 symlinks with
+    4000-byte targets (13 MB more). Now each kind ends in ENOSPC once the size is used,
+    and df and ls agree on what is used."""
+    mnt = volume.mount(None, "--size", "1M")
+    _fill(mnt / "big")
+    big = mnt / "big"
+    made = 0
+    with pytest.raises(OSError) as info:
+        for made in range(200):
+            os.setxattr(big, f"user.a{made}", b"x" * 65536)
+    assert info.value.errno == errno.ENOSPC and made <= 1
+    with pytest.raises(OSError) as info:
+        for made in range(200):
+            os.symlink("t" * 4000, mnt / f"l{made}")
+    assert info.value.errno == errno.ENOSPC and made <= 17
+    with pytest.raises(OSError) as info:
+        for made in range(2000):
+            os.mkdir(mnt / f"d{made:04d}".ljust(255, "x"))
+    assert info.value.errno == errno.ENOSPC and made < 200
+    _use_up(big)
+    for call, args in [(os.mkdir, (mnt / "more",)), (os.mkfifo, (mnt / "fifo",)),
+                       (os.symlink, ("t", mnt / "s")), (os.link, (big, mnt / "hard-link")),
+                       (os.setxattr, (mnt, "user.dir", b"v" * 300))]:  # fmt: skip
+        _refused(call, *args)
+    _refused(open, mnt / "new", "x")
+    st = os.statvfs(mnt)
+    assert st.f_blocks * st.f_frsize == MIB and st.f_bavail == 0
+    used_blocks = st.f_blocks - st.f_bfree
+    deadline = time.monotonic() + 60  # `ls` shows what the worker last reported
+    while -(-_ls(volume)["used"] // st.f_frsize) != used_blocks and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert -(-_ls(volume)["used"] // st.f_frsize) == used_blocks
+    os.unlink(big)  # room comes back
+    os.setxattr(mnt, "user.dir", b"v" * 300)
+
+
+def test_directory_entries_cost_their_names(volume):
+    """Each directory costs its inode and its entry, name included: exactly as documented."""
+    size = 256 * 1024
+    mnt = volume.mount(None, "--size", str(size))
+    expected = size // (INODE_COST + ENTRY_COST + 255)
+    made = 0
+    with pytest.raises(OSError) as info:
+        for made in range(2 * expected):
+            os.mkdir(mnt / f"d{made:04d}".ljust(255, "x"))
+    assert info.value.errno == errno.ENOSPC
+    assert made == expected
+    os.rmdir(mnt / "d0000".ljust(255, "x"))
+    os.mkdir(mnt / "short")  # the space of a removed one is there again
