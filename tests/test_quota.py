@@ -1,11 +1,13 @@
-"""Sizes and inode limits: everything a user can store counts.
+"""Sizes and inode limits: everything a user can store counts, and the store's disk use stays
+within a stated bound of the size.
 
 First the accounting in the store alone (cheap, many operations), then through real mounts:
-xattrs, symlinks and directories on a full volume.
+xattrs, symlinks and directories on a full volume, and the disk-use bound under overwrites.
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import os
@@ -25,11 +27,30 @@ from volfs.store.volume import (
     ROOT_INO,
     XATTR_COST,
     Volume,
+    log_bound,
+    segment_size_for,
 )
 
 from conftest import volfsd
 
 MIB = 1 << 20
+
+
+def store_bound(size: int, segment_size: int) -> int:
+    """What ARCHITECTURE.md promises for a whole store directory: the log's bound, the
+    checkpoint (at most the size; two while one replaces the other), the reserve and the
+    small files (header, usage, durable mark, lock), a 4 KiB block each at most."""
+    reserve = min(8 * MIB, size + MIB)
+    return log_bound(size, segment_size) + 2 * (size + 4096) + reserve + 8 * 4096
+
+
+def disk_use(store: Path) -> int:
+    """Bytes of disk the volume's store directory takes (allocated blocks)."""
+    total = 0
+    for entry in os.scandir(store):
+        with contextlib.suppress(FileNotFoundError):  # a checkpoint.tmp renamed meanwhile
+            total += entry.stat(follow_symlinks=False).st_blocks * 512
+    return total
 
 
 def _now() -> int:
@@ -227,6 +248,28 @@ def test_the_inode_limit(tmp_path):
     volume.close()
 
 
+def test_the_log_stays_within_its_bound_without_housekeeping(tmp_path):
+    """Full overwrites of a full volume, and small writes all over it, with no background
+    compaction at all: the appends alone keep the log within `log_bound`."""
+    volume = _full_volume(tmp_path)
+    bound = log_bound(volume.quota, volume.log.segment_size)
+    f = volume.inodes[volume.inodes[ROOT_INO].entries[b"big"]]
+    rng = random.Random(2)
+    for _ in range(40):
+        volume.write(f, 0, os.urandom(f.size), _now())
+        assert volume.log.total <= bound
+    for _ in range(3000):
+        try:
+            volume.write(f, rng.randrange(f.size), os.urandom(rng.choice([1, 100, 4096])), _now())
+        except NoSpace:  # splitting extents takes room too, and the volume is full
+            volume.write(f, 0, os.urandom(f.size), _now())
+        assert volume.log.total <= bound
+        assert volume.log.total == sum(volume.log.sizes().values())
+    store = tmp_path / "store" / "volumes" / "v"
+    assert disk_use(store) <= store_bound(volume.quota, volume.log.segment_size)
+    volume.close()
+
+
 # -- through real mounts ----------------------------------------------------------------------
 
 
@@ -246,10 +289,6 @@ def _refused(call, *args) -> None:
     assert info.value.errno == errno.ENOSPC, info.value
 
 
-def _ls(volume) -> dict:
-    return json.loads(volfsd("inspect", volume.name, root=volume.root).stdout)[0]
-
-
 def _use_up(path: Path) -> None:
     """Take what room is left with xattrs of ever smaller values: afterwards less than an
     xattr with an empty value (`XATTR_COST` and an 8-byte name) fits."""
@@ -264,6 +303,10 @@ def _use_up(path: Path) -> None:
             n += 1
         else:
             pytest.fail(f"{path}: xattrs of {size} bytes never get ENOSPC")
+
+
+def _ls(volume) -> dict:
+    return json.loads(volfsd("inspect", volume.name, root=volume.root).stdout)[0]
 
 
 def test_xattrs_symlinks_and_names_count_on_a_full_volume(volume):
@@ -294,6 +337,8 @@ def test_xattrs_symlinks_and_names_count_on_a_full_volume(volume):
     _refused(open, mnt / "new", "x")
     st = os.statvfs(mnt)
     assert st.f_blocks * st.f_frsize == MIB and st.f_bavail == 0
+    segment = segment_size_for(MIB)
+    assert disk_use(volume.store) <= store_bound(MIB, segment) < 13 * MIB  # not 23 MB
     used_blocks = st.f_blocks - st.f_bfree
     deadline = time.monotonic() + 60  # `ls` shows what the worker last reported
     while -(-_ls(volume)["used"] // st.f_frsize) != used_blocks and time.monotonic() < deadline:
@@ -316,3 +361,27 @@ def test_directory_entries_cost_their_names(volume):
     assert made == expected
     os.rmdir(mnt / "d0000".ljust(255, "x"))
     os.mkdir(mnt / "short")  # the space of a removed one is there again
+
+
+def test_disk_use_stays_within_its_bound_under_overwrites(volume):
+    """40 full overwrites of a full 1 MiB volume left 49 MB of store. Now the store stays
+    within the bound of ARCHITECTURE.md after every one of them, and the data is intact."""
+    mnt = volume.mount(None, "--size", "1M")
+    f = mnt / "f"
+    data = os.urandom(MIB - 64 * 1024)
+    f.write_bytes(data)
+    bound = store_bound(MIB, segment_size_for(MIB))
+    for n in range(40):
+        data = os.urandom(len(data))
+        with open(f, "r+b", buffering=0) as out:
+            out.write(data)
+        assert disk_use(volume.store) <= bound, f"after {n + 1} overwrites"
+        segments = sum(p.stat().st_size for p in volume.store.glob("seg-*.log"))
+        assert segments <= log_bound(MIB, segment_size_for(MIB))
+    assert f.read_bytes() == data
+    done = volfsd("scrub", volume.name, "--rate", "0", root=volume.root, check=False)
+    assert done.returncode == 0, done.stdout + done.stderr  # checksums, tree and accounting
+    volume.unmount()
+    done = volfsd("fsck", volume.name, root=volume.root, check=False)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert disk_use(volume.store) <= bound

@@ -26,7 +26,7 @@ import msgpack
 
 from volfs.errors import StoreError
 from volfs.store import frame, pidlock
-from volfs.store.volume import FORMAT, USAGE_FILE, Volume
+from volfs.store.volume import FORMAT, USAGE_FILE, Volume, segment_size_for
 
 STORE_FORMAT = 1
 VOLUME_KIND = "volfs-volume"
@@ -142,7 +142,8 @@ class StoreRoot:
         """Create volume *name* if it is new; return its header.
 
         Creating an existing volume with the same options changes nothing; with other options
-        it is refused, as ``docker volume create`` does.
+        it is refused, as ``docker volume create`` does.  A volume with a *size* gets smaller
+        segments (`segment_size_for`), on which the bound of its disk use depends.
         """
         labels = dict(labels or {})
         if len(msgpack.packb(labels)) > MAX_LABELS:
@@ -165,7 +166,7 @@ class StoreRoot:
                     "name": name,
                     "id": str(uuid.uuid4()),
                     "created_ns": time.time_ns(),
-                    "segment_size": segment_size,
+                    "segment_size": min(segment_size, segment_size_for(size)),
                     "block_size": frame.BLOCK_SIZE,
                     "size": size,
                     "labels": labels,

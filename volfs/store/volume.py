@@ -22,7 +22,7 @@ from typing import NamedTuple
 
 from volfs.errors import DataDamaged, NoSpace, VolumeDamaged
 from volfs.store import frame, journal
-from volfs.store.extents import Extent, ExtentMap, Frame, extents_of
+from volfs.store.extents import CHUNK_SIZE, Extent, ExtentMap, Frame, extents_of
 from volfs.store.journal import (
     CHECKPOINT,
     EXCHANGE,
@@ -59,11 +59,30 @@ RECLAIM_MIN = 1024 * 1024
 #: What a volume's size is charged with besides the bytes of file data (ARCHITECTURE.md,
 #: "Quota").  Each is at least what the store keeps of the item for good (its checkpoint
 #: record; for an extent also the frame compaction would copy it into), so what a volume
-#: holds, metadata included, stays within its size.
+#: holds, metadata included, stays within its size and its disk use within a bound of it.
 INODE_COST = 128  #: each inode but the root directory (plus a symlink's target bytes)
 ENTRY_COST = 32  #: each directory entry, plus its name's bytes
 XATTR_COST = 32  #: each extended attribute, plus its name's and value's bytes
 EXTENT_COST = 256  #: each extent (a piece of a file stored by one write), plus its bytes
+#: The largest frame an operation appends: a 1 MiB FUSE write with its meta part, with room
+#: to spare (an xattr value is at most 64 KiB, a symlink target 4 KiB, names 255 bytes).
+MAX_FRAME = CHUNK_SIZE + 64 * 1024
+#: Segments of a sized volume: an eighth of its size, within these bounds.  The disk-use
+#: bound of a sized volume is 2 x size + 2 segments + 4 MiB (`Volume.log_limit`).
+MIN_SEGMENT_SIZE = 1024 * 1024
+MAX_SEGMENT_SIZE = 64 * 1024 * 1024
+
+
+def segment_size_for(size: int) -> int:
+    """The segment size for a volume of *size* bytes (0: no size, the largest)."""
+    if not size:
+        return MAX_SEGMENT_SIZE
+    return max(MIN_SEGMENT_SIZE, min(MAX_SEGMENT_SIZE, size // 8))
+
+
+def log_bound(size: int, segment_size: int) -> int:
+    """Most bytes the log of a volume of *size* (holding no more than that) ever takes."""
+    return 2 * size + 2 * segment_size + 4 * 1024 * 1024
 
 
 class _CheckpointPlan(NamedTuple):
@@ -440,6 +459,16 @@ class Volume:
         """Inodes as the inode limit and statfs count them (the root included)."""
         return len(self.inodes) - len(self._leaving)
 
+    @property
+    def live_cost(self) -> int:
+        """What copying all live data to the head of the log would append, at most."""
+        return self.used + EXTENT_COST * self.extent_count
+
+    def segment_cost(self, seg: int) -> int:
+        """What copying segment *seg*'s live data to the head of the log would append, at most:
+        its bytes, and a frame for each extent (`EXTENT_COST` covers one)."""
+        return self.live.get(seg, 0) + EXTENT_COST * self.extents_in.get(seg, 0)
+
     def recount(self) -> dict[str, object]:
         """The running accounting counted afresh from the inodes and the tree (a scan of the
         whole volume: for checks and tests), in the attributes' names."""
@@ -482,27 +511,70 @@ class Volume:
         *,
         charge: int = 0,
         inodes: int = 0,
+        compacting: bool = False,
     ) -> None:
         """Journal *records* (one operation) as one frame, then apply them.
 
         The operation adds *charge* bytes and *inodes* inodes to what the volume holds: past
-        its size or inode limit it is refused with `NoSpace` before anything is written.
+        its size or inode limit it is refused with `NoSpace` before anything is written.  A
+        sized volume keeps its log within `log_limit` by compacting here what housekeeping
+        has not yet (except for the appends of compaction itself, *compacting*).
 
         On a full disk, dead data is freed (`reclaim`) and the append tried once more: a
         failed append leaves nothing behind, and deleting files must make room again.
         """
         self._check_room(charge, inodes)
+        buffers = frame.encode(records, data)
+        if self.quota and not compacting:
+            length = sum(map(len, buffers))
+            if self.log.total + length > self.log_limit:
+                self._make_room(length, charge > 0 or bool(data))
         try:
-            at, data_pos = self.log.append(records, data)
+            at, data_pos = self.log.append_frame(buffers)
         except OSError as exc:
             if exc.errno != errno.ENOSPC or self.reclaimable() < RECLAIM_MIN:
                 raise
             log.warning("volume %s: the disk is full; freeing the space of dead data", self.name)
             self.reclaim()
-            at, data_pos = self.log.append(records, data)
+            at, data_pos = self.log.append_frame(buffers)
         self._appended_since_checkpoint += data_pos + len(data) - at.pos
         for record in records:
             self._apply(record, at.seg, data_pos)
+
+    @property
+    def log_limit(self) -> int:
+        """How far the log of a sized volume may grow before an append must wait for
+        compaction (0: no limit).
+
+        Room for a segment and two frames above twice what the volume holds: then the
+        sealed segments hold more than twice the cost of their live data, so one of them is
+        at most half live and compacting it frees at least half a segment.  Compaction
+        in flight (housekeeping's victim and one compacted here, each at most half a segment
+        and a frame) may append beyond it: `log_bound` includes that."""
+        if not self.quota:
+            return 0
+        return 2 * max(self.quota, self.live_cost) + self.log.segment_size + 2 * MAX_FRAME
+
+    def _make_room(self, length: int, needed: bool) -> None:
+        """Compact until an append of *length* bytes keeps the log within `log_limit`.
+
+        Housekeeping compacts in the background long before the limit; this catches a
+        writer that outruns it.  If nothing can be compacted (damaged data that cannot be
+        moved), a write or an operation that adds to the volume (*needed*) gets ENOSPC;
+        other changes of metadata (a delete, a chmod) go ahead, so that space can always be
+        given back.
+        """
+        while self.log.total + length > self.log_limit:
+            self.log.seal()  # a full head segment: sealed now rather than at the next append
+            seg = self._victim(self.log.sizes())
+            if seg is None:
+                if needed:
+                    raise NoSpace(errno.ENOSPC, f"volume {self.name}: its log cannot be compacted")
+                return
+            log.debug("volume %s: log at its limit; compacting segment %d now", self.name, seg)
+            for ino, start, length_ in self.live_ranges()[seg]:
+                self.relocate(ino, start, length_, seg)
+            self.checkpoint()  # deletes the segment, unless damaged data had to stay in it
 
     @property
     def checkpoint_due(self) -> bool:
@@ -844,16 +916,30 @@ class Volume:
         so compaction costs at most one extra write of each live byte per such growth.
         """
         sizes = self.log.sizes()
-        live = self.used
+        if self.quota:  # keeps housekeeping well ahead of `log_limit`
+            live = self.live_cost
+            min_garbage = min(min_garbage, self.log.segment_size)
+        else:
+            live = self.used
         if sum(sizes.values()) - live < max(min_garbage, live):
             return None
+        return self._victim(sizes)
+
+    def _victim(self, sizes: dict[int, int]) -> int | None:
+        """The sealed segment whose live data is the smallest part of it, if at most half.
+
+        A sized volume measures live data by what moving it appends (`segment_cost`), as
+        the bound of its disk use needs: a segment of small extents frees less when moved,
+        as each extent takes a frame of its own.
+        """
         candidates = [
             s for s in sizes if s != self.log.head.seg and s not in self._unmovable and sizes[s]
         ]
         if not candidates:
             return None
-        seg = min(candidates, key=lambda s: self.live.get(s, 0) / sizes[s])
-        return seg if self.live.get(seg, 0) <= sizes[seg] // 2 else None
+        live = self.segment_cost if self.quota else lambda s: self.live.get(s, 0)
+        seg = min(candidates, key=lambda s: live(s) / sizes[s])
+        return seg if live(seg) <= sizes[seg] // 2 else None
 
     def _live_extents(self) -> dict[int, list[tuple[int, Extent]]]:
         """(ino, extent) of every extent in use, by the segment its data lies in."""
@@ -886,7 +972,7 @@ class Volume:
             except DataDamaged:
                 self._unmovable.add(seg)  # keep it: reads must go on reporting the damage
                 continue
-            self.commit([[WRITE, ino, pos, n, frame.block_sums(data), None]], data)
+            self.commit([[WRITE, ino, pos, n, frame.block_sums(data), None]], data, compacting=True)
 
     # -- giving space back -------------------------------------------------------------------
 
@@ -949,14 +1035,26 @@ class Volume:
             fd = os.open(RESERVE_FILE, flags, 0o600, dir_fd=self._dir_fd)
         except OSError:
             return
+        want = self.reserve_size
         try:
-            if os.fstat(fd).st_size < RESERVE_SIZE:
-                os.posix_fallocate(fd, 0, RESERVE_SIZE)
+            size = os.fstat(fd).st_size
+            if size < want:
+                os.posix_fallocate(fd, 0, want)
+            elif size > want:
+                os.ftruncate(fd, want)
         except OSError:  # a part of it would only take space without being sure of room
             with contextlib.suppress(OSError):
                 os.ftruncate(fd, 0)
         finally:
             os.close(fd)
+
+    @property
+    def reserve_size(self) -> int:
+        """The reserve must hold a checkpoint; a sized volume's is no larger than its size
+        (`INODE_COST`), so a small volume needs no 8 MiB of it."""
+        if self.quota:
+            return min(RESERVE_SIZE, self.quota + RESERVE_SIZE // 8)
+        return RESERVE_SIZE
 
     def _drop_reserve(self) -> None:
         with contextlib.suppress(FileNotFoundError):
