@@ -2,7 +2,8 @@
 within a stated bound of the size.
 
 First the accounting in the store alone (cheap, many operations), then through real mounts:
-xattrs, symlinks and directories on a full volume, and the disk-use bound under overwrites.
+xattrs, symlinks and directories on a full volume, the inode limit, the disk-use bound under
+overwrites, and the CLI's refusals.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import json
 import os
 import random
 import stat
+import subprocess
 import time
 from pathlib import Path
 
@@ -385,3 +387,55 @@ def test_disk_use_stays_within_its_bound_under_overwrites(volume):
     done = volfsd("fsck", volume.name, root=volume.root, check=False)
     assert done.returncode == 0, done.stdout + done.stderr
     assert disk_use(volume.store) <= bound
+
+
+def test_inode_limit_through_a_mount(volume):
+    mnt = volume.mount(None, "--inodes", "6")
+    st = os.statvfs(mnt)
+    assert (st.f_files, st.f_ffree) == (6, 5)  # the root directory is one
+    (mnt / "f").write_bytes(b"data")
+    os.mkdir(mnt / "d")
+    os.symlink("f", mnt / "s")
+    os.mkfifo(mnt / "p")
+    (mnt / "d" / "g").touch()
+    assert os.statvfs(mnt).f_ffree == 0
+    for call, args in [(os.mkdir, (mnt / "d2",)), (os.mkfifo, (mnt / "p2",)),
+                       (os.symlink, ("f", mnt / "s2")), (open, (mnt / "h", "x"))]:  # fmt: skip
+        _refused(call, *args)
+    os.link(mnt / "f", mnt / "hard")  # a hard link takes no inode
+    os.unlink(mnt / "p")
+    assert os.statvfs(mnt).f_ffree == 1
+    (mnt / "again").touch()
+    info = _ls(volume)
+    assert info["inodes_limit"] == 6 and info["size"] == 0
+    volume.remount()  # the limit is the volume's, not the mount's
+    st = os.statvfs(volume.path)
+    assert (st.f_files, st.f_ffree) == (6, 0)
+
+
+def _one_line(done: subprocess.CompletedProcess, *words: str) -> None:
+    assert done.returncode == 1, done
+    assert done.stderr.startswith("volfsd: ") and done.stderr.count("\n") == 1, done.stderr
+    for word in words:
+        assert word in done.stderr, done.stderr
+
+
+@pytest.mark.parametrize("value", ["0", "-5", "abc", "1.5", "10K", "", "9" * 30])
+def test_bad_inode_limits_are_one_line(store_root, tmp_path, value):
+    for args in (["create", "v", "--inodes", value],
+                 ["mount", "v", str(tmp_path / "m"), "--inodes", value]):  # fmt: skip
+        _one_line(volfsd(*args, root=store_root, check=False), "invalid inode limit")
+    assert not (tmp_path / "m").exists() or not os.listdir(tmp_path / "m")
+
+
+def test_inodes_in_the_config(tmp_path):
+    from volfs.daemon import load_config
+    from volfs.errors import VolfsError
+
+    config = tmp_path / "volumes.toml"
+    config.write_text('[volumes.a]\nsize = "1G"\ninodes = 1000\n\n[volumes.b]\n')
+    declared = load_config(config)
+    assert declared["a"]["inodes"] == 1000 and declared["b"]["inodes"] == 0
+    config.write_text("[volumes.a]\ninodes = -1\n")
+    with pytest.raises(VolfsError, match="volume 'a': invalid inode limit"):
+        load_config(config)

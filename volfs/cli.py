@@ -19,7 +19,7 @@ from volfs import control, mounts, scrub
 from volfs.errors import VolfsError
 from volfs.store import pidlock
 from volfs.store.root import StoreRoot, check_name, default_root
-from volfs.volumes import check_mountpoint, describe, parse_size, prepare_mountpoint
+from volfs.volumes import check_mountpoint, describe, parse_inodes, parse_size, prepare_mountpoint
 
 #: How long `mount` waits for a daemon it started to listen.
 DAEMON_START_TIMEOUT = 30.0
@@ -113,13 +113,19 @@ def cmd_create(args: argparse.Namespace) -> None:
             raise CliError(f"invalid label {item!r}: use KEY=VALUE")
         labels[key] = value
     size = parse_size(args.size) if args.size is not None else 0
+    inodes = _inodes(args)
     try:
-        _call("create", name=check_name(args.name), size=size, labels=labels)
+        _call("create", name=check_name(args.name), size=size, labels=labels, **inodes)
     except control.DaemonNotRunning:
         root = _root()
-        root.create_volume(args.name, size, labels)
+        root.create_volume(args.name, size, labels, **inodes)
         describe(root, args.name)
     print(args.name)
+
+
+def _inodes(args: argparse.Namespace) -> dict[str, int]:
+    """``{"inodes": N}`` if ``--inodes`` was given (requests without it stay as they were)."""
+    return {} if args.inodes is None else {"inodes": parse_inodes(args.inodes)}
 
 
 def _volumes(names: list[str] | None) -> list[dict]:
@@ -165,11 +171,13 @@ def cmd_mount(args: argparse.Namespace) -> None:
     name = check_name(args.name)
     mountpoint = check_mountpoint(args.mountpoint)
     size = parse_size(args.size) if args.size is not None else 0
+    inodes = _inodes(args)
     root = _root()
     if args.foreground:
-        _mount_foreground(root, name, mountpoint, args.ro, size)
+        _mount_foreground(root, name, mountpoint, args.ro, size, inodes.get("inodes", 0))
         return
-    request = {"name": name, "mountpoint": str(mountpoint), "read_only": args.ro, "size": size}
+    request = {"name": name, "mountpoint": str(mountpoint), "read_only": args.ro, "size": size,
+               **inodes}  # fmt: skip
     try:
         _call("mount", **request)
     except control.DaemonNotRunning:
@@ -178,13 +186,13 @@ def cmd_mount(args: argparse.Namespace) -> None:
 
 
 def _mount_foreground(
-    root: StoreRoot, name: str, mountpoint: Path, read_only: bool, size: int
+    root: StoreRoot, name: str, mountpoint: Path, read_only: bool, size: int, inodes: int = 0
 ) -> None:
     """Serve one volume in this process, without the daemon (debugging, simple units)."""
     from volfs import worker  # the FUSE machinery loads only where it is needed
 
     if not root.exists(name):
-        root.create_volume(name, size)
+        root.create_volume(name, size, inodes=inodes)
     if root.is_served(name):
         holder = (root.volume_path(name) / "lock").read_text().strip() or "unknown"
         raise CliError(f"volume {name} is already being served (pid {holder})")
@@ -277,6 +285,7 @@ def build_parser() -> argparse.ArgumentParser:
     create.add_argument("name", metavar="NAME")
     create.add_argument("--size", help="most data it may hold: 512M, 10G, 1T")
     create.add_argument("--label", action="append", default=[], metavar="KEY=VALUE")
+    create.add_argument("--inodes", metavar="N", help="most files, directories and so on")
     create.set_defaults(func=cmd_create)
 
     ls = sub.add_parser("ls", help="list volumes")
@@ -293,6 +302,7 @@ def build_parser() -> argparse.ArgumentParser:
     mount.add_argument("mountpoint", metavar="MOUNTPOINT")
     mount.add_argument("--ro", action="store_true", help="mount read-only")
     mount.add_argument("--size", help="size of a volume created now: 512M, 10G, 1T")
+    mount.add_argument("--inodes", metavar="N", help="inode limit of a volume created now")
     mount.add_argument(
         "-f", "--foreground", action="store_true", help="serve in this process, without the daemon"
     )

@@ -38,6 +38,7 @@ from volfs.volumes import (
     check_mountpoint,
     clear_dead_mount,
     describe,
+    parse_inodes,
     parse_size,
     prepare_mountpoint,
 )
@@ -55,8 +56,12 @@ REQUEST_READ_TIMEOUT = 10.0
 RESTART_DELAYS = (0.5, 1, 2, 5, 10, 30)
 
 
+_CONFIG_KEYS = ("paths", "size", "read_only", "labels", "inodes")
+
+
 def load_config(path: Path) -> dict[str, dict]:
-    """The volumes a config file declares: name -> {"paths", "size", "read_only", "labels"}."""
+    """The volumes a config file declares: name -> {"paths", "size", "read_only", "labels",
+    "inodes"}."""
     try:
         with open(path, "rb") as f:
             config = tomllib.load(f)
@@ -74,8 +79,8 @@ def load_config(path: Path) -> dict[str, dict]:
             check_name(name)
         except VolfsError as exc:
             raise VolfsError(f"{where}: {exc}") from None
-        if not isinstance(spec, dict) or set(spec) - {"paths", "size", "read_only", "labels"}:
-            raise VolfsError(f"{where}: allowed keys are paths, size, read_only, labels")
+        if not isinstance(spec, dict) or set(spec) - set(_CONFIG_KEYS):
+            raise VolfsError(f"{where}: allowed keys are {', '.join(_CONFIG_KEYS)}")
         paths = spec.get("paths", [])
         if not isinstance(paths, list) or not all(isinstance(p, str) for p in paths):
             raise VolfsError(f"{where}: paths must be a list of absolute paths")
@@ -87,8 +92,16 @@ def load_config(path: Path) -> dict[str, dict]:
             "size": parse_size(spec["size"]) if "size" in spec else 0,
             "read_only": bool(spec.get("read_only", False)),
             "labels": labels,
+            "inodes": _config_inodes(spec, where),
         }
     return declared
+
+
+def _config_inodes(spec: dict, where: str) -> int:
+    try:
+        return parse_inodes(spec["inodes"]) if "inodes" in spec else 0
+    except VolfsError as exc:
+        raise VolfsError(f"{where}: {exc}") from None
 
 
 def notify(state: str) -> None:
@@ -189,7 +202,9 @@ class Daemon:
         async with self._admin:
             for name, spec in declared.items():
                 try:
-                    self.root.create_volume(name, size=spec["size"], labels=spec["labels"])
+                    self.root.create_volume(
+                        name, size=spec["size"], labels=spec["labels"], inodes=spec["inodes"]
+                    )
                     for path in spec["paths"]:
                         await self._mount(name, path, spec["read_only"])
                 except VolfsError as exc:
@@ -305,11 +320,15 @@ class Daemon:
 
     # -- commands -------------------------------------------------------------------------------
 
-    async def cmd_create(self, name: str, size: str | int = 0, labels: dict | None = None):
+    async def cmd_create(
+        self, name: str, size: str | int = 0, labels: dict | None = None, inodes: str | int = 0
+    ):
         labels = labels or {}
         if not all(isinstance(k, str) and isinstance(v, str) for k, v in labels.items()):
             raise VolfsError("labels must be KEY=VALUE strings")
-        self.root.create_volume(check_name(name), parse_size(size) if size else 0, labels)
+        limit = parse_inodes(inodes) if inodes else 0
+        self.root.create_volume(check_name(name), parse_size(size) if size else 0, labels,
+                                inodes=limit)  # fmt: skip
         return self._describe(name)
 
     async def cmd_ls(self):
@@ -334,20 +353,32 @@ class Daemon:
         }  # fmt: skip
 
     async def cmd_mount(
-        self, name: str, mountpoint: str, read_only: bool = False, size: str | int = 0
+        self,
+        name: str,
+        mountpoint: str,
+        read_only: bool = False,
+        size: str | int = 0,
+        inodes: str | int = 0,
     ):
         check_name(name)
         path = check_mountpoint(mountpoint)
         size_bytes = parse_size(size) if size else 0
+        limit = parse_inodes(inodes) if inodes else 0
         async with self._admin:
             if self.root.exists(name):
-                current = self.root.header(name).get("size", 0)
+                header = self.root.header(name)
+                current = header.get("size", 0)
                 if size_bytes and current != size_bytes:
                     raise VolfsError(
                         f"volume {name} exists with size {current}: its size is set at creation"
                     )
+                if limit and header.get("inodes", 0) != limit:
+                    raise VolfsError(
+                        f"volume {name} exists with inode limit {header.get('inodes', 0)}: "
+                        "its limit is set at creation"
+                    )
             else:
-                self.root.create_volume(name, size=size_bytes)
+                self.root.create_volume(name, size=size_bytes, inodes=limit)
             await self._mount(name, path, read_only)
             self._remember(name, path, read_only, keep=True)
         return self._describe(name)

@@ -41,6 +41,18 @@ def parse_size(text: str | int) -> int:
     return value
 
 
+def parse_inodes(text: str | int) -> int:
+    """An inode limit: a whole number from 1 to 2**62 (a string of digits or an int)."""
+    if isinstance(text, int) and not isinstance(text, bool):
+        value = text
+    else:
+        raw = str(text).strip()
+        value = int(raw) if raw.isdigit() and raw.isascii() else -1
+    if value <= 0 or value > MAX_SIZE:
+        raise VolfsError(f"invalid inode limit {str(text)[:40]!r}: use a whole number from 1")
+    return value
+
+
 def check_mountpoint(text: object) -> Path:
     if not isinstance(text, str) or "\0" in text or not text:
         raise VolfsError("a mount point must be a non-empty path")
@@ -122,6 +134,7 @@ def describe(
         "size": header.get("size", 0),
         "used": usage.get("used", 0),
         "inodes": usage.get("inodes", 0),
+        "inodes_limit": header.get("inodes", 0),
         "mounts": paths,
         "read_only": sorted(str(p) for p in read_only),
         "status": status,
