@@ -3,7 +3,7 @@ within a stated bound of the size.
 
 First the accounting in the store alone (cheap, many operations), then through real mounts:
 xattrs, symlinks and directories on a full volume, the inode limit, the disk-use bound under
-overwrites, and the CLI's refusals.
+overwrites, resizing, and the CLI's refusals.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from volfs.errors import NoSpace
+from volfs.errors import NoSpace, StoreError
 from volfs.store.root import StoreRoot
 from volfs.store.volume import (
     ENTRY_COST,
@@ -33,7 +33,7 @@ from volfs.store.volume import (
     segment_size_for,
 )
 
-from conftest import volfsd
+from conftest import run_dir_of, stop_daemon, volfsd
 
 MIB = 1 << 20
 
@@ -250,6 +250,36 @@ def test_the_inode_limit(tmp_path):
     volume.close()
 
 
+def test_limits_change_durably_and_never_below_what_is_held(tmp_path):
+    root = StoreRoot(tmp_path / "store")
+    root.create_volume("v", size=64 * MIB)
+    assert root.header("v")["segment_size"] == segment_size_for(64 * MIB) == 8 * MIB
+    volume = root.open_volume("v")
+    f = _create(volume, ROOT_INO, b"f", stat.S_IFREG | 0o644)
+    volume.write(f, 0, os.urandom(3 * MIB), _now())
+    for i in range(3):
+        _create(volume, ROOT_INO, b"g%d" % i, stat.S_IFREG | 0o644)
+    volume.close()
+    with pytest.raises(StoreError, match="cannot be made smaller"):
+        root.resize("v", size=2 * MIB)
+    with pytest.raises(StoreError, match="inode limit cannot be lower"):
+        root.resize("v", inodes=4)
+    assert root.header("v")["size"] == 64 * MIB
+    header = root.resize("v", size=4 * MIB, inodes=10)
+    assert header["size"] == 4 * MIB and header["inodes"] == 10
+    assert root.header("v") == header
+    assert header["segment_size"] == segment_size_for(4 * MIB) == MIB
+    root.resize("v", size=1 << 40)  # larger: the segments stay as small as they were
+    assert root.header("v")["segment_size"] == MIB and root.header("v")["inodes"] == 10
+    volume = root.open_volume("v")
+    assert volume.quota == 1 << 40 and volume.inode_limit == 10
+    volume.set_limits(8 * MIB, 0)  # live, as the worker will
+    volume.close()
+    assert root.header("v")["size"] == 8 * MIB and root.header("v")["inodes"] == 0
+    with pytest.raises(StoreError, match="does not exist"):
+        root.resize("nope", size=MIB)
+
+
 def test_the_log_stays_within_its_bound_without_housekeeping(tmp_path):
     """Full overwrites of a full volume, and small writes all over it, with no background
     compaction at all: the appends alone keep the log within `log_bound`."""
@@ -365,30 +395,6 @@ def test_directory_entries_cost_their_names(volume):
     os.mkdir(mnt / "short")  # the space of a removed one is there again
 
 
-def test_disk_use_stays_within_its_bound_under_overwrites(volume):
-    """40 full overwrites of a full 1 MiB volume left 49 MB of store. Now the store stays
-    within the bound of ARCHITECTURE.md after every one of them, and the data is intact."""
-    mnt = volume.mount(None, "--size", "1M")
-    f = mnt / "f"
-    data = os.urandom(MIB - 64 * 1024)
-    f.write_bytes(data)
-    bound = store_bound(MIB, segment_size_for(MIB))
-    for n in range(40):
-        data = os.urandom(len(data))
-        with open(f, "r+b", buffering=0) as out:
-            out.write(data)
-        assert disk_use(volume.store) <= bound, f"after {n + 1} overwrites"
-        segments = sum(p.stat().st_size for p in volume.store.glob("seg-*.log"))
-        assert segments <= log_bound(MIB, segment_size_for(MIB))
-    assert f.read_bytes() == data
-    done = volfsd("scrub", volume.name, "--rate", "0", root=volume.root, check=False)
-    assert done.returncode == 0, done.stdout + done.stderr  # checksums, tree and accounting
-    volume.unmount()
-    done = volfsd("fsck", volume.name, root=volume.root, check=False)
-    assert done.returncode == 0, done.stdout + done.stderr
-    assert disk_use(volume.store) <= bound
-
-
 def test_inode_limit_through_a_mount(volume):
     mnt = volume.mount(None, "--inodes", "6")
     st = os.statvfs(mnt)
@@ -413,6 +419,51 @@ def test_inode_limit_through_a_mount(volume):
     assert (st.f_files, st.f_ffree) == (6, 0)
 
 
+def test_disk_use_stays_within_its_bound_under_overwrites(volume):
+    """40 full overwrites of a full 1 MiB volume left 49 MB of store. Now the store stays
+    within the bound of ARCHITECTURE.md after every one of them, and the data is intact."""
+    mnt = volume.mount(None, "--size", "1M")
+    f = mnt / "f"
+    data = os.urandom(MIB - 64 * 1024)
+    f.write_bytes(data)
+    bound = store_bound(MIB, segment_size_for(MIB))
+    for n in range(40):
+        data = os.urandom(len(data))
+        with open(f, "r+b", buffering=0) as out:
+            out.write(data)
+        assert disk_use(volume.store) <= bound, f"after {n + 1} overwrites"
+        segments = sum(p.stat().st_size for p in volume.store.glob("seg-*.log"))
+        assert segments <= log_bound(MIB, segment_size_for(MIB))
+    assert f.read_bytes() == data
+    done = volfsd("scrub", volume.name, "--rate", "0", root=volume.root, check=False)
+    assert done.returncode == 0, done.stdout + done.stderr  # checksums, tree and accounting
+    volume.unmount()
+    done = volfsd("fsck", volume.name, root=volume.root, check=False)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert disk_use(volume.store) <= bound
+
+
+def test_resize(volume):
+    mnt = volume.mount(None, "--size", "1M")
+    (mnt / "f").write_bytes(b"a" * (600 * 1024))
+    refused = volfsd("resize", volume.name, "4M", root=volume.root, check=False)
+    _one_line(refused, "is mounted")
+    volume.unmount()
+    _one_line(volfsd("resize", volume.name, "512K", root=volume.root, check=False),
+              "cannot be made smaller")  # fmt: skip
+    volfsd("resize", volume.name, "4M", "--inodes", "50", root=volume.root)  # via the daemon
+    info = _ls(volume)
+    assert (info["size"], info["inodes_limit"]) == (4 * MIB, 50)
+    stop_daemon(run_dir_of(volume.root))
+    volfsd("resize", volume.name, "3M", root=volume.root)  # without one: straight on the store
+    assert _ls(volume)["size"] == 3 * MIB and _ls(volume)["inodes_limit"] == 50
+    mnt = volume.mount()
+    st = os.statvfs(mnt)
+    assert st.f_blocks * st.f_frsize == 3 * MIB and st.f_files == 50
+    (mnt / "g").write_bytes(b"b" * (2 * MIB))
+    assert (mnt / "f").read_bytes() == b"a" * (600 * 1024)
+
+
 def _one_line(done: subprocess.CompletedProcess, *words: str) -> None:
     assert done.returncode == 1, done
     assert done.stderr.startswith("volfsd: ") and done.stderr.count("\n") == 1, done.stderr
@@ -423,9 +474,17 @@ def _one_line(done: subprocess.CompletedProcess, *words: str) -> None:
 @pytest.mark.parametrize("value", ["0", "-5", "abc", "1.5", "10K", "", "9" * 30])
 def test_bad_inode_limits_are_one_line(store_root, tmp_path, value):
     for args in (["create", "v", "--inodes", value],
-                 ["mount", "v", str(tmp_path / "m"), "--inodes", value]):  # fmt: skip
+                 ["mount", "v", str(tmp_path / "m"), "--inodes", value],
+                 ["resize", "v", "1M", "--inodes", value]):  # fmt: skip
         _one_line(volfsd(*args, root=store_root, check=False), "invalid inode limit")
     assert not (tmp_path / "m").exists() or not os.listdir(tmp_path / "m")
+
+
+def test_resize_refusals(store_root):
+    _one_line(volfsd("resize", "ghost", "1M", root=store_root, check=False), "no such volume")
+    volfsd("create", "v", root=store_root)
+    _one_line(volfsd("resize", "v", "lots", root=store_root, check=False), "invalid size")
+    _one_line(volfsd("resize", "v", root=store_root, check=False), "required")
 
 
 def test_inodes_in_the_config(tmp_path):

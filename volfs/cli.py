@@ -252,6 +252,21 @@ def cmd_rm(args: argparse.Namespace) -> None:
         print(name)
 
 
+def cmd_resize(args: argparse.Namespace) -> None:
+    """A new size (and inode limit) for an unmounted volume; never below what it holds."""
+    name = check_name(args.name)
+    size = parse_size(args.size)
+    inodes = _inodes(args)
+    try:
+        _call("resize", name=name, size=size, **inodes)
+    except control.DaemonNotRunning:
+        root = _root()
+        if not root.exists(name):
+            raise CliError(f"no such volume: {name}") from None
+        root.resize(name, size, inodes.get("inodes"))
+    print(name)
+
+
 def cmd_fsck(args: argparse.Namespace) -> None:
     raise SystemExit(scrub.fsck(default_root(), args.name, args.repair))
 
@@ -317,6 +332,12 @@ def build_parser() -> argparse.ArgumentParser:
     rm.add_argument("names", nargs="+", metavar="NAME")
     rm.add_argument("-f", "--force", action="store_true", help="unmount first if mounted")
     rm.set_defaults(func=cmd_rm)
+
+    resize = sub.add_parser("resize", help="give an unmounted volume a new size")
+    resize.add_argument("name", metavar="NAME")
+    resize.add_argument("size", metavar="SIZE", help="512M, 10G, 1T; not below what it holds")
+    resize.add_argument("--inodes", metavar="N", help="a new inode limit")
+    resize.set_defaults(func=cmd_resize)
 
     fsck = sub.add_parser("fsck", help="check an unmounted volume's store (exit 0/1/2)")
     fsck.add_argument("name", metavar="NAME")

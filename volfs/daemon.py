@@ -422,6 +422,21 @@ class Daemon:
             self.root.remove_volume(name)
         return {"name": name}
 
+    async def cmd_resize(self, name: str, size: str | int, inodes: str | int = 0):
+        check_name(name)
+        limit = parse_inodes(inodes) if inodes else None
+        async with self._admin:
+            if not self.root.exists(name):
+                raise VolfsError(f"no such volume: {name}")
+            if name in self.served or name in self.stopping or self.root.is_served(name):
+                raise VolfsError(
+                    f"volume {name} is mounted: unmount it to resize it "
+                    "(a mounted volume cannot be resized yet)"
+                )
+            # Loading the volume (to know what it holds) may take seconds: not in the loop.
+            await trio.to_thread.run_sync(self.root.resize, name, parse_size(size), limit)
+        return self._describe(name)
+
     COMMANDS = {
         "create": cmd_create,
         "ls": cmd_ls,
@@ -430,6 +445,7 @@ class Daemon:
         "mount": cmd_mount,
         "umount": cmd_umount,
         "rm": cmd_rm,
+        "resize": cmd_resize,
     }
 
     # -- mounting -------------------------------------------------------------------------------

@@ -25,7 +25,7 @@ from typing import BinaryIO
 import msgpack
 
 from volfs.errors import StoreError
-from volfs.store import frame, pidlock
+from volfs.store import frame, journal, pidlock
 from volfs.store.volume import FORMAT, USAGE_FILE, Volume, segment_size_for
 
 STORE_FORMAT = 1
@@ -90,7 +90,7 @@ class StoreRoot:
         except FileNotFoundError:
             fd = os.open(self.path, _DIR_FLAGS)
             try:  # synced with the directory, so "volumes/" and FORMAT outlive a power cut
-                _write_durably(fd, "FORMAT", f"volfs-store {STORE_FORMAT}\n".encode())
+                journal.write_durably(fd, "FORMAT", f"volfs-store {STORE_FORMAT}\n".encode())
             finally:
                 os.close(fd)
             return
@@ -173,7 +173,7 @@ class StoreRoot:
                     "inodes": inodes,
                 }
                 try:
-                    _write_durably(dir_fd, "volume", b"".join(frame.encode(header)))
+                    journal.write_durably(dir_fd, "volume", b"".join(frame.encode(header)))
                 except BaseException:
                     if made:  # leave no half-made volume that `ls` would trip over
                         shutil.rmtree(path, ignore_errors=True)
@@ -257,6 +257,7 @@ class StoreRoot:
             except FileNotFoundError:
                 raise StoreError(f"volume {name} does not exist") from None
             volume = Volume(name, dir_fd, lock_fd, header["id"], header["segment_size"])
+            volume.header = header
             volume.quota = header.get("size", 0)
             volume.inode_limit = header.get("inodes", 0)
             volume.load(time.time_ns())
@@ -266,6 +267,28 @@ class StoreRoot:
                 os.close(lock_fd)
             raise
         return volume
+
+    def resize(self, name: str, size: int | None = None, inodes: int | None = None) -> dict:
+        """Give volume *name*, which must not be served, a new size and inode limit (None:
+        keep; 0: none); return its new header.
+
+        The volume is loaded (as a mount would) to know exactly what it holds: making it
+        smaller than that is refused.
+        """
+        if self.is_served(name):
+            raise StoreError(
+                f"volume {name} is mounted: unmount it to resize it "
+                "(a mounted volume cannot be resized yet)"
+            )
+        volume = self.open_volume(name, create=False)
+        try:
+            volume.set_limits(
+                volume.quota if size is None else size,
+                volume.inode_limit if inodes is None else inodes,
+            )
+            return dict(volume.header)
+        finally:
+            volume.close()
 
     @staticmethod
     def _lock(name: str, dir_fd: int) -> int:
@@ -301,23 +324,6 @@ class StoreRoot:
         if header.get("block_size") != frame.BLOCK_SIZE:
             raise StoreError(f"volume {name}: unsupported block size {header.get('block_size')}")
         return header
-
-
-def _write_durably(dir_fd: int, name: str, data: bytes) -> None:
-    tmp = name + ".tmp"
-    fd = os.open(
-        tmp,
-        os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC,
-        0o600,
-        dir_fd=dir_fd,
-    )
-    try:
-        os.write(fd, data)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.rename(tmp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
-    os.fsync(dir_fd)
 
 
 def _fsync_dir(path: Path) -> None:

@@ -20,7 +20,7 @@ import stat
 from collections.abc import Iterator
 from typing import NamedTuple
 
-from volfs.errors import DataDamaged, NoSpace, VolumeDamaged
+from volfs.errors import DataDamaged, NoSpace, StoreError, VolumeDamaged
 from volfs.store import frame, journal
 from volfs.store.extents import CHUNK_SIZE, Extent, ExtentMap, Frame, extents_of
 from volfs.store.journal import (
@@ -210,6 +210,7 @@ class Volume:
         self._synced_head = Position(0, 0)  # log head at the last sync
         self.quota = 0  #: most bytes the volume may hold, metadata included; 0: no limit
         self.inode_limit = 0  #: most inodes it may have, the root included; 0: no limit
+        self.header: dict = {}  #: the volume's header file, as `StoreRoot.open_volume` read it
         self._saved_usage: dict | None = None
         self._forked: tuple[int, _CheckpointPlan] | None = None  #: checkpoint writer, if any
 
@@ -1060,6 +1061,41 @@ class Volume:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(RESERVE_FILE, dir_fd=self._dir_fd)
         log.warning("volume %s: the disk is full; using the reserve", self.name)
+
+    # -- limits ---------------------------------------------------------------------------
+
+    def set_limits(self, size: int, inodes: int) -> None:
+        """Give the volume a new size and inode limit (0: none), now and in its header.
+
+        Refused (`StoreError`) below what the volume holds.  A smaller size may make the
+        segments the log starts from now on smaller too, as the disk-use bound needs; they
+        never grow again: replay takes a segment shorter than the segment size, followed by
+        another, for a gap a power cut left, so a larger size would make older segments look
+        like gaps.  For the same reason the log is made durable first: a smaller size must
+        never judge a segment whose end a power cut could still take.
+        """
+        if size < 0 or inodes < 0:
+            raise StoreError(f"volume {self.name}: sizes and inode limits cannot be negative")
+        if size and size < self.used_by_files:
+            raise StoreError(
+                f"volume {self.name} holds {self.used_by_files} bytes: "
+                f"it cannot be made smaller than that ({size})"
+            )
+        if inodes and inodes < self.inodes_used:
+            raise StoreError(
+                f"volume {self.name} has {self.inodes_used} inodes: "
+                f"its inode limit cannot be lower than that ({inodes})"
+            )
+        segment_size = min(self.log.segment_size, segment_size_for(size))
+        header = {**self.header, "size": size, "inodes": inodes, "segment_size": segment_size}
+        if segment_size < self.log.segment_size:
+            self.sync()
+        journal.write_durably(self._dir_fd, "volume", b"".join(frame.encode(header)))
+        self.header = header
+        self.quota, self.inode_limit = size, inodes
+        self.log.segment_size = segment_size
+        self._keep_reserve()
+        log.info("volume %s: size %d, inode limit %d", self.name, size, inodes)
 
     # -- figures --------------------------------------------------------------------------
 
