@@ -280,6 +280,29 @@ def test_limits_change_durably_and_never_below_what_is_held(tmp_path):
         root.resize("nope", size=MIB)
 
 
+def test_fsck_repairs_a_full_volume(store_root):
+    """Linking an orphan into /lost+found names a file that is counted already: the repair of
+    a full volume is not refused."""
+    root = StoreRoot(store_root)
+    root.create_volume("v", size=MIB, inodes=4)
+    volume = root.open_volume("v")
+    folder = _create(volume, ROOT_INO, b"folder", stat.S_IFDIR | 0o755)
+    inner = _create(volume, folder.ino, b"inner", stat.S_IFREG | 0o644)
+    volume.write(inner, 0, b"still here", _now())
+    volume.unlink(volume.inodes[ROOT_INO], b"folder", folder, _now())  # as damage would
+    big = _create(volume, ROOT_INO, b"big", stat.S_IFREG | 0o644)
+    with pytest.raises(NoSpace):
+        for _ in range(20):
+            volume.write(big, big.size, b"z" * 65536, _now())
+    _create(volume, ROOT_INO, b"last", stat.S_IFIFO | 0o644)
+    with pytest.raises(NoSpace):  # no inode left for /lost+found
+        _create(volume, ROOT_INO, b"more", stat.S_IFIFO | 0o644)
+    volume.close(checkpoint=False)  # replayed, the log leaves "inner" linked from nowhere
+    done = volfsd("fsck", "--repair", "v", root=store_root, check=False)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert f"linked as /lost+found/#{inner.ino}" in done.stdout
+
+
 def test_the_log_stays_within_its_bound_without_housekeeping(tmp_path):
     """Full overwrites of a full volume, and small writes all over it, with no background
     compaction at all: the appends alone keep the log within `log_bound`."""

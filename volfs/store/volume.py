@@ -424,6 +424,8 @@ class Volume:
         if inode.extents is not None:
             self._release(inode.extents.truncate(0))
         self.meta_used -= self._own_charge(inode)
+        if inode.entries:  # only damage leaves entries in a directory no entry names
+            self.meta_used -= sum(ENTRY_COST + len(name) for name in inode.entries)
         del self.inodes[inode.ino]
 
     # -- what the size is charged with ------------------------------------------------------
