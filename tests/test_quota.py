@@ -494,7 +494,7 @@ def _one_line(done: subprocess.CompletedProcess, *words: str) -> None:
         assert word in done.stderr, done.stderr
 
 
-@pytest.mark.parametrize("value", ["0", "-5", "abc", "1.5", "10K", "", "9" * 30])
+@pytest.mark.parametrize("value", ["0", "-5", "abc", "1.5", "10K", "", "9" * 30, "9" * 5000])
 def test_bad_inode_limits_are_one_line(store_root, tmp_path, value):
     for args in (["create", "v", "--inodes", value],
                  ["mount", "v", str(tmp_path / "m"), "--inodes", value],

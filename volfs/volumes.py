@@ -47,7 +47,7 @@ def parse_inodes(text: str | int) -> int:
         value = text
     else:
         raw = str(text).strip()
-        value = int(raw) if raw.isdigit() and raw.isascii() else -1
+        value = int(raw) if raw.isdigit() and raw.isascii() and len(raw) < 20 else -1
     if value <= 0 or value > MAX_SIZE:
         raise VolfsError(f"invalid inode limit {str(text)[:40]!r}: use a whole number from 1")
     return value
