@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 from volfs.store import frame
 from volfs.store.dirents import FIRST_OFFSET, Listing
-from volfs.store.extents import CHUNK_SIZE, ExtentMap, Frame
+from volfs.store.extents import CHUNK_SIZE, ExtentMap, Frame, extents_of
 
 # -- extent map against a bytearray -------------------------------------------------------------
 
@@ -36,21 +36,32 @@ def test_extent_map_matches_bytes(operations):
     """Each put writes a distinct byte value; pieces() must reproduce the model exactly.
 
     Extents never cross a chunk boundary, and the bytes removed plus the bytes kept always
-    equal the bytes put (the live-data accounting of the store depends on it)."""
+    equal the bytes put, and the extent counts of what was removed add up too (the live-data
+    and quota accounting of the store depend on it); `change` foretells what a put does."""
     model = bytearray()
     extents = ExtentMap()
     frames: dict[int, tuple[Frame, int]] = {}
-    live = 0
+    live = count = 0
     for n, (op, offset, length) in enumerate(operations, start=1):
         if op == "put":
             fr = Frame(n, 0, length, ())
             frames[n] = (fr, n % 251 + 1)
-            live += length - sum(size for _, size in extents.put(offset, length, fr))
+            predicted = extents.change(offset, offset + length)
+            before = len(extents)
+            removed = extents.put(offset, length, fr)
+            live += length - sum(size for _, size, _ in removed)
+            count += extents_of(offset, length) + sum(n for _, _, n in removed)
+            assert predicted == (
+                length - sum(size for _, size, _ in removed),
+                len(extents) - before,
+            )
             if len(model) < offset + length:
                 model.extend(bytes(offset + length - len(model)))
             model[offset : offset + length] = bytes([n % 251 + 1]) * length
         else:
-            live -= sum(size for _, size in extents.truncate(offset))
+            removed = extents.truncate(offset)
+            live -= sum(size for _, size, _ in removed)
+            count += sum(n for _, _, n in removed)
             del model[offset:]
         rebuilt = bytearray()
         for pos, size, fr, skip in extents.pieces(0, len(model)):
@@ -59,6 +70,7 @@ def test_extent_map_matches_bytes(operations):
             rebuilt += bytes(size) if fr is None else bytes([frames[fr.seg][1]]) * size
         assert rebuilt == model
         assert live == sum(e.length for e in extents)
+        assert count == len(extents)
         starts = [e.start for e in extents]
         assert starts == sorted(starts)
         assert all(a.start + a.length <= b.start for a, b in pairwise(extents))

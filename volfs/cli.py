@@ -24,7 +24,7 @@ from volfs.mountpoint import REPLACE, normalize, open_mountpoint, prepare
 from volfs.store import pidlock
 from volfs.store.root import StoreRoot, check_name, default_root, open_log
 from volfs.users import describe_users, users_of
-from volfs.volumes import describe, parse_size
+from volfs.volumes import describe, parse_inodes, parse_size
 
 #: How long `mount` waits for a daemon it started to listen.
 DAEMON_START_TIMEOUT = 30.0
@@ -139,13 +139,19 @@ def cmd_create(args: argparse.Namespace) -> None:
             raise CliError(f"invalid label {item!r}: use KEY=VALUE")
         labels[key] = value
     size = parse_size(args.size) if args.size is not None else 0
+    inodes = _inodes(args)
     try:
-        _call("create", name=check_name(args.name), size=size, labels=labels)
+        _call("create", name=check_name(args.name), size=size, labels=labels, **inodes)
     except control.DaemonNotRunning:
         root = _root()
-        root.create_volume(args.name, size, labels)
+        root.create_volume(args.name, size, labels, **inodes)
         describe(root, args.name)
     print(args.name)
+
+
+def _inodes(args: argparse.Namespace) -> dict[str, int]:
+    """``{"inodes": N}`` if ``--inodes`` was given (requests without it stay as they were)."""
+    return {} if args.inodes is None else {"inodes": parse_inodes(args.inodes)}
 
 
 def _volumes(names: list[str] | None) -> list[dict]:
@@ -211,11 +217,13 @@ def cmd_mount(args: argparse.Namespace) -> None:
     name = check_name(args.name)
     mountpoint = normalize(args.mountpoint)
     size = parse_size(args.size) if args.size is not None else 0
+    inodes = _inodes(args)
     root = _root()
     if args.foreground:
-        _mount_foreground(root, name, mountpoint, args.ro, size)
+        _mount_foreground(root, name, mountpoint, args.ro, size, inodes.get("inodes", 0))
         return
-    request = {"name": name, "mountpoint": str(mountpoint), "read_only": args.ro, "size": size}
+    request = {"name": name, "mountpoint": str(mountpoint), "read_only": args.ro, "size": size,
+               **inodes}  # fmt: skip
     try:
         _call("mount", **request)
     except control.DaemonNotRunning:
@@ -224,13 +232,13 @@ def cmd_mount(args: argparse.Namespace) -> None:
 
 
 def _mount_foreground(
-    root: StoreRoot, name: str, mountpoint: Path, read_only: bool, size: int
+    root: StoreRoot, name: str, mountpoint: Path, read_only: bool, size: int, inodes: int = 0
 ) -> None:
     """Serve one volume in this process, without the daemon (debugging, simple units)."""
     from volfs import worker  # the FUSE machinery loads only where it is needed
 
     if not root.exists(name):
-        root.create_volume(name, size)
+        root.create_volume(name, size, inodes=inodes)
     if root.is_served(name):
         raise CliError(f"volume {name} is already being served (pid {root.lock_holder(name)})")
     with open_mountpoint(mountpoint, create=True) as target:
@@ -344,6 +352,21 @@ def cmd_rm(args: argparse.Namespace) -> None:
         print(name)
 
 
+def cmd_resize(args: argparse.Namespace) -> None:
+    """A new size (and inode limit) for an unmounted volume; never below what it holds."""
+    name = check_name(args.name)
+    size = parse_size(args.size)
+    inodes = _inodes(args)
+    try:
+        _call("resize", name=name, size=size, **inodes)
+    except control.DaemonNotRunning:
+        root = _root()
+        if not root.exists(name):
+            raise CliError(f"no such volume: {name}") from None
+        root.resize(name, size, inodes.get("inodes"))
+    print(name)
+
+
 def cmd_fsck(args: argparse.Namespace) -> int:
     return scrub.fsck(default_root(), args.name, args.repair)
 
@@ -378,6 +401,7 @@ def build_parser() -> argparse.ArgumentParser:
     create.add_argument("name", metavar="NAME")
     create.add_argument("--size", help="most data it may hold: 512M, 10G, 1T")
     create.add_argument("--label", action="append", default=[], metavar="KEY=VALUE")
+    create.add_argument("--inodes", metavar="N", help="most files, directories and so on")
     create.set_defaults(func=cmd_create)
 
     ls = sub.add_parser("ls", help="list volumes")
@@ -394,6 +418,7 @@ def build_parser() -> argparse.ArgumentParser:
     mount.add_argument("mountpoint", metavar="MOUNTPOINT")
     mount.add_argument("--ro", action="store_true", help="mount read-only")
     mount.add_argument("--size", help="size of a volume created now: 512M, 10G, 1T")
+    mount.add_argument("--inodes", metavar="N", help="inode limit of a volume created now")
     mount.add_argument(
         "-f", "--foreground", action="store_true", help="serve in this process, without the daemon"
     )
@@ -411,6 +436,12 @@ def build_parser() -> argparse.ArgumentParser:
     rm.add_argument("names", nargs="+", metavar="NAME")
     rm.add_argument("-f", "--force", action="store_true", help="unmount first if mounted")
     rm.set_defaults(func=cmd_rm)
+
+    resize = sub.add_parser("resize", help="give an unmounted volume a new size")
+    resize.add_argument("name", metavar="NAME")
+    resize.add_argument("size", metavar="SIZE", help="512M, 10G, 1T; not below what it holds")
+    resize.add_argument("--inodes", metavar="N", help="a new inode limit")
+    resize.set_defaults(func=cmd_resize)
 
     fsck = sub.add_parser("fsck", help="check an unmounted volume's store (exit 0/1/2)")
     fsck.add_argument("name", metavar="NAME")

@@ -35,7 +35,7 @@ from volfs.mountpoint import PRESENT, normalize, open_mountpoint, prepare
 from volfs.served import DEAD, MOUNTED, REFUSED, MountPath, Served
 from volfs.store import pidlock
 from volfs.store.root import StoreRoot, check_name
-from volfs.volumes import describe, parse_size
+from volfs.volumes import describe, parse_inodes, parse_size
 from volfs.workerctl import WorkerProcess
 
 log = logging.getLogger(__name__)
@@ -52,8 +52,12 @@ REQUEST_READ_TIMEOUT = 10.0
 RESTART_DELAYS = (0.5, 1, 2, 5, 10, 30)
 
 
+_CONFIG_KEYS = ("paths", "size", "read_only", "labels", "inodes")
+
+
 def load_config(path: Path) -> dict[str, dict]:
-    """The volumes a config file declares: name -> {"paths", "size", "read_only", "labels"}."""
+    """The volumes a config file declares: name -> {"paths", "size", "read_only", "labels",
+    "inodes"}."""
     try:
         with open(path, "rb") as f:
             config = tomllib.load(f)
@@ -71,8 +75,8 @@ def load_config(path: Path) -> dict[str, dict]:
             check_name(name)
         except VolfsError as exc:
             raise VolfsError(f"{where}: {exc}") from None
-        if not isinstance(spec, dict) or set(spec) - {"paths", "size", "read_only", "labels"}:
-            raise VolfsError(f"{where}: allowed keys are paths, size, read_only, labels")
+        if not isinstance(spec, dict) or set(spec) - set(_CONFIG_KEYS):
+            raise VolfsError(f"{where}: allowed keys are {', '.join(_CONFIG_KEYS)}")
         paths = spec.get("paths", [])
         if not isinstance(paths, list) or not all(isinstance(p, str) for p in paths):
             raise VolfsError(f"{where}: paths must be a list of absolute paths")
@@ -84,8 +88,16 @@ def load_config(path: Path) -> dict[str, dict]:
             "size": parse_size(spec["size"]) if "size" in spec else 0,
             "read_only": bool(spec.get("read_only", False)),
             "labels": labels,
+            "inodes": _config_inodes(spec, where),
         }
     return declared
+
+
+def _config_inodes(spec: dict, where: str) -> int:
+    try:
+        return parse_inodes(spec["inodes"]) if "inodes" in spec else 0
+    except VolfsError as exc:
+        raise VolfsError(f"{where}: {exc}") from None
 
 
 def notify(state: str) -> None:
@@ -252,7 +264,9 @@ class Daemon:
         async with self._admin:
             for name, spec in declared.items():
                 try:
-                    self.root.create_volume(name, size=spec["size"], labels=spec["labels"])
+                    self.root.create_volume(
+                        name, size=spec["size"], labels=spec["labels"], inodes=spec["inodes"]
+                    )
                     for path in spec["paths"]:
                         await self._mount(name, path, spec["read_only"], create=True)
                 except VolfsError as exc:
@@ -369,11 +383,15 @@ class Daemon:
 
     # -- commands -------------------------------------------------------------------------------
 
-    async def cmd_create(self, name: str, size: str | int = 0, labels: dict | None = None):
+    async def cmd_create(
+        self, name: str, size: str | int = 0, labels: dict | None = None, inodes: str | int = 0
+    ):
         labels = labels or {}
         if not all(isinstance(k, str) and isinstance(v, str) for k, v in labels.items()):
             raise VolfsError("labels must be KEY=VALUE strings")
-        self.root.create_volume(check_name(name), parse_size(size) if size else 0, labels)
+        limit = parse_inodes(inodes) if inodes else 0
+        self.root.create_volume(check_name(name), parse_size(size) if size else 0, labels,
+                                inodes=limit)  # fmt: skip
         return self._describe(name)
 
     async def cmd_ls(self):
@@ -400,20 +418,33 @@ class Daemon:
         }
 
     async def cmd_mount(
-        self, name: str, mountpoint: str, read_only: bool = False, size: str | int = 0
+        self,
+        name: str,
+        mountpoint: str,
+        read_only: bool = False,
+        size: str | int = 0,
+        inodes: str | int = 0,
     ):
         check_name(name)
         path = normalize(mountpoint)
         size_bytes = parse_size(size) if size else 0
+        limit = parse_inodes(inodes) if inodes else 0
         async with self._admin:
             if self.root.exists(name):
-                current = self.root.header(name).get("size", 0)
+                header = self.root.header(name)
+                current = header.get("size", 0)
                 if size_bytes and current != size_bytes:
                     raise VolfsError(
-                        f"volume {name} exists with size {current}: its size is set at creation"
+                        f"volume {name} exists with {_limit(current, 'size')}: mount it without "
+                        f"--size, or change it with `volfsd resize {name} SIZE`"
+                    )
+                if limit and header.get("inodes", 0) != limit:
+                    raise VolfsError(
+                        f"volume {name} exists with {_limit(header.get('inodes', 0), 'inode')}: "
+                        f"mount it without --inodes, or `volfsd resize {name} SIZE --inodes N`"
                     )
             else:
-                self.root.create_volume(name, size=size_bytes)
+                self.root.create_volume(name, size=size_bytes, inodes=limit)
             await self._mount(name, path, read_only, create=True)
             self._remember(name, path, read_only, keep=True)
         return self._describe(name)
@@ -482,6 +513,33 @@ class Daemon:
             self.root.remove_volume(name)
         return {"name": name}
 
+    async def cmd_resize(self, name: str, size: str | int, inodes: str | int = 0):
+        """New limits: a mounted volume's through its worker (at once), else in the store."""
+        check_name(name)
+        size_bytes = parse_size(size)
+        limit = parse_inodes(inodes) if inodes else None
+        async with self._admin:
+            if not self.root.exists(name):
+                raise VolfsError(f"no such volume: {name}")
+            served = self.served.get(name)
+            if served is not None and served.worker is not None and served.worker.running:
+                sock = workerctl.socket_path(self.run_dir, name)
+                try:
+                    await workerctl.call(sock, "set_limits", size=size_bytes, inodes=limit)
+                except workerctl.WorkerUnreachable as exc:
+                    raise VolfsError(
+                        f"volume {name}: its worker could not be resized ({exc}); unmount the "
+                        "volume and resize it then"
+                    ) from None
+            elif name in self.stopping or self.root.is_served(name):
+                raise VolfsError(
+                    f"volume {name} is served by another process or still unmounting: "
+                    "try again once it is unmounted"
+                )
+            else:  # loading the volume (to know what it holds) may take seconds: not in the loop
+                await trio.to_thread.run_sync(self.root.resize, name, size_bytes, limit)
+        return self._describe(name)
+
     COMMANDS = {
         "create": cmd_create,
         "ls": cmd_ls,
@@ -491,6 +549,7 @@ class Daemon:
         "umount": cmd_umount,
         "umount_all": cmd_umount_all,
         "rm": cmd_rm,
+        "resize": cmd_resize,
     }
 
     # -- mounting -------------------------------------------------------------------------------
@@ -751,6 +810,10 @@ def checked_args(handler, args: dict) -> dict:
             names = " or ".join(t.__name__ for t in types)
             raise control.ProtocolError(f"argument {name!r} must be a {names}")
     return args
+
+
+def _limit(value: int, what: str) -> str:
+    return f"{what} limit {value}" if value else f"no {what} limit"
 
 
 def _uses_path(user: users.User, path: Path) -> bool:

@@ -17,3 +17,8 @@ class VolumeDamaged(StoreError):
 
 class DataDamaged(Exception):
     """A data block failed its checksum; the FUSE layer answers EIO."""
+
+
+class NoSpace(OSError):
+    """An operation would take a volume past its size or inode limit (errno ENOSPC): an
+    answer to give the caller, not a failure of the store."""

@@ -17,7 +17,7 @@ import time
 
 import pyfuse3
 
-from volfs.errors import DataDamaged
+from volfs.errors import DataDamaged, NoSpace
 from volfs.store.dirents import Listing
 from volfs.store.volume import ROOT_INO, Inode, Volume
 
@@ -47,6 +47,8 @@ def _errno_guard(handler):
             return await handler(self, *args)
         except pyfuse3.FUSEError:
             raise
+        except NoSpace:  # the volume's size or inode limit: an answer, not a failure
+            raise pyfuse3.FUSEError(errno.ENOSPC) from None
         except DataDamaged:
             raise pyfuse3.FUSEError(errno.EIO) from None
         except OSError as exc:
@@ -334,6 +336,7 @@ class VolumeOperations(pyfuse3.Operations):
         fh = self._new_handle()
         self._files[fh] = inode
         inode.opens += 1
+        self.volume.forget(inode)  # a deleted file opened again (/proc/PID/fd) counts again
         # Not direct_io, even for write-only handles, though it would spare the
         # getxattr(security.capability) the kernel sends before each write through the page
         # cache: a direct write of an O_SYNC/O_DSYNC descriptor or with RWF_SYNC/RWF_DSYNC
@@ -367,14 +370,7 @@ class VolumeOperations(pyfuse3.Operations):
         self._writable()
         # O_APPEND needs nothing here: the kernel sends the end of the file as *off* (under
         # its inode lock), and only it knows whether fcntl(F_SETFL) has cleared the flag since.
-        inode = self._files[fh]
-        volume = self.volume
-        if (
-            volume.quota
-            and volume.used_by_files + volume.growth(inode, off, len(buf)) > volume.quota
-        ):
-            raise _fail(errno.ENOSPC)
-        volume.write(inode, off, buf, time.time_ns())
+        self.volume.write(self._files[fh], off, buf, time.time_ns())  # refuses what passes the size
         return len(buf)
 
     async def flush(self, fh):
@@ -433,14 +429,19 @@ class VolumeOperations(pyfuse3.Operations):
         stats = pyfuse3.StatvfsData()
         stats.f_bsize = stats.f_frsize = disk.f_frsize
         blocks, free = disk.f_blocks, disk.f_bavail
-        if self.volume.quota:  # a sized volume shows its own size, used and free space
-            blocks = self.volume.quota // disk.f_frsize
-            used = -(-self.volume.used_by_files // disk.f_frsize)
+        volume = self.volume
+        if volume.quota:  # a sized volume shows its own size, used and free space
+            blocks = volume.quota // disk.f_frsize
+            used = -(-volume.used_by_files // disk.f_frsize)
             free = max(0, min(free, blocks - used))
         stats.f_blocks = blocks
         stats.f_bfree = stats.f_bavail = free
-        stats.f_files = len(self._inodes) + disk.f_ffree
-        stats.f_ffree = stats.f_favail = disk.f_ffree
+        if volume.inode_limit:
+            stats.f_files = volume.inode_limit
+            stats.f_ffree = stats.f_favail = max(0, volume.inode_limit - volume.inodes_used)
+        else:
+            stats.f_files = volume.inodes_used + disk.f_ffree
+            stats.f_ffree = stats.f_favail = disk.f_ffree
         stats.f_namemax = NAME_MAX
         return stats
 

@@ -150,6 +150,8 @@ def _repair(root: Path, volume_dir: Path, name: str, report: check.Report) -> ch
         print("nothing to repair without guessing (reads of damaged data keep failing with EIO)")
         return report
     volume = StoreRoot(root).open_volume(name, create=False)
+    # It only names files that are counted already: no limit may keep a full volume unrepaired.
+    volume.quota = volume.inode_limit = 0
     try:
         for change in check.repair(volume, report.problems):
             print(f"  repaired: {change}")

@@ -50,6 +50,18 @@ def parse_size(text: str | int) -> int:
     return value
 
 
+def parse_inodes(text: str | int) -> int:
+    """An inode limit: a whole number from 1 to 2**62 (a string of digits or an int)."""
+    if isinstance(text, int) and not isinstance(text, bool):
+        value = text
+    else:
+        raw = str(text).strip()
+        value = int(raw) if raw.isdigit() and raw.isascii() and len(raw) < 20 else -1
+    if value <= 0 or value > MAX_SIZE:
+        raise VolfsError(f"invalid inode limit {str(text)[:40]!r}: use a whole number from 1")
+    return value
+
+
 def describe(
     root: StoreRoot,
     name: str,
@@ -104,6 +116,7 @@ def describe(
         "size": header.get("size", 0),
         "used": usage.get("used", 0),
         "inodes": usage.get("inodes", 0),
+        "inodes_limit": header.get("inodes", 0),
         "mounts": paths,
         "read_only": sorted(ro_paths),
         "status": status,

@@ -136,7 +136,12 @@ async def _serve(volume: Volume, control: socket.socket | None, status: dict) ->
             async def answer_status() -> dict:
                 return status
 
-            nursery.start_soon(workerctl.serve, control, {"status": answer_status})
+            async def set_limits(size: int, inodes: int | None) -> dict:
+                volume.set_limits(size, volume.inode_limit if inodes is None else inodes)
+                return {"size": volume.quota, "inodes": volume.inode_limit}
+
+            handlers = {"status": answer_status, "set_limits": set_limits}
+            nursery.start_soon(workerctl.serve, control, handlers)
         # One reading task: handlers never await, so a second task could not overlap with
         # the first; it would only cost a lock hand-off between the two on every request.
         await pyfuse3.main(min_tasks=1, max_tasks=1)

@@ -7,9 +7,10 @@ starter: it runs in a session of its own, and it listens on
 the running workers there and adopts them; it watches every worker, its own children and
 adopted ones alike, through a pidfd.
 
-Requests a worker answers: ``status`` -> `WorkerStatus` fields.  ``PROTOCOL`` changes when a
-request or a field changes meaning; a daemon meeting a worker of another protocol leaves it
-serving and reports that the volume needs a remount.
+Requests a worker answers: ``status`` (protocol, version, store root, pid, mount point,
+device, read_only) and ``set_limits`` (size, inodes: new limits, at once and in the header).
+``PROTOCOL`` changes when a request or a field changes meaning; a daemon meeting a worker of
+another protocol leaves it serving and reports that the volume needs a remount.
 """
 
 from __future__ import annotations
@@ -24,12 +25,13 @@ from pathlib import Path
 import trio
 
 from volfs import control
+from volfs.errors import VolfsError
 
 PROTOCOL = 1
 WORKERS_DIR = "workers"
 CALL_TIMEOUT = 5.0
 
-Handler = Callable[[], Awaitable[dict]]
+Handler = Callable[..., Awaitable[dict]]
 
 
 def socket_path(run_dir: Path, name: str) -> Path:
@@ -99,9 +101,13 @@ async def _answer(
     except control.ProtocolError as exc:
         return {"ok": False, "error": f"malformed request: {exc}"}
     handler = handlers.get(request.get("cmd"))  # type: ignore[arg-type]
-    if handler is None:
+    args = request.get("args", {})
+    if handler is None or not isinstance(args, dict):
         return {"ok": False, "error": "unknown command"}
-    return {"ok": True, "result": await handler()}
+    try:
+        return {"ok": True, "result": await handler(**args)}
+    except (TypeError, VolfsError) as exc:  # bad arguments, or a request the volume refuses
+        return {"ok": False, "error": str(exc)}
 
 
 # -- the daemon's side ----------------------------------------------------------------------
@@ -111,21 +117,27 @@ class WorkerUnreachable(Exception):
     """No worker answers on that socket (none listens, or it does not speak our protocol)."""
 
 
-async def call(path: Path, cmd: str, timeout: float = CALL_TIMEOUT) -> dict:
+class WorkerRefused(VolfsError):
+    """The worker answered, and refused the request; ``str()`` is its one line for the user."""
+
+
+async def call(path: Path, cmd: str, timeout: float = CALL_TIMEOUT, **args: object) -> dict:
     try:
         with trio.fail_after(timeout):
             sock = trio.socket.socket(trio.socket.AF_UNIX, trio.socket.SOCK_STREAM)
             stream = trio.SocketStream(sock)
             try:
                 await sock.connect(str(path))
-                await stream.send_all(control.encode({"cmd": cmd, "args": {}}))
+                await stream.send_all(control.encode({"cmd": cmd, "args": args}))
                 reply = await receive_frame(stream)
             finally:
                 await stream.aclose()
     except (OSError, trio.TooSlowError, trio.BrokenResourceError, control.ProtocolError) as exc:
         raise WorkerUnreachable(f"{path}: {exc!r}") from None
-    if not reply.get("ok") or not isinstance(reply.get("result"), dict):
-        raise WorkerUnreachable(f"{path}: {reply.get('error', 'bad reply')}")
+    if not reply.get("ok"):
+        raise WorkerRefused(str(reply.get("error", "the worker refused")))
+    if not isinstance(reply.get("result"), dict):
+        raise WorkerUnreachable(f"{path}: bad reply")
     return reply["result"]
 
 

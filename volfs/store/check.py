@@ -456,6 +456,16 @@ def _tree_problems(volume: Volume, paths: dict[int, str]) -> list[Problem]:
     for seg, used in volume.live.items():
         if used != live.get(seg, 0):
             problems.append(Problem("(store)", f"segment {seg} accounting {used} != {live[seg]}"))
+    counted = volume.recount()
+    kept = {s: n for s, n in volume.extents_in.items() if n}
+    for seg in sorted(set(kept) | set(counted["extents_in"])):
+        have, want = kept.get(seg, 0), counted["extents_in"].get(seg, 0)
+        if have != want:
+            problems.append(Problem("(store)", f"segment {seg} extent count {have} != {want}"))
+    for key in ("extent_count", "meta_used", "used"):
+        have, want = getattr(volume, key), counted[key]
+        if have != want:
+            problems.append(Problem("(store)", f"accounting of {key}: {have} != {want}"))
     return problems
 
 

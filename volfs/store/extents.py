@@ -40,7 +40,9 @@ class Extent(NamedTuple):
     frame: Frame
 
 
-Removed = list[tuple[Frame, int]]
+#: (frame, bytes, extents) for each extent a change touched: the bytes of it no longer used,
+#: and how the number of extents of that frame changed (-1 gone, 0 trimmed, +1 split in two).
+Removed = list[tuple[Frame, int, int]]
 Chunk = list[Extent]  #: sorted by start
 
 _start = itemgetter(0)
@@ -61,11 +63,14 @@ def _punch_chunk(chunk: Chunk, start: int, end: int, removed: Removed) -> None:
     while j < len(chunk) and chunk[j].start < end:
         ext = chunk[j]
         ext_end = ext.start + ext.length
+        pieces = 0
         if ext.start < start:
             kept.append(Extent(ext.start, start - ext.start, ext.skip, ext.frame))
+            pieces += 1
         if ext_end > end:
             kept.append(Extent(end, ext_end - end, ext.skip + end - ext.start, ext.frame))
-        removed.append((ext.frame, min(ext_end, end) - max(ext.start, start)))
+            pieces += 1
+        removed.append((ext.frame, min(ext_end, end) - max(ext.start, start), pieces - 1))
         j += 1
     if i != j:
         chunk[i:j] = kept
@@ -86,6 +91,13 @@ def _chunk_pieces(
             take = (min(end, chunk[i].start) if i < len(chunk) else end) - pos
             yield pos, take, None, 0
         pos += take
+
+
+def extents_of(start: int, length: int) -> int:
+    """How many extents `ExtentMap.put` makes for *length* bytes at *start*."""
+    if length <= 0:
+        return 0
+    return (start + length - 1) // CHUNK_SIZE - start // CHUNK_SIZE + 1
 
 
 class ExtentMap:
@@ -139,6 +151,28 @@ class ExtentMap:
     def __bool__(self) -> bool:
         return self._first is not None or self._more is not None
 
+    def change(self, start: int, end: int) -> tuple[int, int]:
+        """What putting one frame at [start, end) would change, without changing anything:
+        (bytes of the range that are holes now, how many extents more the file would have)."""
+        new_bytes = extents = 0
+        pos = start
+        while pos < end:
+            index = pos // CHUNK_SIZE
+            stop = min(end, (index + 1) * CHUNK_SIZE)
+            extents += 1  # the new frame's extent in this chunk
+            chunk = self._chunk(index)
+            i = 0 if chunk is None else _first_touching(chunk, pos)
+            covered = 0
+            while chunk is not None and i < len(chunk) and chunk[i].start < stop:
+                ext = chunk[i]
+                ext_end = ext.start + ext.length
+                covered += min(ext_end, stop) - max(ext.start, pos)
+                extents += (ext.start < pos) + (ext_end > stop) - 1
+                i += 1
+            new_bytes += stop - pos - covered
+            pos = stop
+        return new_bytes, extents
+
     def punch(self, start: int, end: int) -> Removed:
         """Make [start, end) a hole; return (frame, bytes) for every piece removed."""
         removed: Removed = []
@@ -158,7 +192,9 @@ class ExtentMap:
         return removed
 
     def put(self, start: int, length: int, frame: Frame, skip: int = 0) -> Removed:
-        """Map [start, start+length) to *frame*; return the pieces it replaced."""
+        """Map [start, start+length) to *frame*; return the pieces it replaced.
+
+        The range gets one new extent per chunk it touches (`extents_of`)."""
         removed = self.punch(start, start + length)
         end = start + length
         pos = start

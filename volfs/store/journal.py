@@ -79,6 +79,24 @@ def write_checkpoint(dir_fd: int, records: Iterable[list]) -> int:
     return size
 
 
+def write_durably(dir_fd: int, name: str, data: bytes) -> None:
+    """Replace file *name* in the directory by *data*, atomically and durably."""
+    tmp = name + ".tmp"
+    fd = os.open(
+        tmp,
+        os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC,
+        0o600,
+        dir_fd=dir_fd,
+    )
+    try:
+        os.write(fd, data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.rename(tmp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+    os.fsync(dir_fd)
+
+
 def read_checkpoint(dir_fd: int) -> Iterator[list] | None:
     """The records of the volume's checkpoint, or None if it has none yet.
 

@@ -88,6 +88,7 @@ class SegmentLog:
         self.failed: OSError | None = None  #: the error of a failed flush (see `fail`)
         self.segments: list[int] = sorted(self._list_segments())
         self.head = Position(0, 0)  #: where the next frame goes; set by ``start_appending``
+        self.total = 0  #: bytes in all segment files; set by ``start_appending``
 
     def _list_segments(self) -> Iterator[int]:
         for name in os.listdir(self._dir_fd):
@@ -198,6 +199,7 @@ class SegmentLog:
             self._dirty.add(at.seg)
         else:
             self.head = at
+        self.total = sum(self.sizes().values())
 
     def _new_segment(self, seg: int) -> None:
         fd = os.open(
@@ -217,6 +219,7 @@ class SegmentLog:
         self._dir_dirty = True
         self._dirty.add(seg)
         self.head = Position(seg, end)
+        self.total += end
 
     @staticmethod
     def _write(fd: int, buffers: list[bytes], pos: int) -> int:
@@ -241,14 +244,22 @@ class SegmentLog:
 
     def append(self, meta_obj: object, data: bytes = b"") -> tuple[Position, int]:
         """Append one frame; return where it starts and where its data part starts."""
-        buffers = frame.encode(meta_obj, data)
-        if self.head.pos >= self.segment_size:
-            self._new_segment(self.head.seg + 1)
+        return self.append_frame(frame.encode(meta_obj, data))
+
+    def append_frame(self, buffers: list[bytes]) -> tuple[Position, int]:
+        """Append one frame encoded by `frame.encode`; return as `append` does."""
+        self.seal()
         seg, pos = self.head
         end = self._write(self._fds.get(seg) or self._fd(seg), buffers, pos)
         self._dirty.add(seg)
         self.head = Position(seg, end)
-        return Position(seg, pos), end - len(data)
+        self.total += end - pos
+        return Position(seg, pos), end - (len(buffers[2]) if len(buffers) > 2 else 0)
+
+    def seal(self) -> None:
+        """Start the next segment if the head segment has reached the segment size."""
+        if self.head.pos >= self.segment_size:
+            self._new_segment(self.head.seg + 1)
 
     # -- reading, syncing, cleaning ------------------------------------------------------
 
@@ -368,7 +379,10 @@ class SegmentLog:
     def remove_segment(self, seg: int) -> None:
         fd = self._fds.pop(seg, None)
         if fd is not None:
+            self.total -= os.fstat(fd).st_size
             os.close(fd)
+        else:
+            self.total -= os.stat(segment_name(seg), dir_fd=self._dir_fd).st_size
         os.unlink(segment_name(seg), dir_fd=self._dir_fd)
         self.segments.remove(seg)
         self._sealed_sizes.pop(seg, None)

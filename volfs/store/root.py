@@ -4,7 +4,8 @@ Layout::
 
     ROOT/FORMAT                  "volfs-store 1"
     ROOT/volumes/NAME/volume     one frame: {"kind", "format", "name", "id", "created_ns",
-                                 "segment_size", "block_size", "size" (quota, 0: none), "labels"}
+                                 "segment_size", "block_size", "size" (quota, 0: none), "labels",
+                                 "inodes" (inode limit, 0 or absent: none)}
     ROOT/volumes/NAME/usage      one frame: {"used", "inodes"}, rewritten by the server
     ROOT/volumes/NAME/lock       flock held by the one process serving the volume
     ROOT/volumes/NAME/device     "major:minor\\n" of its FUSE mount, by its server (while locked)
@@ -29,8 +30,8 @@ from typing import BinaryIO
 import msgpack
 
 from volfs.errors import StoreError
-from volfs.store import frame, pidlock
-from volfs.store.volume import FORMAT, USAGE_FILE, Volume
+from volfs.store import frame, journal, pidlock
+from volfs.store.volume import FORMAT, USAGE_FILE, Volume, segment_size_for
 
 log = logging.getLogger(__name__)
 
@@ -106,7 +107,7 @@ class StoreRoot:
         except FileNotFoundError:
             fd = os.open(self.path, _DIR_FLAGS)
             try:  # synced with the directory, so "volumes/" and FORMAT outlive a power cut
-                _write_durably(fd, "FORMAT", f"volfs-store {STORE_FORMAT}\n".encode())
+                journal.write_durably(fd, "FORMAT", f"volfs-store {STORE_FORMAT}\n".encode())
             finally:
                 os.close(fd)
             return
@@ -223,11 +224,13 @@ class StoreRoot:
         size: int = 0,
         labels: dict[str, str] | None = None,
         segment_size: int = DEFAULT_SEGMENT_SIZE,
+        inodes: int = 0,
     ) -> dict:
         """Create volume *name* if it is new; return its header.
 
         Creating an existing volume with the same options changes nothing; with other options
-        it is refused, as ``docker volume create`` does.
+        it is refused, as ``docker volume create`` does.  A volume with a *size* gets smaller
+        segments (`segment_size_for`), on which the bound of its disk use depends.
         """
         labels = dict(labels or {})
         if len(msgpack.packb(labels)) > MAX_LABELS:
@@ -250,13 +253,14 @@ class StoreRoot:
                     "name": name,
                     "id": str(uuid.uuid4()),
                     "created_ns": time.time_ns(),
-                    "segment_size": segment_size,
+                    "segment_size": min(segment_size, segment_size_for(size)),
                     "block_size": frame.BLOCK_SIZE,
                     "size": size,
                     "labels": labels,
+                    "inodes": inodes,
                 }
                 try:
-                    _write_durably(dir_fd, "volume", b"".join(frame.encode(header)))
+                    journal.write_durably(dir_fd, "volume", b"".join(frame.encode(header)))
                 except BaseException:
                     if made:  # leave no half-made volume that `ls` would trip over
                         shutil.rmtree(path, ignore_errors=True)
@@ -264,10 +268,15 @@ class StoreRoot:
                 return header
         finally:
             os.close(dir_fd)
-        if (size and header.get("size", 0) != size) or (labels and header.get("labels") != labels):
+        if (
+            (size and header.get("size", 0) != size)
+            or (labels and header.get("labels") != labels)
+            or (inodes and header.get("inodes", 0) != inodes)
+        ):
             raise StoreError(
                 f"volume {name} already exists with other options "
-                f"(size {header.get('size', 0)}, labels {header.get('labels', {})})"
+                f"(size {header.get('size', 0)}, inodes {header.get('inodes', 0)}, "
+                f"labels {header.get('labels', {})})"
             )
         return header
 
@@ -421,7 +430,9 @@ class StoreRoot:
             except FileNotFoundError:
                 raise StoreError(f"volume {name} does not exist") from None
             volume = Volume(name, dir_fd, lock_fd, header["id"], header["segment_size"])
+            volume.header = header
             volume.quota = header.get("size", 0)
+            volume.inode_limit = header.get("inodes", 0)
             try:
                 volume.load(time.time_ns())
             except OSError as exc:
@@ -438,6 +449,28 @@ class StoreRoot:
                 os.close(lock_fd)
             raise
         return volume
+
+    def resize(self, name: str, size: int | None = None, inodes: int | None = None) -> dict:
+        """Give volume *name*, which must not be served, a new size and inode limit (None:
+        keep; 0: none); return its new header.
+
+        The volume is loaded (as a mount would) to know exactly what it holds: making it
+        smaller than that is refused.
+        """
+        if self.is_served(name):
+            raise StoreError(
+                f"volume {name} is mounted: unmount it to resize it "
+                "(a mounted volume cannot be resized yet)"
+            )
+        volume = self.open_volume(name, create=False)
+        try:
+            volume.set_limits(
+                volume.quota if size is None else size,
+                volume.inode_limit if inodes is None else inodes,
+            )
+            return dict(volume.header)
+        finally:
+            volume.close()
 
     @staticmethod
     def _lock(name: str, dir_fd: int) -> int:

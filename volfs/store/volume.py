@@ -20,9 +20,9 @@ import stat
 from collections.abc import Iterator
 from typing import NamedTuple
 
-from volfs.errors import DataDamaged, VolumeDamaged
+from volfs.errors import DataDamaged, NoSpace, StoreError, VolumeDamaged
 from volfs.store import frame, journal
-from volfs.store.extents import Extent, ExtentMap, Frame
+from volfs.store.extents import CHUNK_SIZE, Extent, ExtentMap, Frame, extents_of
 from volfs.store.journal import (
     CHECKPOINT,
     EXCHANGE,
@@ -55,6 +55,34 @@ RESERVE_SIZE = 8 * 1024 * 1024
 #: at least RECLAIM_MIN bytes of dead data still take disk space.
 RECLAIM_FREE_BELOW = 256 * 1024 * 1024
 RECLAIM_MIN = 1024 * 1024
+
+#: What a volume's size is charged with besides the bytes of file data (ARCHITECTURE.md,
+#: "Quota").  Each is at least what the store keeps of the item for good (its checkpoint
+#: record; for an extent also the frame compaction would copy it into), so what a volume
+#: holds, metadata included, stays within its size and its disk use within a bound of it.
+INODE_COST = 128  #: each inode but the root directory (plus a symlink's target bytes)
+ENTRY_COST = 32  #: each directory entry, plus its name's bytes
+XATTR_COST = 32  #: each extended attribute, plus its name's and value's bytes
+EXTENT_COST = 256  #: each extent (a piece of a file stored by one write), plus its bytes
+#: The largest frame an operation appends: a 1 MiB FUSE write with its meta part, with room
+#: to spare (an xattr value is at most 64 KiB, a symlink target 4 KiB, names 255 bytes).
+MAX_FRAME = CHUNK_SIZE + 64 * 1024
+#: Segments of a sized volume: an eighth of its size, within these bounds.  The disk-use
+#: bound of a sized volume is 2 x size + 2 segments + 4 MiB (`Volume.log_limit`).
+MIN_SEGMENT_SIZE = 1024 * 1024
+MAX_SEGMENT_SIZE = 64 * 1024 * 1024
+
+
+def segment_size_for(size: int) -> int:
+    """The segment size for a volume of *size* bytes (0: no size, the largest)."""
+    if not size:
+        return MAX_SEGMENT_SIZE
+    return max(MIN_SEGMENT_SIZE, min(MAX_SEGMENT_SIZE, size // 8))
+
+
+def log_bound(size: int, segment_size: int) -> int:
+    """Most bytes the log of a volume of *size* (holding no more than that) ever takes."""
+    return 2 * size + 2 * segment_size + 4 * 1024 * 1024
 
 
 class _CheckpointPlan(NamedTuple):
@@ -165,8 +193,14 @@ class Volume:
         self.inodes: dict[int, Inode] = {}
         self.live: dict[int, int] = {}  #: segment -> bytes of it that files still use
         self.used = 0  #: bytes of file data the volume holds (the sum of ``live``)
-        #: Unlinked and closed inodes whose data waits for the kernel to forget them.
-        self._leaving: set[Inode] = set()
+        self.extents_in: dict[int, int] = {}  #: segment -> extents whose data lies in it
+        self.extent_count = 0  #: extents of all files (the sum of ``extents_in``)
+        #: What inodes, directory entries, xattrs and symlink targets are charged (`INODE_COST`).
+        self.meta_used = 0
+        #: Unlinked and closed inodes whose data waits for the kernel to forget them, with
+        #: what each was charged when it began to wait (it counts as free already).
+        self._leaving: dict[Inode, int] = {}
+        self._leaving_charge = 0
         self.next_ino = ROOT_INO + 1
         self.checkpoint_at = Position(0, 0)
         self._checkpoint_size = 0
@@ -174,7 +208,9 @@ class Volume:
         self._unmovable: set[int] = set()  # segments holding damaged live data
         self._punched: dict[int, int] = {}  # segment -> its dead bytes when last punched
         self._synced_head = Position(0, 0)  # log head at the last sync
-        self.quota = 0  #: most bytes of file data the volume may hold; 0: no limit
+        self.quota = 0  #: most bytes the volume may hold, metadata included; 0: no limit
+        self.inode_limit = 0  #: most inodes it may have, the root included; 0: no limit
+        self.header: dict = {}  #: the volume's header file, as `StoreRoot.open_volume` read it
         self._saved_usage: dict | None = None
         self._forked: tuple[int, _CheckpointPlan] | None = None  #: checkpoint writer, if any
 
@@ -275,6 +311,8 @@ class Volume:
             if inode is None:
                 inode = self.inodes[ino] = Inode(ino, mode)
                 self.next_ino = max(self.next_ino, ino + 1)
+                if ino != ROOT_INO:
+                    self.meta_used += INODE_COST
             elif stat.S_IFMT(mode) != stat.S_IFMT(inode.mode):
                 raise ValueError(f"inode {ino} cannot change its type")
             if inode.extents is not None and size < inode.size:
@@ -285,6 +323,7 @@ class Volume:
             mtime = atime if mtime == atime else mtime
             inode.atime_ns, inode.mtime_ns = atime, mtime
             inode.ctime_ns = mtime if ctime == mtime else ctime
+            self.meta_used += len(target or b"") - len(inode.target or b"")
             inode.target = target
         elif kind == LINK:
             _, parent_ino, name, ino = record
@@ -292,6 +331,7 @@ class Volume:
             if name in parent.entries:
                 raise ValueError(f"entry {name!r} exists in {parent_ino}")
             parent.entries[name] = child.ino  # one int object for both
+            self.meta_used += ENTRY_COST + len(name)
             child.nlink += 1
             if child.entries is not None:
                 parent.nlink += 1
@@ -300,13 +340,17 @@ class Volume:
             _, parent_ino, name = record
             parent = self.inodes[parent_ino]
             self._unlinked(parent, self.inodes[parent.entries.pop(name)])
+            self.meta_used -= ENTRY_COST + len(name)
         elif kind == RENAME:
             # Onto an existing name, the inode it named loses that link.
             _, old_parent_ino, old_name, new_parent_ino, new_name = record
             old_parent, new_parent = self.inodes[old_parent_ino], self.inodes[new_parent_ino]
             child = self.inodes[old_parent.entries.pop(old_name)]
+            self.meta_used -= ENTRY_COST + len(old_name)
             if new_name in new_parent.entries:
                 self._unlinked(new_parent, self.inodes[new_parent.entries[new_name]])
+            else:
+                self.meta_used += ENTRY_COST + len(new_name)
             new_parent.entries[new_name] = child.ino
             if child.entries is not None:
                 old_parent.nlink -= 1
@@ -326,10 +370,14 @@ class Volume:
         elif kind == XATTR:
             _, ino, name, value = record
             inode = self.inodes[ino]
+            old = None if inode.xattrs is None else inode.xattrs.get(name)
+            if old is not None:
+                self.meta_used -= XATTR_COST + len(name) + len(old)
             if value is not None:
                 if inode.xattrs is None:
                     inode.xattrs = {}
                 inode.xattrs[name] = value
+                self.meta_used += XATTR_COST + len(name) + len(value)
             elif inode.xattrs is not None:
                 inode.xattrs.pop(name, None)
         elif kind == EXTENTS:
@@ -355,41 +403,181 @@ class Volume:
         inode.stored += length - self._release(inode.extents.put(offset, length, fr, skip))
         self.live[fr.seg] = self.live.get(fr.seg, 0) + length
         self.used += length
+        added = extents_of(offset, length)
+        self.extents_in[fr.seg] = self.extents_in.get(fr.seg, 0) + added
+        self.extent_count += added
 
-    def _release(self, pieces: list[tuple[Frame, int]]) -> int:
+    def _release(self, pieces: list[tuple[Frame, int, int]]) -> int:
         """Account for log data no longer used; return how many bytes that was."""
-        live = self.live
-        total = 0
-        for fr, length in pieces:
+        live, extents_in = self.live, self.extents_in
+        total = count = 0
+        for fr, length, extents in pieces:
             live[fr.seg] -= length
+            extents_in[fr.seg] += extents
             total += length
+            count += extents
         self.used -= total
+        self.extent_count += count
         return total
 
     def _free(self, inode: Inode) -> None:
         if inode.extents is not None:
             self._release(inode.extents.truncate(0))
+        self.meta_used -= self._own_charge(inode)
+        if inode.entries:  # only damage leaves entries in a directory no entry names
+            self.meta_used -= sum(ENTRY_COST + len(name) for name in inode.entries)
         del self.inodes[inode.ino]
+
+    # -- what the size is charged with ------------------------------------------------------
+
+    @staticmethod
+    def _own_charge(inode: Inode) -> int:
+        """What *inode* is charged apart from its data and the entries naming it."""
+        charge = 0 if inode.ino == ROOT_INO else INODE_COST
+        charge += len(inode.target or b"")
+        if inode.xattrs:
+            charge += sum(XATTR_COST + len(n) + len(v) for n, v in inode.xattrs.items())
+        return charge
+
+    def _charge_of(self, inode: Inode) -> int:
+        """All that *inode* is charged but its names (O(its xattrs and chunks))."""
+        charge = self._own_charge(inode)
+        if inode.extents is not None:
+            charge += inode.stored + EXTENT_COST * len(inode.extents)
+        return charge
+
+    @property
+    def charged(self) -> int:
+        """What everything the volume holds is charged, deleted files waiting to go included."""
+        return self.used + EXTENT_COST * self.extent_count + self.meta_used
+
+    @property
+    def used_by_files(self) -> int:
+        """What the volume holds as its size, statfs and `ls` count it: `charged` without
+        unlinked, closed files that only wait for the kernel's forget."""
+        return self.charged - self._leaving_charge
+
+    @property
+    def inodes_used(self) -> int:
+        """Inodes as the inode limit and statfs count them (the root included)."""
+        return len(self.inodes) - len(self._leaving)
+
+    @property
+    def live_cost(self) -> int:
+        """What copying all live data to the head of the log would append, at most."""
+        return self.used + EXTENT_COST * self.extent_count
+
+    def segment_cost(self, seg: int) -> int:
+        """What copying segment *seg*'s live data to the head of the log would append, at most:
+        its bytes, and a frame for each extent (`EXTENT_COST` covers one)."""
+        return self.live.get(seg, 0) + EXTENT_COST * self.extents_in.get(seg, 0)
+
+    def recount(self) -> dict[str, object]:
+        """The running accounting counted afresh from the inodes and the tree (a scan of the
+        whole volume: for checks and tests), in the attributes' names."""
+        extents_in: dict[int, int] = {}
+        meta = 0
+        for inode in self.inodes.values():
+            meta += self._own_charge(inode)
+            for ext in inode.extents or ():
+                extents_in[ext.frame.seg] = extents_in.get(ext.frame.seg, 0) + 1
+            for name in inode.entries or ():
+                meta += ENTRY_COST + len(name)
+        return {
+            "extents_in": {s: n for s, n in extents_in.items() if n},
+            "extent_count": sum(extents_in.values()),
+            "meta_used": meta,
+            "used": sum(inode.stored for inode in self.inodes.values()),
+        }
+
+    def _check_room(self, charge: int, inodes: int = 0) -> None:
+        """Refuse (ENOSPC) an operation that would take the volume past its size or its
+        inode limit; before anything of it is journaled."""
+        if charge > 0 and self.quota and self.used_by_files + charge > self.quota:
+            raise NoSpace(errno.ENOSPC, f"volume {self.name} is full")
+        if inodes > 0 and self.inode_limit and self.inodes_used + inodes > self.inode_limit:
+            raise NoSpace(errno.ENOSPC, f"volume {self.name} has no free inodes")
+
+    def write_charge(self, inode: Inode, offset: int, length: int) -> int:
+        """What writing *length* bytes at *offset* of *inode* would add to the volume's charge:
+        the bytes that fill holes, and the extents it adds (an overwrite of whole extents
+        adds none; one inside an extent splits it)."""
+        new_bytes, extents = inode.extents.change(offset, offset + length)
+        return new_bytes + EXTENT_COST * extents
 
     # -- committing -------------------------------------------------------------------------
 
-    def commit(self, records: list[list], data: bytes = b"") -> None:
+    def commit(
+        self,
+        records: list[list],
+        data: bytes = b"",
+        *,
+        charge: int = 0,
+        inodes: int = 0,
+        compacting: bool = False,
+    ) -> None:
         """Journal *records* (one operation) as one frame, then apply them.
+
+        The operation adds *charge* bytes and *inodes* inodes to what the volume holds: past
+        its size or inode limit it is refused with `NoSpace` before anything is written.  A
+        sized volume keeps its log within `log_limit` by compacting here what housekeeping
+        has not yet (except for the appends of compaction itself, *compacting*).
 
         On a full disk, dead data is freed (`reclaim`) and the append tried once more: a
         failed append leaves nothing behind, and deleting files must make room again.
         """
+        self._check_room(charge, inodes)
+        buffers = frame.encode(records, data)
+        if self.quota and not compacting:
+            length = sum(map(len, buffers))
+            if self.log.total + length > self.log_limit:
+                self._make_room(length, charge > 0 or bool(data))
         try:
-            at, data_pos = self.log.append(records, data)
+            at, data_pos = self.log.append_frame(buffers)
         except OSError as exc:
             if exc.errno != errno.ENOSPC or self.reclaimable() < RECLAIM_MIN:
                 raise
             log.warning("volume %s: the disk is full; freeing the space of dead data", self.name)
             self.reclaim()
-            at, data_pos = self.log.append(records, data)
+            at, data_pos = self.log.append_frame(buffers)
         self._appended_since_checkpoint += data_pos + len(data) - at.pos
         for record in records:
             self._apply(record, at.seg, data_pos)
+
+    @property
+    def log_limit(self) -> int:
+        """How far the log of a sized volume may grow before an append must wait for
+        compaction (0: no limit).
+
+        Room for a segment and two frames above twice what the volume holds: then the
+        sealed segments hold more than twice the cost of their live data, so one of them is
+        at most half live and compacting it frees at least half a segment.  Compaction
+        in flight (housekeeping's victim and one compacted here, each at most half a segment
+        and a frame) may append beyond it: `log_bound` includes that."""
+        if not self.quota:
+            return 0
+        return 2 * max(self.quota, self.live_cost) + self.log.segment_size + 2 * MAX_FRAME
+
+    def _make_room(self, length: int, needed: bool) -> None:
+        """Compact until an append of *length* bytes keeps the log within `log_limit`.
+
+        Housekeeping compacts in the background long before the limit; this catches a
+        writer that outruns it.  If nothing can be compacted (damaged data that cannot be
+        moved), a write or an operation that adds to the volume (*needed*) gets ENOSPC;
+        other changes of metadata (a delete, a chmod) go ahead, so that space can always be
+        given back.
+        """
+        while self.log.total + length > self.log_limit:
+            self.log.seal()  # a full head segment: sealed now rather than at the next append
+            seg = self._victim(self.log.sizes())
+            if seg is None:
+                if needed:
+                    raise NoSpace(errno.ENOSPC, f"volume {self.name}: its log cannot be compacted")
+                return
+            log.debug("volume %s: log at its limit; compacting segment %d now", self.name, seg)
+            for ino, start, length_ in self.live_ranges()[seg]:
+                self.relocate(ino, start, length_, seg)
+            self.checkpoint()  # deletes the segment, unless damaged data had to stay in it
 
     @property
     def checkpoint_due(self) -> bool:
@@ -431,12 +619,15 @@ class Volume:
         if mtime_ns is not None:
             record[8] = mtime_ns
         record[9] = ctime_ns
-        self.commit([record])
+        self.commit([record])  # a size adds holes or drops data: nothing to charge
+        self._recharge(inode)
 
     def create(self, parent: Inode, name: bytes, inode: Inode, now_ns: int) -> None:
         """Add the new *inode* (from `new_inode`) to the volume as *parent*/*name*."""
         self.commit(
-            [inode.record(), [LINK, parent.ino, name, inode.ino], self._touched(parent, now_ns)]
+            [inode.record(), [LINK, parent.ino, name, inode.ino], self._touched(parent, now_ns)],
+            charge=INODE_COST + len(inode.target or b"") + ENTRY_COST + len(name),
+            inodes=1,
         )
 
     def link(self, inode: Inode, parent: Inode, name: bytes, now_ns: int) -> None:
@@ -445,7 +636,8 @@ class Volume:
                 [LINK, parent.ino, name, inode.ino],
                 self._touched(inode, now_ns, mtime=False),
                 self._touched(parent, now_ns),
-            ]
+            ],
+            charge=ENTRY_COST + len(name),
         )
 
     def unlink(self, parent: Inode, name: bytes, child: Inode, now_ns: int) -> None:
@@ -471,7 +663,11 @@ class Volume:
         records.append(self._touched(moved, now_ns, mtime=False))
         if replaced is not None and replaced.entries is None:
             records.append(self._touched(replaced, now_ns, mtime=False))
-        self.commit(records)
+        if new_name in new_parent.entries:  # that entry stays, naming the moved inode
+            charge = -ENTRY_COST - len(old_name)
+        else:  # the entry takes the new name
+            charge = len(new_name) - len(old_name)
+        self.commit(records, charge=charge)
         if replaced is not None:
             self.forget(replaced)
 
@@ -488,11 +684,21 @@ class Volume:
         return [self._touched(a, now_ns)] if a is b else [self._touched(p, now_ns) for p in (a, b)]
 
     def set_xattr(self, inode: Inode, name: bytes, value: bytes | None, now_ns: int) -> None:
-        self.commit([[XATTR, inode.ino, name, value], self._touched(inode, now_ns, mtime=False)])
+        old = None if inode.xattrs is None else inode.xattrs.get(name)
+        charge = 0 if value is None else XATTR_COST + len(name) + len(value)
+        if old is not None:
+            charge -= XATTR_COST + len(name) + len(old)
+        self.commit(
+            [[XATTR, inode.ino, name, value], self._touched(inode, now_ns, mtime=False)],
+            charge=charge,
+        )
+        self._recharge(inode)
 
     def write(self, inode: Inode, offset: int, data: bytes, now_ns: int) -> None:
+        """Write *data* at *offset*; `NoSpace` if it would take the volume past its size."""
+        charge = self.write_charge(inode, offset, len(data)) if self.quota else 0
         sums = frame.block_sums(data)
-        self.commit([[WRITE, inode.ino, offset, len(data), sums, now_ns]], data)
+        self.commit([[WRITE, inode.ino, offset, len(data), sums, now_ns]], data, charge=charge)
 
     def read(self, inode: Inode, offset: int, size: int) -> bytes:
         """Read from a regular file; raises `DataDamaged` rather than return wrong bytes."""
@@ -546,18 +752,21 @@ class Volume:
         not zeros.  The kernel forgets an unlinked inode as soon as its last user is gone.
         """
         if inode.nlink or inode.opens > 0 or inode.ino == ROOT_INO:
-            self._leaving.discard(inode)
+            self._leaving_charge -= self._leaving.pop(inode, 0)
         elif inode.lookups > 0:
-            self._leaving.add(inode)  # its space counts as free already (`used_by_files`)
+            self._leaving_charge -= self._leaving.pop(inode, 0)
+            # Its space counts as free already (`used_by_files`).
+            self._leaving[inode] = charge = self._charge_of(inode)
+            self._leaving_charge += charge
         else:
-            self._leaving.discard(inode)
+            self._leaving_charge -= self._leaving.pop(inode, 0)
             self._free(inode)
 
-    @property
-    def used_by_files(self) -> int:
-        """Bytes of data the volume's files hold, as quotas and statfs count them: `used`
-        without the data of unlinked, closed files that only wait for the kernel's forget."""
-        return self.used - sum(inode.stored for inode in self._leaving)
+    def _recharge(self, inode: Inode) -> None:
+        """Count anew what a waiting inode (`forget`) holds: reached through /proc/PID/fd,
+        it can still be changed."""
+        if inode in self._leaving:
+            self.forget(inode)
 
     # -- durability -------------------------------------------------------------------------
 
@@ -651,6 +860,7 @@ class Volume:
         for seg in plan.dead:
             self.log.remove_segment(seg)
             self.live.pop(seg, None)
+            self.extents_in.pop(seg, None)
             self._punched.pop(seg, None)
         self.log.sync_names()
 
@@ -709,16 +919,30 @@ class Volume:
         so compaction costs at most one extra write of each live byte per such growth.
         """
         sizes = self.log.sizes()
-        live = self.used
+        if self.quota:  # keeps housekeeping well ahead of `log_limit`
+            live = self.live_cost
+            min_garbage = min(min_garbage, self.log.segment_size)
+        else:
+            live = self.used
         if sum(sizes.values()) - live < max(min_garbage, live):
             return None
+        return self._victim(sizes)
+
+    def _victim(self, sizes: dict[int, int]) -> int | None:
+        """The sealed segment whose live data is the smallest part of it, if at most half.
+
+        A sized volume measures live data by what moving it appends (`segment_cost`), as
+        the bound of its disk use needs: a segment of small extents frees less when moved,
+        as each extent takes a frame of its own.
+        """
         candidates = [
             s for s in sizes if s != self.log.head.seg and s not in self._unmovable and sizes[s]
         ]
         if not candidates:
             return None
-        seg = min(candidates, key=lambda s: self.live.get(s, 0) / sizes[s])
-        return seg if self.live.get(seg, 0) <= sizes[seg] // 2 else None
+        live = self.segment_cost if self.quota else lambda s: self.live.get(s, 0)
+        seg = min(candidates, key=lambda s: live(s) / sizes[s])
+        return seg if live(seg) <= sizes[seg] // 2 else None
 
     def _live_extents(self) -> dict[int, list[tuple[int, Extent]]]:
         """(ino, extent) of every extent in use, by the segment its data lies in."""
@@ -751,7 +975,7 @@ class Volume:
             except DataDamaged:
                 self._unmovable.add(seg)  # keep it: reads must go on reporting the damage
                 continue
-            self.commit([[WRITE, ino, pos, n, frame.block_sums(data), None]], data)
+            self.commit([[WRITE, ino, pos, n, frame.block_sums(data), None]], data, compacting=True)
 
     # -- giving space back -------------------------------------------------------------------
 
@@ -814,19 +1038,66 @@ class Volume:
             fd = os.open(RESERVE_FILE, flags, 0o600, dir_fd=self._dir_fd)
         except OSError:
             return
+        want = self.reserve_size
         try:
-            if os.fstat(fd).st_size < RESERVE_SIZE:
-                os.posix_fallocate(fd, 0, RESERVE_SIZE)
+            size = os.fstat(fd).st_size
+            if size < want:
+                os.posix_fallocate(fd, 0, want)
+            elif size > want:
+                os.ftruncate(fd, want)
         except OSError:  # a part of it would only take space without being sure of room
             with contextlib.suppress(OSError):
                 os.ftruncate(fd, 0)
         finally:
             os.close(fd)
 
+    @property
+    def reserve_size(self) -> int:
+        """The reserve must hold a checkpoint; a sized volume's is no larger than its size
+        (`INODE_COST`), so a small volume needs no 8 MiB of it."""
+        if self.quota:
+            return min(RESERVE_SIZE, self.quota + RESERVE_SIZE // 8)
+        return RESERVE_SIZE
+
     def _drop_reserve(self) -> None:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(RESERVE_FILE, dir_fd=self._dir_fd)
         log.warning("volume %s: the disk is full; using the reserve", self.name)
+
+    # -- limits ---------------------------------------------------------------------------
+
+    def set_limits(self, size: int, inodes: int) -> None:
+        """Give the volume a new size and inode limit (0: none), now and in its header.
+
+        Refused (`StoreError`) below what the volume holds.  A smaller size may make the
+        segments the log starts from now on smaller too, as the disk-use bound needs; they
+        never grow again: replay takes a segment shorter than the segment size, followed by
+        another, for a gap a power cut left, so a larger size would make older segments look
+        like gaps.  For the same reason the log is made durable first: a smaller size must
+        never judge a segment whose end a power cut could still take.
+        """
+        if size < 0 or inodes < 0:
+            raise StoreError(f"volume {self.name}: sizes and inode limits cannot be negative")
+        if size and size < self.used_by_files:
+            raise StoreError(
+                f"volume {self.name} holds {self.used_by_files} bytes: "
+                f"it cannot be made smaller than that ({size})"
+            )
+        if inodes and inodes < self.inodes_used:
+            raise StoreError(
+                f"volume {self.name} has {self.inodes_used} inodes: "
+                f"its inode limit cannot be lower than that ({inodes})"
+            )
+        segment_size = min(self.log.segment_size, segment_size_for(size))
+        header = {**self.header, "size": size, "inodes": inodes, "segment_size": segment_size}
+        if segment_size < self.log.segment_size:
+            self.sync()
+        journal.write_durably(self._dir_fd, "volume", b"".join(frame.encode(header)))
+        self.header = header
+        self.quota, self.inode_limit = size, inodes
+        self.log.segment_size = segment_size
+        self._keep_reserve()
+        log.info("volume %s: size %d, inode limit %d", self.name, size, inodes)
 
     # -- figures --------------------------------------------------------------------------
 
@@ -834,13 +1105,9 @@ class Volume:
         """Capacity figures of the file system that holds the store."""
         return os.statvfs(self._dir_fd)
 
-    def growth(self, inode: Inode, offset: int, length: int) -> int:
-        """How many bytes writing [offset, offset+length) of *inode* would add to the volume."""
-        return sum(n for _, n, fr, _ in inode.extents.pieces(offset, offset + length) if fr is None)
-
     def save_usage(self) -> None:
         """Write the usage figures for `volfsd ls` if they changed (no fsync: advisory)."""
-        usage = {"used": self.used_by_files, "inodes": len(self.inodes)}
+        usage = {"used": self.used_by_files, "inodes": self.inodes_used}
         if usage == self._saved_usage:
             return
         tmp = USAGE_FILE + ".tmp"
