@@ -355,6 +355,10 @@ class VolfsTarget(MountTarget):
         pid_file = self.run_dir / "volfsd.pid"
         if not is_held(pid_file):  # the daemon holds it while it runs: none is running
             return
+        # SIGTERM alone is a hand-off: the workers would go on serving. umount --all first.
+        if self._cmd:
+            subprocess.run([*self._cmd, "umount", "--all"], env=self.env(),
+                           capture_output=True, timeout=180, check=False)  # fmt: skip
         try:
             pid = int(pid_file.read_text().split()[0])
             os.kill(pid, signal.SIGTERM)
