@@ -193,20 +193,32 @@ def stop_daemon(run_dir: Path) -> int | None:
         }
         with contextlib.suppress(subprocess.TimeoutExpired):
             subprocess.run([*VOLFSD, "umount", "--all"], env=env, capture_output=True, timeout=150)
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGTERM)
-        if not _wait_gone(pid, 60):
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
-            _wait_gone(pid, 10)
+        _end(pid, grace=60)
     for worker in workers_of(run_dir):
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(worker, signal.SIGTERM)
-        if not _wait_gone(worker, 30):
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(worker, signal.SIGKILL)
-            _wait_gone(worker, 10)
+        _end(worker, grace=30)
     return pid
+
+
+def _end(pid: int, grace: float) -> None:
+    """SIGTERM *pid*, and SIGKILL it if it has not ended after *grace* s."""
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGTERM)
+    if not _wait_gone(pid, grace):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+        _wait_gone(pid, 10)
+
+
+def stop_foreground(proc: subprocess.Popen, mnt: Path) -> None:
+    """End a `volfsd mount -f` process (SIGTERM, then SIGKILL) and detach what it left."""
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+    if mounts.find_mount(mnt) is not None:
+        mounts.detach(mnt, lazy=True)
 
 
 def _processes(marker: bytes, env_prefix: bytes | None = None) -> list[int]:

@@ -15,7 +15,7 @@ import pytest
 
 from volfs import mounts
 
-from conftest import run_dir_of, stop_daemon, volfsd
+from conftest import run_dir_of, stop_daemon, stop_foreground, volfsd
 
 
 def refused(done: subprocess.CompletedProcess, *words: str) -> None:
@@ -159,14 +159,7 @@ def test_umount_busy_names_the_users(store_root, tmp_path):
         if holder is not None:
             holder.kill()
             holder.wait()
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        if mounts.find_mount(mnt) is not None:
-            mounts.detach(mnt, lazy=True)
+        stop_foreground(proc, mnt)
 
 
 def test_foreground_mount_and_sigterm(store_root, tmp_path):

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -17,7 +16,7 @@ from volfs import mounts
 from volfs.store.root import StoreRoot
 from volfs.volumes import describe
 
-from conftest import Volume, run_dir_of, volfsd
+from conftest import Volume, run_dir_of, stop_foreground, volfsd
 
 ROOT_ONLY = pytest.mark.skipif(os.geteuid() != 0, reason="bind mounts need root")
 
@@ -99,11 +98,4 @@ def test_read_only_paths_are_marked_without_the_daemon(store_root, tmp_path):
         assert row["mounts"] == [str(mnt)] and row["read_only"] == [str(mnt)]
         assert f"{mnt} (ro)" in volfsd("ls", root=store_root).stdout
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        if mounts.find_mount(mnt) is not None:
-            mounts.detach(mnt, lazy=True)
+        stop_foreground(proc, mnt)

@@ -670,23 +670,6 @@ def _not_a_log(path: Path, mode: int) -> str:
     )
 
 
-def _write_durably(dir_fd: int, name: str, data: bytes) -> None:
-    tmp = name + ".tmp"
-    fd = os.open(
-        tmp,
-        os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC,
-        0o600,
-        dir_fd=dir_fd,
-    )
-    try:
-        os.write(fd, data)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.rename(tmp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
-    os.fsync(dir_fd)
-
-
 def _fsync_dir(path: Path) -> None:
     fd = os.open(path, _DIR_FLAGS)
     try:
