@@ -327,9 +327,7 @@ class Daemon:
             self._nursery.start_soon(self._serve_connection, conn)
 
     def _peer_allowed(self, conn) -> bool:
-        creds = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12)
-        _pid, uid, _gid = (int.from_bytes(creds[i : i + 4], "little") for i in (0, 4, 8))
-        return uid in (0, os.geteuid())
+        return control.peer_uid(conn) in (0, os.geteuid())
 
     async def _serve_connection(self, conn) -> None:
         """Answer one request; nothing a client sends or does may take the daemon down."""

@@ -125,8 +125,19 @@ def detach(fd: int) -> None:
 
 def mount_id(fd: int) -> int:
     """The id of the mount *fd* is on (as /proc/self/mountinfo numbers them)."""
-    with open(f"/proc/self/fdinfo/{fd}") as info:
-        for line in info:
-            if line.startswith("mnt_id:"):
-                return int(line.split()[1])
-    raise OSError(errno.ENOTSUP, "fdinfo shows no mnt_id")
+    found = fdinfo_mount_id(f"/proc/self/fdinfo/{fd}")
+    if found is None:
+        raise OSError(errno.ENOTSUP, "fdinfo shows no mnt_id")
+    return found
+
+
+def fdinfo_mount_id(path: str) -> int | None:
+    """The ``mnt_id`` an fdinfo file (``/proc/PID/fdinfo/N``) shows; None if it is gone."""
+    try:
+        with open(path) as info:
+            for line in info:
+                if line.startswith("mnt_id:"):
+                    return int(line.split()[1])
+    except (OSError, ValueError):
+        pass
+    return None

@@ -32,11 +32,12 @@ the case; a thread that unshared its working directory is not seen).
 
 from __future__ import annotations
 
-import contextlib
 import os
 import re
 from collections.abc import Iterable, Iterator
 from typing import NamedTuple
+
+from volfs import mounts, sysmount
 
 #: What a process has on the mount.
 FD, CWD, ROOT, MMAP, NAMESPACE = "fd", "cwd", "root", "mmap", "mount-namespace"
@@ -171,25 +172,7 @@ def _mount_ids(pid: int, device: str) -> set[int] | None:
     text = _read(f"/proc/{pid}/mountinfo")
     if text is None:
         return None
-    ids = set()
-    for line in text.splitlines():
-        fields = line.split(" ", 3)
-        if len(fields) > 3 and fields[2] == device:
-            with contextlib.suppress(ValueError):
-                ids.add(int(fields[0]))
-    return ids
-
-
-def _fd_mount(path: str) -> int | None:
-    """The ``mnt_id`` of the fdinfo file at *path*."""
-    text = _read(path)
-    if text is None:
-        return None
-    for line in text.splitlines():
-        if line.startswith("mnt_id:"):
-            with contextlib.suppress(ValueError):
-                return int(line.split()[1])
-    return None
+    return {e.mount_id for e in mounts.parse_mountinfo(text) if e.device == device}
 
 
 def _dir_mount(pid: int, which: str) -> int | None:
@@ -200,7 +183,7 @@ def _dir_mount(pid: int, which: str) -> int | None:
     except OSError:
         return None
     try:
-        return _fd_mount(f"/proc/self/fdinfo/{fd}")
+        return sysmount.fdinfo_mount_id(f"/proc/self/fdinfo/{fd}")
     finally:
         os.close(fd)
 
@@ -221,7 +204,7 @@ def _uses(pid: int, mount_ids: set[int], major: int, minor: int) -> Iterator[str
             continue
         if target.startswith(_PSEUDO):
             continue
-        if _fd_mount(f"/proc/{pid}/fdinfo/{fd}") in mount_ids:
+        if sysmount.fdinfo_mount_id(f"/proc/{pid}/fdinfo/{fd}") in mount_ids:
             yield FD
             break
     for which, what in (("cwd", CWD), ("root", ROOT)):

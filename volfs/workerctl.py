@@ -93,8 +93,7 @@ async def serve(sock: socket.socket, handlers: dict[str, Handler]) -> None:
 async def _answer(
     conn: trio.socket.SocketType, stream: trio.SocketStream, handlers: dict[str, Handler]
 ) -> dict:
-    creds = conn.getsockopt(trio.socket.SOL_SOCKET, trio.socket.SO_PEERCRED, 12)
-    if int.from_bytes(creds[4:8], "little") not in (0, os.geteuid()):
+    if control.peer_uid(conn) not in (0, os.geteuid()):  # type: ignore[arg-type]
         return {"ok": False, "error": "permission denied"}
     try:
         request = await receive_frame(stream)
