@@ -195,3 +195,17 @@ def test_umount_leaves_another_daemons_mounts_alone(host, tmp_path):
         assert rows == ["mine"]
     finally:
         other.cleanup()
+
+
+def test_an_open_file_holds_only_the_path_it_was_opened_through(host, tmp_path):
+    """Item 4, one path of several: a file open through path a refuses `umount a`, and does
+    not hold path b, through which the volume stays for everyone anyway."""
+    a, b = tmp_path / "a", tmp_path / "b"
+    host.cli("mount", "v", str(a))
+    host.cli("mount", "v", str(b))
+    with open(a / "f", "wb") as f:
+        f.write(b"open")
+        host.refused("umount", str(a), words=("busy", f"pid {os.getpid()}", "--lazy"))
+        host.cli("umount", str(b))
+        assert mounts.find_mount(b) is None and mounts.find_mount(a) is not None
+    host.cli("umount", str(a))

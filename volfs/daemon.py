@@ -701,16 +701,24 @@ class Daemon:
     def _refuse_if_in_use(self, served: Served, path: Path | None) -> None:
         """Refuse to unmount *path* (None: the whole volume) while processes use it.
 
-        One path of several: only processes of our own mount namespace whose files are under
-        that path count (the kernel cannot tell which bind another namespace's copy came
-        from, and the volume stays for them anyway through its other paths).
+        One path of several: only files and directories opened through that bind count (the
+        kernel cannot tell which bind another namespace's copy came from, and the volume stays
+        for them anyway through its other paths).
         """
         if not served.device:
             return
         exclude = {os.getpid()} | ({served.worker.pid} if served.worker is not None else set())
-        found = users.users_of(served.device, exclude)
+        through = None
         if path is not None:
-            found = [u for u in found if u.what != users.NAMESPACE and _uses_path(u, path)]
+            try:
+                with open_mountpoint(path) as target:
+                    top = target.top()
+            except VolfsError:
+                return  # the mount point is gone or changed: nothing of ours is there to use
+            if top is None or top.device != served.device:
+                return
+            through = {top.mount_id}
+        found = users.users_of(served.device, exclude, through)
         if found:
             what = str(path) if path is not None else f"volume {served.name}"
             raise VolfsError(
@@ -812,19 +820,6 @@ def checked_args(handler, args: dict) -> dict:
 
 def _limit(value: int, what: str) -> str:
     return f"{what} limit {value}" if value else f"no {what} limit"
-
-
-def _uses_path(user: users.User, path: Path) -> bool:
-    """Whether *user* (of our mount namespace) has a file or directory open under *path*."""
-    proc = Path("/proc") / str(user.pid)
-    links = [proc / "cwd", proc / "root"]
-    with contextlib.suppress(OSError):
-        links += list((proc / "fd").iterdir())
-    for link in links:
-        with contextlib.suppress(OSError):
-            if Path(os.readlink(link)).is_relative_to(path):
-                return True
-    return user.what == users.MMAP  # maps name no path we could trust: count them
 
 
 def serve(config: Path | None) -> None:

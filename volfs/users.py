@@ -58,11 +58,17 @@ class User(NamedTuple):
     container: str | None  #: short (12 hex digits) container id, if its cgroup names one
 
 
-def users_of(device: str, exclude_pids: Iterable[int] = ()) -> list[User]:
+def users_of(
+    device: str, exclude_pids: Iterable[int] = (), through: set[int] | None = None
+) -> list[User]:
     """Every use of the mount(s) of *device* ("major:minor") by processes not in
     *exclude_pids*, ordered by pid: one `User` per process and kind of use, and one per mount
     namespace other than ours that holds a mount of the device while none of its processes
-    uses it otherwise (named by its lowest pid)."""
+    uses it otherwise (named by its lowest pid).
+
+    With *through* (mount ids of our namespace: one bind of several), only files and
+    directories opened through those mounts count, and no namespace does; maps name no mount,
+    so they count whatever mount they came through."""
     major, minor = (int(part) for part in device.split(":"))
     excluded = set(exclude_pids)
     ours = _namespace("self")
@@ -76,7 +82,7 @@ def users_of(device: str, exclude_pids: Iterable[int] = ()) -> list[User]:
     # lets us: one may exit meanwhile, the next one then answers).
     holding: set[str] = set()
     mount_ids: set[int] = set()
-    for ns, members in namespaces.items():
+    for ns, members in namespaces.items() if through is None else ():
         for pid in members:
             ids = _mount_ids(pid, device)
             if ids is not None:
@@ -84,6 +90,8 @@ def users_of(device: str, exclude_pids: Iterable[int] = ()) -> list[User]:
                 if ids:
                     holding.add(ns)
                 break
+    if through is not None:
+        mount_ids = through
     found: list[User] = []
     using: set[str] = set()  # namespaces with a process that uses the mount itself
     for pid in pids:
