@@ -643,6 +643,7 @@ class Daemon:
         served.device = text.removeprefix("ok").strip()
         served.status = "mounted"
         served.adopted = False
+        served.problems.clear()  # a failed restart or an old worker: behind us with this one
 
     async def _supervise(self, served: Served) -> None:
         """Wait for the worker to end; bring the volume back if nobody asked it to stop."""
