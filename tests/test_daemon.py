@@ -99,7 +99,7 @@ SIZES = [("512M", 512 << 20), ("10G", 10 << 30), ("1T", 1 << 40), ("4096", 4096)
 
 @pytest.mark.parametrize("size,expected", SIZES)
 def test_sizes(size, expected):
-    from volfs.volumes import parse_size
+    from volfs.catalog import parse_size
 
     assert parse_size(size) == expected
 
@@ -113,7 +113,7 @@ BAD_SIZES = ["", "0", "0G", "-1G", "10X", "G", "1e999", "1e3", "20000000T", "419
 @pytest.mark.parametrize("size", BAD_SIZES)
 def test_bad_sizes(size):
     from volfs.errors import VolfsError
-    from volfs.volumes import parse_size
+    from volfs.catalog import parse_size
 
     with pytest.raises(VolfsError) as info:
         parse_size(size)

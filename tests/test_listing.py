@@ -14,7 +14,7 @@ import pytest
 
 from volfs import mounts
 from volfs.store.root import StoreRoot
-from volfs.volumes import describe
+from volfs.catalog import describe
 
 from conftest import Volume, run_dir_of, stop_foreground, volfsd
 

@@ -24,7 +24,7 @@ from volfs.mountpoint import REPLACE, normalize, open_mountpoint, prepare
 from volfs.store import pidlock
 from volfs.store.root import StoreRoot, check_name, default_root, open_log
 from volfs.users import describe_users, users_of
-from volfs.volumes import describe, parse_inodes, parse_size
+from volfs.catalog import describe, parse_inodes, parse_size
 
 #: How long `mount` waits for a daemon it started to listen.
 DAEMON_START_TIMEOUT = 30.0

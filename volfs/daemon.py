@@ -35,7 +35,7 @@ from volfs.mountpoint import PRESENT, normalize, open_mountpoint, prepare
 from volfs.served import DEAD, MOUNTED, REFUSED, MountPath, Served
 from volfs.store import pidlock
 from volfs.store.root import StoreRoot, check_name
-from volfs.volumes import describe, parse_inodes, parse_size
+from volfs.catalog import describe, parse_inodes, parse_size
 from volfs.workerctl import WorkerProcess
 
 log = logging.getLogger(__name__)

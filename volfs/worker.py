@@ -227,12 +227,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--mountpoint", required=True, type=Path)
     parser.add_argument("--read-only", action="store_true")
     parser.add_argument("--ready-fd", type=int)
-    parser.add_argument("--debug", action="store_true")
     parser.add_argument("--run-dir", type=Path, help="the daemon's: serve a control socket there")
     args = parser.parse_args(argv)
     logging.basicConfig(
         force=True,  # `volfsd mount -f` runs this in the CLI's process, which set up its own
-        level=logging.DEBUG if args.debug else logging.INFO,
+        level=logging.INFO,
         format="%(asctime)s volfsd[%(process)d] %(levelname)s %(name)s: %(message)s",
     )
     try:

@@ -1,4 +1,5 @@
-"""Rules for volumes and mount points that the CLI and the daemon share.
+"""The volume catalog: what a volume's options mean and what `ls`/`inspect` show of it, shared
+by the CLI and the daemon.
 
 Kept apart from the daemon so that the CLI can use them without loading trio.
 """
