@@ -277,7 +277,8 @@ print("ready", flush=True)
 while True:
     conn, _ = sock.accept()
     conn.recv(65536)
-    body = msgpack.packb({"ok": False, "error": "internal error in volfsd; see its log"})
+    body = msgpack.packb({"ok": False, "error": "internal error in volfsd; see its log",
+                          "code": "internal"})  # fmt: skip
     conn.sendall(struct.pack(">I", len(body)) + body)
     conn.close()
 """

@@ -112,8 +112,8 @@ BAD_SIZES = ["", "0", "0G", "-1G", "10X", "G", "1e999", "1e3", "20000000T", "419
 
 @pytest.mark.parametrize("size", BAD_SIZES)
 def test_bad_sizes(size):
-    from volfs.errors import VolfsError
     from volfs.catalog import parse_size
+    from volfs.errors import VolfsError
 
     with pytest.raises(VolfsError) as info:
         parse_size(size)
@@ -680,12 +680,12 @@ def test_systemd_unit_verifies(tmp_path):
 
 
 def test_config_example_parses():
-    from volfs.daemon import load_config
+    from volfs.config import load_config
 
     example = Path(__file__).parent.parent / "systemd" / "volumes.toml.example"
-    declared = load_config(example)
-    assert declared["photos"]["size"] == 10 << 30
-    assert declared["reference-data"]["read_only"] is True
+    declared = load_config(example).volumes
+    assert declared["photos"].size == 10 << 30
+    assert declared["reference-data"].read_only is True
 
 
 @ROOT_ONLY

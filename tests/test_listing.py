@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 
 from volfs import mounts
-from volfs.store.root import StoreRoot
 from volfs.catalog import describe
+from volfs.store.root import StoreRoot
 
 from conftest import Volume, run_dir_of, stop_foreground, volfsd
 

@@ -521,13 +521,13 @@ def test_resize_refusals(store_root):
 
 
 def test_inodes_in_the_config(tmp_path):
-    from volfs.daemon import load_config
+    from volfs.config import load_config
     from volfs.errors import VolfsError
 
     config = tmp_path / "volumes.toml"
     config.write_text('[volumes.a]\nsize = "1G"\ninodes = 1000\n\n[volumes.b]\n')
-    declared = load_config(config)
-    assert declared["a"]["inodes"] == 1000 and declared["b"]["inodes"] == 0
+    declared = load_config(config).volumes
+    assert declared["a"].inodes == 1000 and declared["b"].inodes == 0
     config.write_text("[volumes.a]\ninodes = -1\n")
     with pytest.raises(VolfsError, match="volume 'a': invalid inode limit"):
         load_config(config)

@@ -11,6 +11,7 @@ import re
 import time
 from collections.abc import Iterable
 from pathlib import Path
+from typing import Any
 
 from volfs import mounts
 from volfs.errors import VolfsError
@@ -63,6 +64,24 @@ def parse_inodes(text: str | int) -> int:
     return value
 
 
+def parse_labels(value: object) -> dict[str, str]:
+    """Labels from ``KEY=VALUE`` strings (``--label``, repeated) or a map of strings (a request,
+    a config table)."""
+    if isinstance(value, list):
+        labels = {}
+        for item in value:
+            key, sep, text = str(item).partition("=")
+            if not isinstance(item, str) or not sep or not key:
+                raise VolfsError(f"invalid label {str(item)[:80]!r}: use KEY=VALUE")
+            labels[key] = text
+        return labels
+    if not isinstance(value, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in value.items()
+    ):
+        raise VolfsError("labels must be KEY=VALUE strings (in a config file: a table of strings)")
+    return dict(value)
+
+
 def describe(
     root: StoreRoot,
     name: str,
@@ -70,7 +89,7 @@ def describe(
     staging: Path | None = None,
     read_only: Iterable[Path] = (),
     device: str | None = None,
-) -> dict:
+) -> dict[str, Any]:
     """What `ls` and `inspect` show of volume *name*.
 
     *status*, *staging*, *read_only* and *device* (the "major:minor" of the FUSE mount serving
@@ -82,7 +101,7 @@ def describe(
     """
     # One damaged volume must not hide the others from `ls`: what is wrong with it is its
     # status, and the rest of its row shows what could be read.
-    problems = []
+    problems: list[str] = []
     try:
         header = root.header(name)
     except VolfsError as exc:

@@ -16,15 +16,17 @@ import sys
 import time
 import traceback
 from pathlib import Path
+from typing import Any, NoReturn
 
 import volfs
-from volfs import control, mounts, scrub
-from volfs.errors import VolfsError
+from volfs import control, mounts, requests, scrub
+from volfs.catalog import describe, parse_inodes, parse_labels, parse_size
+from volfs.config import DEFAULT_PATH
+from volfs.errors import ErrorCode, VolfsError
 from volfs.mountpoint import REPLACE, normalize, open_mountpoint, prepare
 from volfs.store import pidlock
 from volfs.store.root import StoreRoot, check_name, default_root, open_log
 from volfs.users import describe_users, users_of
-from volfs.catalog import describe, parse_inodes, parse_size
 
 #: How long `mount` waits for a daemon it started to listen.
 DAEMON_START_TIMEOUT = 30.0
@@ -35,8 +37,6 @@ UMOUNT_TIMEOUT = 120.0
 CLI_LOG = "_cli.log"
 #: Commands whose exit status 1 means "damage found": their failures exit 2 ("not checked").
 CHECKS = {"fsck": scrub.UNCHECKED, "scrub": scrub.UNCHECKED}
-#: What the daemon answers when a request hit a bug (volfs/daemon.py); it names no log.
-DAEMON_INTERNAL = "internal error in volfsd; see its log"
 
 
 class CliError(VolfsError):
@@ -44,7 +44,7 @@ class CliError(VolfsError):
 
 
 class _Parser(argparse.ArgumentParser):
-    def error(self, message: str):  # one line, not argparse's usage block
+    def error(self, message: str) -> NoReturn:  # one line, not argparse's usage block
         raise CliError(f"{message} (see '{self.prog} --help')")
 
 
@@ -52,16 +52,17 @@ def _root() -> StoreRoot:
     return StoreRoot(default_root())
 
 
-def _call(cmd: str, **args: object) -> object:
+def _call(request: requests.DaemonRequest) -> Any:
     run_dir = control.default_run_dir()
     try:
-        return control.call(run_dir, cmd, **args)
+        return control.call(run_dir, request)
     except VolfsError as exc:
-        if str(exc) != DAEMON_INTERNAL:
+        if exc.code != ErrorCode.INTERNAL:
             raise
         # Name the log the traceback went to: the daemon's stderr, found through /proc.
         raise CliError(
-            f"internal error in volfsd; the traceback is in {control.daemon_log(run_dir)}"
+            f"internal error in volfsd; the traceback is in {control.daemon_log(run_dir)}",
+            ErrorCode.INTERNAL,
         ) from None
 
 
@@ -76,16 +77,18 @@ def _start_daemon(root: StoreRoot) -> None:
             start_new_session=True,
         )
     deadline = time.monotonic() + DAEMON_START_TIMEOUT
+    pid_file = control.default_run_dir() / "volfsd.pid"
     while time.monotonic() < deadline:
         try:
-            _call("status")
+            _call(requests.StatusRequest())
             return
         except control.DaemonNotRunning:
-            if proc.poll() is not None:
+            # Ours exited while another daemon holds the run dir: we lost a race with another
+            # starter, and that one will answer.
+            if proc.poll() is not None and not pidlock.is_held(pid_file):
                 lines = root.log_path("volfsd.log").read_text(errors="replace").strip().splitlines()
                 last = lines[-1].split(": ", 1)[-1] if lines else "no output"
-                if "already serves" not in last:  # lost a race with another starter: fine
-                    raise CliError(f"the daemon failed to start: {last}") from None
+                raise CliError(f"the daemon failed to start: {last}") from None
             time.sleep(0.05)
     raise CliError(f"the daemon did not start within {DAEMON_START_TIMEOUT:.0f} s")
 
@@ -96,14 +99,15 @@ def _start_daemon(root: StoreRoot) -> None:
 def human_size(n: int) -> str:
     if not n:
         return "0"
+    value = float(n)
     for unit in ("", "K", "M", "G", "T"):
-        if n < 1024 or unit == "T":
-            return f"{n:.0f}{unit}" if unit == "" or n >= 10 else f"{n:.1f}{unit}"
-        n /= 1024
-    return str(n)
+        if value < 1024 or unit == "T":
+            return f"{value:.0f}{unit}" if unit == "" or value >= 10 else f"{value:.1f}{unit}"
+        value /= 1024
+    return str(value)
 
 
-def print_table(rows: list[dict]) -> None:
+def print_table(rows: list[dict[str, Any]]) -> None:
     header = ["NAME", "SIZE", "USED", "MOUNTS", "STATUS", "CREATED"]
     table = [
         [
@@ -132,40 +136,35 @@ def _print_rows(header: list[str], rows: list[list[str]]) -> None:
 
 
 def cmd_create(args: argparse.Namespace) -> None:
-    labels = {}
-    for item in args.label:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise CliError(f"invalid label {item!r}: use KEY=VALUE")
-        labels[key] = value
+    labels = parse_labels(args.label)
     size = parse_size(args.size) if args.size is not None else 0
     inodes = _inodes(args)
     try:
-        _call("create", name=check_name(args.name), size=size, labels=labels, **inodes)
+        _call(requests.CreateRequest(check_name(args.name), size, labels, inodes))
     except control.DaemonNotRunning:
         root = _root()
-        root.create_volume(args.name, size, labels, **inodes)
+        root.create_volume(args.name, size, labels, inodes=inodes)
         describe(root, args.name)
     print(args.name)
 
 
-def _inodes(args: argparse.Namespace) -> dict[str, int]:
-    """``{"inodes": N}`` if ``--inodes`` was given (requests without it stay as they were)."""
-    return {} if args.inodes is None else {"inodes": parse_inodes(args.inodes)}
+def _inodes(args: argparse.Namespace) -> int:
+    """The ``--inodes`` limit, 0 if not given (a request leaves it out then)."""
+    return 0 if args.inodes is None else parse_inodes(args.inodes)
 
 
-def _volumes(names: list[str] | None) -> list[dict]:
+def _volumes(names: list[str] | None) -> list[dict[str, Any]]:
     try:
         if names is None:
-            return _call("ls")
-        return _call("inspect", names=names)
+            return list(_call(requests.LsRequest()))
+        return list(_call(requests.InspectRequest(names)))
     except control.DaemonNotRunning:
         root = _root()
         if names is None:
             names = root.names()
         for name in names:
             if not root.exists(check_name(name)):
-                raise CliError(f"no such volume: {name}") from None
+                raise CliError(f"no such volume: {name}", ErrorCode.NOT_FOUND) from None
         return [describe(root, name) for name in names]
 
 
@@ -187,7 +186,7 @@ def cmd_inspect(args: argparse.Namespace) -> None:
 
 def cmd_status(args: argparse.Namespace) -> None:
     try:
-        status = _call("status")
+        status = _call(requests.StatusRequest())
     except control.DaemonNotRunning as exc:
         raise CliError(f"volfsd is not running ({exc})") from None
     if args.format == "json":
@@ -220,15 +219,14 @@ def cmd_mount(args: argparse.Namespace) -> None:
     inodes = _inodes(args)
     root = _root()
     if args.foreground:
-        _mount_foreground(root, name, mountpoint, args.ro, size, inodes.get("inodes", 0))
+        _mount_foreground(root, name, mountpoint, args.ro, size, inodes)
         return
-    request = {"name": name, "mountpoint": str(mountpoint), "read_only": args.ro, "size": size,
-               **inodes}  # fmt: skip
+    request = requests.MountRequest(name, mountpoint, args.ro, size, inodes)
     try:
-        _call("mount", **request)
+        _call(request)
     except control.DaemonNotRunning:
         _start_daemon(root)
-        _call("mount", **request)
+        _call(request)
 
 
 def _mount_foreground(
@@ -240,7 +238,10 @@ def _mount_foreground(
     if not root.exists(name):
         root.create_volume(name, size, inodes=inodes)
     if root.is_served(name):
-        raise CliError(f"volume {name} is already being served (pid {root.lock_holder(name)})")
+        raise CliError(
+            f"volume {name} is already being served (pid {root.lock_holder(name)})",
+            ErrorCode.ALREADY_SERVED,
+        )
     with open_mountpoint(mountpoint, create=True) as target:
         if prepare(target, name) == REPLACE:
             mounts.detach(mountpoint, lazy=True)  # a dead mount of this volume
@@ -262,12 +263,12 @@ def cmd_umount(args: argparse.Namespace) -> None:
     mountpoint = normalize(args.mountpoint)
     entry = mounts.find_mount(mountpoint)
     try:  # the daemon also lets go of a path of its that was unmounted behind its back
-        _call("umount", mountpoint=str(mountpoint), lazy=args.lazy)
+        _call(requests.UmountRequest(mountpoint, args.lazy))
         return
     except control.DaemonNotRunning:
         pass
     except VolfsError as exc:
-        if "not a volume mount of this daemon" not in str(exc):
+        if exc.code != ErrorCode.NOT_MOUNTED:
             raise
     if entry is None or entry.fstype != mounts.FSTYPE:
         raise CliError(f"{mountpoint} is not a volfs mount")
@@ -275,13 +276,14 @@ def cmd_umount(args: argparse.Namespace) -> None:
     # Served outside the daemon (volfsd mount -f): detach it and wait for its worker.
     problem = mounts.detach(mountpoint, lazy=args.lazy)
     if problem is not None:
-        if "busy" in problem.lower():
+        if problem.code == ErrorCode.BUSY:
             who = describe_users(users_of(entry.device))
             raise CliError(
                 f"{mountpoint} is busy{f' (used by {who})' if who else ''}: stop the processes "
-                "using it, or use --lazy to detach now"
+                "using it, or use --lazy to detach now",
+                ErrorCode.BUSY,
             )
-        raise CliError(f"cannot unmount {mountpoint}: {problem}")
+        raise CliError(f"cannot unmount {mountpoint}: {problem}", problem.code)
     _wait_released(default_root(), entry.source)
 
 
@@ -319,11 +321,11 @@ def _check_foreground_mount(mountpoint: Path, entry: mounts.MountEntry) -> None:
 
 def _umount_all() -> None:
     try:
-        done = _call("umount_all")
+        done = _call(requests.UmountAllRequest())
     except control.DaemonNotRunning:
         # Workers outlive their daemon: one started now adopts them, then stops them.
         _start_daemon(_root())
-        done = _call("umount_all")
+        done = _call(requests.UmountAllRequest())
     assert isinstance(done, dict)
     print(f"unmounted {len(done['volumes'])} volume(s) in {done['seconds']:.1f} s")
 
@@ -341,13 +343,15 @@ def cmd_rm(args: argparse.Namespace) -> None:
     for name in args.names:
         check_name(name)
         try:
-            _call("rm", name=name, force=args.force)
+            _call(requests.RmRequest(name, args.force))
         except control.DaemonNotRunning:
             root = _root()
             if not root.exists(name):
-                raise CliError(f"no such volume: {name}") from None
+                raise CliError(f"no such volume: {name}", ErrorCode.NOT_FOUND) from None
             if root.is_served(name):
-                raise CliError(f"volume {name} is mounted: unmount it first") from None
+                raise CliError(
+                    f"volume {name} is mounted: unmount it first", ErrorCode.BUSY
+                ) from None
             root.remove_volume(name)
         print(name)
 
@@ -356,14 +360,14 @@ def cmd_resize(args: argparse.Namespace) -> None:
     """A new size (and inode limit) for an unmounted volume; never below what it holds."""
     name = check_name(args.name)
     size = parse_size(args.size)
-    inodes = _inodes(args)
+    inodes = _inodes(args) or None  # None: keep the inode limit it has
     try:
-        _call("resize", name=name, size=size, **inodes)
+        _call(requests.ResizeRequest(name, size, inodes))
     except control.DaemonNotRunning:
         root = _root()
         if not root.exists(name):
-            raise CliError(f"no such volume: {name}") from None
-        root.resize(name, size, inodes.get("inodes"))
+            raise CliError(f"no such volume: {name}", ErrorCode.NOT_FOUND) from None
+        root.resize(name, size, inodes)
     print(name)
 
 
@@ -459,14 +463,14 @@ def build_parser() -> argparse.ArgumentParser:
     status.set_defaults(func=cmd_status)
 
     serve = sub.add_parser("serve", help="run the daemon in the foreground")
-    serve.add_argument("--config", help=f"volumes to mount (default {'/etc/volfs/volumes.toml'})")
+    serve.add_argument("--config", help=f"volumes to mount (default {DEFAULT_PATH})")
     serve.set_defaults(func=cmd_serve)
     return parser
 
 
 def _error_status(argv: list[str]) -> int:
     """The exit status of a failure of the command *argv* names (also when it did not parse)."""
-    command = next((a for a in argv if not a.startswith("-")), None)
+    command = next((a for a in argv if not a.startswith("-")), "")
     return CHECKS.get(command, 1)
 
 

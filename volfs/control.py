@@ -1,8 +1,13 @@
 """The control protocol between `volfsd` commands and the daemon.
 
 A unix stream socket carries frames of ``u32 big-endian length | msgpack map``.  A request is
-``{"cmd": str, "args": map}``; the reply is ``{"ok": true, "result": ...}`` or
-``{"ok": false, "error": "one line for the user"}``.  One request per connection.
+``{"cmd": str, "args": map}`` (requests.py has one dataclass per command); the reply is
+``{"ok": true, "result": ...}`` or ``{"ok": false, "error": "one line for the user", "code":
+"busy"}``, the code an :class:`ErrorCode` value.  One request per connection.  The same frames
+and replies serve a worker's control socket (workerctl.py).
+
+This module is the client side and the frames; the daemon's side is control_server.py.  It
+loads no trio, so that the CLI starts quickly.
 """
 
 from __future__ import annotations
@@ -12,10 +17,15 @@ import socket
 import stat
 import struct
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import msgpack
 
-from volfs.errors import VolfsError
+from volfs import requests
+from volfs.errors import ErrorCode, VolfsError
+
+if TYPE_CHECKING:
+    import trio
 
 MAX_FRAME = 1 << 20
 SOCKET_NAME = "volfsd.sock"
@@ -27,7 +37,9 @@ class ProtocolError(Exception):
 
 
 class DaemonNotRunning(VolfsError):
-    pass
+    """No daemon listens on the control socket."""
+
+    default_code = ErrorCode.UNAVAILABLE
 
 
 def default_run_dir() -> Path:
@@ -87,12 +99,12 @@ def peer_uid(sock: socket.socket) -> int:
     return int.from_bytes(creds[4:8], "little")
 
 
-def encode(message: dict) -> bytes:
-    body = msgpack.packb(message, use_bin_type=True)
+def encode(message: dict[str, Any]) -> bytes:
+    body: bytes = msgpack.packb(message, use_bin_type=True)
     return _LENGTH.pack(len(body)) + body
 
 
-def decode_body(body: bytes) -> dict:
+def decode_body(body: bytes) -> dict[str, Any]:
     try:
         message = msgpack.unpackb(body, raw=False, strict_map_key=True)
     except Exception as exc:  # msgpack raises many unrelated types on garbage
@@ -103,7 +115,7 @@ def decode_body(body: bytes) -> dict:
 
 
 def frame_length(prefix: bytes) -> int:
-    (length,) = _LENGTH.unpack(prefix)
+    length: int = _LENGTH.unpack(prefix)[0]
     if length > MAX_FRAME:
         raise ProtocolError(f"frame of {length} bytes is larger than {MAX_FRAME}")
     return length
@@ -119,8 +131,47 @@ def _recv_exactly(sock: socket.socket, n: int) -> bytes:
     return data
 
 
-def call(run_dir: Path, cmd: str, timeout: float = 300.0, **args: object) -> object:
-    """Send one request to the daemon and return its result; raise VolfsError on an error reply."""
+async def receive_frame(stream: trio.abc.ReceiveStream) -> dict[str, Any]:
+    """One frame from *stream*, in a trio task (the daemon's and a worker's side)."""
+    length = frame_length(await _receive_exactly(stream, 4))
+    return decode_body(await _receive_exactly(stream, length))
+
+
+async def _receive_exactly(stream: trio.abc.ReceiveStream, n: int) -> bytes:
+    data = b""
+    while len(data) < n:
+        chunk = await stream.receive_some(n - len(data))
+        if not chunk:
+            raise ProtocolError("connection closed mid-frame")
+        data += chunk
+    return data
+
+
+def ok_reply(result: object) -> dict[str, Any]:
+    return {"ok": True, "result": result}
+
+
+def error_reply(error: VolfsError) -> dict[str, Any]:
+    """The reply that reports *error*: its one line, and its code for programs to decide on."""
+    return {"ok": False, "error": str(error), "code": error.code.value}
+
+
+def reply_error(reply: dict[str, Any], unknown: str) -> VolfsError:
+    """The error an error *reply* reports, with its code (*unknown*: the text if it has none).
+
+    A reply without a code, or with one this volfs does not know (an older or newer peer),
+    gets ``ErrorCode.INTERNAL``: nothing may be decided on it.
+    """
+    try:
+        code = ErrorCode(str(reply.get("code")))
+    except ValueError:
+        code = ErrorCode.INTERNAL
+    return VolfsError(str(reply.get("error", unknown)), code)
+
+
+def call(run_dir: Path, request: requests.DaemonRequest, timeout: float = 300.0) -> Any:
+    """Send *request* to the daemon and return its result; raise VolfsError (with the reply's
+    code) on an error reply."""
     path = run_dir / SOCKET_NAME
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     sock.settimeout(timeout)
@@ -131,16 +182,20 @@ def call(run_dir: Path, cmd: str, timeout: float = 300.0, **args: object) -> obj
             raise DaemonNotRunning(f"no volfsd daemon is listening on {path}") from None
         except PermissionError:
             raise VolfsError(
-                f"permission denied on {path}: the daemon belongs to another user"
+                f"permission denied on {path}: the daemon belongs to another user",
+                ErrorCode.PERMISSION,
             ) from None
-        sock.sendall(encode({"cmd": cmd, "args": args}))
+        sock.sendall(encode(requests.encode(request)))
         reply = decode_body(_recv_exactly(sock, frame_length(_recv_exactly(sock, 4))))
     except TimeoutError:
-        raise VolfsError(f"the daemon did not answer {cmd!r} within {timeout:.0f} s") from None
+        raise VolfsError(
+            f"the daemon did not answer {request.command!r} within {timeout:.0f} s",
+            ErrorCode.UNAVAILABLE,
+        ) from None
     except ProtocolError as exc:
-        raise VolfsError(f"bad reply from the daemon: {exc}") from None
+        raise VolfsError(f"bad reply from the daemon: {exc}", ErrorCode.UNAVAILABLE) from None
     finally:
         sock.close()
     if not reply.get("ok"):
-        raise VolfsError(str(reply.get("error", "the daemon reported an unknown error")))
+        raise reply_error(reply, "the daemon reported an unknown error")
     return reply.get("result")

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import errno
+import os
 import re
 import subprocess
 from pathlib import Path
 from typing import NamedTuple
+
+from volfs.errors import ErrorCode, VolfsError
 
 FSTYPE = "fuse.volfs"
 
@@ -72,15 +76,21 @@ def volfs_mounts() -> list[MountEntry]:
     return [e for e in mount_table() if e.fstype == FSTYPE]
 
 
-def detach(mountpoint: str | Path, lazy: bool = False) -> str | None:
-    """Unmount a FUSE mount; return None on success, else fusermount3's complaint."""
+def detach(mountpoint: str | Path, lazy: bool = False) -> VolfsError | None:
+    """Unmount a FUSE mount; None on success, else fusermount3's complaint as an error (code
+    BUSY when the mount is in use)."""
     args = ["fusermount3", "-uz" if lazy else "-u", str(mountpoint)]
     try:
         done = subprocess.run(args, capture_output=True, text=True, timeout=60)
     except FileNotFoundError:
-        return "fusermount3 is not installed (apt-get install fuse3)"
+        return VolfsError(
+            "fusermount3 is not installed (apt-get install fuse3)", ErrorCode.UNAVAILABLE
+        )
     except subprocess.TimeoutExpired:
-        return "fusermount3 did not finish within 60 s"
+        return VolfsError("fusermount3 did not finish within 60 s", ErrorCode.UNAVAILABLE)
     if done.returncode == 0:
         return None
-    return (done.stderr.strip().splitlines() or ["failed"])[-1]
+    complaint = (done.stderr.strip().splitlines() or ["failed"])[-1]
+    # fusermount3 says why only in words: its umount2() errno, as strerror() spells it.
+    busy = os.strerror(errno.EBUSY) in complaint
+    return VolfsError(complaint, ErrorCode.BUSY if busy else ErrorCode.INVALID)

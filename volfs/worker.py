@@ -24,7 +24,7 @@ from pathlib import Path
 import pyfuse3
 import trio
 
-from volfs import __version__, mounts, workerctl
+from volfs import __version__, mounts, requests, workerctl
 from volfs.errors import VolfsError
 from volfs.fsops import VolumeOperations
 from volfs.store.root import StoreRoot
@@ -127,21 +127,21 @@ async def _stop_on_signals() -> None:
             return
 
 
-async def _serve(volume: Volume, control: socket.socket | None, status: dict) -> None:
+async def _serve(volume: Volume, control: socket.socket | None, status: dict[str, object]) -> None:
     async with trio.open_nursery() as nursery:
         nursery.start_soon(_housekeeping, volume)
         nursery.start_soon(_stop_on_signals)
         if control is not None:
 
-            async def answer_status() -> dict:
-                return status
+            async def answer(request: requests.WorkerRequest) -> dict[str, object]:
+                match request:
+                    case requests.WorkerStatusRequest():
+                        return status
+                    case requests.SetLimitsRequest(size=size, inodes=inodes):
+                        volume.set_limits(size, volume.inode_limit if inodes is None else inodes)
+                        return {"size": volume.quota, "inodes": volume.inode_limit}
 
-            async def set_limits(size: int, inodes: int | None) -> dict:
-                volume.set_limits(size, volume.inode_limit if inodes is None else inodes)
-                return {"size": volume.quota, "inodes": volume.inode_limit}
-
-            handlers = {"status": answer_status, "set_limits": set_limits}
-            nursery.start_soon(workerctl.serve, control, handlers)
+            nursery.start_soon(workerctl.serve, control, answer)
         # One reading task: handlers never await, so a second task could not overlap with
         # the first; it would only cost a lock hand-off between the two on every request.
         await pyfuse3.main(min_tasks=1, max_tasks=1)
@@ -190,7 +190,7 @@ def serve(
             store.record_device(name, device)
         _raise_read_ahead(device)
         log.info("volume %s mounted at %s (pid %d)", name, mountpoint, os.getpid())
-        status = {
+        status: dict[str, object] = {
             "protocol": workerctl.PROTOCOL,
             "version": __version__,
             "name": name,

@@ -1,16 +1,20 @@
-"""A mount worker's control socket, and the daemon's handle on a worker process.
+"""The daemon <-> worker seam: a worker's control socket, and the daemon's handle on a worker.
 
 Workers outlive the daemon that started them (a daemon restart or crash must not take the
 volumes down, as containers outlive dockerd with live-restore).  So a worker is not tied to its
 starter: it runs in a session of its own, and it listens on
-``$VOLFS_RUN_DIR/workers/NAME.sock`` (same frames as control.py).  A daemon that starts finds
-the running workers there and adopts them; it watches every worker, its own children and
-adopted ones alike, through a pidfd.
+``$VOLFS_RUN_DIR/workers/NAME.sock``, with the frames and replies of control.py (an error reply
+carries a code).  Any daemon of that runtime dir may connect, at any time and as often as it
+likes (one request per connection): a daemon that starts finds the running workers there and
+adopts them, and watches every worker, its own children and adopted ones alike, through a
+pidfd, so nothing depends on being the worker's parent.
 
-Requests a worker answers: ``status`` (protocol, version, store root, pid, mount point,
-device, read_only) and ``set_limits`` (size, inodes: new limits, at once and in the header).
-``PROTOCOL`` changes when a request or a field changes meaning; a daemon meeting a worker of
-another protocol leaves it serving and reports that the volume needs a remount.
+The requests are dataclasses of requests.py, decoded at the edge like the daemon's:
+``status`` (:class:`WorkerStatusRequest`: protocol, version, store root, pid, mount point,
+device, read_only) and ``set_limits`` (:class:`SetLimitsRequest`: size, inodes: new limits,
+at once and in the header).  ``PROTOCOL`` changes when a request or a field changes meaning;
+a daemon meeting a worker of another protocol leaves it serving and reports that the volume
+needs a remount.  New requests and new reply fields do not change it.
 """
 
 from __future__ import annotations
@@ -21,37 +25,23 @@ import signal
 import socket
 from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import Any
 
 import trio
 
-from volfs import control
-from volfs.errors import VolfsError
+from volfs import control, requests
+from volfs.errors import ErrorCode, VolfsError
 
 PROTOCOL = 1
 WORKERS_DIR = "workers"
 CALL_TIMEOUT = 5.0
 
-Handler = Callable[..., Awaitable[dict]]
+#: The worker's answer to one decoded request: the reply's result.
+Answer = Callable[[requests.WorkerRequest], Awaitable[dict[str, Any]]]
 
 
 def socket_path(run_dir: Path, name: str) -> Path:
     return run_dir / WORKERS_DIR / f"{name}.sock"
-
-
-async def receive_frame(stream: trio.abc.ReceiveStream) -> dict:
-    """One length-prefixed msgpack map from *stream* (control.py's framing)."""
-    length = control.frame_length(await _receive_exactly(stream, 4))
-    return control.decode_body(await _receive_exactly(stream, length))
-
-
-async def _receive_exactly(stream: trio.abc.ReceiveStream, n: int) -> bytes:
-    data = b""
-    while len(data) < n:
-        chunk = await stream.receive_some(n - len(data))
-        if not chunk:
-            raise control.ProtocolError("connection closed mid-frame")
-        data += chunk
-    return data
 
 
 # -- the worker's side ----------------------------------------------------------------------
@@ -74,7 +64,7 @@ def listen(path: Path) -> socket.socket:
     return listener
 
 
-async def serve(sock: socket.socket, handlers: dict[str, Handler]) -> None:
+async def serve(sock: socket.socket, answer: Answer) -> None:
     """Answer requests on *sock* one at a time, from root or our own uid only."""
     listener = trio.socket.from_stdlib_socket(sock)
     while True:
@@ -82,7 +72,7 @@ async def serve(sock: socket.socket, handlers: dict[str, Handler]) -> None:
         stream = trio.SocketStream(conn)
         try:
             with trio.move_on_after(CALL_TIMEOUT):
-                reply = await _answer(conn, stream, handlers)
+                reply = await _reply(conn, stream, answer)
                 await stream.send_all(control.encode(reply))
         except (OSError, trio.BrokenResourceError, trio.ClosedResourceError):
             pass  # the daemon went away mid-request
@@ -90,23 +80,20 @@ async def serve(sock: socket.socket, handlers: dict[str, Handler]) -> None:
             await stream.aclose()
 
 
-async def _answer(
-    conn: trio.socket.SocketType, stream: trio.SocketStream, handlers: dict[str, Handler]
-) -> dict:
+async def _reply(
+    conn: trio.socket.SocketType, stream: trio.SocketStream, answer: Answer
+) -> dict[str, Any]:
+    # trio's socket wraps the stdlib one; getsockopt is all peer_uid calls on it.
     if control.peer_uid(conn) not in (0, os.geteuid()):  # type: ignore[arg-type]
-        return {"ok": False, "error": "permission denied"}
+        return control.error_reply(VolfsError("permission denied", ErrorCode.PERMISSION))
     try:
-        request = await receive_frame(stream)
+        frame = await control.receive_frame(stream)
+        request = requests.decode(requests.WORKER_COMMANDS, frame.get("cmd"), frame.get("args", {}))
+        return control.ok_reply(await answer(request))
     except control.ProtocolError as exc:
-        return {"ok": False, "error": f"malformed request: {exc}"}
-    handler = handlers.get(request.get("cmd"))  # type: ignore[arg-type]
-    args = request.get("args", {})
-    if handler is None or not isinstance(args, dict):
-        return {"ok": False, "error": "unknown command"}
-    try:
-        return {"ok": True, "result": await handler(**args)}
-    except (TypeError, VolfsError) as exc:  # bad arguments, or a request the volume refuses
-        return {"ok": False, "error": str(exc)}
+        return control.error_reply(requests.malformed(str(exc)))
+    except VolfsError as exc:  # a bad request, or one the volume refuses
+        return control.error_reply(exc)
 
 
 # -- the daemon's side ----------------------------------------------------------------------
@@ -117,27 +104,37 @@ class WorkerUnreachable(Exception):
 
 
 class WorkerRefused(VolfsError):
-    """The worker answered, and refused the request; ``str()`` is its one line for the user."""
+    """The worker answered, and refused the request; ``str()`` is its one line for the user,
+    ``code`` the reply's."""
 
 
-async def call(path: Path, cmd: str, timeout: float = CALL_TIMEOUT, **args: object) -> dict:
+async def call(
+    path: Path, request: requests.WorkerRequest, timeout: float = CALL_TIMEOUT
+) -> dict[str, Any]:
+    """Send *request* to the worker listening on *path*; its result.
+
+    Raises WorkerUnreachable if nothing answers there in *timeout* s, WorkerRefused (with
+    the reply's code) if the worker refused.
+    """
     try:
         with trio.fail_after(timeout):
             sock = trio.socket.socket(trio.socket.AF_UNIX, trio.socket.SOCK_STREAM)
             stream = trio.SocketStream(sock)
             try:
                 await sock.connect(str(path))
-                await stream.send_all(control.encode({"cmd": cmd, "args": args}))
-                reply = await receive_frame(stream)
+                await stream.send_all(control.encode(requests.encode(request)))
+                reply = await control.receive_frame(stream)
             finally:
                 await stream.aclose()
     except (OSError, trio.TooSlowError, trio.BrokenResourceError, control.ProtocolError) as exc:
         raise WorkerUnreachable(f"{path}: {exc!r}") from None
     if not reply.get("ok"):
-        raise WorkerRefused(str(reply.get("error", "the worker refused")))
-    if not isinstance(reply.get("result"), dict):
+        error = control.reply_error(reply, "the worker refused")
+        raise WorkerRefused(str(error), error.code)
+    result = reply.get("result")
+    if not isinstance(result, dict):
         raise WorkerUnreachable(f"{path}: bad reply")
-    return reply["result"]
+    return result
 
 
 class WorkerProcess:

@@ -1,0 +1,146 @@
+"""The daemon's config file (``/etc/volfs/volumes.toml``): its schema, in one place.
+
+A TOML file of top-level daemon keys (none yet: :data:`DAEMON_KEYS` is where they go, as
+later issues add ``docker_plugin``, ``metrics``, ``scrub_every``) and tables: one
+``[volumes.NAME]`` per declared volume, whose keys are the `create` flags (``size``,
+``labels``, ``inodes``), parsed by the same parsers as those flags (catalog.py), plus where it
+is mounted (``paths``, ``read_only``).  So a config key and a CLI flag with one name mean one
+thing.  Unknown keys and tables are errors that name the file, the table and the key; a value
+that does not parse is one that names the volume.
+
+Who may change the file decides what is mounted where, as root: a file that is writable by
+group or others, or owned by another user than root or the daemon's, is refused.  A file that
+holds a table of credentials (:data:`CREDENTIAL_TABLES`: the ``[engines.NAME]`` tables a later
+issue adds, with store URLs) is also refused when others can read it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import stat
+import tomllib
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from volfs.catalog import parse_inodes, parse_labels, parse_size
+from volfs.errors import VolfsError
+from volfs.mountpoint import normalize
+from volfs.store.root import check_name
+
+DEFAULT_PATH = Path("/etc/volfs/volumes.toml")
+
+
+@dataclasses.dataclass(frozen=True)
+class VolumeConfig:
+    """A declared volume: created if it does not exist, and mounted at each of *paths*."""
+
+    paths: tuple[Path, ...] = ()
+    size: int = 0  #: bytes; 0: no size limit
+    read_only: bool = False  #: for every path of *paths*
+    labels: dict[str, str] = dataclasses.field(default_factory=dict)
+    inodes: int = 0  #: 0: no inode limit
+
+
+@dataclasses.dataclass(frozen=True)
+class DaemonConfig:
+    """What a config file says: the volumes it declares, by name."""
+
+    volumes: dict[str, VolumeConfig] = dataclasses.field(default_factory=dict)
+
+
+def _paths(value: object) -> tuple[Path, ...]:
+    if not isinstance(value, list) or not all(isinstance(p, str) for p in value):
+        raise VolfsError("paths must be a list of absolute paths")
+    return tuple(normalize(p) for p in value)
+
+
+def _flag(value: object) -> bool:
+    # Any value, by its truth: what config files were given before this schema, kept working.
+    return bool(value)
+
+
+#: The keys of a ``[volumes.NAME]`` table, each with its parser (the CLI flag's, where there
+#: is one).  Each key is a field of VolumeConfig.
+VOLUME_KEYS: dict[str, Callable[[Any], object]] = {
+    "paths": _paths,
+    "size": parse_size,
+    "read_only": _flag,
+    "labels": parse_labels,
+    "inodes": parse_inodes,
+}
+#: The top-level daemon keys, each with its parser: none yet.  Each is a field of DaemonConfig.
+DAEMON_KEYS: dict[str, Callable[[Any], object]] = {}
+#: The tables of the file: ``[NAME.*]`` -> the keys of each of its sub-tables.
+TABLES: dict[str, dict[str, Callable[[Any], object]]] = {"volumes": VOLUME_KEYS}
+#: Tables that hold credentials: a file with one must not be readable by others.
+CREDENTIAL_TABLES = ("engines",)
+
+
+def load_config(path: Path) -> DaemonConfig:
+    """The config file at *path*, checked whole; VolfsError (one line) if anything is wrong."""
+    try:
+        with open(path, "rb") as f:
+            document = tomllib.load(f)
+            check_access(path, os.fstat(f.fileno()), document)
+    except FileNotFoundError:
+        raise VolfsError(f"config file {path} does not exist") from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise VolfsError(f"config file {path} is not valid TOML: {exc}") from None
+    settings: dict[str, object] = {}
+    for key, value in document.items():
+        if key in TABLES:
+            continue
+        if key not in DAEMON_KEYS:
+            raise VolfsError(
+                f"config file {path}: unknown key {key[:40]!r} at the top level: expected only "
+                "[volumes.NAME] tables"
+            )
+        settings[key] = _parsed(DAEMON_KEYS[key], value, f"config file {path}, key {key!r}")
+    volumes = document.get("volumes", {})
+    if not isinstance(volumes, dict):
+        raise VolfsError(f"config file {path}: volumes: expected only [volumes.NAME] tables")
+    declared = {name: _volume(path, name, spec) for name, spec in volumes.items()}
+    return DaemonConfig(volumes=declared, **settings)
+
+
+def _volume(path: Path, name: str, spec: object) -> VolumeConfig:
+    where = f"config file {path}, volume {name!r}"
+    check = _parsed(check_name, name, where)
+    if not isinstance(spec, dict):
+        raise VolfsError(f"{where}: [volumes.{check}] must be a table")
+    unknown = sorted(set(spec) - set(VOLUME_KEYS))
+    if unknown:
+        raise VolfsError(
+            f"{where}: unknown key {unknown[0][:40]!r} in [volumes.{check}]; "
+            f"allowed keys are {', '.join(VOLUME_KEYS)}"
+        )
+    values = {key: _parsed(VOLUME_KEYS[key], value, where) for key, value in spec.items()}
+    return VolumeConfig(**values)
+
+
+def _parsed(parse: Callable[[Any], Any], value: object, where: str) -> Any:
+    try:
+        return parse(value)
+    except VolfsError as exc:
+        raise VolfsError(f"{where}: {exc}", exc.code) from None
+
+
+def check_access(path: Path, st: os.stat_result, document: dict[str, Any]) -> None:
+    """Refuse a config file that other users could change, or read if it holds credentials."""
+    mode = stat.S_IMODE(st.st_mode)
+    if st.st_uid not in (0, os.geteuid()):
+        raise VolfsError(
+            f"config file {path} belongs to uid {st.st_uid}: it must be root's or the daemon's"
+        )
+    if mode & 0o022:
+        raise VolfsError(
+            f"config file {path} is writable by other users (mode {mode:04o}): chmod go-w {path}"
+        )
+    secret = [t for t in CREDENTIAL_TABLES if t in document]
+    if secret and mode & 0o004:
+        raise VolfsError(
+            f"config file {path} holds credentials ([{secret[0]}]) and is readable by other "
+            f"users (mode {mode:04o}): chmod o-r {path}"
+        )

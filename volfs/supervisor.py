@@ -1,0 +1,490 @@
+"""The supervisor of a host's volumes: what `volfsd serve` does, whoever asks for it.
+
+The supervisor runs one mount worker per served volume: the worker mounts the volume at a
+*staging* path under the runtime directory, and every mount point a user asks for is a bind
+mount of that staging mount (the model Kubernetes CSI uses).  So all paths of a volume are one
+file system: the same bytes, the same POSIX and flock locks, at once.
+
+If a worker dies, the supervisor brings the volume back at all its paths (served.py).  Workers
+outlive the daemon: SIGTERM (or a crash) of the daemon leaves them serving, and the next
+daemon adopts them (adoption.py); `umount --all` is the full stop.  Without root there are no
+bind mounts: a volume is then mounted directly, at one path only.
+
+Its commands are plain async methods taking the typed requests of requests.py: the control
+server (control_server.py) is one front end, and others (a Docker volume plugin) call the same
+methods.  It knows nothing of frames or sockets.  Every refusal is a VolfsError with a code.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from volfs import __version__, adoption, control, mounts, requests, sysmount, users, workerctl
+from volfs.catalog import describe
+from volfs.config import DaemonConfig
+from volfs.errors import ErrorCode, VolfsError
+from volfs.mountpoint import PRESENT, normalize, open_mountpoint, prepare
+from volfs.remembered import RememberedMounts
+from volfs.served import DEAD, MOUNTED, REFUSED, MountPath, Served
+from volfs.spawn import start_worker
+from volfs.store.root import StoreRoot, check_name
+
+log = logging.getLogger(__name__)
+
+#: How long a worker whose mounts are gone may take to end by itself before it gets SIGTERM.
+STOP_GRACE = 10.0
+#: How long a worker may take to end after SIGTERM (it checkpoints first) before it is killed.
+STOP_TIMEOUT = 120.0
+RESTART_DELAYS = (0.5, 1, 2, 5, 10, 30)
+
+#: What `ls` and `inspect` show of one volume (catalog.describe).
+VolumeInfo = dict[str, Any]
+
+
+class Supervisor:
+    """The volumes of *root* served by workers, supervised from *nursery*.
+
+    *run_dir* holds the workers' sockets, the staging mounts and the remembered mounts.
+    """
+
+    def __init__(self, root: StoreRoot, run_dir: Path, nursery: trio.Nursery) -> None:
+        self.root = root
+        self.run_dir = run_dir
+        self.served: dict[str, Served] = {}
+        #: Volumes unmounted whose worker has not ended yet (files open on a lazy unmount).
+        self.stopping: dict[str, Served] = {}
+        self.remembered = RememberedMounts(run_dir)
+        self._admin = trio.Lock()  # one change of mounts at a time
+        self._nursery = nursery
+        self._started = time.time()
+        self._bind = os.geteuid() == 0  # bind mounts need root
+
+    # -- start-up ---------------------------------------------------------------------------
+
+    async def start(self, config: DaemonConfig | None) -> None:
+        """Adopt the workers an earlier daemon left serving, then mount what *config*
+        declares and what was mounted on request before."""
+        for served in await adoption.running_workers(self.root, self.run_dir):
+            self._adopt(served)
+        if config is not None:
+            await self._mount_declared(config)
+        await self._mount_remembered()
+
+    def _adopt(self, served: Served) -> None:
+        """Serve *served*, an adopted worker's volume (adoption.py), from now on."""
+        self.served[served.name] = served
+        self._nursery.start_soon(self._supervise, served)
+
+    async def _mount_declared(self, config: DaemonConfig) -> None:
+        async with self._admin:
+            for name, spec in config.volumes.items():
+                try:
+                    self.root.create_volume(
+                        name, size=spec.size, labels=spec.labels, inodes=spec.inodes
+                    )
+                    for path in spec.paths:
+                        await self._mount(name, path, spec.read_only, create=True)
+                except VolfsError as exc:
+                    log.error("declared volume %s: %s", name, exc)
+
+    async def _mount_remembered(self) -> None:
+        """Bring back the mounts made on request: adopt the ones still live, replace dead
+        ones, and never create a directory or follow a symlink (this is a heal)."""
+        async with self._admin:
+            for name, path, read_only in self.remembered.entries():
+                try:
+                    if not isinstance(name, str):
+                        raise TypeError("a volume name that is not a string")
+                    if name not in self.served and self.root.is_served(check_name(name)):
+                        served = adoption.silent_worker(self.root, self.run_dir, name)
+                        if served is not None:
+                            self._adopt(served)
+                    await self._mount(check_name(name), normalize(path), bool(read_only))
+                except (VolfsError, TypeError) as exc:
+                    # Kept (and shown by `status`): the mount point may come right again, and
+                    # forgetting it would leave it bare for good.
+                    log.error("volume %s: not mounted at %s again: %s", name, path, exc)
+                    if isinstance(name, str) and isinstance(path, str):
+                        staging = self.run_dir / "staging" / name
+                        served = self.served.setdefault(name, Served(name, staging, status="down"))
+                        mount_path = MountPath(Path(path), bool(read_only), REFUSED, str(exc))
+                        served.paths.setdefault(Path(path), mount_path)
+
+    # -- commands -------------------------------------------------------------------------------
+
+    def describe(self, name: str) -> VolumeInfo:
+        """What `ls` and `inspect` show of volume *name*, with what the supervisor knows."""
+        served = self.served.get(name)
+        if served is None:
+            return describe(self.root, name)
+        staging = served.staging if self._bind else None
+        return describe(self.root, name, served.status, staging, served.read_only,
+                        device=served.device or None)  # fmt: skip
+
+    async def create(self, request: requests.CreateRequest) -> VolumeInfo:
+        self.root.create_volume(request.name, request.size, request.labels,
+                                inodes=request.inodes)  # fmt: skip
+        return self.describe(request.name)
+
+    async def ls(self, request: requests.LsRequest) -> list[VolumeInfo]:
+        return [self.describe(n) for n in self.root.names()]
+
+    async def inspect(self, request: requests.InspectRequest) -> list[VolumeInfo]:
+        result = []
+        for name in request.names:
+            if not self.root.exists(check_name(name)):
+                raise VolfsError(f"no such volume: {name[:80]}", ErrorCode.NOT_FOUND)
+            result.append(self.describe(name))
+        return result
+
+    async def status(self, request: requests.StatusRequest) -> dict[str, Any]:
+        return {
+            "daemon": {
+                "pid": os.getpid(),
+                "version": __version__,
+                "uptime": round(time.time() - self._started, 1),
+                "socket": str(self.run_dir / control.SOCKET_NAME),
+                "store": str(self.root.path),
+            },
+            "volumes": [self.served[n].describe() for n in sorted(self.served)],
+        }
+
+    async def mount(self, request: requests.MountRequest) -> VolumeInfo:
+        name = request.name
+        async with self._admin:
+            if self.root.exists(name):
+                self._check_limits_match(request)
+            else:
+                self.root.create_volume(name, size=request.size, inodes=request.inodes)
+            await self._mount(name, request.mountpoint, request.read_only, create=True)
+            self.remembered.remember(name, request.mountpoint, request.read_only)
+        return self.describe(name)
+
+    def _check_limits_match(self, request: requests.MountRequest) -> None:
+        """Refuse a mount that asks an existing volume for other limits than it has."""
+        name, header = request.name, self.root.header(request.name)
+        current = header.get("size", 0)
+        if request.size and current != request.size:
+            raise VolfsError(
+                f"volume {name} exists with {_limit(current, 'size')}: mount it without "
+                f"--size, or change it with `volfsd resize {name} SIZE`"
+            )
+        if request.inodes and header.get("inodes", 0) != request.inodes:
+            raise VolfsError(
+                f"volume {name} exists with {_limit(header.get('inodes', 0), 'inode')}: "
+                f"mount it without --inodes, or `volfsd resize {name} SIZE --inodes N`"
+            )
+
+    async def umount(self, request: requests.UmountRequest) -> dict[str, str]:
+        path, lazy = request.mountpoint, request.lazy
+        async with self._admin:
+            served = next((s for s in self.served.values() if path in s.paths), None)
+            if served is None:
+                raise VolfsError(
+                    f"{path} is not a volume mount of this daemon", ErrorCode.NOT_MOUNTED
+                )
+            last = len(served.paths) == 1
+            if not lazy:
+                self._refuse_if_in_use(served, path if not last else None)
+            await self._unmount_path(served, path)
+            self.remembered.forget(path)
+            if not last:
+                return {"mountpoint": str(path)}
+            self._detach_volume(served)
+        if lazy:  # files may stay open on it: the worker serves them until they are closed
+            self._nursery.start_soon(self._wait_stopped, served, math.inf)
+        else:  # the worker ends once it has checkpointed; wait outside the lock for that
+            await self._wait_stopped(served, STOP_GRACE)
+        return {"mountpoint": str(path)}
+
+    async def umount_all(self, request: requests.UmountAllRequest) -> dict[str, Any]:
+        """The full stop: every volume unmounted (lazily where busy), every worker ended."""
+        started = time.monotonic()
+        async with self._admin:
+            leaving = list(self.served.values())
+            for served in leaving:
+                for path in list(served.paths):
+                    try:
+                        await self._unmount_path(served, path)
+                    except VolfsError as exc:  # stop the others all the same
+                        log.error("volume %s: %s", served.name, exc)
+                    self.remembered.forget(path)
+                self._detach_volume(served)
+            async with trio.open_nursery() as nursery:
+                for served in leaving:
+                    nursery.start_soon(self._wait_stopped, served, STOP_GRACE)
+        return {"volumes": [s.name for s in leaving],
+                "seconds": round(time.monotonic() - started, 2)}  # fmt: skip
+
+    async def rm(self, request: requests.RmRequest) -> dict[str, str]:
+        name = request.name
+        async with self._admin:
+            if not self.root.exists(name):
+                raise VolfsError(f"no such volume: {name}", ErrorCode.NOT_FOUND)
+            served = self.served.get(name)
+            if served is not None:
+                if not request.force:
+                    mounted = ", ".join(str(p) for p in served.paths) or str(served.staging)
+                    raise VolfsError(
+                        f"volume {name} is mounted at {mounted}: unmount it first or use --force",
+                        ErrorCode.BUSY,
+                    )
+                self._refuse_if_in_use(served, None)
+                for path in list(served.paths):
+                    await self._unmount_path(served, path)
+                    self.remembered.forget(path)
+                self._detach_volume(served)
+            if name in self.stopping:
+                await self._wait_stopped(self.stopping[name], STOP_GRACE)
+            if self.root.is_served(name):
+                raise VolfsError(
+                    f"volume {name} is being served by another process", ErrorCode.ALREADY_SERVED
+                )
+            self.root.remove_volume(name)
+        return {"name": name}
+
+    async def resize(self, request: requests.ResizeRequest) -> VolumeInfo:
+        """New limits: a mounted volume's through its worker (at once), else in the store."""
+        name = request.name
+        async with self._admin:
+            if not self.root.exists(name):
+                raise VolfsError(f"no such volume: {name}", ErrorCode.NOT_FOUND)
+            served = self.served.get(name)
+            if served is not None and served.worker is not None and served.worker.running:
+                sock = workerctl.socket_path(self.run_dir, name)
+                limits = requests.SetLimitsRequest(size=request.size, inodes=request.inodes)
+                try:
+                    await workerctl.call(sock, limits)
+                except workerctl.WorkerUnreachable as exc:
+                    raise VolfsError(
+                        f"volume {name}: its worker could not be resized ({exc}); unmount the "
+                        "volume and resize it then",
+                        ErrorCode.UNAVAILABLE,
+                    ) from None
+            elif name in self.stopping or self.root.is_served(name):
+                raise VolfsError(
+                    f"volume {name} is served by another process or still unmounting: "
+                    "try again once it is unmounted",
+                    ErrorCode.BUSY,
+                )
+            else:  # loading the volume (to know what it holds) may take seconds: not in the loop
+                await trio.to_thread.run_sync(self.root.resize, name, request.size, request.inodes)
+        return self.describe(name)
+
+    # -- mounting -------------------------------------------------------------------------------
+
+    async def _mount(self, name: str, path: Path, read_only: bool, create: bool = False) -> None:
+        """Serve *name* at *path*: start its worker if it has none, then bind *path*."""
+        served = self.served.get(name)
+        existing = served.paths.get(path) if served is not None else None
+        if existing is not None and existing.read_only != read_only:
+            mode = "read-only" if existing.read_only else "read-write"
+            raise VolfsError(f"volume {name} is already mounted {mode} at {path}")
+        if existing is not None and existing.state == MOUNTED:
+            return  # asked again for what is there: nothing to do
+        if served is not None and not self._bind and existing is None:
+            raise VolfsError(
+                f"volume {name} is already mounted at {next(iter(served.paths))}: a second "
+                "mount point needs bind mounts, which need root",
+                ErrorCode.PERMISSION,
+            )
+        mount_path = existing or MountPath(path, read_only)
+        # The mount point is checked before a worker starts, so a bad one costs nothing.
+        with open_mountpoint(path, create=create) as target:
+            how = prepare(target, name, served.device if served is not None else "")
+        if served is None or served.worker is None:
+            served = await self._start_volume(name, path, served)
+        if self._bind:
+            served.bind_path(mount_path, create=False)
+        else:
+            mount_path.state = MOUNTED
+        served.paths[path] = mount_path
+        if how != PRESENT:
+            log.info("volume %s mounted at %s%s", name, path, " (read-only)" if read_only else "")
+
+    async def _start_volume(self, name: str, path: Path, served: Served | None) -> Served:
+        """Start the worker of *name* (whose *served* record, if any, has none)."""
+        leaving = self.stopping.get(name)
+        if leaving is not None and leaving.worker is not None:
+            with trio.move_on_after(STOP_GRACE):
+                await leaving.worker.wait()
+            if leaving.worker.running:
+                raise VolfsError(
+                    f"volume {name} is still being unmounted: files are open on a path "
+                    "unmounted with --lazy; close them and try again",
+                    ErrorCode.BUSY,
+                )
+        if self.root.is_served(name):
+            raise VolfsError(
+                f"volume {name} is being served by another process (volfsd mount -f?)",
+                ErrorCode.ALREADY_SERVED,
+            )
+        if served is None:
+            served = Served(name, self.run_dir / "staging" / name if self._bind else path)
+        await start_worker(self.root, self.run_dir, served, self._bind)
+        self.served[name] = served
+        self._nursery.start_soon(self._supervise, served)
+        return served
+
+    async def _supervise(self, served: Served) -> None:
+        """Wait for the worker to end; bring the volume back if nobody asked it to stop."""
+        while True:
+            assert served.worker is not None
+            await served.worker.wait()
+            if served.stopping:
+                return
+            code = served.worker.returncode
+            log.error("volume %s: its worker exited (pid %d, %s); remounting at %s",
+                      served.name, served.worker.pid, "status unknown" if code is None else code,
+                      ", ".join(str(p) for p in served.paths))  # fmt: skip
+            await self._heal(served)
+            if served.stopping:
+                return
+
+    async def _heal(self, served: Served) -> None:
+        """Start a new worker and put its mount at every path of the volume.
+
+        The dead mounts stay on the paths meanwhile (writers get ENOTCONN, not the directory
+        under the mount); each is replaced from beneath (served.py).
+        """
+        served.status = "healing"
+        for mount_path in served.paths.values():
+            if mount_path.state == MOUNTED:
+                mount_path.state = DEAD
+        if not self._bind:  # no way to replace a mount from beneath: detach, then mount
+            for path in served.paths:
+                mounts.detach(path, lazy=True)
+        for delay in (*RESTART_DELAYS, *([RESTART_DELAYS[-1]] * 1000)):
+            if served.stopping:
+                return
+            try:
+                async with self._admin:
+                    if served.stopping:
+                        return
+                    await start_worker(self.root, self.run_dir, served, self._bind)
+                    for mount_path in served.paths.values():
+                        if self._bind:
+                            served.rebind(mount_path)
+                        else:
+                            mount_path.state = MOUNTED
+                served.restarts += 1
+                log.info("volume %s is back at %s", served.name,
+                         ", ".join(str(p) for p, m in served.paths.items()
+                                   if m.state == MOUNTED))  # fmt: skip
+                return
+            except (VolfsError, OSError) as exc:  # nothing here may take the daemon down
+                served.status = "down"
+                served.problems[:] = [f"restart failed: {exc}"]
+                log.error(
+                    "volume %s: restart failed: %s; retrying in %s s", served.name, exc, delay
+                )
+                await trio.sleep(delay)
+
+    # -- unmounting -----------------------------------------------------------------------------
+
+    def _refuse_if_in_use(self, served: Served, path: Path | None) -> None:
+        """Refuse to unmount *path* (None: the whole volume) while processes use it.
+
+        One path of several: only files and directories opened through that bind count (the
+        kernel cannot tell which bind another namespace's copy came from, and the volume stays
+        for them anyway through its other paths).
+        """
+        if not served.device:
+            return
+        exclude = {os.getpid()} | ({served.worker.pid} if served.worker is not None else set())
+        through = None
+        if path is not None:
+            try:
+                with open_mountpoint(path) as target:
+                    top = target.top()
+            except VolfsError:
+                return  # the mount point is gone or changed: nothing of ours is there to use
+            if top is None or top.device != served.device:
+                return
+            through = {top.mount_id}
+        found = users.users_of(served.device, exclude, through)
+        if found:
+            what = str(path) if path is not None else f"volume {served.name}"
+            raise VolfsError(
+                f"{what} is busy, in use by {users.describe_users(found)}: stop them, or use "
+                "--lazy to detach now",
+                ErrorCode.BUSY,
+            )
+
+    async def _unmount_path(self, served: Served, path: Path) -> None:
+        """Detach *path* (lazily: open files stay usable until closed) if the mount there is
+        still this volume's; forget the path either way."""
+        mount_path = served.paths[path]
+        try:
+            if self._bind:
+                with open_mountpoint(path) as target:
+                    if served.owns(target):
+                        sysmount.detach(target.fd)
+                    elif mount_path.state != REFUSED:
+                        log.warning("volume %s: %s was unmounted behind volfsd's back",
+                                    served.name, path)  # fmt: skip
+            else:
+                entry = mounts.find_mount(path)
+                if entry is None or entry.fstype != mounts.FSTYPE:
+                    log.warning("volume %s: %s was unmounted behind volfsd's back",
+                                served.name, path)  # fmt: skip
+                else:
+                    problem = await trio.to_thread.run_sync(mounts.detach, path, True)
+                    if problem is not None:
+                        raise VolfsError(f"cannot unmount {path}: {problem}", problem.code)
+        except VolfsError as exc:  # the mount point is gone or changed: nothing of ours there
+            log.warning("volume %s: %s", served.name, exc)
+        del served.paths[path]
+        log.info("volume %s unmounted from %s", served.name, path)
+
+    def _detach_volume(self, served: Served) -> None:
+        """Detach the staging mount of a volume whose paths are gone, so that its worker ends.
+
+        That ends the worker's FUSE session (at once, or once the last open file on a lazily
+        detached path closes); the worker then checkpoints and exits by itself.
+        `_wait_stopped` waits for the end.
+        """
+        served.stopping = True
+        self.served.pop(served.name, None)
+        self.stopping[served.name] = served
+        if served.worker is None or not served.worker.running:
+            return
+        if self._bind:
+            try:
+                with open_mountpoint(served.staging) as staging:
+                    if served.owns(staging):
+                        sysmount.detach(staging.fd)
+                        return
+            except (VolfsError, OSError) as exc:
+                log.warning("volume %s: staging mount: %s", served.name, exc)
+        served.worker.send_signal(signal.SIGTERM)
+
+    async def _wait_stopped(self, served: Served, grace: float) -> None:
+        """Wait for the worker of a detached volume to end: *grace* s by itself, then
+        `STOP_TIMEOUT` s after SIGTERM, then it is killed."""
+        worker = served.worker
+        if worker is not None and worker.running:
+            with trio.move_on_after(grace):
+                await worker.wait()
+            if worker.running:
+                worker.send_signal(signal.SIGTERM)
+                with trio.move_on_after(STOP_TIMEOUT):
+                    await worker.wait()
+            if worker.running:
+                log.error("volume %s: worker did not stop in time; killing it", served.name)
+                worker.send_signal(signal.SIGKILL)
+                await worker.wait()
+        if self.stopping.get(served.name) is served:
+            del self.stopping[served.name]
+
+
+def _limit(value: int, what: str) -> str:
+    return f"{what} limit {value}" if value else f"no {what} limit"
