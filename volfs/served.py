@@ -37,7 +37,7 @@ class MountPath:
     state: str = MOUNTED
     problem: str = ""  #: why it is REFUSED
 
-    def describe(self) -> dict:
+    def describe(self) -> dict[str, object]:
         state = f"{self.state}: {self.problem}" if self.problem else self.state
         return {"path": str(self.path), "read_only": self.read_only, "state": state}
 
@@ -105,7 +105,7 @@ class Served:
             return False
         return top.device == self.device or (top.source == self.name and target.is_dead())
 
-    def describe(self) -> dict:
+    def describe(self) -> dict[str, object]:
         return {
             "name": self.name,
             "status": self.status,

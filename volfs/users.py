@@ -76,8 +76,8 @@ def users_of(
     namespace_of = {pid: _namespace(pid) for pid in pids}
     namespaces: dict[str, list[int]] = {}  # namespace -> its pids, lowest first
     for pid in pids:
-        if namespace_of[pid] is not None:
-            namespaces.setdefault(namespace_of[pid], []).append(pid)
+        if (namespace := namespace_of[pid]) is not None:
+            namespaces.setdefault(namespace, []).append(pid)
     # The ids of the device's mounts, per namespace (read from the first process of each that
     # lets us: one may exit meanwhile, the next one then answers).
     holding: set[str] = set()
@@ -100,8 +100,8 @@ def users_of(
             continue
         command, container = _command(pid), _container(pid)
         found.extend(User(pid, command, what, container) for what in uses)
-        if namespace_of[pid] is not None:
-            using.add(namespace_of[pid])
+        if (namespace := namespace_of[pid]) is not None:
+            using.add(namespace)
     for ns in sorted(holding - using - {ours}):
         pid = namespaces[ns][0]
         if os.path.isdir(f"/proc/{pid}"):  # still there: it names the namespace
@@ -137,7 +137,7 @@ def container_id(cgroup: str) -> str | None:
         path = line.split(":", 2)[-1]
         matches = _CONTAINER.findall(path)
         if matches:
-            return matches[-1][:12]
+            return str(matches[-1])[:12]
     return None
 
 
