@@ -77,7 +77,7 @@ def _start_daemon(root: StoreRoot) -> None:
             start_new_session=True,
         )
     deadline = time.monotonic() + DAEMON_START_TIMEOUT
-    pid_file = control.default_run_dir() / "volfsd.pid"
+    pid_file = control.default_run_dir() / control.PID_FILE
     while time.monotonic() < deadline:
         try:
             _call(requests.StatusRequest())

@@ -29,6 +29,8 @@ if TYPE_CHECKING:
 
 MAX_FRAME = 1 << 20
 SOCKET_NAME = "volfsd.sock"
+#: The daemon's pid lock in its runtime dir: held while a daemon serves it.
+PID_FILE = "volfsd.pid"
 _LENGTH = struct.Struct(">I")
 
 
@@ -87,7 +89,7 @@ def _environ(pid: int | str, name: str) -> str | None:
 def daemon_log(run_dir: Path) -> str:
     """Where the daemon of *run_dir* logs (named in errors that point to its log)."""
     try:
-        pid = int((run_dir / "volfsd.pid").read_text().split()[0])
+        pid = int((run_dir / PID_FILE).read_text().split()[0])
     except (OSError, ValueError, IndexError):
         return "the daemon's log (its stderr)"
     return log_destination(pid)

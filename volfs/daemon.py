@@ -28,8 +28,6 @@ from volfs.supervisor import Supervisor
 
 log = logging.getLogger(__name__)
 
-PID_FILE = "volfsd.pid"
-
 
 def notify(state: str) -> None:
     """Tell systemd (Type=notify) about *state*, if it is listening."""
@@ -52,7 +50,7 @@ def take_run_dir(run_dir: Path) -> int:
     os.chmod(run_dir, 0o700)
     dir_fd = os.open(run_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
-        return pidlock.take(PID_FILE, dir_fd)
+        return pidlock.take(control.PID_FILE, dir_fd)
     except pidlock.LockHeld as held:
         raise VolfsError(
             f"another volfsd (pid {held.holder}) already serves {run_dir}: "
@@ -95,7 +93,7 @@ async def run(root: StoreRoot, run_dir: Path, config: DaemonConfig | None) -> No
         with contextlib.suppress(OSError):
             path.unlink()
         with contextlib.suppress(OSError):
-            (run_dir / PID_FILE).unlink()
+            (run_dir / control.PID_FILE).unlink()
         os.close(pid_fd)
 
 
