@@ -95,7 +95,7 @@ def daemon_log(run_dir: Path) -> str:
     return log_destination(pid)
 
 
-def peer_uid(sock: socket.socket) -> int:
+def peer_uid(sock: socket.socket | trio.socket.SocketType) -> int:
     """The uid of the process at the other end of a unix socket (``SO_PEERCRED``)."""
     creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12)
     return int.from_bytes(creds[4:8], "little")

@@ -69,8 +69,7 @@ class ControlServer:
         """Answer one request; nothing a client sends or does may take the daemon down."""
         stream = trio.SocketStream(conn)
         try:
-            # trio's socket wraps the stdlib one; getsockopt is all peer_uid calls on it.
-            if control.peer_uid(conn) not in (0, os.geteuid()):  # type: ignore[arg-type]
+            if control.peer_uid(conn) not in (0, os.geteuid()):
                 refusal = "permission denied: not the daemon's owner"
                 reply = control.error_reply(VolfsError(refusal, ErrorCode.PERMISSION))
             else:

@@ -22,14 +22,17 @@ import typing
 from collections.abc import Callable, Mapping
 from dataclasses import field
 from pathlib import Path
-from typing import Any, ClassVar, TypeVar
+from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 
 from volfs.catalog import parse_inodes, parse_labels, parse_size
 from volfs.errors import ErrorCode, VolfsError
 from volfs.mountpoint import normalize
 from volfs.store.root import check_name
 
-T = TypeVar("T")
+if TYPE_CHECKING:
+    from _typeshed import DataclassInstance
+
+T = TypeVar("T", bound="DataclassInstance")
 
 
 def _parsed(parse: Callable[[Any], Any], wire: object) -> dict[str, object]:
@@ -197,7 +200,7 @@ def decode(commands: Mapping[str, type[T]], cmd: object, args: object) -> T:
         raise malformed(f"unknown command {str(cmd)[:40]!r}")
     if not isinstance(args, dict):
         raise malformed("args must be a map")
-    fields = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    fields = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(str(a) for a in set(args) - set(fields))
     if unknown:
         raise malformed(f"unknown argument {unknown[0][:40]!r}")

@@ -83,8 +83,7 @@ async def serve(sock: socket.socket, answer: Answer) -> None:
 async def _reply(
     conn: trio.socket.SocketType, stream: trio.SocketStream, answer: Answer
 ) -> dict[str, Any]:
-    # trio's socket wraps the stdlib one; getsockopt is all peer_uid calls on it.
-    if control.peer_uid(conn) not in (0, os.geteuid()):  # type: ignore[arg-type]
+    if control.peer_uid(conn) not in (0, os.geteuid()):
         return control.error_reply(VolfsError("permission denied", ErrorCode.PERMISSION))
     try:
         frame = await control.receive_frame(stream)
