@@ -4,17 +4,15 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import socket
 import subprocess
-import sys
 from pathlib import Path
 
 import msgpack
 
 from volfs import mounts
 
-from conftest import _wait_gone, stop_daemon
+from helpers import assert_one_line_error, cli_env, stop_daemon, volfsd, wait_gone
 
 
 class Host:
@@ -24,22 +22,13 @@ class Host:
         self.tmp = tmp
         self.root = tmp / "store"
         self.run = tmp / "run"
-        self.env = {**os.environ, "VOLFS_ROOT": str(self.root), "VOLFS_RUN_DIR": str(self.run)}
+        self.env = cli_env(self.root, self.run)
 
-    def cli(self, *args: str, check: bool = True) -> subprocess.CompletedProcess:
-        done = subprocess.run([sys.executable, "-m", "volfs", *args], env=self.env,
-                              capture_output=True, text=True, timeout=180)  # fmt: skip
-        if check:
-            assert done.returncode == 0, f"volfsd {' '.join(args)}: {done.stderr}"
-        return done
+    def cli(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+        return volfsd(*args, root=self.root, run_dir=self.run, check=check, timeout=180)
 
     def refused(self, *args: str, words: tuple[str, ...] = ()) -> str:
-        done = self.cli(*args, check=False)
-        assert done.returncode == 1, done
-        assert done.stderr.count("\n") == 1 and done.stderr.startswith("volfsd: "), done.stderr
-        for word in words:
-            assert word in done.stderr, done.stderr
-        return done.stderr
+        return assert_one_line_error(self.cli(*args, check=False), *words)
 
     def status(self) -> dict:
         """`volfsd status --format json`, with the volumes keyed by name."""
@@ -48,9 +37,11 @@ class Host:
         return status
 
     def daemon_pid(self) -> int:
+        """The daemon's pid (OSError, ValueError or IndexError while there is none)."""
         return int((self.run / "volfsd.pid").read_text().split()[0])
 
     def worker_pid(self, name: str) -> int:
+        """The pid of *name*'s worker (OSError, ValueError or IndexError while none holds it)."""
         return int((self.root / "volumes" / name / "lock").read_text().split()[0])
 
     def request(self, raw: bytes, timeout: float = 10) -> dict | None:
@@ -74,4 +65,4 @@ class Host:
             if entry.mountpoint.startswith(str(self.tmp)):
                 mounts.detach(entry.mountpoint, lazy=True)
         if daemon:
-            _wait_gone(daemon, 10)
+            wait_gone(daemon, 10)

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import as_nobody, run_dir_of, stop_daemon, volfsd
+from helpers import as_nobody, run_dir_of, stop_daemon, volfsd
 
 ROOT_ONLY = pytest.mark.skipif(os.geteuid() != 0, reason="acting as another uid needs root")
 

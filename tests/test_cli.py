@@ -15,7 +15,7 @@ import pytest
 
 from volfs import mounts
 
-from conftest import run_dir_of, stop_daemon, stop_foreground, volfsd
+from helpers import run_dir_of, stop_daemon, stop_foreground, volfsd
 
 
 def refused(done: subprocess.CompletedProcess, *words: str) -> None:

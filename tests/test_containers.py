@@ -18,8 +18,9 @@ from pathlib import Path
 
 import pytest
 
-from conftest import Volume, _wait_gone, run_dir_of, volfsd
+from conftest import Volume
 from docker_engine import DockerEngine
+from helpers import run_dir_of, volfsd, wait_gone
 
 # Containers that are driven with `docker exec`: they do nothing by themselves, and the
 # fixtures remove them (SIGKILL) long before this runs out.
@@ -182,7 +183,7 @@ def test_a_container_cannot_redirect_a_healing_mount(
     os.kill(_daemon_pid(volume), signal.SIGKILL)
     assert volume.pid is not None
     os.kill(volume.pid, signal.SIGKILL)  # no daemon: nothing heals, the dead mount stays
-    assert _wait_gone(volume.pid, 30)
+    assert wait_gone(volume.pid, 30)
     volfsd("mount", "other", str(tmp_path / "other"), root=volume.root)  # the next daemon
     wait_for(lambda: (volume.path / "f").exists(), "the volume to be back at its path")
     assert "planted" not in engine.docker("logs", hostile).stdout

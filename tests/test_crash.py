@@ -47,7 +47,7 @@ import pytest
 from volfs import mounts
 from volfs.store import frame, journal
 
-from conftest import volfsd
+from helpers import volfsd
 
 # -- self-describing records -----------------------------------------------------------------
 

@@ -24,7 +24,7 @@ import pytest
 
 from volfs import mounts
 
-from conftest import _wait_gone
+from helpers import wait_gone
 from hosts import Host
 
 ROOT_ONLY = pytest.mark.skipif(os.geteuid() != 0, reason="bind mounts need root")
@@ -446,7 +446,7 @@ def test_sigterm_hands_off_and_mounts_come_back(host, tmp_path):
     (a / "f").write_bytes(b"still mounted")
     daemon, worker = host.daemon_pid(), host.worker_pid("kept")
     os.kill(daemon, signal.SIGTERM)
-    assert _wait_gone(daemon, 60)
+    assert wait_gone(daemon, 60)
     assert not (host.run / "volfsd.pid").exists() and not (host.run / "volfsd.sock").exists()
     assert mounts.find_mount(a) is not None and host.worker_pid("kept") == worker
     (a / "g").write_bytes(b"served without a daemon")
@@ -512,12 +512,12 @@ def test_umount_all_stops_everything(host, tmp_path):
     workers = [host.worker_pid("one"), host.worker_pid("two")]
     done = host.cli("umount", "--all")
     assert "unmounted 2 volume(s)" in done.stdout
-    assert all(_wait_gone(w, 10) for w in workers)
+    assert all(wait_gone(w, 10) for w in workers)
     assert not [m for m in mounts.volfs_mounts() if m.mountpoint.startswith(str(tmp_path))]
     assert host.status()["volumes"] == []
     daemon = host.daemon_pid()
     os.kill(daemon, signal.SIGTERM)
-    assert _wait_gone(daemon, 60)
+    assert wait_gone(daemon, 60)
     host.cli("mount", "two", str(tmp_path / "again"))  # nothing came back by itself
     assert mounts.find_mount(tmp_path / "one") is None
     assert (tmp_path / "again" / "f").read_bytes() == b"flushed"
@@ -534,7 +534,7 @@ def test_daemon_and_worker_killed_together(host, tmp_path):
     os.stat(a), os.stat(b)  # cached in the kernel: a stat of a dead mount would still answer
     for pid in (host.daemon_pid(), host.worker_pid("v")):
         os.kill(pid, signal.SIGKILL)
-        assert _wait_gone(pid, 30)
+        assert wait_gone(pid, 30)
     with pytest.raises(OSError) as info:
         os.listdir(a)
     assert info.value.errno == errno.ENOTCONN

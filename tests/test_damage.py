@@ -7,7 +7,7 @@ import os
 
 import pytest
 
-from conftest import volfsd
+from helpers import volfsd
 
 MiB = 1 << 20
 

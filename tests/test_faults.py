@@ -14,7 +14,7 @@ import time
 
 import pytest
 
-from conftest import volfsd
+from helpers import volfsd
 
 ROOT_ONLY = pytest.mark.skipif(os.geteuid() != 0, reason="mounting a tmpfs needs root")
 DISK = 48 << 20

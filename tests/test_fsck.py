@@ -12,7 +12,7 @@ from test_scrub import store_digest
 from volfs.store.root import StoreRoot
 from volfs.store.volume import ROOT_INO
 
-from conftest import volfsd
+from helpers import volfsd
 
 
 def test_fsck_clean_volume(volume, mnt):

@@ -16,7 +16,8 @@ from volfs import mounts
 from volfs.store.root import StoreRoot
 from volfs.volumes import describe
 
-from conftest import Volume, run_dir_of, stop_foreground, volfsd
+from conftest import Volume
+from helpers import run_dir_of, stop_foreground, volfsd
 
 ROOT_ONLY = pytest.mark.skipif(os.geteuid() != 0, reason="bind mounts need root")
 

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import xxhash
 
-from conftest import volfsd
+from helpers import volfsd
 
 WORKERS = 4
 #: Most memory the serving process may reach under this load (its steady state is ~50 MiB).

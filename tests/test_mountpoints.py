@@ -14,7 +14,7 @@ import pytest
 
 from volfs import mounts
 
-from conftest import _wait_gone
+from helpers import wait_gone
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="bind mounts need root")
 
@@ -23,7 +23,7 @@ def _crash(host, name: str) -> None:
     """kill -9 of the daemon and of the worker of *name*, as the OOM killer might."""
     for pid in (host.daemon_pid(), host.worker_pid(name)):
         os.kill(pid, signal.SIGKILL)
-        assert _wait_gone(pid, 30)
+        assert wait_gone(pid, 30)
 
 
 def _wait_for(condition, timeout: float = 60) -> None:
@@ -155,7 +155,7 @@ def test_a_worker_without_control_socket_needs_a_remount(host, tmp_path):
     assert any("control socket" in p for p in volume["problems"])
     (mnt / "f").write_bytes(b"still served")
     host.cli("umount", str(mnt))
-    assert _wait_gone(worker, 30)
+    assert wait_gone(worker, 30)
     host.cli("mount", "v", str(mnt))
     assert host.status()["by_name"]["v"]["status"] == "mounted"
     assert (mnt / "f").read_bytes() == b"still served"

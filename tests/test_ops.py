@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import as_nobody
+from helpers import as_nobody
 
 libc = ctypes.CDLL(None, use_errno=True)
 AT_FDCWD = -100

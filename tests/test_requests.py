@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import as_nobody
+from helpers import as_nobody
 
 PAGE = mmap.PAGESIZE
 

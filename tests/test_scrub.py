@@ -26,7 +26,7 @@ from volfs.store.check import Problem
 from volfs.store.root import StoreRoot
 from volfs.store.volume import ROOT_INO
 
-from conftest import volfsd
+from helpers import volfsd
 
 MiB = 1 << 20
 BLOCK = 64 * 1024
