@@ -6,7 +6,8 @@
 # Builds pjdfstest from the tarball (default ../shared/suites/pjdfstest-85a8aea.tar.gz) in a
 # temporary directory, mounts a new volume with `volfsd mount` in a temporary store root and
 # runtime dir of its own, runs `prove -r` in a directory of the mount, unmounts, and checks the
-# store with `volfsd fsck`. Exits 0 only if prove says `Result: PASS` and the store is clean.
+# store with `volfsd fsck`. Exits 0 only if prove says `Result: PASS`, the store is clean and
+# volfs logged no error or traceback.
 # Whatever it started (the daemon, the worker, the mount) is ended by pid on any exit.
 # Needs autoconf automake gcc make perl libssl-dev (.ci/run installs them).
 set -euo pipefail
@@ -60,4 +61,8 @@ echo "pjdfstest.sh: prove took $((SECONDS - started)) s"
 volfsd umount "$mnt"
 volfsd fsck pjd
 grep -q '^Result: PASS' "$tmp/prove.log" || { echo "pjdfstest.sh: pjdfstest failed" >&2; exit 1; }
+if grep -E ' (ERROR|CRITICAL) |^Traceback' "$VOLFS_ROOT"/logs/*.log >&2; then
+    echo "pjdfstest.sh: volfs logged errors (above)" >&2
+    exit 1
+fi
 grep '^Files=' "$tmp/prove.log"
