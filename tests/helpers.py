@@ -26,8 +26,9 @@ VOLFSD = [sys.executable, "-m", "volfs"]
 
 
 def needs_root(why: str) -> pytest.MarkDecorator:
-    """Skip the test (or module, as ``pytestmark``) unless it runs as root; *why* says what for."""
-    return pytest.mark.skipif(os.geteuid() != 0, reason=f"needs root: {why}")
+    """Skip the test (or module, as ``pytestmark``) unless it runs as root; *why* is the
+    reason pytest shows ("bind mounts need root")."""
+    return pytest.mark.skipif(os.geteuid() != 0, reason=why)
 
 
 # -- waiting -----------------------------------------------------------------------------------

@@ -24,10 +24,10 @@ import pytest
 
 from volfs import mounts
 
-from helpers import wait_gone
+from helpers import needs_root, wait_gone, wait_until
 from hosts import Host
 
-ROOT_ONLY = pytest.mark.skipif(os.geteuid() != 0, reason="bind mounts need root")
+ROOT_ONLY = needs_root("bind mounts need root")
 
 
 def frame(message) -> bytes:
@@ -339,6 +339,7 @@ def test_quota(host, tmp_path):
 # -- healing, signals, hostile clients ---------------------------------------------------------
 
 
+@pytest.mark.expect_log(r"its worker exited \(pid \d+, ")
 @ROOT_ONLY
 def test_killed_worker_comes_back_at_every_path(host, tmp_path):
     a, b = tmp_path / "a", tmp_path / "b"
@@ -375,6 +376,7 @@ def test_worker_lives_past_idle_daemon_threads(host, tmp_path):
     assert host.status()["by_name"]["steady"]["restarts"] == 0
 
 
+@pytest.mark.expect_log(r"its worker exited \(pid \d+, ")
 @ROOT_ONLY
 def test_workers_outlive_the_daemon(host, tmp_path):
     """kill -9 of the daemon leaves every volume served; the next daemon adopts the worker
@@ -397,7 +399,8 @@ def test_workers_outlive_the_daemon(host, tmp_path):
         assert volume["status"] == "mounted"
         assert [m["path"] for m in volume["mounts"]] == [str(a), str(b)]
         os.kill(worker, signal.SIGKILL)  # the adopted worker is healed like any other
-        _wait_for(lambda: host.worker_pid("orphan") != worker and (b / "log").stat().st_size)
+        wait_until(lambda: host.worker_pid("orphan") != worker and (b / "log").stat().st_size,
+                   "the adopted worker healed", timeout=60, ignore=(OSError,))  # fmt: skip
         writer.reopen()
         writer.until(80)
         assert host.status()["by_name"]["orphan"]["restarts"] == 1
@@ -559,6 +562,7 @@ def test_path_unmounted_behind_our_back(host, tmp_path):
     assert "Traceback" not in log and "unmounted behind volfsd's back" in log
 
 
+@pytest.mark.expect_log(r"its worker exited \(pid \d+, ")
 def test_lazy_unmount_of_a_busy_volume(host, tmp_path):
     """A lazily unmounted volume with an open file is served until it is closed, and the
     daemon goes on serving everyone else meanwhile."""
@@ -574,12 +578,14 @@ def test_lazy_unmount_of_a_busy_volume(host, tmp_path):
         f.write(b"after")  # still served: nothing written through it is lost
         host.refused("mount", "busy", str(tmp_path / "again"), words=("still being unmounted",))
         os.kill(host.worker_pid("other"), signal.SIGKILL)  # healing does not wait for "busy"
-        _wait_for(lambda: (other / "probe").write_bytes(b"ok") == 2)
+        wait_until(lambda: (other / "probe").write_bytes(b"ok") == 2, "volume other healed",
+                   timeout=60, ignore=(OSError,))  # fmt: skip
         host.cli("mount", "third", str(tmp_path / "third"))
     finally:
         f.close()
-    _wait_for(lambda: not host.root.joinpath("volumes", "busy", "lock").exists()
-              or not _served(host, "busy"))  # fmt: skip
+    wait_until(lambda: not host.root.joinpath("volumes", "busy", "lock").exists()
+               or not _served(host, "busy"), "volume busy no longer served",
+               timeout=60, ignore=(OSError,))  # fmt: skip
     host.cli("mount", "busy", str(tmp_path / "again"))
     assert (tmp_path / "again" / "open").read_bytes() == b"before after"
 
@@ -588,16 +594,6 @@ def _served(host, name: str) -> bool:
     from volfs.store import pidlock
 
     return pidlock.is_held(host.root / "volumes" / name / "lock")
-
-
-def _wait_for(condition, timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
-    while True:
-        with contextlib.suppress(OSError):
-            if condition():
-                return
-        assert time.monotonic() < deadline, "condition not met in time"
-        time.sleep(0.05)
 
 
 # -- config and systemd ------------------------------------------------------------------------

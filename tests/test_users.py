@@ -25,7 +25,9 @@ import pytest
 from volfs import mounts
 from volfs.users import CWD, FD, MMAP, NAMESPACE, ROOT, User, container_id, describe_users, users_of
 
-ROOT_ONLY = pytest.mark.skipif(os.geteuid() != 0, reason="needs root (chroot, unshare, cgroups)")
+from helpers import needs_root
+
+ROOT_ONLY = needs_root("needs root (chroot, unshare, cgroups)")
 
 OPEN = "f = open(sys.argv[1], 'rb')"
 CLOSED = "f = open(sys.argv[1], 'rb'); f.read(); f.close()"
