@@ -161,8 +161,13 @@ class Volume:
 
         If the test *passed*, first check that the worker leaked no descriptors.
         """
-        if passed and self.pid is not None and alive(self.pid):
-            self.check_fds()
+        try:
+            if passed and self.pid is not None and alive(self.pid):
+                self.check_fds()
+        finally:
+            self._stop()
+
+    def _stop(self) -> None:
         daemon = stop_daemon(run_dir_of(self.root))
         if daemon is not None:
             self._pids.add(daemon)
@@ -197,7 +202,7 @@ def host(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Host]:
     try:
         yield h
     finally:
-        h.cleanup()
+        h.cleanup(_passed(request.node))
     _check_after(h.root, request.node)
 
 

@@ -12,7 +12,11 @@ import msgpack
 
 from volfs import mounts
 
-from helpers import assert_one_line_error, cli_env, stop_daemon, volfsd, wait_gone
+import audit
+from helpers import alive, assert_one_line_error, cli_env, pid_in, stop_daemon, volfsd, wait_gone
+
+#: `volfsd mount` options that take a value.
+_VALUED = ("--size", "--inodes")
 
 
 class Host:
@@ -23,9 +27,34 @@ class Host:
         self.root = tmp / "store"
         self.run = tmp / "run"
         self.env = cli_env(self.root, self.run)
+        #: The descriptors of each worker a `mount` through `cli` found serving, by its pid.
+        self._fds: dict[int, audit.FdWatch] = {}
 
     def cli(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-        return volfsd(*args, root=self.root, run_dir=self.run, check=check, timeout=180)
+        done = volfsd(*args, root=self.root, run_dir=self.run, check=check, timeout=180)
+        if args and args[0] == "mount" and done.returncode == 0:
+            self._watch(args[1:])
+        return done
+
+    def _watch(self, mount_args: tuple[str, ...]) -> None:
+        """Note the descriptors of the worker that serves the volume *mount_args* name, if it
+        is new (the first mount of a volume, not a further path)."""
+        name, words = None, list(mount_args)
+        while words and name is None:
+            word = words.pop(0)
+            if word in _VALUED:
+                words = words[1:]
+            elif not word.startswith("-"):
+                name = word
+        pid = pid_in(self.root / "volumes" / name / "lock") if name else None
+        if pid is not None and pid not in self._fds:
+            self._fds[pid] = audit.FdWatch(pid)
+
+    def check_fds(self) -> None:
+        """Fail if a worker that still serves holds more descriptors than after its mount."""
+        for pid, watch in self._fds.items():
+            if alive(pid):
+                watch.check()
 
     def refused(self, *args: str, words: tuple[str, ...] = ()) -> str:
         return assert_one_line_error(self.cli(*args, check=False), *words)
@@ -59,10 +88,16 @@ class Host:
             return None
         return msgpack.unpackb(data[4:], raw=False)
 
-    def cleanup(self) -> None:
-        daemon = stop_daemon(self.run)
-        for entry in mounts.volfs_mounts():
-            if entry.mountpoint.startswith(str(self.tmp)):
-                mounts.detach(entry.mountpoint, lazy=True)
-        if daemon:
-            wait_gone(daemon, 10)
+    def cleanup(self, passed: bool = False) -> None:
+        """Stop the daemon and its workers and detach what is left; if the test *passed*,
+        first check that no worker leaked descriptors."""
+        try:
+            if passed:
+                self.check_fds()
+        finally:
+            daemon = stop_daemon(self.run)
+            for entry in mounts.volfs_mounts():
+                if entry.mountpoint.startswith(str(self.tmp)):
+                    mounts.detach(entry.mountpoint, lazy=True)
+            if daemon:
+                wait_gone(daemon, 10)
