@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -188,10 +189,27 @@ class Volume:
                 mounts.detach(entry.mountpoint, lazy=True)
 
 
+#: How many stores the checks after the tests examined, and the seconds they took.
+_CHECKED = {"stores": 0, "seconds": 0.0}
+
+
 def _check_after(root: Path, node: pytest.Item) -> None:
     """The checks after a passed test (tests/audit.py), on store *root*, served no more."""
     if _passed(node):
-        audit.check_store(root, node, node.stash.get(EXPECTED_LOG, []))
+        started = time.monotonic()
+        try:
+            audit.check_store(root, node, node.stash.get(EXPECTED_LOG, []))
+        finally:
+            _CHECKED["stores"] += 1
+            _CHECKED["seconds"] += time.monotonic() - started
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    if _CHECKED["stores"]:
+        terminalreporter.write_line(
+            f"checks after the tests: {_CHECKED['stores']} stores fsck'd and their logs read "
+            f"in {_CHECKED['seconds']:.1f} s"
+        )
 
 
 @pytest.fixture

@@ -350,16 +350,12 @@ def test_killed_worker_comes_back_at_every_path(host, tmp_path):
     os.kill(host.worker_pid("heal"), signal.SIGKILL)
     with contextlib.suppress(OSError):
         os.close(fd)
-    deadline = time.monotonic() + 20
-    while time.monotonic() < deadline:
-        try:
-            if (a / "f").read_bytes() == b"acknowledged" == (b / "f").read_bytes():
-                break
-        except OSError:
-            pass
-        time.sleep(0.1)
-    else:
-        raise AssertionError("the volume did not come back at both paths")
+    wait_until(
+        lambda: (a / "f").read_bytes() == b"acknowledged" == (b / "f").read_bytes(),
+        "the volume to come back at both paths",
+        timeout=20,
+        ignore=(OSError,),
+    )
     (b / "g").write_bytes(b"new worker")
     assert (a / "g").read_bytes() == b"new worker"
     assert host.status()["by_name"]["heal"]["restarts"] == 1
