@@ -3,6 +3,11 @@
 Every mount is made with the real CLI (``python -m volfs mount``) in a temporary store root,
 and every mount and worker process a test started is removed at teardown, also when the test
 failed: ``fusermount3 -u``, then SIGKILL of the worker by pid and ``fusermount3 -uz``.
+
+After a test that passed, the fixtures that own a store (``store_root``, under ``volume`` and
+``mnt``, and ``host``) run the checks of tests/audit.py: the store fsck-clean, no unexpected
+error in its logs, no descriptors leaked by a worker (checked before its unmount). What they
+find fails the test at teardown. Shared helpers are in tests/helpers.py.
 """
 
 from __future__ import annotations
