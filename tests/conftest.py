@@ -3,6 +3,11 @@
 Every mount is made with the real CLI (``python -m volfs mount``) in a temporary store root,
 and every mount and worker process a test started is removed at teardown, also when the test
 failed: ``fusermount3 -u``, then SIGKILL of the worker by pid and ``fusermount3 -uz``.
+
+After a test that passed, the fixtures that own a store (``store_root``, under ``volume`` and
+``mnt``, and ``host``) run the checks of tests/audit.py: the store fsck-clean, no unexpected
+error in its logs, no descriptors leaked by a worker (checked before its unmount). What they
+find fails the test at teardown. Shared helpers are in tests/helpers.py.
 """
 
 from __future__ import annotations
@@ -10,68 +15,47 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
-import subprocess
-import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from volfs import mounts
 
+import audit
 from docker_engine import DockerEngine, EngineError
+from helpers import alive, pid_in, processes, run_dir_of, stop_daemon, volfsd, wait_gone, wait_until
+from hosts import Host
 
-VOLFSD = [sys.executable, "-m", "volfs"]
-
-
-def run_dir_of(root: Path) -> Path:
-    """The daemon runtime dir that goes with a test's store root: private to the test."""
-    return root.parent / "run"
-
-
-def volfsd(*args: str, root: Path, check: bool = True, **kwargs) -> subprocess.CompletedProcess:
-    """Run the CLI with *root* as the store root (and its own daemon); return the result."""
-    env = {**os.environ, "VOLFS_ROOT": str(root), "VOLFS_RUN_DIR": str(run_dir_of(root))}
-    done = subprocess.run(
-        [*VOLFSD, *args], env=env, capture_output=True, text=True, timeout=120, **kwargs
-    )
-    if check and done.returncode != 0:
-        raise AssertionError(f"volfsd {' '.join(args)} failed: {done.stderr.strip()}")
-    return done
+#: Whether the test itself (its call phase) passed: the checks after it run only then, since a
+#: failed test's store and logs hold its failure already.
+CALL_PASSED = pytest.StashKey[bool]()
+#: Log patterns the fixtures declare for what they provoke (a worker killed on purpose).
+EXPECTED_LOG = pytest.StashKey[list[str]]()
 
 
-def as_nobody(*argv: str, env: dict | None = None) -> subprocess.CompletedProcess:
-    """Run *argv* as uid and gid 65534 with no supplementary groups; output captured as text."""
-    return subprocess.run(
-        ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", *argv],
-        capture_output=True, text=True, timeout=60, env=env,
-    )  # fmt: skip
+def pytest_configure(config: pytest.Config) -> None:
+    for marker in audit.MARKERS:
+        config.addinivalue_line("markers", marker)
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    # A zombie is not alive for our purposes.
-    with contextlib.suppress(OSError), open(f"/proc/{pid}/stat") as st:
-        return st.read().split(") ", 1)[1][0] != "Z"
-    return False
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[None]:
+    outcome = yield
+    report = outcome.get_result()
+    if report.when == "call":
+        item.stash[CALL_PASSED] = report.passed
 
 
-def _wait_gone(pid: int, timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if not _alive(pid):
-            return True
-        time.sleep(0.02)
-    return not _alive(pid)
+def _passed(node: pytest.Item) -> bool:
+    return node.stash.get(CALL_PASSED, False)
 
 
 class Volume:
     """A volume in a private store root, mounted (and remounted) at paths under tmp_path."""
 
-    def __init__(self, root: Path, name: str, tmp: Path) -> None:
+    def __init__(self, root: Path, name: str, tmp: Path, expected_log: list[str] | None = None):
         self.root = root
         self.name = name
         self._tmp = tmp
@@ -80,6 +64,14 @@ class Volume:
         self.pid: int | None = None
         self._pids: set[int] = set()
         self._paths: list[Path] = []
+        self._fds: audit.FdWatch | None = None
+        #: Log patterns of what this object provoked (`kill`), for the checks after the test.
+        self.expected_log = [] if expected_log is None else expected_log
+
+    def _served_by(self, pid: int) -> None:
+        self.pid = pid
+        self._pids.add(pid)
+        self._fds = audit.FdWatch(pid)
 
     @property
     def store(self) -> Path:
@@ -96,15 +88,27 @@ class Volume:
         self._paths.append(path)
         volfsd("mount", self.name, str(path), *extra, root=self.root)
         self.path = path
-        self.pid = int((self.store / "lock").read_text().split()[0])
-        self._pids.add(self.pid)
+        pid = pid_in(self.store / "lock")
+        assert pid is not None, "no worker pid in the volume's lock after the mount"
+        self._served_by(pid)
         return path
 
+    def check_fds(self) -> None:
+        """Fail if the serving worker holds more descriptors than after its mount (a leak).
+
+        `unmount` calls it, and the fixture before its teardown: call it yourself only once
+        the files the test opened are closed.
+        """
+        if self._fds is not None:
+            self._fds.check()
+
     def unmount(self) -> None:
-        assert self.path is not None
+        assert self.path is not None and self.pid is not None
+        self.check_fds()
         volfsd("umount", str(self.path), root=self.root)
-        assert _wait_gone(self.pid, 30), "worker still running after umount"
+        assert wait_gone(self.pid, 30), "worker still running after umount"
         self.path = self.pid = None
+        self._fds = None
 
     def remount(self) -> Path:
         """Unmount and mount again at a new path: nothing may survive but the store."""
@@ -114,23 +118,26 @@ class Volume:
     def kill(self) -> None:
         """SIGKILL the serving process (a crash); the daemon mounts the volume again."""
         assert self.pid is not None and self.path is not None
-        old = self.pid
+        old, path = self.pid, self.path
+        self.expected_log.append(rf"volume {self.name}: its worker exited \(pid {old}, ")
         os.kill(old, signal.SIGKILL)
-        assert _wait_gone(old, 30)
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            with contextlib.suppress(OSError, ValueError, IndexError):
-                pid = int((self.store / "lock").read_text().split()[0])
-                entry = mounts.find_mount(self.path)
-                if pid != old and _alive(pid) and entry and entry.fstype == mounts.FSTYPE:
-                    # statvfs, not stat: the kernel answers stat from its cache even on the
-                    # dead mount that stays at the path until the new one replaces it.
-                    os.statvfs(self.path)
-                    self.pid = pid
-                    self._pids.add(pid)
-                    return
-            time.sleep(0.05)
-        raise AssertionError("the daemon did not bring the volume back after its worker died")
+        assert wait_gone(old, 30)
+
+        def new_worker() -> int | None:
+            pid = pid_in(self.store / "lock")
+            entry = mounts.find_mount(path)
+            if pid is None or pid == old or not alive(pid) or not entry:
+                return None
+            if entry.fstype != mounts.FSTYPE:
+                return None
+            # statvfs, not stat: the kernel answers stat from its cache even on the dead
+            # mount that stays at the path until the new one replaces it.
+            os.statvfs(path)
+            return pid
+
+        pid = wait_until(new_worker, "the daemon to bring the volume back after its worker died",
+                         timeout=60, ignore=(OSError,))  # fmt: skip
+        self._served_by(pid)
 
     def crash(self) -> Path:
         """SIGKILL the daemon and the worker: the store is left as a crash leaves it, unmounted.
@@ -141,20 +148,32 @@ class Volume:
         """
         assert self.pid is not None and self.path is not None
         path = self.path
-        daemon = int((run_dir_of(self.root) / "volfsd.pid").read_text().split()[0])
+        daemon = pid_in(run_dir_of(self.root) / "volfsd.pid")
+        assert daemon is not None, "no daemon pid file"
         for pid in (daemon, self.pid):
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
         for pid in (daemon, self.pid):
-            assert _wait_gone(pid, 30)
+            assert wait_gone(pid, 30)
         for entry in mounts.volfs_mounts():
             if entry.mountpoint.startswith(str(self._tmp)):
                 mounts.detach(entry.mountpoint, lazy=True)
         self.path = self.pid = None
+        self._fds = None
         return path
 
-    def cleanup(self) -> None:
-        """Stop the test's daemon (it unmounts everything), then remove whatever is left."""
+    def cleanup(self, passed: bool = False) -> None:
+        """Stop the test's daemon (it unmounts everything), then remove whatever is left.
+
+        If the test *passed*, first check that the worker leaked no descriptors.
+        """
+        try:
+            if passed and self.pid is not None and alive(self.pid):
+                self.check_fds()
+        finally:
+            self._stop()
+
+    def _stop(self) -> None:
         daemon = stop_daemon(run_dir_of(self.root))
         if daemon is not None:
             self._pids.add(daemon)
@@ -165,115 +184,70 @@ class Volume:
                         os.kill(pid, signal.SIGKILL)
                 mounts.detach(path, lazy=True)
         for pid in self._pids:
-            if not _wait_gone(pid, 10):
+            if not wait_gone(pid, 10):
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGKILL)
-                _wait_gone(pid, 10)
+                wait_gone(pid, 10)
         staging = run_dir_of(self.root) / "staging"
         for entry in mounts.volfs_mounts():
             if entry.mountpoint.startswith(str(staging)):
                 mounts.detach(entry.mountpoint, lazy=True)
 
 
-def stop_daemon(run_dir: Path) -> int | None:
-    """Stop the daemon of *run_dir* (if any) and every worker it started.
-
-    SIGTERM alone is a hand-off (the workers go on serving), so first `umount --all`, the
-    full stop; then SIGTERM, and SIGKILL for a daemon or worker that hangs.
-    """
-    try:
-        pid = int((run_dir / "volfsd.pid").read_text().split()[0])
-    except (OSError, ValueError, IndexError):
-        pid = None
-    if pid is not None and _alive(pid):
-        env = {
-            **os.environ,
-            "VOLFS_RUN_DIR": str(run_dir),
-            "VOLFS_ROOT": str(run_dir.parent / "store"),
-        }
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            subprocess.run([*VOLFSD, "umount", "--all"], env=env, capture_output=True, timeout=150)
-        _end(pid, grace=60)
-    for worker in workers_of(run_dir):
-        _end(worker, grace=30)
-    return pid
+#: How many stores the checks after the tests examined, and the seconds they took.
+_CHECKED = {"stores": 0, "seconds": 0.0}
 
 
-def _end(pid: int, grace: float) -> None:
-    """SIGTERM *pid*, and SIGKILL it if it has not ended after *grace* s."""
-    with contextlib.suppress(ProcessLookupError):
-        os.kill(pid, signal.SIGTERM)
-    if not _wait_gone(pid, grace):
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)
-        _wait_gone(pid, 10)
+def _check_after(root: Path, node: pytest.Item) -> None:
+    """The checks after a passed test (tests/audit.py), on store *root*, served no more."""
+    if _passed(node):
+        started = time.monotonic()
+        try:
+            audit.check_store(root, node, node.stash.get(EXPECTED_LOG, []))
+        finally:
+            _CHECKED["stores"] += 1
+            _CHECKED["seconds"] += time.monotonic() - started
 
 
-def stop_foreground(proc: subprocess.Popen, mnt: Path) -> None:
-    """End a `volfsd mount -f` process (SIGTERM, then SIGKILL) and detach what it left."""
-    proc.send_signal(signal.SIGTERM)
-    try:
-        proc.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
-    if mounts.find_mount(mnt) is not None:
-        mounts.detach(mnt, lazy=True)
-
-
-def _processes(marker: bytes, env_prefix: bytes | None = None) -> list[int]:
-    """Pids whose command line holds *marker* (and, if given, an environment variable
-    starting with *env_prefix*)."""
-    pids = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        with contextlib.suppress(OSError):
-            if marker not in (entry / "cmdline").read_bytes():
-                continue
-            if env_prefix is not None:
-                env = (entry / "environ").read_bytes().split(b"\0")
-                if not any(e.startswith(env_prefix) for e in env):
-                    continue
-            if _alive(int(entry.name)):
-                pids.append(int(entry.name))
-    return pids
-
-
-def workers_of(run_dir: Path) -> list[int]:
-    """Pids of the mount workers a daemon with runtime dir *run_dir* started."""
-    return _processes(b"--run-dir\0" + str(run_dir).encode() + b"\0")
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    if _CHECKED["stores"]:
+        terminalreporter.write_line(
+            f"checks after the tests: {_CHECKED['stores']} stores fsck'd and their logs read "
+            f"in {_CHECKED['seconds']:.1f} s"
+        )
 
 
 @pytest.fixture
-def host(tmp_path: Path):
+def host(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Host]:
     """A store root and runtime dir of the test's own, and the CLI pointed at them; the
-    daemon and workers they get are stopped after the test."""
-    from hosts import Host
-
+    daemon and workers they get are stopped after the test, and the store checked."""
     h = Host(tmp_path)
     try:
         yield h
     finally:
-        h.cleanup()
+        h.cleanup(_passed(request.node))
+    _check_after(h.root, request.node)
 
 
 @pytest.fixture
-def store_root(tmp_path: Path):
-    """A private store root; the daemon a test's CLI call may start there is stopped after."""
+def store_root(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Path]:
+    """A private store root; the daemon a test's CLI call may start there is stopped after,
+    and the store checked."""
     root = tmp_path / "store"
+    request.node.stash[EXPECTED_LOG] = []
     yield root
     stop_daemon(run_dir_of(root))
+    _check_after(root, request.node)
 
 
 @pytest.fixture
-def volume(tmp_path: Path, store_root: Path):
+def volume(tmp_path: Path, store_root: Path, request: pytest.FixtureRequest) -> Iterator[Volume]:
     """A fresh volume, not yet mounted; everything it mounts is gone after the test."""
-    vol = Volume(store_root, "testvol", tmp_path)
+    vol = Volume(store_root, "testvol", tmp_path, request.node.stash[EXPECTED_LOG])
     try:
         yield vol
     finally:
-        vol.cleanup()
+        vol.cleanup(_passed(request.node))
 
 
 @pytest.fixture
@@ -313,16 +287,6 @@ def engine(docker_engine: DockerEngine):
         docker_engine.remove_containers()
 
 
-def _our_daemons(base: str) -> list[int]:
-    """Pids of volfsd daemons whose runtime dir lies under *base*."""
-    return _processes(b"volfs\0serve", b"VOLFS_RUN_DIR=" + base.encode())
-
-
-def _our_workers(base: str) -> list[int]:
-    """Pids of mount workers whose runtime dir lies under *base*."""
-    return _processes(b"--run-dir\0" + base.encode())
-
-
 @pytest.fixture(autouse=True, scope="session")
 def _nothing_left_behind(tmp_path_factory):
     yield
@@ -330,8 +294,8 @@ def _nothing_left_behind(tmp_path_factory):
     left = [m.mountpoint for m in mounts.volfs_mounts() if m.mountpoint.startswith(base)]
     for path in left:
         mounts.detach(path, lazy=True)
-    daemons = _our_daemons(base)
-    workers = _our_workers(base)
+    daemons = processes(b"volfs\0serve", b"VOLFS_RUN_DIR=" + base.encode())
+    workers = processes(b"--run-dir\0" + base.encode())
     for pid in daemons + workers:
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)

@@ -4,17 +4,19 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import socket
 import subprocess
-import sys
 from pathlib import Path
 
 import msgpack
 
 from volfs import mounts
 
-from conftest import _wait_gone, stop_daemon
+import audit
+from helpers import alive, assert_one_line_error, cli_env, pid_in, stop_daemon, volfsd, wait_gone
+
+#: `volfsd mount` options that take a value.
+_VALUED = ("--size", "--inodes")
 
 
 class Host:
@@ -24,22 +26,38 @@ class Host:
         self.tmp = tmp
         self.root = tmp / "store"
         self.run = tmp / "run"
-        self.env = {**os.environ, "VOLFS_ROOT": str(self.root), "VOLFS_RUN_DIR": str(self.run)}
+        self.env = cli_env(self.root, self.run)
+        #: The descriptors of each worker a `mount` through `cli` found serving, by its pid.
+        self._fds: dict[int, audit.FdWatch] = {}
 
-    def cli(self, *args: str, check: bool = True) -> subprocess.CompletedProcess:
-        done = subprocess.run([sys.executable, "-m", "volfs", *args], env=self.env,
-                              capture_output=True, text=True, timeout=180)  # fmt: skip
-        if check:
-            assert done.returncode == 0, f"volfsd {' '.join(args)}: {done.stderr}"
+    def cli(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+        done = volfsd(*args, root=self.root, run_dir=self.run, check=check, timeout=180)
+        if args and args[0] == "mount" and done.returncode == 0:
+            self._watch(args[1:])
         return done
 
+    def _watch(self, mount_args: tuple[str, ...]) -> None:
+        """Note the descriptors of the worker that serves the volume *mount_args* name, if it
+        is new (the first mount of a volume, not a further path)."""
+        name, words = None, list(mount_args)
+        while words and name is None:
+            word = words.pop(0)
+            if word in _VALUED:
+                words = words[1:]
+            elif not word.startswith("-"):
+                name = word
+        pid = pid_in(self.root / "volumes" / name / "lock") if name else None
+        if pid is not None and pid not in self._fds:
+            self._fds[pid] = audit.FdWatch(pid)
+
+    def check_fds(self) -> None:
+        """Fail if a worker that still serves holds more descriptors than after its mount."""
+        for pid, watch in self._fds.items():
+            if alive(pid):
+                watch.check()
+
     def refused(self, *args: str, words: tuple[str, ...] = ()) -> str:
-        done = self.cli(*args, check=False)
-        assert done.returncode == 1, done
-        assert done.stderr.count("\n") == 1 and done.stderr.startswith("volfsd: "), done.stderr
-        for word in words:
-            assert word in done.stderr, done.stderr
-        return done.stderr
+        return assert_one_line_error(self.cli(*args, check=False), *words)
 
     def status(self) -> dict:
         """`volfsd status --format json`, with the volumes keyed by name."""
@@ -48,9 +66,11 @@ class Host:
         return status
 
     def daemon_pid(self) -> int:
+        """The daemon's pid (OSError, ValueError or IndexError while there is none)."""
         return int((self.run / "volfsd.pid").read_text().split()[0])
 
     def worker_pid(self, name: str) -> int:
+        """The pid of *name*'s worker (OSError, ValueError or IndexError while none holds it)."""
         return int((self.root / "volumes" / name / "lock").read_text().split()[0])
 
     def request(self, raw: bytes, timeout: float = 10) -> dict | None:
@@ -68,10 +88,16 @@ class Host:
             return None
         return msgpack.unpackb(data[4:], raw=False)
 
-    def cleanup(self) -> None:
-        daemon = stop_daemon(self.run)
-        for entry in mounts.volfs_mounts():
-            if entry.mountpoint.startswith(str(self.tmp)):
-                mounts.detach(entry.mountpoint, lazy=True)
-        if daemon:
-            _wait_gone(daemon, 10)
+    def cleanup(self, passed: bool = False) -> None:
+        """Stop the daemon and its workers and detach what is left; if the test *passed*,
+        first check that no worker leaked descriptors."""
+        try:
+            if passed:
+                self.check_fds()
+        finally:
+            daemon = stop_daemon(self.run)
+            for entry in mounts.volfs_mounts():
+                if entry.mountpoint.startswith(str(self.tmp)):
+                    mounts.detach(entry.mountpoint, lazy=True)
+            if daemon:
+                wait_gone(daemon, 10)

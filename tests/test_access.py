@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from conftest import as_nobody, run_dir_of, stop_daemon, volfsd
+from helpers import as_nobody, needs_root, run_dir_of, stop_daemon, volfsd
 
-ROOT_ONLY = pytest.mark.skipif(os.geteuid() != 0, reason="acting as another uid needs root")
+ROOT_ONLY = needs_root("acting as another uid needs root")
 
 
 @pytest.fixture
@@ -70,6 +70,8 @@ def test_other_users_are_refused_by_daemon_and_store(public_tmp):
     assert done.stdout.split("\n")[:3] == ["1", "[]", "61"], done  # EPERM, nothing, ENODATA
 
 
+@pytest.mark.store_damaged("a symlink planted in the store: the check refuses to follow it")
+@pytest.mark.expect_log("is a symbolic link: volfs follows no links in its store")
 @pytest.mark.parametrize("planted", ["checkpoint", "durable", "seg-00000009.log", "volume"])
 def test_planted_symlink_is_never_followed(volume, tmp_path, planted):
     mnt = volume.mount()

@@ -19,7 +19,7 @@ from volfs.store import journal, pidlock
 from volfs.store.root import StoreRoot
 from volfs.store.volume import ROOT_INO, Volume
 
-from conftest import _wait_gone
+from helpers import wait_gone
 
 SEGMENT = 64 * 1024
 
@@ -144,7 +144,7 @@ def test_the_writer_dies_with_the_server(tmp_path):
         if server.poll() is None:
             server.kill()
             server.wait()
-    assert _wait_gone(writer, 10)
+    assert wait_gone(writer, 10)
     assert not pidlock.is_held(store / "volumes" / "v" / "lock")
     again = StoreRoot(store).open_volume("v")
     assert len(again.inodes[ROOT_INO].entries) == 30_000

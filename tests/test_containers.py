@@ -12,27 +12,18 @@ import fcntl
 import os
 import signal
 import subprocess
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from conftest import Volume, _wait_gone, run_dir_of, volfsd
+from conftest import Volume
 from docker_engine import DockerEngine
+from helpers import run_dir_of, volfsd, wait_gone, wait_until
 
 # Containers that are driven with `docker exec`: they do nothing by themselves, and the
 # fixtures remove them (SIGKILL) long before this runs out.
 IDLE = ("sleep", "600")
-
-
-def wait_for(check: Callable[[], bool], what: str, timeout: float = 30) -> None:
-    """Poll *check* until it holds; fail naming *what* after *timeout* s (never a fixed sleep)."""
-    deadline = time.monotonic() + timeout
-    while not check():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(0.05)
 
 
 def test_writes_are_seen_at_once_by_host_and_containers(mnt: Path, engine: DockerEngine):
@@ -81,7 +72,7 @@ def test_flock_in_one_container_blocks_another(mnt: Path, engine: DockerEngine):
         "-v", f"{mnt}:/p", engine.image, "flock", "/p/lock", "sh", "-c", "touch /p/held; sleep 600"
     )
     other = engine.run_container("-v", f"{mnt}:/p", engine.image, *IDLE)
-    wait_for((mnt / "held").exists, "the first container to take the lock")
+    wait_until((mnt / "held").exists, "the first container to take the lock")
 
     tried = engine.exec(other, "flock", "-n", "/p/lock", "true", check=False)
     assert (tried.returncode, tried.stderr) == (1, ""), tried  # flock: "already locked"
@@ -90,7 +81,7 @@ def test_flock_in_one_container_blocks_another(mnt: Path, engine: DockerEngine):
         fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
 
     engine.docker("kill", holder)  # its lock goes with its last process
-    wait_for(
+    wait_until(
         lambda: engine.exec(other, "flock", "-n", "/p/lock", "true", check=False).returncode == 0,
         "the lock to be free once its holder was killed",
     )
@@ -143,7 +134,7 @@ def test_parent_bind_follows_a_healed_volume(parent_volume: Volume, engine: Dock
         seen = engine.exec(recipe, "cat", "/volumes/vol/before", check=False)
         return seen.stdout == "written before the crash\n"
 
-    wait_for(healed, "the healed volume to reach the container through its parent bind")
+    wait_until(healed, "the healed volume to reach the container through its parent bind")
     engine.exec(recipe, "sh", "-c", "echo after > /volumes/vol/after")
     assert (volume.path / "after").read_text() == "after\n"
     (volume.path / "before").unlink()
@@ -182,9 +173,9 @@ def test_a_container_cannot_redirect_a_healing_mount(
     os.kill(_daemon_pid(volume), signal.SIGKILL)
     assert volume.pid is not None
     os.kill(volume.pid, signal.SIGKILL)  # no daemon: nothing heals, the dead mount stays
-    assert _wait_gone(volume.pid, 30)
+    assert wait_gone(volume.pid, 30)
     volfsd("mount", "other", str(tmp_path / "other"), root=volume.root)  # the next daemon
-    wait_for(lambda: (volume.path / "f").exists(), "the volume to be back at its path")
+    wait_until(lambda: (volume.path / "f").exists(), "the volume to be back at its path")
     assert "planted" not in engine.docker("logs", hostile).stdout
     assert not escape.exists() and not os.path.islink(volume.path)
     assert (volume.path / "f").read_text() == "kept\n"
@@ -210,13 +201,13 @@ def test_writes_from_a_container_during_a_heal_stay_in_the_volume(
         "--mount", f"type=bind,source={parent},target=/volumes,readonly,bind-propagation=rslave",
         engine.image, "sh", "-c", _APPENDER,
     )  # fmt: skip
-    wait_for(lambda: (volume.path / "lines").exists(), "the container's first line")
+    wait_until(lambda: (volume.path / "lines").exists(), "the container's first line")
     denied = engine.exec(writer, "rmdir", "/volumes/vol", check=False)
     assert denied.returncode != 0 and "Read-only" in denied.stderr, denied
     for _ in range(3):
         volume.kill()
         size = (volume.path / "lines").stat().st_size
-        wait_for(lambda size=size: (volume.path / "lines").stat().st_size > size, "more lines")
+        wait_until(lambda size=size: (volume.path / "lines").stat().st_size > size, "more lines")
     (parent / "stop").touch()
     engine.docker("wait", writer)
     written = int(engine.docker("logs", writer).stdout)
@@ -240,7 +231,7 @@ def test_a_container_writer_sees_no_error_across_daemon_restarts(
     for signum in (signal.SIGKILL, signal.SIGTERM):
         size = (mnt / "lines").stat().st_size if (mnt / "lines").exists() else 0
         os.kill(_daemon_pid(volume), signum)
-        wait_for(lambda size=size: (mnt / "lines").stat().st_size > size + 100, "more lines")
+        wait_until(lambda size=size: (mnt / "lines").stat().st_size > size + 100, "more lines")
         volfsd("ls", root=volume.root)
         volume.mount(mnt)  # a new daemon: it adopts the worker, the path is there already
         assert volume.pid == worker

@@ -47,7 +47,7 @@ import pytest
 from volfs import mounts
 from volfs.store import frame, journal
 
-from conftest import volfsd
+from helpers import volfsd
 
 # -- self-describing records -----------------------------------------------------------------
 
@@ -1234,10 +1234,16 @@ def _crash_recovery(volume, delays: list[float], record_property) -> None:
     assert (new / "big").stat().st_size == records * RECORD
 
 
+@pytest.mark.expect_log(
+    r"its worker exited \(pid \d+, ", "restart failed: the mount worker exited early"
+)
 def test_kill_during_recovery(volume, record_property):
     _crash_recovery(volume, [0.0, 0.1], record_property)
 
 
+@pytest.mark.expect_log(
+    r"its worker exited \(pid \d+, ", "restart failed: the mount worker exited early"
+)
 @pytest.mark.slow
 def test_kill_during_recovery_many(volume, record_property):
     delays = [0.0, 0.0, 0.005, 0.01, 0.02, 0.04, 0.08, 0.15, 0.3]

@@ -7,7 +7,7 @@ import os
 
 import pytest
 
-from conftest import volfsd
+from helpers import volfsd
 
 MiB = 1 << 20
 
@@ -24,6 +24,8 @@ def _flip(path, offset: int) -> None:
         f.write(bytes([byte[0] ^ 0xFF]))
 
 
+@pytest.mark.store_damaged("a data byte flipped on purpose")
+@pytest.mark.expect_log("fails its checksum")
 def test_flipped_data_byte_gives_eio_only_there(volume, mnt):
     data = _pattern(8 * MiB)
     (mnt / "victim").write_bytes(data)
@@ -57,6 +59,8 @@ def test_flipped_data_byte_gives_eio_only_there(volume, mnt):
     assert "volume testvol: inode" in log and "fails its checksum" in log
 
 
+@pytest.mark.store_damaged("a checkpoint damaged on purpose")
+@pytest.mark.expect_log("checkpoint is damaged")
 def test_damaged_checkpoint_refuses_mount_with_one_line(volume, mnt):
     (mnt / "f").write_bytes(b"x")
     volume.unmount()

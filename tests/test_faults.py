@@ -14,9 +14,9 @@ import time
 
 import pytest
 
-from conftest import volfsd
+from helpers import needs_root, volfsd
 
-ROOT_ONLY = pytest.mark.skipif(os.geteuid() != 0, reason="mounting a tmpfs needs root")
+ROOT_ONLY = needs_root("mounting a tmpfs needs root")
 DISK = 48 << 20
 
 

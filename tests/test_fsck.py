@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import stat
 
+import pytest
 from test_damage import _flip, _pattern
 from test_persistence import populate
 from test_scrub import store_digest
@@ -12,7 +13,7 @@ from test_scrub import store_digest
 from volfs.store.root import StoreRoot
 from volfs.store.volume import ROOT_INO
 
-from conftest import volfsd
+from helpers import volfsd
 
 
 def test_fsck_clean_volume(volume, mnt):
@@ -28,6 +29,7 @@ def test_fsck_refuses_a_mounted_volume(volume, mnt):
     assert done.returncode == 2 and "mounted" in done.stderr and done.stderr.count("\n") == 1
 
 
+@pytest.mark.store_damaged("a data byte flipped on purpose")
 def test_fsck_names_damaged_file(volume, mnt):
     data = _pattern(2 << 20)
     (mnt / "dir").mkdir()
@@ -45,6 +47,7 @@ def test_fsck_names_damaged_file(volume, mnt):
     assert "nothing to repair" in repaired.stdout
 
 
+@pytest.mark.store_damaged("a checkpoint damaged on purpose")
 def test_fsck_damaged_checkpoint(volume, mnt):
     (mnt / "f").write_bytes(b"x")
     volume.unmount()

@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 from volfs import control
 from volfs.store import frame
 
-from conftest import volfsd
+from helpers import volfsd
 
 FUZZ = settings(max_examples=2000, deadline=None, suppress_health_check=list(HealthCheck))
 

@@ -6,19 +6,17 @@ import json
 import os
 import subprocess
 import sys
-import time
 import uuid
 from pathlib import Path
-
-import pytest
 
 from volfs import mounts
 from volfs.catalog import describe
 from volfs.store.root import StoreRoot
 
-from conftest import Volume, run_dir_of, stop_foreground, volfsd
+from conftest import Volume
+from helpers import needs_root, run_dir_of, stop_foreground, volfsd, wait_until
 
-ROOT_ONLY = pytest.mark.skipif(os.geteuid() != 0, reason="bind mounts need root")
+ROOT_ONLY = needs_root("bind mounts need root")
 
 
 def _listed(root: Path, name: str) -> dict:
@@ -90,10 +88,7 @@ def test_read_only_paths_are_marked_without_the_daemon(store_root, tmp_path):
     proc = subprocess.Popen([sys.executable, "-m", "volfs", "mount", "-f", "--ro", "fgvol",
                              str(mnt)], env=env, stderr=subprocess.DEVNULL)  # fmt: skip
     try:
-        deadline = time.monotonic() + 30
-        while mounts.find_mount(mnt) is None and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert mounts.find_mount(mnt) is not None, "the foreground mount did not appear"
+        wait_until(lambda: mounts.find_mount(mnt), "the foreground mount to appear")
         row = _listed(store_root, "fgvol")
         assert row["mounts"] == [str(mnt)] and row["read_only"] == [str(mnt)]
         assert f"{mnt} (ro)" in volfsd("ls", root=store_root).stdout

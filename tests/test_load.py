@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import xxhash
 
-from conftest import volfsd
+from helpers import needs_root, volfsd
 
 WORKERS = 4
 #: Most memory the serving process may reach under this load (its steady state is ~50 MiB).
@@ -81,7 +81,7 @@ def _peak_rss_mib(pid: int) -> float:
     raise AssertionError("no VmHWM")
 
 
-@pytest.mark.skipif(os.geteuid() != 0, reason="a second mount path needs bind mounts (root)")
+@needs_root("a second mount path needs bind mounts (root)")
 @pytest.mark.parametrize("seconds", [8, pytest.param(180, marks=pytest.mark.slow)])
 def test_load_through_two_paths(volume, tmp_path, seconds):
     first = volume.mount(tmp_path / "one")

@@ -3,40 +3,33 @@ a write land in the directory under a mount, and mounts nothing it did not make.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 
 from volfs import mounts
 
-from conftest import _wait_gone
+from helpers import needs_root, wait_gone, wait_until
 
-pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="bind mounts need root")
+pytestmark = needs_root("bind mounts need root")
 
 
 def _crash(host, name: str) -> None:
     """kill -9 of the daemon and of the worker of *name*, as the OOM killer might."""
     for pid in (host.daemon_pid(), host.worker_pid(name)):
         os.kill(pid, signal.SIGKILL)
-        assert _wait_gone(pid, 30)
+        assert wait_gone(pid, 30)
 
 
-def _wait_for(condition, timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
-    while True:
-        # IndexError: a lock file read just as a new worker takes it (truncated, then written)
-        with contextlib.suppress(OSError, IndexError, ValueError):
-            if condition():
-                return
-        assert time.monotonic() < deadline, "condition not met in time"
-        time.sleep(0.05)
+#: What a path or lock file gives while a volume heals: IndexError and ValueError from a lock
+#: file read just as a new worker takes it (truncated, then written).
+HEALING = (OSError, IndexError, ValueError)
 
 
+@pytest.mark.expect_log(r"not mounted at \S+ again: mount point ")
 def test_a_planted_symlink_is_never_followed(host, tmp_path):
     """Item 1 of the trial: while a volume is down, a container that can write the parent
     replaces the mount point with a symlink to a host directory.  The next daemon must
@@ -90,6 +83,7 @@ print(n)
 """
 
 
+@pytest.mark.expect_log(r"its worker exited \(pid \d+, ")
 def test_writes_during_a_heal_stay_in_the_volume(host, tmp_path):
     """Item 2 of the trial: a writer that goes on writing while the worker is killed gets
     errors during the heal, and nothing it writes lands in the directory under the mount."""
@@ -100,11 +94,14 @@ def test_writes_during_a_heal_stay_in_the_volume(host, tmp_path):
                               stdout=subprocess.PIPE, text=True)  # fmt: skip
     try:
         for _ in range(3):
-            _wait_for(lambda: (mnt / "lines").stat().st_size > 0)
+            wait_until(lambda: (mnt / "lines").stat().st_size > 0, "the writer's first line",
+                       timeout=60, ignore=HEALING)  # fmt: skip
             old = host.worker_pid("photos")
             os.kill(old, signal.SIGKILL)
-            _wait_for(lambda old=old: host.worker_pid("photos") != old)
-            _wait_for(lambda: os.statvfs(mnt) is not None)
+            wait_until(lambda old=old: host.worker_pid("photos") != old, "a new worker",
+                       timeout=60, ignore=HEALING)  # fmt: skip
+            wait_until(lambda: os.statvfs(mnt) is not None, "the volume back at its path",
+                       timeout=60, ignore=HEALING)  # fmt: skip
         stop.touch()
         written = int(writer.communicate(timeout=60)[0])
     finally:
@@ -155,7 +152,7 @@ def test_a_worker_without_control_socket_needs_a_remount(host, tmp_path):
     assert any("control socket" in p for p in volume["problems"])
     (mnt / "f").write_bytes(b"still served")
     host.cli("umount", str(mnt))
-    assert _wait_gone(worker, 30)
+    assert wait_gone(worker, 30)
     host.cli("mount", "v", str(mnt))
     assert host.status()["by_name"]["v"]["status"] == "mounted"
     assert (mnt / "f").read_bytes() == b"still served"

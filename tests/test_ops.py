@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import as_nobody
+from helpers import as_nobody, needs_root
 
 libc = ctypes.CDLL(None, use_errno=True)
 AT_FDCWD = -100
@@ -475,7 +475,7 @@ def test_xattr_on_directory_and_symlink(mnt):
 # -- permissions through default_permissions ----------------------------------------------------
 
 
-@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to act as another uid")
+@needs_root("needs root to act as another uid")
 def test_other_uid_gets_kernel_permission_checks(volume):
     # pytest's tmp dirs are private to root: mount where another uid can reach
     outer = Path(tempfile.mkdtemp(prefix="volfs-perm-"))

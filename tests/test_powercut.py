@@ -43,7 +43,7 @@ from volfs.store.log import segment_name
 from volfs.store.root import StoreRoot
 from volfs.store.volume import ROOT_INO
 
-from conftest import volfsd
+from helpers import volfsd
 
 SEGMENT = 64 * 1024
 NAME = "v"

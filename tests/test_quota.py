@@ -33,7 +33,7 @@ from volfs.store.volume import (
     segment_size_for,
 )
 
-from conftest import run_dir_of, stop_daemon, volfsd
+from helpers import run_dir_of, stop_daemon, volfsd
 
 MIB = 1 << 20
 

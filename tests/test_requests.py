@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import as_nobody
+from helpers import as_nobody, needs_root
 
 PAGE = mmap.PAGESIZE
 
@@ -85,7 +85,7 @@ def public_mnt(volume):
         shutil.rmtree(outer, ignore_errors=True)
 
 
-@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to act as another uid")
+@needs_root("needs root to act as another uid")
 @pytest.mark.parametrize("added_while_open", [False, True])
 def test_unprivileged_write_drops_setuid(public_mnt: Path, added_while_open: bool):
     path = public_mnt / "prog"

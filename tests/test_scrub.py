@@ -26,7 +26,7 @@ from volfs.store.check import Problem
 from volfs.store.root import StoreRoot
 from volfs.store.volume import ROOT_INO
 
-from conftest import volfsd
+from helpers import volfsd
 
 MiB = 1 << 20
 BLOCK = 64 * 1024
@@ -103,6 +103,8 @@ def test_scrub_clean_volume_while_a_writer_is_active(volume, mnt):
         assert (mnt / name).read_bytes() == data
 
 
+@pytest.mark.store_damaged("a data block damaged on purpose")
+@pytest.mark.expect_log("fails its checksum")
 def test_damaged_data_block_named_by_path_with_its_range(volume, mnt):
     data = _pattern(4 * MiB)
     (mnt / "dir").mkdir()
@@ -138,6 +140,7 @@ def test_damaged_data_block_named_by_path_with_its_range(volume, mnt):
     assert named in done.stdout and "bystander" not in done.stdout
 
 
+@pytest.mark.store_damaged("a log record damaged on purpose")
 def test_damaged_log_record_named_by_path(volume, mnt):
     """Metadata damage in the log, found while mounted by scrub and after a crash by fsck."""
     tag = b"T" * 64
@@ -169,6 +172,7 @@ def test_damaged_log_record_named_by_path(volume, mnt):
     assert "/fine" not in done.stdout
 
 
+@pytest.mark.store_damaged("a checkpoint damaged on purpose")
 def test_damaged_checkpoint_named_by_path(volume, mnt):
     tag = b"C" * 64
     (mnt / "dir").mkdir()

@@ -18,7 +18,8 @@ import pytest
 from volfs import mounts
 from volfs.store import frame
 
-from conftest import Volume, run_dir_of, volfsd
+from conftest import Volume
+from helpers import run_dir_of, volfsd
 
 
 def _rows(done) -> dict[str, dict]:

@@ -25,7 +25,9 @@ import pytest
 from volfs import mounts
 from volfs.users import CWD, FD, MMAP, NAMESPACE, ROOT, User, container_id, describe_users, users_of
 
-ROOT_ONLY = pytest.mark.skipif(os.geteuid() != 0, reason="needs root (chroot, unshare, cgroups)")
+from helpers import needs_root, wait_until
+
+ROOT_ONLY = needs_root("needs root (chroot, unshare, cgroups)")
 
 OPEN = "f = open(sys.argv[1], 'rb')"
 CLOSED = "f = open(sys.argv[1], 'rb'); f.read(); f.close()"
@@ -107,17 +109,17 @@ def _in_new_namespace(cgroup: Path | None = None) -> subprocess.Popen:
     """`unshare -m --propagation slave sleep`, waited for until it runs in its own namespace."""
     proc = subprocess.Popen(["unshare", "-m", "--propagation", "slave", "sleep", "120"], cwd="/")
     ours = os.readlink("/proc/self/ns/mnt")
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        with contextlib.suppress(OSError):
-            if (os.readlink(f"/proc/{proc.pid}/ns/mnt") != ours
-                    and Path(f"/proc/{proc.pid}/comm").read_text().strip() == "sleep"):  # fmt: skip
-                if cgroup is not None:
-                    (cgroup / "cgroup.procs").write_text(str(proc.pid))
-                return proc
-        time.sleep(0.02)
-    _end(proc)
-    raise AssertionError("unshare did not start sleep in a new mount namespace")
+    try:
+        wait_until(lambda: os.readlink(f"/proc/{proc.pid}/ns/mnt") != ours
+                   and Path(f"/proc/{proc.pid}/comm").read_text().strip() == "sleep",
+                   "unshare to start sleep in a new mount namespace", interval=0.02,
+                   ignore=(OSError,))  # fmt: skip
+    except AssertionError:
+        _end(proc)
+        raise
+    if cgroup is not None:
+        (cgroup / "cgroup.procs").write_text(str(proc.pid))
+    return proc
 
 
 @ROOT_ONLY
