@@ -32,6 +32,7 @@ class LocalView:
         "create",
         "exchange",
         "forget",
+        "inode",
         "link",
         "name",
         "new_inode",
@@ -62,9 +63,8 @@ class LocalView:
         self.read = volume.read
         self.forget = volume.forget
         self.sync = volume.sync
+        self.inode = volume.inodes.get  # the lookup by number, itself
 
-    def inode(self, ino: int) -> Inode | None:
-        return self._inodes.get(ino)
 
     def child(self, directory: Node, name: bytes) -> Inode | None:
         # Only this view's own inodes come back to it, and the rules ask only of directories.
