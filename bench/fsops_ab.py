@@ -7,8 +7,9 @@ of fsops can make dearer.  Run it with the venv of each checkout to compare two 
     .venv/bin/python bench/fsops_ab.py                  # this checkout
     /path/to/other/.venv/bin/python bench/fsops_ab.py   # the other one, same machine
 
-It prints microseconds per operation (the best of --repeats runs: the least disturbed by the
-machine's other work).  `bench/run.py` measures what users see through the kernel.
+It prints CPU microseconds per handler call (process time, so other processes on the machine
+count less; the best and the median of --repeats runs).  `bench/run.py` measures what users
+see through the kernel.
 """
 
 from __future__ import annotations
@@ -109,9 +110,9 @@ def measure(top: Path, name: str, count: int) -> float:
     run, calls = WORKLOADS[name]
     try:
         ops = make_ops(volume)
-        start = time.perf_counter()
+        start = time.process_time()
         trio.run(run, ops, count)
-        elapsed = time.perf_counter() - start
+        elapsed = time.process_time() - start
     finally:
         volume.close(checkpoint=False)
     return elapsed / (count * calls) * 1e6

@@ -14,7 +14,7 @@ import functools
 import logging
 import stat
 from collections.abc import Callable, Coroutine, Sequence
-from typing import Any, Concatenate, ParamSpec, TypeVar
+from typing import Any, TypeVar, cast
 
 import pyfuse3
 from pyfuse3 import (
@@ -55,13 +55,10 @@ CACHE_TIMEOUT = 60.0
 #: Handlers whose first argument is a file handle rather than an inode number.
 _BY_HANDLE = frozenset({"read", "write", "release", "fsync"})
 
-P = ParamSpec("P")
-R = TypeVar("R")
+Handler = TypeVar("Handler", bound=Callable[..., Coroutine[Any, Any, Any]])
 
 
-def _errno_guard(
-    handler: Callable[Concatenate[VolumeOperations, P], Coroutine[Any, Any, R]],
-) -> Callable[Concatenate[VolumeOperations, P], Coroutine[Any, Any, R]]:
+def _errno_guard(handler: Handler) -> Handler:
     """Answer every failure with an errno: FUSEError as it is, a full volume or disk ENOSPC,
     damaged data EIO (the store logs which block), any other store failure EIO with a log
     line, and a bug EIO with its traceback, so a bad disk or a bug never takes the mount down
@@ -69,9 +66,10 @@ def _errno_guard(
     segment file, say)."""
     name = handler.__name__
 
-    async def guarded(self: VolumeOperations, /, *args: P.args, **kwargs: P.kwargs) -> R:
+    # Positional arguments only, as pyfuse3 calls handlers: no keyword dict per request.
+    async def guarded(self: VolumeOperations, *args: Any) -> Any:
         try:
-            return await handler(self, *args, **kwargs)
+            return await handler(self, *args)
         except FUSEError:
             raise
         except NoSpace:  # the volume's size or inode limit: an answer, not a failure
@@ -92,7 +90,7 @@ def _errno_guard(
             raise FUSEError(errno.EIO) from None
 
     functools.update_wrapper(guarded, handler)
-    return guarded
+    return cast(Handler, guarded)
 
 
 class VolumeOperations(pyfuse3.Operations):
@@ -275,13 +273,11 @@ class VolumeOperations(pyfuse3.Operations):
 
     # -- files ----------------------------------------------------------------------------
 
-    async def _open(self, inode: Node) -> FileInfo:
+    def _open(self, inode: Node) -> FileInfo:
         """A new handle on *inode*, which a step has found and checked."""
         fh = self._new_handle()
         self._files[fh] = inode
         inode.opens += 1
-        if not inode.nlink:  # a deleted file opened again (/proc/PID/fd) counts again
-            await self.model.run(lambda view: view.forget(inode))
         # Not direct_io, even for write-only handles, though it would spare the
         # getxattr(security.capability) the kernel sends before each write through the page
         # cache: a direct write of an O_SYNC/O_DSYNC descriptor or with RWF_SYNC/RWF_DSYNC
@@ -291,9 +287,11 @@ class VolumeOperations(pyfuse3.Operations):
 
     @_errno_guard
     async def open(self, inode: InodeT, flags: FlagT, ctx: RequestContext) -> FileInfo:
-        return await self._open(
-            await self.model.run(lambda view: self.rules.open(view, inode, flags))
-        )
+        node = await self.model.run(lambda view: self.rules.open(view, inode, flags))
+        info = self._open(node)
+        if not node.nlink:  # a deleted file opened again (/proc/PID/fd) counts again
+            await self.model.run(lambda view: view.forget(node))
+        return info
 
     @_errno_guard
     async def create(
@@ -310,7 +308,7 @@ class VolumeOperations(pyfuse3.Operations):
             lambda view: self.rules.new(view, parent_inode, name, mode, uid, gid)
         )
         entry = self._entry(node)
-        return await self._open(node), entry
+        return self._open(node), entry
 
     @_errno_guard
     async def read(self, fh: FileHandleT, off: int, size: int) -> bytes:

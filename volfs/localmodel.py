@@ -65,7 +65,6 @@ class LocalView:
         self.sync = volume.sync
         self.inode = volume.inodes.get  # the lookup by number, itself
 
-
     def child(self, directory: Node, name: bytes) -> Inode | None:
         # Only this view's own inodes come back to it, and the rules ask only of directories.
         ino = directory.entries.get(name)  # type: ignore[attr-defined]
