@@ -2,8 +2,9 @@
 
 A step never awaits, so running it directly is atomic with respect to every other handler:
 the trio thread runs nothing else until it returns.  That is what the handlers did before
-the model seam existed, at the same cost: `run` adds one coroutine call, and the view's change
-methods are the volume's own bound methods, not wrappers.
+the model seam existed, at nearly the same cost: `run` adds a closure and one coroutine call
+per request, and the view's lookup by number and its change methods are the volume's own
+bound methods, not wrappers.
 
 Only the volume's public names are used (the ones `volfs.model.VolumeView` documents, plus
 ``inodes``, the map of inode numbers to inodes).
