@@ -22,8 +22,9 @@ import pyfuse3
 import pytest
 import trio
 
-from volfs.fsops import RENAME_EXCHANGE, RENAME_NOREPLACE, VolumeOperations
+from volfs.fsops import VolumeOperations
 from volfs.localmodel import LocalModel
+from volfs.posix import RENAME_EXCHANGE, RENAME_NOREPLACE
 from volfs.store.log import segment_name
 from volfs.store.root import StoreRoot
 from volfs.store.volume import Volume

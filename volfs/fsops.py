@@ -36,16 +36,6 @@ from pyfuse3 import (
 from volfs import posix
 from volfs.errors import DataDamaged, NoSpace
 from volfs.model import Listing, Node, VolumeModel, VolumeView
-from volfs.posix import (  # noqa: F401  (re-exported: the names fsops always had)
-    CAPS_XATTR,
-    NAME_MAX,
-    PATH_MAX,
-    RENAME_EXCHANGE,
-    RENAME_NOREPLACE,
-    XATTR_NAME_MAX,
-    XATTR_NAMESPACES,
-    XATTR_SIZE_MAX,
-)
 
 log = logging.getLogger(__name__)
 
