@@ -20,7 +20,7 @@ from collections.abc import Callable
 from powercut_disk import Recorder
 from pyfuse3 import FUSEError
 
-from volfs.localmodel import LocalView
+from volfs.localmodel import LocalModel
 from volfs.model import Node, VolumeView
 from volfs.posix import RENAME_EXCHANGE, PosixRules
 from volfs.store.root import StoreRoot
@@ -128,7 +128,7 @@ class Work:
         self.store = store
         self.name = name
         self.volume = volume
-        self.view: VolumeView = LocalView(volume)  # type: ignore[assignment]
+        self.view = LocalModel(volume).view
         self.rng = rng
         self.contents = contents
         self.tag = tag
@@ -388,7 +388,7 @@ class Work:
         """The worker ends (SIGKILL unless *clean*) and a new one opens the volume."""
         self.volume.close(checkpoint=clean)
         self.volume = self.store.open_volume(self.name, create=False)
-        self.view = LocalView(self.volume)  # type: ignore[assignment]
+        self.view = LocalModel(self.volume).view
         self.restarts += 1
         assert self.picture() == self.pictures[-1], "a restart changed the volume"
         assert picture(self.volume) == self.pictures[-1], "file contents differ from the model"
