@@ -116,8 +116,7 @@ class VolumeOperations(pyfuse3.Operations):
     @staticmethod
     def _attrs(inode: Node) -> EntryAttributes:
         entry = EntryAttributes()
-        entry.st_ino = inode.ino
-        entry.generation = 0
+        entry.st_ino = inode.ino  # generation: 0, as pyfuse3 starts it
         entry.entry_timeout = CACHE_TIMEOUT
         entry.attr_timeout = CACHE_TIMEOUT
         entry.st_mode = inode.mode
@@ -388,7 +387,10 @@ class VolumeOperations(pyfuse3.Operations):
     @_errno_guard
     async def getxattr(self, inode: InodeT, name: XAttrNameT, ctx: RequestContext) -> bytes:
         uid = ctx.uid
-        return await self.model.run(lambda view: self.rules.getxattr(view, inode, name, uid))
+        value = await self.model.run(lambda view: self.rules.getxattr(view, inode, name, uid))
+        if value is None:
+            raise FUSEError(pyfuse3.ENOATTR)
+        return value
 
     @_errno_guard
     async def listxattr(self, inode: InodeT, ctx: RequestContext) -> Sequence[XAttrNameT]:
