@@ -1,11 +1,13 @@
-"""A random workload on a volume through the store API, with the state it must leave after each
-operation: what the power-cut tests compare a recovered volume with.
+"""A random workload on a volume through the FUSE layer's rules, with the state it must leave
+after each operation: what the power-cut tests compare a recovered volume with.
 
-The operations are the ones the FUSE layer makes (`volfs.fsops`), checked against the same
-POSIX rules first, plus the housekeeping a worker does (sync, checkpoint, compaction, usage) and
-restarts: a SIGKILLed worker (the volume closed without a checkpoint and opened again: the page
-cache keeps everything) or a clean one.  File contents are modelled independently of the store;
-names, attributes and link counts are taken from the volume's own state after each operation.
+The operations are the FUSE layer's own steps (`volfs.posix.PosixRules`, run on the local
+model's view as `VolumeOperations` runs them), so the same POSIX rules decide what is refused
+(a refused operation writes nothing and leads to no new state), plus the housekeeping a worker
+does (sync, checkpoint, compaction, usage) and restarts: a SIGKILLed worker (the volume closed
+without a checkpoint and opened again: the page cache keeps everything) or a clean one.  File
+contents are modelled independently of the store; names, attributes and link counts are taken
+from the volume's own state after each operation.
 """
 
 from __future__ import annotations
@@ -16,7 +18,11 @@ import stat
 from collections.abc import Callable
 
 from powercut_disk import Recorder
+from pyfuse3 import FUSEError
 
+from volfs.localmodel import LocalModel
+from volfs.model import Node, VolumeView
+from volfs.posix import RENAME_EXCHANGE, PosixRules
 from volfs.store.root import StoreRoot
 from volfs.store.volume import ROOT_INO, Inode, Volume
 
@@ -122,12 +128,14 @@ class Work:
         self.store = store
         self.name = name
         self.volume = volume
+        self.view = LocalModel(volume).view
         self.rng = rng
         self.contents = contents
         self.tag = tag
         self._digests: dict[int, bytes] = {}
         self._serial = 0
         self.clock = 1_700_000_000_000_000_000 + rng.randrange(10**15)
+        self.rules = PosixRules(clock=self._now)
         self.pictures: list[Picture] = [self.picture()]
         self.restarts = 0
         self.checkpoints = 0
@@ -183,50 +191,49 @@ class Work:
                 seen[child.ino] = child
         return list(seen.values())
 
-    def _is_ancestor(self, ancestor: Inode, inode: Inode) -> bool:
-        ino = inode.ino
-        while True:
-            if ino == ancestor.ino:
-                return True
-            if ino == ROOT_INO:
-                return False
-            ino = self.volume.inodes[ino].parent
+    def _change(self, step: Callable[[VolumeView], object]) -> None:
+        """Run one operation that changes what users see, and note the state it leads to.
 
-    def _change(self, apply: Callable[[], None]) -> None:
-        """Run one operation that changes what users see, and note the state it leads to."""
+        The rules may refuse it: then it wrote nothing, and no state follows it."""
         state = len(self.pictures)
         self.rec.begin(state)
-        apply()
+        try:
+            step(self.view)  # as the local model runs a step: at once
+        except FUSEError:
+            assert self.rec.events[-1] == ("begin", state), "a refused operation wrote"
+            self.rec.events.pop()
+            return
         self.pictures.append(self.picture())
         self.rec.state = state
 
     # -- operations that change the tree ---------------------------------------------------------
 
+    def _new_file(self, view: VolumeView, parent: Node, name: bytes) -> None:
+        node = self.rules.new(view, parent.ino, name, stat.S_IFREG | 0o644, 0, 0)
+        self._set_content(node.ino, b"")
+
     def create(self) -> None:
         parent = self.rng.choice(self._dirs())
         name = self._name(b"f")
-        inode = self.volume.new_inode(stat.S_IFREG | 0o644, 0, 0, 0, self._now())
-
-        def apply():
-            self.volume.create(parent, name, inode, self._now())
-            self._set_content(inode.ino, b"")
-
-        self._change(apply)
+        self._change(lambda view: self._new_file(view, parent, name))
 
     def mkdir(self) -> None:
         dirs = self._dirs()
         if len(dirs) > 6:
             return self.create()
         parent = self.rng.choice(dirs)
-        inode = self.volume.new_inode(stat.S_IFDIR | 0o755, 0, 0, 0, self._now())
-        self._change(lambda: self.volume.create(parent, self._name(b"d"), inode, self._now()))
+        name = self._name(b"d")
+        self._change(lambda view: self.rules.mkdir(view, parent.ino, name, 0o755, 0, 0, 0))
 
     def symlink(self) -> None:
         parent = self.rng.choice(self._dirs())
-        inode = self.volume.new_inode(stat.S_IFLNK | 0o777, 0, 0, 0, self._now())
-        inode.target = b"../target-%d" % self.rng.randrange(10**6)
-        inode.size = len(inode.target)
-        self._change(lambda: self.volume.create(parent, self._name(b"l"), inode, self._now()))
+        target = b"../target-%d" % self.rng.randrange(10**6)
+        name = self._name(b"l")
+        self._change(lambda view: self.rules.symlink(view, parent.ino, name, target, 0, 0))
+
+    def _write(self, view: VolumeView, inode: Inode, offset: int, data: bytes, new: bytes) -> None:
+        self.rules.write(view, inode, offset, data)
+        self._set_content(inode.ino, new)
 
     def write(self) -> None:
         files = self._files()
@@ -248,12 +255,7 @@ class Work:
         if offset > len(new):
             new.extend(bytes(offset - len(new)))
         new[offset : offset + length] = data
-
-        def apply():
-            self.volume.write(inode, offset, data, self._now())
-            self._set_content(inode.ino, bytes(new))
-
-        self._change(apply)
+        self._change(lambda view: self._write(view, inode, offset, data, bytes(new)))
 
     def rewrite(self) -> None:
         """Write a file over whole: its old data becomes garbage for compaction."""
@@ -263,12 +265,11 @@ class Work:
         inode = self.rng.choice(files)
         data = self.rng.randbytes(max(1, len(self.contents[inode.ino])))
         new = data + self.contents[inode.ino][len(data) :]
+        self._change(lambda view: self._write(view, inode, 0, data, new))
 
-        def apply():
-            self.volume.write(inode, 0, data, self._now())
-            self._set_content(inode.ino, new)
-
-        self._change(apply)
+    def _truncate(self, view: VolumeView, inode: Inode, size: int, new: bytes) -> None:
+        self.rules.setattr(view, inode.ino, size=size)  # mtime and ctime: now
+        self._set_content(inode.ino, new)
 
     def truncate(self) -> None:
         files = self._files()
@@ -278,13 +279,7 @@ class Work:
         old = self.contents[inode.ino]
         size = self.rng.choice([0, len(old) // 2, self.rng.randrange(len(old) + 10_000)])
         new = old[:size] + bytes(max(0, size - len(old)))
-
-        def apply():
-            now = self._now()
-            self.volume.set_attrs(inode, size=size, mtime_ns=now, ctime_ns=now)
-            self._set_content(inode.ino, new)
-
-        self._change(apply)
+        self._change(lambda view: self._truncate(view, inode, size, new))
 
     def set_attrs(self) -> None:
         entries = self._entries()
@@ -294,84 +289,72 @@ class Work:
         if inode.target is not None:
             return self.create()
         if self.rng.random() < 0.5:
-            mode = (inode.mode & ~0o7777) | self.rng.choice([0o600, 0o640, 0o755, 0o4711])
-            self._change(lambda: self.volume.set_attrs(inode, mode=mode, ctime_ns=self._now()))
+            mode = self.rng.choice([0o600, 0o640, 0o755, 0o4711])
+            self._change(lambda view: self.rules.setattr(view, inode.ino, mode=mode))
         else:
             atime, mtime = self._now(), self.rng.randrange(10**18)
             self._change(
-                lambda: self.volume.set_attrs(
-                    inode, atime_ns=atime, mtime_ns=mtime, ctime_ns=self._now()
-                )
+                lambda view: self.rules.setattr(view, inode.ino, atime_ns=atime, mtime_ns=mtime)
             )
 
     def xattr(self) -> None:
         entries = [e for e in self._entries() if e[2].target is None]
         if not entries:
             return self.create()
-        inode = self.rng.choice(entries)[2]
+        ino = self.rng.choice(entries)[2].ino
         name = self.rng.choice([b"user.a", b"user.b", b"user.c"])
-        value = None if self.rng.random() < 0.3 else self.rng.randbytes(self.rng.randrange(50))
-        self._change(lambda: self.volume.set_xattr(inode, name, value, self._now()))
+        if self.rng.random() < 0.3:
+            self._change(lambda view: self.rules.removexattr(view, ino, name, 0))
+        else:
+            value = self.rng.randbytes(self.rng.randrange(50))
+            self._change(lambda view: self.rules.setxattr(view, ino, name, value, 0))
 
     def link(self) -> None:
         files = self._files()
         if not files:
             return self.create()
-        inode = self.rng.choice(files)
+        ino = self.rng.choice(files).ino
         parent = self.rng.choice(self._dirs())
         name = self._name(b"h")
-        self._change(lambda: self.volume.link(inode, parent, name, self._now()))
+        self._change(lambda view: self.rules.link(view, ino, parent.ino, name))
 
     def unlink(self) -> None:
         entries = [e for e in self._entries() if e[2].entries is None]
         if not entries:
             return self.create()
-        parent, name, child = self.rng.choice(entries)
-        self._change(lambda: self.volume.unlink(parent, name, child, self._now()))
+        parent, name, _ = self.rng.choice(entries)
+        self._change(lambda view: self.rules.unlink(view, parent.ino, name))
 
     def rmdir(self) -> None:
         empty = [e for e in self._entries() if e[2].entries is not None and not len(e[2].entries)]
         if not empty:
             return self.mkdir()
-        parent, name, child = self.rng.choice(empty)
-        self._change(lambda: self.volume.unlink(parent, name, child, self._now()))
+        parent, name, _ = self.rng.choice(empty)
+        self._change(lambda view: self.rules.rmdir(view, parent.ino, name))
 
     def rename(self) -> None:
+        """Onto a new name or an existing one: the rules refuse what POSIX does (a directory
+        into itself, over a file or a full directory, a file over a directory)."""
         entries = self._entries()
         if not entries:
             return self.create()
-        old_parent, old_name, moved = self.rng.choice(entries)
+        old_parent, old_name, _ = self.rng.choice(entries)
         if self.rng.random() < 0.4:  # onto an existing name
-            new_parent, new_name, target = self.rng.choice(entries)
+            new_parent, new_name, _ = self.rng.choice(entries)
         else:
-            new_parent, new_name, target = self.rng.choice(self._dirs()), self._name(b"r"), None
-        if moved.entries is not None and self._is_ancestor(moved, new_parent):
-            return None
-        if target is not None:
-            if target is moved:
-                return None
-            if moved.entries is not None and (target.entries is None or len(target.entries)):
-                return None
-            if moved.entries is None and target.entries is not None:
-                return None
-
-        def apply():
-            now = self._now()
-            self.volume.rename(old_parent, old_name, new_parent, new_name, target, now)
-
-        self._change(apply)
+            new_parent, new_name = self.rng.choice(self._dirs()), self._name(b"r")
+        self._change(
+            lambda view: self.rules.rename(
+                view, old_parent.ino, old_name, new_parent.ino, new_name, 0
+            )
+        )
 
     def exchange(self) -> None:
         entries = self._entries()
         if len(entries) < 2:
             return self.create()
-        (pa, na, a), (pb, nb, b) = self.rng.sample(entries, 2)
-        if a is b:
-            return None
-        for node, other_parent in ((a, pb), (b, pa)):
-            if node.entries is not None and self._is_ancestor(node, other_parent):
-                return None
-        self._change(lambda: self.volume.exchange(pa, na, pb, nb, self._now()))
+        (pa, na, _), (pb, nb, _) = self.rng.sample(entries, 2)
+        self._change(lambda view: self.rules.rename(view, pa.ino, na, pb.ino, nb, RENAME_EXCHANGE))
 
     # -- housekeeping and restarts: the tree stays as it is --------------------------------------
 
@@ -405,6 +388,7 @@ class Work:
         """The worker ends (SIGKILL unless *clean*) and a new one opens the volume."""
         self.volume.close(checkpoint=clean)
         self.volume = self.store.open_volume(self.name, create=False)
+        self.view = LocalModel(self.volume).view
         self.restarts += 1
         assert self.picture() == self.pictures[-1], "a restart changed the volume"
         assert picture(self.volume) == self.pictures[-1], "file contents differ from the model"

@@ -84,3 +84,27 @@ def test_torn_log_tail_is_cut_and_volume_mounts(volume, mnt):
     (mnt / "more").write_bytes(b"appending after the cut works")
     assert (volume.remount() / "more").read_bytes() == b"appending after the cut works"
     assert "torn log tail" in volume.log_file.read_text()
+
+
+def test_missing_segment_gives_eio_and_a_log_line(volume):
+    """A segment file gone from the store: reads of the data it held answer EIO with a log
+    line naming the volume and inode, never the store's own ENOENT."""
+    volfsd("create", volume.name, "--size", "16M", root=volume.root)  # 2 MiB segments
+    mnt = volume.mount()
+    data = _pattern(3 * MiB)
+    (mnt / "victim").write_bytes(data)
+    (mnt / "filler").write_bytes(os.urandom(4 * MiB))
+    ino = os.stat(mnt / "victim").st_ino
+    volume.unmount()  # a checkpoint: the next mount reads no segment but the head
+
+    needle = data[64 * 1024 : 64 * 1024 + 64]
+    holding = [s for s in sorted(volume.store.glob("seg-*.log")) if needle in s.read_bytes()]
+    assert len(holding) == 1
+    holding[0].unlink()
+    mnt = volume.mount()  # a new mount: nothing of the victim is in the page cache
+    with open(mnt / "victim", "rb") as f, pytest.raises(OSError) as info:
+        f.read(MiB)
+    assert info.value.errno == errno.EIO
+    assert (mnt / "filler").stat().st_size == 4 * MiB  # the mount still serves
+    errors = [line for line in volume.log_file.read_text().splitlines() if " ERROR " in line]
+    assert any(f"volume {volume.name}:" in e and f"inode {ino}" in e for e in errors), errors

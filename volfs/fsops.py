@@ -1,9 +1,10 @@
-"""The FUSE operations of a volume: POSIX rules and errnos on top of the store's `Volume`.
+"""The FUSE operations of a volume: pyfuse3's handlers on top of a volume model.
 
-Every handler is synchronous at heart: it checks the request against POSIX, picks the errno if
-it fails, and makes at most one `Volume` call, which journals the change before applying it.
-Nothing awaits between the check and the change, so handlers never interleave and need no locks.
-Store failures (a full or failing disk, damaged data) become errnos, never a dead mount.
+Each handler converts pyfuse3's arguments, runs one step of the POSIX rules (`volfs.posix`)
+in the model (`volfs.model.VolumeModel.run`), which checks the request and makes the change
+as one atomic unit, and converts the result for the kernel: attributes, file and directory
+handles, lookup counts.  What goes wrong becomes an errno here, at the edge, in one place
+(`_errno_guard`): a full volume or a failing store never takes the mount down.
 """
 
 from __future__ import annotations
@@ -11,115 +12,111 @@ from __future__ import annotations
 import errno
 import functools
 import logging
-import os
 import stat
-import time
+from collections.abc import Callable, Coroutine, Sequence
+from typing import Any, TypeVar, cast
 
 import pyfuse3
+from pyfuse3 import (
+    EntryAttributes,
+    FileHandleT,
+    FileInfo,
+    FileNameT,
+    FlagT,
+    FUSEError,
+    InodeT,
+    ModeT,
+    ReaddirToken,
+    RequestContext,
+    SetattrFields,
+    StatvfsData,
+    XAttrNameT,
+)
 
+from volfs import posix
 from volfs.errors import DataDamaged, NoSpace
-from volfs.store.dirents import Listing
-from volfs.store.volume import ROOT_INO, Inode, Volume
+from volfs.model import Listing, Node, VolumeModel, VolumeView
 
 log = logging.getLogger(__name__)
 
-NAME_MAX = 255
-PATH_MAX = 4096
-XATTR_NAME_MAX = 255
-XATTR_SIZE_MAX = 65536
-XATTR_NAMESPACES = (b"user.", b"trusted.", b"security.", b"system.")
 #: The kernel may cache entries and attributes this long.  One process serves each volume on a
 #: host and every change goes through it, so the kernel's caches stay coherent.
 CACHE_TIMEOUT = 60.0
-RENAME_NOREPLACE = 1
-RENAME_EXCHANGE = 2
-#: File capabilities: the kernel asks for them before every write through the page cache.
-CAPS_XATTR = b"security.capability"
-_SETGID_TYPES = (stat.S_IFDIR,)
+#: Handlers whose first argument is a file handle rather than an inode number.
+_BY_HANDLE = frozenset({"read", "write", "release", "fsync"})
+
+Handler = TypeVar("Handler", bound=Callable[..., Coroutine[Any, Any, Any]])
 
 
-def _errno_guard(handler):
-    """Turn store failures into errnos so a bad disk or a bug never takes the mount down."""
+def _errno_guard(handler: Handler) -> Handler:
+    """Answer every failure with an errno: FUSEError as it is, a full volume or disk ENOSPC,
+    damaged data EIO (the store logs which block), any other store failure EIO with a log
+    line, and a bug EIO with its traceback, so a bad disk or a bug never takes the mount down
+    and never shows the caller an errno that means something else (ENOENT for a missing
+    segment file, say)."""
+    name = handler.__name__
 
-    @functools.wraps(handler)
-    async def guarded(self, *args):
+    # Positional arguments only, as pyfuse3 calls handlers: no keyword dict per request.
+    async def guarded(self: VolumeOperations, *args: Any) -> Any:
         try:
             return await handler(self, *args)
-        except pyfuse3.FUSEError:
+        except FUSEError:
             raise
         except NoSpace:  # the volume's size or inode limit: an answer, not a failure
-            raise pyfuse3.FUSEError(errno.ENOSPC) from None
+            raise FUSEError(errno.ENOSPC) from None
         except DataDamaged:
-            raise pyfuse3.FUSEError(errno.EIO) from None
-        except OSError as exc:
+            raise FUSEError(errno.EIO) from None
+        except OSError as exc:  # the store's disk or files: full, failing, or gone
             log.error(
-                "volume %s: %s failed in the store: %s", self.volume.name, handler.__name__, exc
-            )
-            raise pyfuse3.FUSEError(exc.errno or errno.EIO) from None
+                "volume %s: %s of %s failed in the store: %s",
+                self.model.name, name, self._subject(name, args), exc,
+            )  # fmt: skip
+            full = exc.errno in (errno.ENOSPC, errno.EDQUOT)
+            raise FUSEError(errno.ENOSPC if full else errno.EIO) from None
         except Exception:
-            log.exception("volume %s: %s failed", self.volume.name, handler.__name__)
-            raise pyfuse3.FUSEError(errno.EIO) from None
+            log.exception(
+                "volume %s: %s of %s failed", self.model.name, name, self._subject(name, args)
+            )
+            raise FUSEError(errno.EIO) from None
 
-    return guarded
-
-
-def _fail(code: int):
-    return pyfuse3.FUSEError(code)
+    functools.update_wrapper(guarded, handler)
+    return cast(Handler, guarded)
 
 
 class VolumeOperations(pyfuse3.Operations):
-    """pyfuse3 handlers for one volume."""
+    """pyfuse3 handlers for one volume served by *model*."""
 
     enable_writeback_cache = False  # write() must not return before the store has the bytes
 
-    def __init__(self, volume: Volume, read_only: bool = False) -> None:
+    def __init__(self, model: VolumeModel, read_only: bool = False) -> None:
         super().__init__()
-        self.volume = volume
+        self.model = model
         self.read_only = read_only
-        self._inodes = volume.inodes
-        self._files: dict[int, Inode] = {}  #: open file handle -> its inode
-        self._listings: dict[int, tuple[Inode, Listing]] = {}  #: open directory handles
+        self.rules = posix.PosixRules(read_only)
+        self._files: dict[int, Node] = {}  #: open file handle -> its inode
+        self._listings: dict[int, tuple[Node, Listing]] = {}  #: open directory handles
         self._next_fh = 1
 
     # -- helpers --------------------------------------------------------------------------
-
-    def _inode(self, ino: int) -> Inode:
-        inode = self._inodes.get(ino)
-        if inode is None:
-            raise _fail(errno.ENOENT)
-        return inode
-
-    def _dir(self, ino: int) -> Inode:
-        inode = self._inode(ino)
-        if inode.entries is None:
-            raise _fail(errno.ENOTDIR)
-        return inode
 
     def _new_handle(self) -> int:
         """A handle number for an open file or directory, never given out before."""
         self._next_fh += 1
         return self._next_fh - 1
 
-    def _writable(self) -> None:
-        if self.read_only:
-            raise _fail(errno.EROFS)
+    def _subject(self, handler: str, args: Sequence[object]) -> str:
+        """What a failed handler worked on, for its log line: an inode (through a handle)."""
+        if not args:
+            return "the volume"
+        if handler in _BY_HANDLE:
+            node = self._files.get(args[0])  # type: ignore[call-overload]
+            return f"handle {args[0]}" if node is None else f"inode {node.ino}"
+        return f"inode {args[0]}"
 
     @staticmethod
-    def _check_name(name: bytes) -> None:
-        if len(name) > NAME_MAX:
-            raise _fail(errno.ENAMETOOLONG)
-
-    def _child(self, parent: Inode, name: bytes) -> Inode:
-        ino = parent.entries.get(name)
-        if ino is None:
-            self._check_name(name)
-            raise _fail(errno.ENOENT)
-        return self._inodes[ino]
-
-    def _attrs(self, inode: Inode) -> pyfuse3.EntryAttributes:
-        entry = pyfuse3.EntryAttributes()
-        entry.st_ino = inode.ino
-        entry.generation = 0
+    def _attrs(inode: Node) -> EntryAttributes:
+        entry = EntryAttributes()
+        entry.st_ino = inode.ino  # generation: 0, as pyfuse3 starts it
         entry.entry_timeout = CACHE_TIMEOUT
         entry.attr_timeout = CACHE_TIMEOUT
         entry.st_mode = inode.mode
@@ -135,372 +132,294 @@ class VolumeOperations(pyfuse3.Operations):
         entry.st_ctime_ns = inode.ctime_ns
         return entry
 
-    def _entry(self, inode: Inode) -> pyfuse3.EntryAttributes:
+    def _entry(self, inode: Node) -> EntryAttributes:
         """Attributes for a reply that gives the kernel a reference (raises the lookup count)."""
         inode.lookups += 1
         return self._attrs(inode)
 
-    def _new(self, parent: Inode, name: bytes, mode: int, ctx, rdev: int = 0, target=None):
-        """Create *name* in *parent* owned by the caller, as POSIX and setgid dirs say."""
-        self._writable()
-        self._check_name(name)
-        if name in parent.entries:
-            raise _fail(errno.EEXIST)
-        gid = ctx.gid
-        if parent.mode & stat.S_ISGID:
-            gid = parent.gid
-            if stat.S_IFMT(mode) in _SETGID_TYPES:
-                mode |= stat.S_ISGID
-        now = time.time_ns()
-        inode = self.volume.new_inode(mode, ctx.uid, gid, rdev, now)
-        if target is not None:
-            inode.target = target
-            inode.size = len(target)
-        self.volume.create(parent, name, inode, now)
-        return self._entry(self._inodes[inode.ino])
-
     # -- lookups and attributes -----------------------------------------------------------
 
     @_errno_guard
-    async def lookup(self, parent_inode, name, ctx=None):
-        parent = self._dir(parent_inode)
-        ino = parent.entries.get(name)
-        if ino is None:
-            self._check_name(name)
+    async def lookup(
+        self, parent_inode: InodeT, name: FileNameT, ctx: RequestContext
+    ) -> EntryAttributes:
+        node = await self.model.run(lambda view: self.rules.lookup(view, parent_inode, name))
+        if node is None:
             # A negative entry the kernel may cache (st_ino 0): every create goes through this
             # one mount, so the kernel drops it when the name appears.
-            missing = pyfuse3.EntryAttributes()
+            missing = EntryAttributes()
             missing.st_ino = 0
             missing.entry_timeout = CACHE_TIMEOUT
             return missing
-        return self._entry(self._inodes[ino])
+        return self._entry(node)
 
-    async def forget(self, inode_list):
-        for ino, nlookup in inode_list:
-            inode = self._inodes.get(ino)
-            if inode is not None:
-                inode.lookups -= nlookup
-                self.volume.forget(inode)
+    async def forget(self, inode_list: Sequence[tuple[InodeT, int]]) -> None:
+        def step(view: VolumeView) -> None:
+            for ino, nlookup in inode_list:
+                inode = view.inode(ino)
+                if inode is not None:
+                    inode.lookups -= nlookup
+                    view.forget(inode)
 
-    @_errno_guard
-    async def getattr(self, inode, ctx=None):
-        return self._attrs(self._inode(inode))
-
-    @_errno_guard
-    async def setattr(self, inode, attr, fields, fh, ctx):
-        node = self._inode(inode)
-        self._writable()
-        now = time.time_ns()
-        size = None
-        if fields.update_size:
-            if node.extents is None:
-                raise _fail(errno.EISDIR if node.entries is not None else errno.EINVAL)
-            size = attr.st_size
-        mtime = attr.st_mtime_ns if fields.update_mtime else None
-        if mtime is None and size is not None:
-            mtime = now  # a truncation is a modification
-        self.volume.set_attrs(
-            node,
-            mode=(node.mode & ~0o7777) | (attr.st_mode & 0o7777) if fields.update_mode else None,
-            uid=attr.st_uid if fields.update_uid else None,
-            gid=attr.st_gid if fields.update_gid else None,
-            size=size,
-            atime_ns=attr.st_atime_ns if fields.update_atime else None,
-            mtime_ns=mtime,
-            ctime_ns=attr.st_ctime_ns if fields.update_ctime else now,
-        )
-        return self._attrs(node)
+        await self.model.run(step)
 
     @_errno_guard
-    async def readlink(self, inode, ctx):
-        node = self._inode(inode)
-        if node.target is None:
-            raise _fail(errno.EINVAL)
-        return node.target
+    async def getattr(self, inode: InodeT, ctx: RequestContext) -> EntryAttributes:
+        return self._attrs(await self.model.run(lambda view: posix.existing(view, inode)))
+
+    @_errno_guard
+    async def setattr(
+        self,
+        inode: InodeT,
+        attr: EntryAttributes,
+        fields: SetattrFields,
+        fh: FileHandleT | None,
+        ctx: RequestContext,
+    ) -> EntryAttributes:
+        def step(view: VolumeView) -> Node:
+            return self.rules.setattr(
+                view,
+                inode,
+                mode=attr.st_mode if fields.update_mode else None,
+                uid=attr.st_uid if fields.update_uid else None,
+                gid=attr.st_gid if fields.update_gid else None,
+                size=attr.st_size if fields.update_size else None,
+                atime_ns=attr.st_atime_ns if fields.update_atime else None,
+                mtime_ns=attr.st_mtime_ns if fields.update_mtime else None,
+                ctime_ns=attr.st_ctime_ns if fields.update_ctime else None,
+            )
+
+        return self._attrs(await self.model.run(step))
+
+    @_errno_guard
+    async def readlink(self, inode: InodeT, ctx: RequestContext) -> FileNameT:
+        return await self.model.run(lambda view: self.rules.readlink(view, inode))
 
     # -- creating and removing names ------------------------------------------------------
 
     @_errno_guard
-    async def mknod(self, parent_inode, name, mode, rdev, ctx):
-        if not (
-            stat.S_ISREG(mode)
-            or stat.S_ISFIFO(mode)
-            or stat.S_ISSOCK(mode)
-            or stat.S_ISCHR(mode)
-            or stat.S_ISBLK(mode)
-        ):
-            raise _fail(errno.EINVAL)
-        mode = stat.S_IFMT(mode) | (stat.S_IMODE(mode) & ~ctx.umask)
-        return self._new(self._dir(parent_inode), name, mode, ctx, rdev=rdev)
-
-    @_errno_guard
-    async def mkdir(self, parent_inode, name, mode, ctx):
-        mode = stat.S_IFDIR | (stat.S_IMODE(mode) & ~ctx.umask)
-        return self._new(self._dir(parent_inode), name, mode, ctx)
-
-    @_errno_guard
-    async def symlink(self, parent_inode, name, target, ctx):
-        if len(target) >= PATH_MAX:
-            raise _fail(errno.ENAMETOOLONG)
-        return self._new(self._dir(parent_inode), name, stat.S_IFLNK | 0o777, ctx, target=target)
-
-    @_errno_guard
-    async def link(self, inode, new_parent_inode, new_name, ctx):
-        self._writable()
-        node = self._inode(inode)
-        parent = self._dir(new_parent_inode)
-        self._check_name(new_name)
-        if node.entries is not None:
-            raise _fail(errno.EPERM)
-        if new_name in parent.entries:
-            raise _fail(errno.EEXIST)
-        if node.nlink == 0:
-            raise _fail(errno.ENOENT)
-        self.volume.link(node, parent, new_name, time.time_ns())
+    async def mknod(
+        self, parent_inode: InodeT, name: FileNameT, mode: ModeT, rdev: int, ctx: RequestContext
+    ) -> EntryAttributes:
+        uid, gid, umask = ctx.uid, ctx.gid, ctx.umask
+        node = await self.model.run(
+            lambda view: self.rules.mknod(view, parent_inode, name, mode, rdev, uid, gid, umask)
+        )
         return self._entry(node)
 
     @_errno_guard
-    async def unlink(self, parent_inode, name, ctx):
-        self._writable()
-        parent = self._dir(parent_inode)
-        child = self._child(parent, name)
-        if child.entries is not None:
-            raise _fail(errno.EISDIR)
-        self.volume.unlink(parent, name, child, time.time_ns())
+    async def mkdir(
+        self, parent_inode: InodeT, name: FileNameT, mode: ModeT, ctx: RequestContext
+    ) -> EntryAttributes:
+        uid, gid, umask = ctx.uid, ctx.gid, ctx.umask
+        node = await self.model.run(
+            lambda view: self.rules.mkdir(view, parent_inode, name, mode, uid, gid, umask)
+        )
+        return self._entry(node)
 
     @_errno_guard
-    async def rmdir(self, parent_inode, name, ctx):
-        self._writable()
-        parent = self._dir(parent_inode)
-        child = self._child(parent, name)
-        if child.entries is None:
-            raise _fail(errno.ENOTDIR)
-        if len(child.entries):
-            raise _fail(errno.ENOTEMPTY)
-        self.volume.unlink(parent, name, child, time.time_ns())
-
-    def _is_ancestor(self, ancestor: Inode, inode: Inode) -> bool:
-        """Whether *ancestor* is *inode* or one of the directories above it."""
-        ino = inode.ino
-        while True:
-            if ino == ancestor.ino:
-                return True
-            if ino == ROOT_INO:
-                return False
-            ino = self._inodes[ino].parent
+    async def symlink(
+        self, parent_inode: InodeT, name: FileNameT, target: FileNameT, ctx: RequestContext
+    ) -> EntryAttributes:
+        uid, gid = ctx.uid, ctx.gid
+        node = await self.model.run(
+            lambda view: self.rules.symlink(view, parent_inode, name, target, uid, gid)
+        )
+        return self._entry(node)
 
     @_errno_guard
-    async def rename(self, parent_inode_old, name_old, parent_inode_new, name_new, flags, ctx):
-        self._writable()
-        if flags & ~(RENAME_NOREPLACE | RENAME_EXCHANGE) or flags == (
-            RENAME_NOREPLACE | RENAME_EXCHANGE
-        ):
-            raise _fail(errno.EINVAL)
-        old_parent = self._dir(parent_inode_old)
-        new_parent = self._dir(parent_inode_new)
-        self._check_name(name_new)
-        moved = self._child(old_parent, name_old)
-        target_ino = new_parent.entries.get(name_new)
-        target = None if target_ino is None else self._inodes[target_ino]
-        now = time.time_ns()
-        if flags & RENAME_EXCHANGE:
-            if target is None:
-                raise _fail(errno.ENOENT)
-            for node, other_parent in ((moved, new_parent), (target, old_parent)):
-                if node.entries is not None and self._is_ancestor(node, other_parent):
-                    raise _fail(errno.EINVAL)
-            if moved is not target:
-                self.volume.exchange(old_parent, name_old, new_parent, name_new, now)
-            return
-        if moved.entries is not None and self._is_ancestor(moved, new_parent):
-            raise _fail(errno.EINVAL)
-        if target is not None:
-            if flags & RENAME_NOREPLACE:
-                raise _fail(errno.EEXIST)
-            if target is moved:
-                return  # two links to one inode: POSIX says do nothing
-            if moved.entries is not None:
-                if target.entries is None:
-                    raise _fail(errno.ENOTDIR)
-                if len(target.entries):
-                    raise _fail(errno.ENOTEMPTY)
-            elif target.entries is not None:
-                raise _fail(errno.EISDIR)
-        self.volume.rename(old_parent, name_old, new_parent, name_new, target, now)
+    async def link(
+        self, inode: InodeT, new_parent_inode: InodeT, new_name: FileNameT, ctx: RequestContext
+    ) -> EntryAttributes:
+        node = await self.model.run(
+            lambda view: self.rules.link(view, inode, new_parent_inode, new_name)
+        )
+        return self._entry(node)
+
+    @_errno_guard
+    async def unlink(self, parent_inode: InodeT, name: FileNameT, ctx: RequestContext) -> None:
+        await self.model.run(lambda view: self.rules.unlink(view, parent_inode, name))
+
+    @_errno_guard
+    async def rmdir(self, parent_inode: InodeT, name: FileNameT, ctx: RequestContext) -> None:
+        await self.model.run(lambda view: self.rules.rmdir(view, parent_inode, name))
+
+    @_errno_guard
+    async def rename(
+        self,
+        parent_inode_old: InodeT,
+        name_old: FileNameT,
+        parent_inode_new: InodeT,
+        name_new: FileNameT,
+        flags: FlagT,
+        ctx: RequestContext,
+    ) -> None:
+        await self.model.run(
+            lambda view: self.rules.rename(
+                view, parent_inode_old, name_old, parent_inode_new, name_new, flags
+            )
+        )
 
     # -- files ----------------------------------------------------------------------------
 
-    def _open(self, inode: Inode, flags: int) -> pyfuse3.FileInfo:
-        if flags & os.O_ACCMODE != os.O_RDONLY:
-            self._writable()
+    def _open(self, inode: Node) -> FileInfo:
+        """A new handle on *inode*, which a step has found and checked."""
         fh = self._new_handle()
         self._files[fh] = inode
         inode.opens += 1
-        self.volume.forget(inode)  # a deleted file opened again (/proc/PID/fd) counts again
         # Not direct_io, even for write-only handles, though it would spare the
         # getxattr(security.capability) the kernel sends before each write through the page
         # cache: a direct write of an O_SYNC/O_DSYNC descriptor or with RWF_SYNC/RWF_DSYNC
         # gets no fsync from the kernel (the flag rides in the WRITE request, which pyfuse3
         # does not pass to `write`), so it would return before the bytes are durable.
-        return pyfuse3.FileInfo(fh=fh, keep_cache=True)
+        return FileInfo(fh=fh, keep_cache=True)
 
     @_errno_guard
-    async def open(self, inode, flags, ctx):
-        node = self._inode(inode)
-        if node.extents is None:
-            raise _fail(errno.EISDIR if node.entries is not None else errno.EINVAL)
-        if flags & os.O_TRUNC and node.size:  # the kernel leaves O_TRUNC to us (atomic_o_trunc)
-            self._writable()
-            now = time.time_ns()
-            self.volume.set_attrs(node, size=0, mtime_ns=now, ctime_ns=now)
-        return self._open(node, flags)
+    async def open(self, inode: InodeT, flags: FlagT, ctx: RequestContext) -> FileInfo:
+        node = await self.model.run(lambda view: self.rules.open(view, inode, flags))
+        info = self._open(node)
+        if not node.nlink:  # a deleted file opened again (/proc/PID/fd) counts again
+            await self.model.run(lambda view: view.forget(node))
+        return info
 
     @_errno_guard
-    async def create(self, parent_inode, name, mode, flags, ctx):
+    async def create(
+        self,
+        parent_inode: InodeT,
+        name: FileNameT,
+        mode: ModeT,
+        flags: FlagT,
+        ctx: RequestContext,
+    ) -> tuple[FileInfo, EntryAttributes]:
+        uid, gid = ctx.uid, ctx.gid
         mode = stat.S_IFREG | (stat.S_IMODE(mode) & ~ctx.umask)
-        entry = self._new(self._dir(parent_inode), name, mode, ctx)
-        return self._open(self._inodes[entry.st_ino], flags), entry
+        node = await self.model.run(
+            lambda view: self.rules.new(view, parent_inode, name, mode, uid, gid)
+        )
+        entry = self._entry(node)
+        return self._open(node), entry
 
     @_errno_guard
-    async def read(self, fh, off, size):
-        return self.volume.read(self._files[fh], off, size)
+    async def read(self, fh: FileHandleT, off: int, size: int) -> bytes:
+        node = self._files[fh]
+        return await self.model.run(lambda view: view.read(node, off, size))
 
     @_errno_guard
-    async def write(self, fh, off, buf):
-        self._writable()
-        # O_APPEND needs nothing here: the kernel sends the end of the file as *off* (under
-        # its inode lock), and only it knows whether fcntl(F_SETFL) has cleared the flag since.
-        self.volume.write(self._files[fh], off, buf, time.time_ns())  # refuses what passes the size
-        return len(buf)
+    async def write(self, fh: FileHandleT, off: int, buf: bytes) -> int:
+        node = self._files[fh]
+        return await self.model.run(lambda view: self.rules.write(view, node, off, buf))
 
-    async def flush(self, fh):
+    async def flush(self, fh: FileHandleT) -> None:
         # write() already put every byte in the store, so close() has nothing to flush.
         # ENOSYS tells the kernel to stop sending FLUSH at all: one round trip less per close.
-        raise pyfuse3.FUSEError(errno.ENOSYS)
+        raise FUSEError(errno.ENOSYS)
 
     @_errno_guard
-    async def release(self, fh):
+    async def release(self, fh: FileHandleT) -> None:
         inode = self._files.pop(fh)
         inode.opens -= 1
-        self.volume.forget(inode)
+        await self.model.run(lambda view: view.forget(inode))
 
     @_errno_guard
-    async def fsync(self, fh, datasync):
-        self.volume.sync()
+    async def fsync(self, fh: FileHandleT, datasync: bool) -> None:
+        await self.model.run(lambda view: view.sync())
 
     # -- directories ----------------------------------------------------------------------
 
     @_errno_guard
-    async def opendir(self, inode, ctx):
-        directory = self._dir(inode)
+    async def opendir(self, inode: InodeT, ctx: RequestContext) -> FileHandleT:
+        def step(view: VolumeView) -> tuple[Node, Listing]:
+            found = posix.directory(view, inode)
+            return found, view.listing(found)
+
+        listing = await self.model.run(step)
         fh = self._new_handle()
-        self._listings[fh] = (directory, Listing(directory.entries))
+        self._listings[fh] = listing
         return fh
 
     @_errno_guard
-    async def readdir(self, fh, start_id, token):
+    async def readdir(self, fh: FileHandleT, start_id: int, token: ReaddirToken) -> None:
         directory, listing = self._listings[fh]
         if directory.nlink == 0:
             return  # removed while open: nothing more to list
-        # "." and ".." first, at offsets 1 and 2 (entries start at 3).  The kernel takes no
-        # reference for them, so their lookup counts stay as they are.
-        parent = self._inodes.get(directory.parent or directory.ino, directory)
-        for offset, name, node in ((1, b".", directory), (2, b"..", parent)):
-            if start_id < offset and not pyfuse3.readdir_reply(
-                token, name, self._attrs(node), offset
-            ):
-                return
-        for name, ino, offset in listing.after(start_id):
-            child = self._inodes[ino]
-            if not pyfuse3.readdir_reply(token, name, self._attrs(child), offset):
-                break
-            child.lookups += 1
 
-    async def releasedir(self, fh):
+        # The one step that acts outside the view: it fills the kernel's reply as it goes
+        # (the buffer decides how many entries fit) and counts the references replies give.
+        # It only reads the volume, so a model runs it once (a database model: in a
+        # read-only snapshot, which cannot fail to serialize).
+        def step(view: VolumeView) -> None:
+            # "." and ".." first, at offsets 1 and 2 (entries start at 3).  The kernel takes
+            # no reference for them, so their lookup counts stay as they are.
+            parent = view.inode(directory.parent or directory.ino) or directory
+            for offset, name, node in ((1, b".", directory), (2, b"..", parent)):
+                if start_id < offset and not pyfuse3.readdir_reply(
+                    token, name, self._attrs(node), offset
+                ):
+                    return
+            for name, ino, offset in listing.after(start_id):
+                child = posix.existing(view, ino)
+                if not pyfuse3.readdir_reply(token, name, self._attrs(child), offset):
+                    break
+                child.lookups += 1
+
+        await self.model.run(step)
+
+    async def releasedir(self, fh: FileHandleT) -> None:
         del self._listings[fh]
 
     @_errno_guard
-    async def fsyncdir(self, fh, datasync):
-        self.volume.sync()
+    async def fsyncdir(self, fh: FileHandleT, datasync: bool) -> None:
+        await self.model.run(lambda view: view.sync())
 
     @_errno_guard
-    async def statfs(self, ctx):
-        disk = self.volume.disk_stats()
-        stats = pyfuse3.StatvfsData()
-        stats.f_bsize = stats.f_frsize = disk.f_frsize
-        blocks, free = disk.f_blocks, disk.f_bavail
-        volume = self.volume
-        if volume.quota:  # a sized volume shows its own size, used and free space
-            blocks = volume.quota // disk.f_frsize
-            used = -(-volume.used_by_files // disk.f_frsize)
-            free = max(0, min(free, blocks - used))
-        stats.f_blocks = blocks
-        stats.f_bfree = stats.f_bavail = free
-        if volume.inode_limit:
-            stats.f_files = volume.inode_limit
-            stats.f_ffree = stats.f_favail = max(0, volume.inode_limit - volume.inodes_used)
-        else:
-            stats.f_files = volume.inodes_used + disk.f_ffree
-            stats.f_ffree = stats.f_favail = disk.f_ffree
-        stats.f_namemax = NAME_MAX
-        return stats
+    async def statfs(self, ctx: RequestContext) -> StatvfsData:
+        return await self.model.run(_statfs)
 
     # -- extended attributes --------------------------------------------------------------
 
-    @staticmethod
-    def _check_xattr_name(name: bytes) -> None:
-        """Refuse names outside Linux's namespaces as ext4 does: bare prefix EINVAL, else
-        an unknown namespace EOPNOTSUPP."""
-        for prefix in XATTR_NAMESPACES:
-            if name.startswith(prefix):
-                if name == prefix:
-                    raise _fail(errno.EINVAL)
-                return
-        raise _fail(errno.EOPNOTSUPP)
+    @_errno_guard
+    async def setxattr(
+        self, inode: InodeT, name: XAttrNameT, value: bytes, ctx: RequestContext
+    ) -> None:
+        uid = ctx.uid
+        await self.model.run(lambda view: self.rules.setxattr(view, inode, name, value, uid))
 
     @_errno_guard
-    async def setxattr(self, inode, name, value, ctx):
-        self._writable()
-        node = self._inode(inode)
-        if len(name) > XATTR_NAME_MAX or not name:
-            raise _fail(errno.ERANGE)
-        self._check_xattr_name(name)
-        if len(value) > XATTR_SIZE_MAX:
-            raise _fail(errno.E2BIG)
-        if name.startswith(b"trusted.") and ctx.uid != 0:
-            raise _fail(errno.EPERM)
-        if name.startswith(b"system."):
-            raise _fail(errno.EOPNOTSUPP)  # no POSIX ACLs yet
-        if name.startswith(b"user.") and node.extents is None and node.entries is None:
-            raise _fail(errno.EPERM)  # Linux allows user.* only on files and directories
-        self.volume.set_xattr(node, name, value, time.time_ns())
+    async def getxattr(self, inode: InodeT, name: XAttrNameT, ctx: RequestContext) -> bytes:
+        uid = ctx.uid
+        value = await self.model.run(lambda view: self.rules.getxattr(view, inode, name, uid))
+        if value is None:
+            raise FUSEError(pyfuse3.ENOATTR)
+        return value
 
     @_errno_guard
-    async def getxattr(self, inode, name, ctx):
-        node = self._inode(inode)
-        if not node.xattrs and name == CAPS_XATTR:  # asked before every write: answer first
-            raise _fail(pyfuse3.ENOATTR)
-        self._check_xattr_name(name)
-        if node.xattrs is None or name not in node.xattrs:
-            raise _fail(pyfuse3.ENOATTR)
-        if name.startswith(b"trusted.") and ctx.uid != 0:
-            raise _fail(pyfuse3.ENOATTR)
-        return node.xattrs[name]
+    async def listxattr(self, inode: InodeT, ctx: RequestContext) -> Sequence[XAttrNameT]:
+        uid = ctx.uid
+        return await self.model.run(lambda view: self.rules.listxattr(view, inode, uid))
 
     @_errno_guard
-    async def listxattr(self, inode, ctx):
-        node = self._inode(inode)
-        if not node.xattrs:
-            return []
-        return [n for n in node.xattrs if ctx.uid == 0 or not n.startswith(b"trusted.")]
+    async def removexattr(self, inode: InodeT, name: XAttrNameT, ctx: RequestContext) -> None:
+        uid = ctx.uid
+        await self.model.run(lambda view: self.rules.removexattr(view, inode, name, uid))
 
-    @_errno_guard
-    async def removexattr(self, inode, name, ctx):
-        self._writable()
-        node = self._inode(inode)
-        self._check_xattr_name(name)
-        if node.xattrs is None or name not in node.xattrs:
-            raise _fail(pyfuse3.ENOATTR)
-        if name.startswith(b"trusted.") and ctx.uid != 0:
-            raise _fail(errno.EPERM)
-        self.volume.set_xattr(node, name, None, time.time_ns())
+
+def _statfs(view: VolumeView) -> StatvfsData:
+    """The figures of the disk that holds the volume, or of its size and inode limit."""
+    disk = view.disk_stats()
+    stats = StatvfsData()
+    stats.f_bsize = stats.f_frsize = disk.f_frsize
+    blocks, free = disk.f_blocks, disk.f_bavail
+    if view.quota:  # a sized volume shows its own size, used and free space
+        blocks = view.quota // disk.f_frsize
+        used = -(-view.used_by_files // disk.f_frsize)
+        free = max(0, min(free, blocks - used))
+    stats.f_blocks = blocks
+    stats.f_bfree = stats.f_bavail = free
+    if view.inode_limit:
+        stats.f_files = view.inode_limit
+        stats.f_ffree = stats.f_favail = max(0, view.inode_limit - view.inodes_used)
+    else:
+        stats.f_files = view.inodes_used + disk.f_ffree
+        stats.f_ffree = stats.f_favail = disk.f_ffree
+    stats.f_namemax = posix.NAME_MAX
+    return stats

@@ -27,6 +27,7 @@ import trio
 from volfs import __version__, mounts, requests, workerctl
 from volfs.errors import VolfsError
 from volfs.fsops import VolumeOperations
+from volfs.localmodel import LocalModel
 from volfs.store.root import StoreRoot
 from volfs.store.volume import Volume
 
@@ -172,7 +173,7 @@ def serve(
     finally:
         gc.enable()
     gc.freeze()
-    operations = VolumeOperations(volume, read_only=read_only)
+    operations = VolumeOperations(LocalModel(volume), read_only=read_only)
     try:
         pyfuse3.init(operations, str(mountpoint), mount_options(name, read_only))
     except RuntimeError as exc:

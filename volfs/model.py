@@ -1,0 +1,177 @@
+"""The seam between the FUSE operations and a volume model: what the POSIX rules may ask of a
+volume, and how a model runs them atomically.
+
+A *step* is a plain synchronous function of a `VolumeView`: it looks up inodes and names,
+decides by the POSIX rules (`volfs.posix`), and makes the change, all through the view.  A
+`VolumeModel` runs one step as one atomic unit: no other step sees it half done.  A model may
+run a step more than once (a database model retries it after a serialization failure), so a
+step has no effect outside the view and raises its answer (`pyfuse3.FUSEError`) rather than
+keeping it somewhere.
+
+The local model (`volfs.localmodel`) runs a step directly on the trio thread: a step never
+awaits, so no other handler runs in between, exactly as when the handlers made the calls
+themselves.  A database model would run it in a thread inside one transaction.
+
+The view's change methods are the writing store volume's (`volfs.store.volume.Volume`) public
+methods, with the same names and signatures: each journals one operation before applying it,
+and fails (`NoSpace`, an `OSError` of the disk) before changing anything.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterator
+from typing import Protocol, TypeVar
+
+T = TypeVar("T")
+
+
+class Node(Protocol):
+    """One inode as the rules and the FUSE layer see it.
+
+    The attributes are the stored ones; change them through the view, never directly (but
+    for a new inode's symlink target before `VolumeView.create`).  ``lookups`` and ``opens``
+    are the serving process's own references (the kernel's lookup counts and open handles),
+    not volume state: the FUSE layer counts them, and the view's `forget` acts on them.
+    """
+
+    ino: int
+    mode: int
+    uid: int
+    gid: int
+    rdev: int
+    size: int
+    stored: int  #: bytes of data held (holes excluded)
+    atime_ns: int
+    mtime_ns: int
+    ctime_ns: int
+    nlink: int
+    target: bytes | None  #: a symlink's target
+    xattrs: dict[bytes, bytes] | None
+    parent: int  #: a directory's parent directory (the root: itself, or 0)
+    lookups: int
+    opens: int
+
+
+class Listing(Protocol):
+    """One open directory handle's pass over a directory (`volfs.store.dirents.Listing`)."""
+
+    def after(self, offset: int) -> Iterator[tuple[bytes, int, int]]:
+        """(name, inode number, offset) of each entry after *offset*; 0 starts afresh."""
+        ...
+
+
+class VolumeView(Protocol):
+    """The metadata and data of one volume as seen inside one atomic step."""
+
+    name: str  #: the volume's name, for log lines
+
+    # -- lookups ------------------------------------------------------------------------------
+
+    def inode(self, ino: int) -> Node | None:
+        """The inode numbered *ino*, or None if there is none."""
+        ...
+
+    def child(self, directory: Node, name: bytes) -> Node | None:
+        """The inode *name* in *directory* names, or None."""
+        ...
+
+    def entry_count(self, directory: Node) -> int:
+        """How many names *directory* holds ("." and ".." not counted)."""
+        ...
+
+    def listing(self, directory: Node) -> Listing:
+        """A new pass over *directory*'s names for one open directory handle."""
+        ...
+
+    # -- changes, each journaled as one operation -------------------------------------------
+
+    def new_inode(self, mode: int, uid: int, gid: int, rdev: int, now_ns: int) -> Node:
+        """An inode that exists only in the step until `create` adds it."""
+        ...
+
+    def create(self, parent: Node, name: bytes, inode: Node, now_ns: int) -> None: ...
+
+    def link(self, inode: Node, parent: Node, name: bytes, now_ns: int) -> None: ...
+
+    def unlink(self, parent: Node, name: bytes, child: Node, now_ns: int) -> None: ...
+
+    def rename(
+        self,
+        old_parent: Node,
+        old_name: bytes,
+        new_parent: Node,
+        new_name: bytes,
+        replaced: Node | None,
+        now_ns: int,
+    ) -> None:
+        """Move an entry, replacing *replaced* (the inode at the new name) if given."""
+        ...
+
+    def exchange(
+        self, parent_a: Node, name_a: bytes, parent_b: Node, name_b: bytes, now_ns: int
+    ) -> None: ...
+
+    def set_attrs(
+        self,
+        inode: Node,
+        *,
+        mode: int | None = None,
+        uid: int | None = None,
+        gid: int | None = None,
+        size: int | None = None,
+        atime_ns: int | None = None,
+        mtime_ns: int | None = None,
+        ctime_ns: int,
+    ) -> None: ...
+
+    def set_xattr(self, inode: Node, name: bytes, value: bytes | None, now_ns: int) -> None:
+        """Set an extended attribute, or remove it (*value* None)."""
+        ...
+
+    # -- data ---------------------------------------------------------------------------------
+
+    def write(self, inode: Node, offset: int, data: bytes, now_ns: int) -> None:
+        """Write *data* at *offset*; `NoSpace` past the volume's size."""
+        ...
+
+    def read(self, inode: Node, offset: int, size: int) -> bytes:
+        """Verified bytes of a regular file; `DataDamaged` rather than wrong bytes."""
+        ...
+
+    def forget(self, inode: Node) -> None:
+        """Drop an unlinked inode once no lookups or opens reach it any more."""
+        ...
+
+    def sync(self) -> None:
+        """Make every change committed so far durable."""
+        ...
+
+    # -- limits and figures ---------------------------------------------------------------------
+
+    quota: int  #: most bytes the volume may hold; 0: no limit
+    inode_limit: int  #: most inodes; 0: no limit
+
+    @property
+    def used_by_files(self) -> int: ...
+
+    @property
+    def inodes_used(self) -> int: ...
+
+    def disk_stats(self) -> os.statvfs_result:
+        """Capacity figures of what holds the volume."""
+        ...
+
+
+class VolumeModel(Protocol):
+    """Runs steps on one volume, each atomically."""
+
+    name: str
+
+    async def run(self, step: Callable[[VolumeView], T]) -> T:
+        """Run *step* on a view of the volume as one atomic unit; return what it returns.
+
+        The step may be run more than once; what it raises (a `pyfuse3.FUSEError` answer, a
+        store failure) ends it with nothing changed by that run.
+        """
+        ...
