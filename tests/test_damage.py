@@ -86,6 +86,8 @@ def test_torn_log_tail_is_cut_and_volume_mounts(volume, mnt):
     assert "torn log tail" in volume.log_file.read_text()
 
 
+@pytest.mark.store_damaged("a segment file removed on purpose")
+@pytest.mark.expect_log("failed in the store", "missing segment")
 def test_missing_segment_gives_eio_and_a_log_line(volume):
     """A segment file gone from the store: reads of the data it held answer EIO with a log
     line naming the volume and inode, never the store's own ENOENT."""
