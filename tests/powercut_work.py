@@ -18,7 +18,8 @@ from collections.abc import Callable
 from powercut_disk import Recorder
 
 from volfs.store.root import StoreRoot
-from volfs.store.volume import ROOT_INO, Inode, Volume
+from volfs.store.state import ROOT_INO, Inode
+from volfs.store.volume import Volume
 
 #: The fields of each entry of a picture.
 FIELDS = (

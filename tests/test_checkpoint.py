@@ -17,7 +17,8 @@ import trio
 from volfs import worker
 from volfs.store import journal, pidlock
 from volfs.store.root import StoreRoot
-from volfs.store.volume import ROOT_INO, Volume
+from volfs.store.state import ROOT_INO
+from volfs.store.volume import Volume
 
 from conftest import _wait_gone
 

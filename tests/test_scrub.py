@@ -20,11 +20,11 @@ import pytest
 from test_crash import use_segment_size
 from test_damage import _flip, _pattern
 
-from volfs.scrub import Progress
+from volfs.checking import Progress
 from volfs.store import check
-from volfs.store.check import Problem
+from volfs.store.check import Problem, ProblemKind
 from volfs.store.root import StoreRoot
-from volfs.store.volume import ROOT_INO
+from volfs.store.state import ROOT_INO
 
 from conftest import volfsd
 
@@ -350,10 +350,12 @@ def test_missing_segments_are_damage(tmp_path):
     finally:
         snapshot.close()
     assert sorted(report.problems) == [
-        Problem("(store)", f"log segment {segs[1]} is missing; what it held is unreadable"),
-        Problem("(store)", f"log segment {segs[2]} is missing; what it held is unreadable"),
-        Problem("/old", f"data in missing segment {segs[0]}"),
-    ]
+        Problem("(store)", f"log segment {segs[1]} is missing; what it held is unreadable",
+                ProblemKind.MISSING_SEGMENT),
+        Problem("(store)", f"log segment {segs[2]} is missing; what it held is unreadable",
+                ProblemKind.MISSING_SEGMENT),
+        Problem("/old", f"data in missing segment {segs[0]}", ProblemKind.MISSING_SEGMENT, old.ino),
+    ]  # fmt: skip
 
 
 def test_snapshot_settles_for_a_prefix_when_the_checkpoint_keeps_changing(tmp_path, monkeypatch):

@@ -13,7 +13,8 @@ import pytest
 
 from volfs.errors import VolumeDamaged
 from volfs.store.root import StoreRoot
-from volfs.store.volume import ROOT_INO, Volume
+from volfs.store.state import ROOT_INO
+from volfs.store.volume import Volume
 
 
 def picture(volume: Volume) -> dict[str, tuple]:

@@ -18,7 +18,7 @@ import traceback
 from pathlib import Path
 
 import volfs
-from volfs import control, mounts, scrub
+from volfs import checking, control, mounts
 from volfs.errors import VolfsError
 from volfs.mountpoint import REPLACE, normalize, open_mountpoint, prepare
 from volfs.store import pidlock
@@ -34,7 +34,7 @@ UMOUNT_TIMEOUT = 120.0
 #: names start with a letter or digit, so no volume's worker log can be this file.
 CLI_LOG = "_cli.log"
 #: Commands whose exit status 1 means "damage found": their failures exit 2 ("not checked").
-CHECKS = {"fsck": scrub.UNCHECKED, "scrub": scrub.UNCHECKED}
+CHECKS = {"fsck": checking.UNCHECKED, "scrub": checking.UNCHECKED}
 #: What the daemon answers when a request hit a bug (volfs/daemon.py); it names no log.
 DAEMON_INTERNAL = "internal error in volfsd; see its log"
 
@@ -368,11 +368,11 @@ def cmd_resize(args: argparse.Namespace) -> None:
 
 
 def cmd_fsck(args: argparse.Namespace) -> int:
-    return scrub.fsck(default_root(), args.name, args.repair)
+    return checking.fsck(default_root(), args.name, args.repair)
 
 
 def cmd_scrub(args: argparse.Namespace) -> int:
-    return scrub.scrub(default_root(), args.name, args.rate)
+    return checking.scrub(default_root(), args.name, args.rate)
 
 
 def _rate(text: str) -> float:
@@ -450,7 +450,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     scrubs = sub.add_parser("scrub", help="verify every checksum of a volume, mounted or not")
     scrubs.add_argument("name", metavar="NAME")
-    scrubs.add_argument("--rate", type=_rate, default=scrub.DEFAULT_RATE, metavar="MB/s",
+    scrubs.add_argument("--rate", type=_rate, default=checking.DEFAULT_RATE, metavar="MB/s",
                         help="read at most this fast (default 50; 0: no limit)")  # fmt: skip
     scrubs.set_defaults(func=cmd_scrub)
 

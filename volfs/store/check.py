@@ -21,23 +21,32 @@ the directory tree against the inodes, link counts, sizes and the per-segment ac
 from __future__ import annotations
 
 import contextlib
+import enum
 import os
 import stat
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import msgpack
 
 from volfs.errors import StoreError, VolumeDamaged
-from volfs.store import frame, journal
+from volfs.store import frame, headers, journal, records
 from volfs.store.extents import Extent
-from volfs.store.log import MAX_OPEN_SEGMENTS, OPEN_FLAGS, LogDamage, Position, SegmentLog
-from volfs.store.log import segment_name as _segment_name
-from volfs.store.root import StoreRoot
-from volfs.store.volume import ROOT_INO, Inode, Volume
+from volfs.store.log import (
+    MAX_OPEN_SEGMENTS,
+    OPEN_FLAGS,
+    LogDamage,
+    LogFrame,
+    Position,
+    SegmentReader,
+    segment_name,
+)
+from volfs.store.records import CheckpointRecord, LinkRecord
+from volfs.store.state import ROOT_INO, Inode, VolumeState
+from volfs.store.volume import Volume
 
 #: Loads tried while the server keeps replacing the checkpoint under a loading snapshot
 #: (the last one keeps the part of the log it could replay).
@@ -47,14 +56,38 @@ MAX_NAMED = 20
 
 Pace = Callable[[int], None]
 
-#: Record kinds whose second field is the inode they change (a directory, for the last three).
-_ABOUT_INODE = (journal.INODE, journal.WRITE, journal.XATTR, journal.EXTENTS, journal.UNLINK,
-                journal.RENAME, journal.EXCHANGE)  # fmt: skip
+#: For each record kind that concerns one inode, the field that names it (a directory, for
+#: UNLINK, RENAME and EXCHANGE).  LINK names two and is read apart.
+_ABOUT_INODE = {
+    records.InodeRecord: "ino",
+    records.WriteRecord: "ino",
+    records.XattrRecord: "ino",
+    records.ExtentsRecord: "ino",
+    records.UnlinkRecord: "parent",
+    records.RenameRecord: "old_parent",
+    records.ExchangeRecord: "parent_a",
+}
+
+
+class ProblemKind(enum.StrEnum):
+    """What is wrong; what `--repair` and programs decide on (the text is for people)."""
+
+    CHECKSUM = "checksum"  #: file data fails its checksums
+    MISSING_SEGMENT = "missing-segment"  #: a log segment that data or metadata needs is gone
+    METADATA = "metadata"  #: a checkpoint or log frame of metadata fails its checks
+    UNFIT_RECORD = "unfit-record"  #: records that do not fit the volume's state
+    UNREACHABLE = "unreachable"  #: an inode that no directory reaches (an orphan)
+    LINK_COUNT = "link-count"  #: a link count that differs from the tree
+    PARENT = "parent"  #: a directory whose parent link is wrong
+    SIZE = "size"  #: a size that does not fit the data (a symlink's, data past the end)
+    ACCOUNTING = "accounting"  #: the per-segment or volume-wide figures differ from a recount
 
 
 class Problem(NamedTuple):
-    path: str
-    what: str
+    path: str  #: the file it concerns, or "inode N", or "(store)"
+    what: str  #: what is wrong, for people
+    kind: ProblemKind
+    ino: int | None = None  #: the inode it concerns, if one
 
 
 class Report(NamedTuple):
@@ -67,6 +100,7 @@ class Report(NamedTuple):
 class Damage(NamedTuple):
     """A frame of metadata that failed its checks while a snapshot loaded."""
 
+    kind: ProblemKind
     what: str  #: where it is and why it is damaged
     records: object  #: its meta part read without its checksum; None if unreadable
 
@@ -79,10 +113,6 @@ class SegmentGone(Exception):
 
 class CheckpointMoved(Exception):
     """The server replaced the checkpoint while a snapshot loaded from it: load again."""
-
-
-def _refuse(*_args: object, **_kwargs: object) -> None:
-    raise StoreError("a snapshot of a volume is read-only")
 
 
 def _open_ro(name: str, dir_fd: int) -> int:
@@ -124,7 +154,7 @@ def _salvage(fd: int, pos: int) -> tuple[int | None, object]:
     return None, records
 
 
-class ReadOnlyLog(SegmentLog):
+class ReadOnlyLog(SegmentReader):
     """A volume's log as a snapshot reads it: segments opened read-only, nothing written or cut.
 
     Replay records damage before the durable mark and goes on after it; at damage beyond the
@@ -132,7 +162,7 @@ class ReadOnlyLog(SegmentLog):
     nothing.  *pace* is called with the bytes about to be read.
     """
 
-    def __init__(self, dir_fd: int, volume_id: str, pace: Pace, moved: Callable[[], bool]):
+    def __init__(self, dir_fd: int, volume_id: str, pace: Pace, moved: Callable[[], bool]) -> None:
         super().__init__(dir_fd, volume_id, segment_size=0)
         self._pace = pace
         self._moved = moved
@@ -142,15 +172,13 @@ class ReadOnlyLog(SegmentLog):
         self.retry = True  #: whether a replaced checkpoint makes the snapshot load again
         self.listed_current = False  #: whether the checkpoint was current when listing ended
 
-    append = sync = start_appending = discard_after = remove_segment = _refuse
-
     def _fd(self, seg: int) -> int:
         fd = self._fds.pop(seg, None)  # re-inserted last: the least recently used goes first
         if fd is None:
             if len(self._fds) >= MAX_OPEN_SEGMENTS:
                 os.close(self._fds.pop(next(iter(self._fds))))
             try:
-                fd = _open_ro(_segment_name(seg), self._dir_fd)
+                fd = _open_ro(segment_name(seg), self._dir_fd)
             except FileNotFoundError:
                 raise SegmentGone(seg) from None
         self._fds[seg] = fd
@@ -164,7 +192,7 @@ class ReadOnlyLog(SegmentLog):
         self.mark = super().durable_mark()  # read before any frame: what lies before it is whole
         return self.mark
 
-    def frames(self, start: Position) -> Iterator:
+    def frames(self, start: Position) -> Iterator[LogFrame]:
         # Listed only now, after the checkpoint was read: the segments it needs exist, or were
         # deleted because a newer checkpoint replaced it.  Numbers from the checkpoint's
         # segment to the last one listed (or the durable mark's) are tried even if not listed.
@@ -193,7 +221,8 @@ class ReadOnlyLog(SegmentLog):
                 if self._moved() or Position(gone.seg, 0) >= proven:
                     self.tail = (Position(gone.seg, 0), "its segment file went away")
                     return
-                self.damage.append(Damage(f"log segment {gone.seg} is missing", None))
+                missing = f"log segment {gone.seg} is missing"
+                self.damage.append(Damage(ProblemKind.MISSING_SEGMENT, missing, None))
                 at = Position(gone.seg + 1, 0)
             except LogDamage as damage:
                 if damage.at >= proven:
@@ -205,28 +234,46 @@ class ReadOnlyLog(SegmentLog):
                     after, what = None, f"{what}; the segment is skipped"
                 elif after is None:
                     what += "; the rest of the segment cannot be located"
-                self.damage.append(Damage(what, records))
+                self.damage.append(Damage(ProblemKind.METADATA, what, records))
                 at = Position(seg, after) if after is not None else Position(seg + 1, 0)
 
 
-class Snapshot(Volume):
-    """A volume's state loaded read-only, without its lock, for checking."""
+def _as_checkpoint(raw: object) -> CheckpointRecord | None:
+    """*raw* decoded, if it is a CHECKPOINT record (any other is applied, or found unfit)."""
+    if isinstance(raw, list) and raw and raw[0] == records.CHECKPOINT:
+        with contextlib.suppress(TypeError, ValueError):
+            decoded = records.decode(raw)
+            if type(decoded) is CheckpointRecord:
+                return decoded
+    return None
 
-    def __init__(self, name: str, dir_fd: int, header: dict, pace: Pace | None = None) -> None:
-        super().__init__(name, dir_fd, -1, header["id"], header["segment_size"])
-        self._pace = pace or (lambda _n: None)
-        self.log = ReadOnlyLog(dir_fd, header["id"], self._pace, self.moved)
+
+def _no_pace(_nbytes: int) -> None:
+    pass
+
+
+class Snapshot(VolumeState):
+    """A volume's state loaded read-only, without its lock, for checking.
+
+    Built on `VolumeState`, which has no writing method, over a `ReadOnlyLog`, which opens
+    segments read-only: nothing reachable from a snapshot writes to the store."""
+
+    log: ReadOnlyLog
+
+    def __init__(
+        self, name: str, dir_fd: int, header: dict[str, Any], pace: Pace | None = None
+    ) -> None:
+        self._pace: Pace = pace or _no_pace
+        super().__init__(name, dir_fd, ReadOnlyLog(dir_fd, header["id"], self._pace, self.moved))
         self.damage = self.log.damage
         self.unfit: list[str] = []  #: records that could not be applied
         self.lost_links: dict[int, tuple[int, bytes]] = {}  #: names of inodes whose records failed
         self.replayed = True
         self._checkpoint_fd: int | None = None
 
-    commit = checkpoint = save_usage = sync = _refuse
-
-    def load(self, now_ns: int = 0) -> None:
+    def load(self) -> None:
         with contextlib.suppress(FileNotFoundError):
-            self._checkpoint_fd = _open_ro(journal.CHECKPOINT_FILE, self._dir_fd)
+            self._checkpoint_fd = _open_ro(journal.CHECKPOINT_FILE, self.dir_fd)
         start = self._load_checkpoint()
         if start is None:
             self.replayed = False  # where the log continues was in the damaged part
@@ -236,15 +283,15 @@ class Snapshot(Volume):
                 self._replay(start)
             except SegmentGone as gone:  # read for a frame's data check (rare: fds are kept)
                 if not self.moved():
-                    self.damage.append(Damage(f"log segment {gone.seg} is missing", None))
+                    missing = f"log segment {gone.seg} is missing"
+                    self.damage.append(Damage(ProblemKind.MISSING_SEGMENT, missing, None))
                 elif self.log.retry:
                     raise CheckpointMoved from None
                 else:
                     self.log.tail = (Position(gone.seg, 0), "its segment file went away")
             except VolumeDamaged as exc:  # a frame whose meta part is not a list of records
-                self.damage.append(Damage(str(exc), None))
-        for inode in [i for i in self.inodes.values() if i.nlink == 0]:
-            self._free(inode)  # open but unlinked: the server drops it when it closes
+                self.damage.append(Damage(ProblemKind.METADATA, str(exc), None))
+        self._free_unlinked()  # open but unlinked: the server drops them when they close
         if ROOT_INO not in self.inodes:  # never mounted (or its records were lost)
             self.inodes[ROOT_INO] = Inode(ROOT_INO, stat.S_IFDIR | 0o755)
 
@@ -256,36 +303,35 @@ class Snapshot(Volume):
         start, pos, size = None, 0, os.fstat(fd).st_size
         while pos < size:
             try:
-                records, data_len, length = _frame_at(fd, pos)
-                if data_len or not isinstance(records, list):
+                batch, data_len, length = _frame_at(fd, pos)
+                if data_len or not isinstance(batch, list):
                     raise frame.FrameError("not a list of records")
             except frame.FrameError as exc:
-                after, records = _salvage(fd, pos)
-                self.damage.append(
-                    Damage(f"checkpoint frame at offset {pos} fails its checks ({exc})", records)
-                )
+                after, garbled = _salvage(fd, pos)
+                what = f"checkpoint frame at offset {pos} fails its checks ({exc})"
+                self.damage.append(Damage(ProblemKind.METADATA, what, garbled))
                 if after is None:
                     break
                 pos = after
                 continue
             self._pace(length)
-            for record in records:
-                kind = record[0] if isinstance(record, list) and len(record) == 5 else None
-                if kind == journal.CHECKPOINT:
-                    start = Position(record[2], record[3])
-                    self.next_ino = record[4]
+            for raw in batch:
+                covers = _as_checkpoint(raw)
+                if covers is not None:
+                    start = Position(covers.segment, covers.offset)
+                    self.next_ino = covers.next_ino
                 else:
-                    self._apply(record, 0, 0)
+                    self._apply_stored(raw, 0, 0)
             pos += length
         return start if start is not None or not self.damage else None
 
-    def _apply(self, record: list, seg: int, data_pos: int) -> None:
+    def _apply_stored(self, raw: object, seg: int, data_pos: int) -> None:
         try:
-            super()._apply(record, seg, data_pos)
+            super()._apply_stored(raw, seg, data_pos)
         except (LookupError, TypeError, ValueError) as exc:
             where = f"the log at segment {seg} (data offset {data_pos})" if seg else "a checkpoint"
             self.unfit.append(f"a record in {where}: {exc!r}")
-            self.lost_links.update(_about([record])[1])
+            self.lost_links.update(_about([raw])[1])
 
     def _cut_tail(self, at: Position, reason: str) -> None:
         self.log.tail = (at, reason)  # noted, never cut: the server may be writing there
@@ -293,9 +339,9 @@ class Snapshot(Volume):
     def moved(self) -> bool:
         """Whether the checkpoint this snapshot loaded has been replaced since."""
         try:
-            now = os.stat(journal.CHECKPOINT_FILE, dir_fd=self._dir_fd, follow_symlinks=False)
+            now = os.stat(journal.CHECKPOINT_FILE, dir_fd=self.dir_fd, follow_symlinks=False)
         except FileNotFoundError:
-            if os.fstat(self._dir_fd).st_nlink == 0:
+            if os.fstat(self.dir_fd).st_nlink == 0:
                 raise StoreError(f"volume {self.name} was removed during the check") from None
             return False
         if self._checkpoint_fd is None:
@@ -312,9 +358,9 @@ class Snapshot(Volume):
     def data_bytes(self) -> int:
         return sum(inode.stored for inode in self.inodes.values())
 
-    def close(self, checkpoint: bool = False) -> None:
+    def close(self) -> None:
         self.log.close()
-        os.close(self._dir_fd)
+        os.close(self.dir_fd)
         if self._checkpoint_fd is not None:
             os.close(self._checkpoint_fd)
             self._checkpoint_fd = None
@@ -328,7 +374,7 @@ def open_snapshot(volume_dir: Path, name: str, pace: Pace | None = None) -> Snap
         except FileNotFoundError:
             raise StoreError(f"no such volume: {name}") from None
         try:
-            snapshot = Snapshot(name, dir_fd, StoreRoot._read_header(name, dir_fd), pace)
+            snapshot = Snapshot(name, dir_fd, headers.read_header(name, dir_fd), pace)
             snapshot.log.retry = attempt < SNAPSHOT_ATTEMPTS - 1
         except FileNotFoundError:
             os.close(dir_fd)
@@ -355,7 +401,7 @@ def _join(prefix: str, name: bytes) -> str:
     return f"{'' if prefix == '/' else prefix}/{name.decode(errors='backslashreplace')}"
 
 
-def paths_of(volume: Volume) -> dict[int, str]:
+def paths_of(volume: VolumeState) -> dict[int, str]:
     """A path for each inode reachable from the root (the first found, for hard links)."""
     paths = {ROOT_INO: "/"}
     pending = [ROOT_INO]
@@ -371,20 +417,23 @@ def paths_of(volume: Volume) -> dict[int, str]:
     return paths
 
 
-def _about(records: object) -> tuple[set[int], dict[int, tuple[int, bytes]]]:
+def _about(garbled: object) -> tuple[set[int], dict[int, tuple[int, bytes]]]:
     """The inodes records (maybe garbled) concern, and the names their LINK records give."""
     inos: set[int] = set()
     links: dict[int, tuple[int, bytes]] = {}
-    for record in records if isinstance(records, list) else ():
-        if not isinstance(record, list) or len(record) < 2 or not isinstance(record[1], int):
+    for raw in garbled if isinstance(garbled, list) else ():
+        known = records.fields_of(raw)
+        if known is None or not isinstance(raw, list) or len(raw) < 2:
             continue
-        kind = record[0]
-        if kind == journal.LINK and len(record) == 4 and isinstance(record[3], int):
-            inos.add(record[3])
-            if isinstance(record[2], bytes):
-                links[record[3]] = (record[1], record[2])
-        elif kind in _ABOUT_INODE:
-            inos.add(record[1])  # for UNLINK, RENAME and EXCHANGE: the directory
+        cls, fields = known
+        if not isinstance(fields[cls._fields[0]], int):
+            continue
+        if cls is LinkRecord and len(raw) == 4 and isinstance(fields["ino"], int):
+            inos.add(fields["ino"])
+            if isinstance(fields["name"], bytes):
+                links[fields["ino"]] = (fields["parent"], fields["name"])
+        elif cls in _ABOUT_INODE:
+            inos.add(fields[_ABOUT_INODE[cls]])
     return inos, links
 
 
@@ -407,25 +456,29 @@ def _damage_problems(volume: Snapshot, paths: dict[int, str]) -> list[Problem]:
 
     problems = []
     for damage, (inos, _links) in zip(volume.damage, abouts, strict=True):
-        named = sorted({name(ino) for ino in inos})
+        named = sorted({name(ino): ino for ino in inos}.items())
         if not named:
-            problems.append(Problem("(store)", f"{damage.what}; what it held is unreadable"))
-        for path in named[:MAX_NAMED]:
+            what = f"{damage.what}; what it held is unreadable"
+            problems.append(Problem("(store)", what, damage.kind))
+        for path, ino in named[:MAX_NAMED]:
             problems.append(Problem(path, f"metadata damaged: {damage.what}; the frame names "
-                                          "this file (read without its checksum)"))  # fmt: skip
+                                          "this file (read without its checksum)",
+                                    damage.kind, ino))  # fmt: skip
         if len(named) > MAX_NAMED:
             problems.append(Problem("(store)", f"{len(named) - MAX_NAMED} more files are named "
-                                               f"in the damaged frame: {damage.what}"))  # fmt: skip
+                                               f"in the damaged frame: {damage.what}",
+                                    damage.kind))  # fmt: skip
     if volume.unfit:
         problems.append(Problem("(store)", f"{len(volume.unfit)} record(s) do not fit the volume,"
-                                           f" the first {volume.unfit[0]}"))  # fmt: skip
+                                           f" the first {volume.unfit[0]}",
+                                ProblemKind.UNFIT_RECORD))  # fmt: skip
     return problems
 
 
 # -- checking ----------------------------------------------------------------------------------
 
 
-def _tree_problems(volume: Volume, paths: dict[int, str]) -> list[Problem]:
+def _tree_problems(volume: VolumeState, paths: dict[int, str]) -> list[Problem]:
     """The tree against the inodes, link counts, sizes, and the per-segment accounting."""
     problems: list[Problem] = []
     links: Counter[int] = Counter()
@@ -438,38 +491,46 @@ def _tree_problems(volume: Volume, paths: dict[int, str]) -> list[Problem]:
                 subdirs[inode.ino] += 1
                 if child_inode.parent != inode.ino:
                     problems.append(Problem(paths.get(child, f"inode {child}"),
-                                            "directory's parent link is wrong"))  # fmt: skip
+                                            "directory's parent link is wrong",
+                                            ProblemKind.PARENT, child))  # fmt: skip
     live: Counter[int] = Counter()
     for inode in volume.inodes.values():
-        where = paths.get(inode.ino, f"inode {inode.ino}")
+        where, ino = paths.get(inode.ino, f"inode {inode.ino}"), inode.ino
         if inode.ino not in paths:
-            problems.append(Problem(where, "not reachable from the root (orphan)"))
+            what = "not reachable from the root (orphan)"
+            problems.append(Problem(where, what, ProblemKind.UNREACHABLE, ino))
         expected = 2 + subdirs[inode.ino] if inode.entries is not None else links[inode.ino]
         if inode.nlink != expected:
-            problems.append(Problem(where, f"link count {inode.nlink}, expected {expected}"))
+            what = f"link count {inode.nlink}, expected {expected}"
+            problems.append(Problem(where, what, ProblemKind.LINK_COUNT, ino))
         if stat.S_ISLNK(inode.mode) and inode.size != len(inode.target or b""):
-            problems.append(Problem(where, "symlink size differs from its target"))
+            what = "symlink size differs from its target"
+            problems.append(Problem(where, what, ProblemKind.SIZE, ino))
         for ext in inode.extents or ():
             live[ext.frame.seg] += ext.length
             if ext.start + ext.length > inode.size:
-                problems.append(Problem(where, f"data beyond the file size at {ext.start}"))
+                what = f"data beyond the file size at {ext.start}"
+                problems.append(Problem(where, what, ProblemKind.SIZE, ino))
     for seg, used in volume.live.items():
         if used != live.get(seg, 0):
-            problems.append(Problem("(store)", f"segment {seg} accounting {used} != {live[seg]}"))
+            what = f"segment {seg} accounting {used} != {live[seg]}"
+            problems.append(Problem("(store)", what, ProblemKind.ACCOUNTING))
     counted = volume.recount()
     kept = {s: n for s, n in volume.extents_in.items() if n}
     for seg in sorted(set(kept) | set(counted["extents_in"])):
         have, want = kept.get(seg, 0), counted["extents_in"].get(seg, 0)
         if have != want:
-            problems.append(Problem("(store)", f"segment {seg} extent count {have} != {want}"))
+            what = f"segment {seg} extent count {have} != {want}"
+            problems.append(Problem("(store)", what, ProblemKind.ACCOUNTING))
     for key in ("extent_count", "meta_used", "used"):
         have, want = getattr(volume, key), counted[key]
         if have != want:
-            problems.append(Problem("(store)", f"accounting of {key}: {have} != {want}"))
+            what = f"accounting of {key}: {have} != {want}"
+            problems.append(Problem("(store)", what, ProblemKind.ACCOUNTING))
     return problems
 
 
-def _bad_blocks(volume: Volume, ext: Extent) -> list[tuple[int, int, int, int]]:
+def _bad_blocks(volume: VolumeState, ext: Extent) -> list[tuple[int, int, int, int]]:
     """(start, end, segment, offset) of each block of *ext* that fails its checksum: the file
     bytes of the extent in that block, and where the block lies in the log."""
     fr, size = ext.frame, frame.BLOCK_SIZE
@@ -500,15 +561,16 @@ def _ranges(where: str, ino: int, bad: list[tuple[int, int, int, int]]) -> Itera
     for start, end, seg, pos, blocks in runs:
         place = f"segment {seg} offset {pos}"
         place = f"block at {place}" if blocks == 1 else f"{blocks} blocks, the first at {place}"
-        yield Problem(where, f"damaged data in bytes {start}-{end} (inode {ino}; {place})")
+        what = f"damaged data in bytes {start}-{end} (inode {ino}; {place})"
+        yield Problem(where, what, ProblemKind.CHECKSUM, ino)
 
 
-def check(volume: Volume, progress: Callable[[int], None] | None = None) -> list[Problem]:
+def check(volume: VolumeState, progress: Callable[[int], None] | None = None) -> list[Problem]:
     """Every problem found in *volume*, a served `Volume` or a `Snapshot`."""
     return examine(volume, progress).problems
 
 
-def examine(volume: Volume, progress: Callable[[int], None] | None = None) -> Report:
+def examine(volume: VolumeState, progress: Callable[[int], None] | None = None) -> Report:
     """Check *volume*; *progress* gets the bytes of data done so far."""
     snapshot = volume if isinstance(volume, Snapshot) else None
     paths = paths_of(volume)
@@ -537,7 +599,8 @@ def examine(volume: Volume, progress: Callable[[int], None] | None = None) -> Re
                 if snapshot is not None and snapshot.compacted(ext.frame.seg):
                     moved += ext.length  # compacted: the compactor verified it as it moved it
                 else:
-                    problems.append(Problem(where, f"data in missing segment {ext.frame.seg}"))
+                    what = f"data in missing segment {ext.frame.seg}"
+                    problems.append(Problem(where, what, ProblemKind.MISSING_SEGMENT, inode.ino))
             if progress is not None:
                 progress(verified + moved)
         problems += _ranges(where, inode.ino, bad)
@@ -572,7 +635,8 @@ class Throttle:
 
 
 def orphans(problems: list[Problem]) -> list[Problem]:
-    return [p for p in problems if p.what.startswith("not reachable")]
+    """The problems that `repair` repairs: inodes no directory reaches."""
+    return [p for p in problems if p.kind is ProblemKind.UNREACHABLE and p.ino is not None]
 
 
 def repair(volume: Volume, problems: list[Problem]) -> list[str]:
@@ -594,7 +658,8 @@ def repair(volume: Volume, problems: list[Problem]) -> list[str]:
         changes.append("created /lost+found")
     lost = volume.inodes[lost_ino]
     for problem in orphans(problems):
-        ino = int(problem.path.split()[-1])
+        ino = problem.ino
+        assert ino is not None  # `orphans` keeps only problems that name their inode
         inode = volume.inodes[ino]
         volume.link(inode, lost, b"#%d" % ino, time.time_ns())
         changes.append(f"inode {ino} linked as /lost+found/#{ino}")

@@ -24,7 +24,7 @@ from typing import NamedTuple
 CHUNK_SIZE = 1 << 20
 
 
-class Frame(NamedTuple):
+class FrameData(NamedTuple):
     """The data part of one log frame: where it is and the checksum of each block of it."""
 
     seg: int
@@ -37,12 +37,12 @@ class Extent(NamedTuple):
     start: int
     length: int
     skip: int  #: offset of this extent's first byte within ``frame``
-    frame: Frame
+    frame: FrameData
 
 
 #: (frame, bytes, extents) for each extent a change touched: the bytes of it no longer used,
 #: and how the number of extents of that frame changed (-1 gone, 0 trimmed, +1 split in two).
-Removed = list[tuple[Frame, int, int]]
+Removed = list[tuple[FrameData, int, int]]
 Chunk = list[Extent]  #: sorted by start
 
 _start = itemgetter(0)
@@ -78,7 +78,7 @@ def _punch_chunk(chunk: Chunk, start: int, end: int, removed: Removed) -> None:
 
 def _chunk_pieces(
     chunk: Chunk, start: int, end: int
-) -> Iterator[tuple[int, int, Frame | None, int]]:
+) -> Iterator[tuple[int, int, FrameData | None, int]]:
     i = _first_touching(chunk, start)
     pos = start
     while pos < end:
@@ -191,7 +191,7 @@ class ExtentMap:
                     self._drop_chunk(index)
         return removed
 
-    def put(self, start: int, length: int, frame: Frame, skip: int = 0) -> Removed:
+    def put(self, start: int, length: int, frame: FrameData, skip: int = 0) -> Removed:
         """Map [start, start+length) to *frame*; return the pieces it replaced.
 
         The range gets one new extent per chunk it touches (`extents_of`)."""
@@ -214,7 +214,7 @@ class ExtentMap:
             return []
         return self.punch(size, max(size, (self._indexes()[-1] + 1) * CHUNK_SIZE))
 
-    def pieces(self, start: int, end: int) -> Iterator[tuple[int, int, Frame | None, int]]:
+    def pieces(self, start: int, end: int) -> Iterator[tuple[int, int, FrameData | None, int]]:
         """Cover [start, end) with (offset, length, frame, skip); holes have frame None."""
         pos = start
         while pos < end:

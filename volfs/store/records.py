@@ -1,0 +1,185 @@
+"""The record codec: one typed tuple per record kind, and the msgpack lists they are stored as.
+
+A log frame's meta part (and each checkpoint frame's) is a list of records; a record is a
+msgpack array whose first element is its kind and whose other elements are the fields of the
+tuple below, in order.  What each kind means, and which may appear where, is specified once,
+in docs/ARCHITECTURE.md ("Records"); the classes here only give those fields names and types,
+so that nothing else in volfs picks a field by its position.
+
+`encode` and `decode` are exact inverses for every record a volume writes: the bytes on disk
+are those of format 1.  `decode` does not check field types (replay's appliers fail with
+LookupError, TypeError or ValueError on a record that does not fit the volume, as before).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any, NamedTuple, TypeAlias
+
+INODE = 1
+LINK = 2
+UNLINK = 3
+RENAME = 4
+EXCHANGE = 5
+WRITE = 6
+XATTR = 7
+# 8: not used
+EXTENTS = 9
+CHECKPOINT = 10
+
+#: A record as msgpack decodes it: a list whose first element is the kind.
+RawRecord: TypeAlias = list[Any]
+
+
+class InodeRecord(NamedTuple):
+    KIND = INODE
+    ino: int
+    mode: int
+    uid: int
+    gid: int
+    rdev: int
+    size: int
+    atime_ns: int
+    mtime_ns: int
+    ctime_ns: int
+    target: bytes | None  #: a symlink's target
+
+
+class LinkRecord(NamedTuple):
+    KIND = LINK
+    parent: int
+    name: bytes
+    ino: int
+
+
+class UnlinkRecord(NamedTuple):
+    KIND = UNLINK
+    parent: int
+    name: bytes
+
+
+class RenameRecord(NamedTuple):
+    KIND = RENAME
+    old_parent: int
+    old_name: bytes
+    new_parent: int
+    new_name: bytes
+
+
+class ExchangeRecord(NamedTuple):
+    KIND = EXCHANGE
+    parent_a: int
+    name_a: bytes
+    parent_b: int
+    name_b: bytes
+
+
+class WriteRecord(NamedTuple):
+    KIND = WRITE
+    ino: int
+    offset: int
+    length: int
+    block_sums: list[int]
+    mtime_ns: int | None  #: None: a relocation by the compactor, which changes no attribute
+
+
+class XattrRecord(NamedTuple):
+    KIND = XATTR
+    ino: int
+    name: bytes
+    value: bytes | None  #: None removes the attribute
+
+
+class StoredExtent(NamedTuple):
+    """One element of an EXTENTS record's list."""
+
+    start: int
+    length: int
+    skip: int
+    segment: int
+    data_offset: int
+    frame_length: int
+    block_sums: list[int]
+
+
+class ExtentsRecord(NamedTuple):
+    KIND = EXTENTS
+    ino: int
+    extents: list[StoredExtent]
+
+    def encode(self) -> RawRecord:
+        return [EXTENTS, self.ino, [list(e) for e in self.extents]]
+
+
+class CheckpointRecord(NamedTuple):
+    KIND = CHECKPOINT
+    format: int
+    segment: int
+    offset: int
+    next_ino: int
+
+
+Record: TypeAlias = (
+    InodeRecord
+    | LinkRecord
+    | UnlinkRecord
+    | RenameRecord
+    | ExchangeRecord
+    | WriteRecord
+    | XattrRecord
+    | ExtentsRecord
+    | CheckpointRecord
+)
+
+#: The record class of each kind.
+KINDS: dict[int, type[Record]] = {
+    cls.KIND: cls
+    for cls in (
+        InodeRecord,
+        LinkRecord,
+        UnlinkRecord,
+        RenameRecord,
+        ExchangeRecord,
+        WriteRecord,
+        XattrRecord,
+        ExtentsRecord,
+        CheckpointRecord,
+    )
+}
+
+
+def encode(record: Record) -> RawRecord:
+    """The msgpack list that stores *record*."""
+    if type(record) is ExtentsRecord:
+        return record.encode()
+    return [record.KIND, *record]
+
+
+def decode(raw: object) -> Record:
+    """The record stored as *raw*; ValueError if it is not a record of a known kind, TypeError
+    if it has the wrong number of fields."""
+    if not isinstance(raw, list) or not raw:
+        raise ValueError(f"not a record: {raw!r}")
+    cls = KINDS.get(raw[0]) if isinstance(raw[0], int) else None
+    if cls is None:
+        raise ValueError(f"unknown record kind {raw[0]!r}")
+    if cls is ExtentsRecord:
+        _, ino, extents = raw
+        return ExtentsRecord(ino, [StoredExtent(*e) for e in extents])
+    return cls(*raw[1:])
+
+
+def fields_of(raw: object) -> tuple[type[Record], dict[str, Any]] | None:
+    """The class and the fields, by name, of a record read without its checksum (maybe
+    garbled: fields may be missing or of any type); None if not even its kind is known."""
+    if not isinstance(raw, list) or not raw or not isinstance(raw[0], int):
+        return None
+    cls = KINDS.get(raw[0])
+    if cls is None:
+        return None
+    return cls, dict(zip(cls._fields, raw[1:], strict=False))
+
+
+def encode_all(items: Iterable[Record]) -> list[RawRecord]:
+    """*items* as the list of msgpack lists a frame's meta part holds."""
+    return [encode(r) for r in items]
