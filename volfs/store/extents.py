@@ -17,7 +17,7 @@ each extent's start.
 from __future__ import annotations
 
 from bisect import bisect_right, insort_right
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from operator import itemgetter
 from typing import NamedTuple
 
@@ -131,7 +131,7 @@ class ExtentMap:
     def _drop_chunk(self, index: int) -> None:
         if index == 0:
             self._first = None
-        else:
+        elif self._more is not None:
             del self._more[index]
             if not self._more:
                 self._more = None
@@ -143,10 +143,10 @@ class ExtentMap:
 
     def __iter__(self) -> Iterator[Extent]:
         for index in self._indexes():
-            yield from self._chunk(index)
+            yield from self._chunk(index) or ()
 
     def __len__(self) -> int:
-        return sum(len(self._chunk(index)) for index in self._indexes())
+        return sum(len(self._chunk(index) or ()) for index in self._indexes())
 
     def __bool__(self) -> bool:
         return self._first is not None or self._more is not None
@@ -179,6 +179,7 @@ class ExtentMap:
         if end <= start or not self:
             return removed
         first, last = start // CHUNK_SIZE, (end - 1) // CHUNK_SIZE
+        indexes: Iterable[int]
         if last - first < 1 + len(self._more or ()):
             indexes = range(first, last + 1)
         else:

@@ -11,6 +11,7 @@ import os
 from collections.abc import Iterable, Iterator
 
 from volfs.store import frame
+from volfs.store.records import RawRecord
 
 CHECKPOINT_FILE = "checkpoint"
 _CHECKPOINT_TMP = "checkpoint.tmp"
@@ -22,7 +23,7 @@ class CheckpointDamage(Exception):
     pass
 
 
-def write_checkpoint(dir_fd: int, records: Iterable[list]) -> int:
+def write_checkpoint(dir_fd: int, records: Iterable[RawRecord]) -> int:
     """Write *records* as the volume's checkpoint, atomically and durably; return its size."""
     fd = os.open(
         _CHECKPOINT_TMP,
@@ -33,7 +34,7 @@ def write_checkpoint(dir_fd: int, records: Iterable[list]) -> int:
     size = 0
     try:
         with os.fdopen(fd, "wb", buffering=1 << 20, closefd=False) as out:
-            batch: list[list] = []
+            batch: list[RawRecord] = []
             for record in records:
                 batch.append(record)
                 if len(batch) == RECORDS_PER_FRAME:
@@ -67,7 +68,7 @@ def write_durably(dir_fd: int, name: str, data: bytes) -> None:
     os.fsync(dir_fd)
 
 
-def read_checkpoint(dir_fd: int) -> Iterator[list] | None:
+def read_checkpoint(dir_fd: int) -> Iterator[RawRecord] | None:
     """The records of the volume's checkpoint, or None if it has none yet.
 
     Raises `CheckpointDamage` if any frame fails its checksum: a checkpoint was written and
@@ -80,7 +81,7 @@ def read_checkpoint(dir_fd: int) -> Iterator[list] | None:
     return _checkpoint_records(fd)
 
 
-def _checkpoint_records(fd: int) -> Iterator[list]:
+def _checkpoint_records(fd: int) -> Iterator[RawRecord]:
     with os.fdopen(fd, "rb", buffering=1 << 20) as src:
         offset = 0
         while header := src.read(frame.HEADER.size):

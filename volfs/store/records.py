@@ -32,7 +32,6 @@ RawRecord: TypeAlias = list[Any]
 
 
 class InodeRecord(NamedTuple):
-    KIND = INODE
     ino: int
     mode: int
     uid: int
@@ -46,20 +45,17 @@ class InodeRecord(NamedTuple):
 
 
 class LinkRecord(NamedTuple):
-    KIND = LINK
     parent: int
     name: bytes
     ino: int
 
 
 class UnlinkRecord(NamedTuple):
-    KIND = UNLINK
     parent: int
     name: bytes
 
 
 class RenameRecord(NamedTuple):
-    KIND = RENAME
     old_parent: int
     old_name: bytes
     new_parent: int
@@ -67,7 +63,6 @@ class RenameRecord(NamedTuple):
 
 
 class ExchangeRecord(NamedTuple):
-    KIND = EXCHANGE
     parent_a: int
     name_a: bytes
     parent_b: int
@@ -75,7 +70,6 @@ class ExchangeRecord(NamedTuple):
 
 
 class WriteRecord(NamedTuple):
-    KIND = WRITE
     ino: int
     offset: int
     length: int
@@ -84,7 +78,6 @@ class WriteRecord(NamedTuple):
 
 
 class XattrRecord(NamedTuple):
-    KIND = XATTR
     ino: int
     name: bytes
     value: bytes | None  #: None removes the attribute
@@ -103,7 +96,6 @@ class StoredExtent(NamedTuple):
 
 
 class ExtentsRecord(NamedTuple):
-    KIND = EXTENTS
     ino: int
     extents: list[StoredExtent]
 
@@ -112,7 +104,6 @@ class ExtentsRecord(NamedTuple):
 
 
 class CheckpointRecord(NamedTuple):
-    KIND = CHECKPOINT
     format: int
     segment: int
     offset: int
@@ -131,28 +122,26 @@ Record: TypeAlias = (
     | CheckpointRecord
 )
 
-#: The record class of each kind.
-KINDS: dict[int, type[Record]] = {
-    cls.KIND: cls
-    for cls in (
-        InodeRecord,
-        LinkRecord,
-        UnlinkRecord,
-        RenameRecord,
-        ExchangeRecord,
-        WriteRecord,
-        XattrRecord,
-        ExtentsRecord,
-        CheckpointRecord,
-    )
+#: The kind of each record class, and the class of each kind.
+KIND_OF: dict[type[Record], int] = {
+    InodeRecord: INODE,
+    LinkRecord: LINK,
+    UnlinkRecord: UNLINK,
+    RenameRecord: RENAME,
+    ExchangeRecord: EXCHANGE,
+    WriteRecord: WRITE,
+    XattrRecord: XATTR,
+    ExtentsRecord: EXTENTS,
+    CheckpointRecord: CHECKPOINT,
 }
+KINDS: dict[int, type[Record]] = {kind: cls for cls, kind in KIND_OF.items()}
 
 
 def encode(record: Record) -> RawRecord:
     """The msgpack list that stores *record*."""
     if type(record) is ExtentsRecord:
         return record.encode()
-    return [record.KIND, *record]
+    return [KIND_OF[type(record)], *record]
 
 
 def decode(raw: object) -> Record:

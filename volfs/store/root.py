@@ -25,7 +25,7 @@ import stat
 import time
 import uuid
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 import msgpack
 
@@ -227,7 +227,7 @@ class StoreRoot:
         labels: dict[str, str] | None = None,
         segment_size: int = DEFAULT_SEGMENT_SIZE,
         inodes: int = 0,
-    ) -> dict:
+    ) -> dict[str, Any]:
         """Create volume *name* if it is new; return its header.
 
         Creating an existing volume with the same options changes nothing; with other options
@@ -284,7 +284,7 @@ class StoreRoot:
             )
         return header
 
-    def header(self, name: str) -> dict:
+    def header(self, name: str) -> dict[str, Any]:
         """The header of volume *name* (no lock needed: it is replaced atomically)."""
         dir_fd = self._open_dir(name)
         try:
@@ -443,7 +443,9 @@ class StoreRoot:
             raise
         return volume
 
-    def resize(self, name: str, size: int | None = None, inodes: int | None = None) -> dict:
+    def resize(
+        self, name: str, size: int | None = None, inodes: int | None = None
+    ) -> dict[str, Any]:
         """Give volume *name*, which must not be served, a new size and inode limit (None:
         keep; 0: none); return its new header.
 

@@ -245,7 +245,7 @@ class VolumeState:
         """Apply one record to memory; *seg* and *data_pos* say where the frame's data is."""
         applier = _APPLY.get(type(record))
         if applier is None:
-            raise ValueError(f"record kind {record.KIND} cannot be applied")
+            raise ValueError(f"record kind {records.KIND_OF[type(record)]} cannot be applied")
         applier(self, record, seg, data_pos)
 
     @staticmethod

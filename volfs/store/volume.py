@@ -21,6 +21,7 @@ import logging
 import os
 import stat
 from collections.abc import Sequence
+from typing import Any
 
 from volfs.errors import NoSpace, StoreError
 from volfs.store import frame, headers, journal, records
@@ -175,8 +176,9 @@ class Volume(VolumeState):
         mtime_ns: int | None = None,
         ctime_ns: int,
     ) -> None:
-        given = {"mode": mode, "uid": uid, "gid": gid, "size": size, "atime_ns": atime_ns,
-                 "mtime_ns": mtime_ns, "ctime_ns": ctime_ns}  # fmt: skip
+        given: dict[str, Any] = {"mode": mode, "uid": uid, "gid": gid, "size": size,
+                                 "atime_ns": atime_ns, "mtime_ns": mtime_ns,
+                                 "ctime_ns": ctime_ns}  # fmt: skip
         record = inode.record()._replace(**{k: v for k, v in given.items() if v is not None})
         self.commit([record])  # a size adds holes or drops data: nothing to charge
         self._recharge(inode)
