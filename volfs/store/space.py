@@ -142,6 +142,15 @@ class Space:
             record = WriteRecord(ino, pos, n, frame.block_sums(data), None)
             volume.commit([record], data, compacting=True)
 
+    def check_room(self, charge: int, inodes: int = 0) -> None:
+        """Refuse (ENOSPC) an operation that would take the volume past its size or its
+        inode limit; before anything of it is journaled."""
+        volume = self._volume
+        if charge > 0 and volume.quota and volume.used_by_files + charge > volume.quota:
+            raise NoSpace(errno.ENOSPC, f"volume {volume.name} is full")
+        if inodes > 0 and volume.inode_limit and volume.inodes_used + inodes > volume.inode_limit:
+            raise NoSpace(errno.ENOSPC, f"volume {volume.name} has no free inodes")
+
     # -- a sized volume's bound -------------------------------------------------------------
 
     @property

@@ -23,7 +23,7 @@ import stat
 from collections.abc import Sequence
 from typing import Any
 
-from volfs.errors import NoSpace, StoreError
+from volfs.errors import StoreError
 from volfs.store import frame, headers, journal, records
 from volfs.store.checkpoints import Checkpointer
 from volfs.store.log import Position, SegmentLog
@@ -63,6 +63,16 @@ def _touched(inode: Inode, now_ns: int, mtime: bool = True) -> InodeRecord:
 
 def _touched_parents(a: Inode, b: Inode, now_ns: int) -> list[Record]:
     return [_touched(a, now_ns)] if a is b else [_touched(p, now_ns) for p in (a, b)]
+
+
+def _write_charge(inode: Inode, offset: int, length: int) -> int:
+    """What writing *length* bytes at *offset* of *inode* would add to the volume's charge:
+    the bytes that fill holes, and the extents it adds (an overwrite of whole extents
+    adds none; one inside an extent splits it)."""
+    if inode.extents is None:
+        raise TypeError(f"inode {inode.ino} is not a regular file")
+    new_bytes, extents = inode.extents.change(offset, offset + length)
+    return new_bytes + EXTENT_COST * extents
 
 
 class Volume(VolumeState):
@@ -128,7 +138,7 @@ class Volume(VolumeState):
         On a full disk, dead data is freed (`reclaim`) and the append tried once more: a
         failed append leaves nothing behind, and deleting files must make room again.
         """
-        self._check_room(charge, inodes)
+        self.space.check_room(charge, inodes)
         buffers = frame.encode(records.encode_all(items), data)
         if self.quota and not compacting:
             length = sum(map(len, buffers))
@@ -145,14 +155,6 @@ class Volume(VolumeState):
         self.checkpoints.appended += data_pos + len(data) - at.pos
         for record in items:
             self.apply(record, at.seg, data_pos)
-
-    def _check_room(self, charge: int, inodes: int = 0) -> None:
-        """Refuse (ENOSPC) an operation that would take the volume past its size or its
-        inode limit; before anything of it is journaled."""
-        if charge > 0 and self.quota and self.used_by_files + charge > self.quota:
-            raise NoSpace(errno.ENOSPC, f"volume {self.name} is full")
-        if inodes > 0 and self.inode_limit and self.inodes_used + inodes > self.inode_limit:
-            raise NoSpace(errno.ENOSPC, f"volume {self.name} has no free inodes")
 
     # -- operations -------------------------------------------------------------------------
 
@@ -258,18 +260,9 @@ class Volume(VolumeState):
 
     def write(self, inode: Inode, offset: int, data: bytes, now_ns: int) -> None:
         """Write *data* at *offset*; `NoSpace` if it would take the volume past its size."""
-        charge = self.write_charge(inode, offset, len(data)) if self.quota else 0
+        charge = _write_charge(inode, offset, len(data)) if self.quota else 0
         sums = frame.block_sums(data)
         self.commit([WriteRecord(inode.ino, offset, len(data), sums, now_ns)], data, charge=charge)
-
-    def write_charge(self, inode: Inode, offset: int, length: int) -> int:
-        """What writing *length* bytes at *offset* of *inode* would add to the volume's charge:
-        the bytes that fill holes, and the extents it adds (an overwrite of whole extents
-        adds none; one inside an extent splits it)."""
-        if inode.extents is None:
-            raise TypeError(f"inode {inode.ino} is not a regular file")
-        new_bytes, extents = inode.extents.change(offset, offset + length)
-        return new_bytes + EXTENT_COST * extents
 
     def forget(self, inode: Inode) -> None:
         """Let go of an unlinked inode, with its data, once nothing can reach it any more.
@@ -310,17 +303,9 @@ class Volume(VolumeState):
         """Start a checkpoint in a child process; its pid (`Checkpointer.fork`)."""
         return self.checkpoints.fork()
 
-    def end_checkpoint(self, status: int) -> bool:
-        """Complete the forked checkpoint whose child ended with wait status *status*."""
-        return self.checkpoints.end(status)
-
     def wait_checkpoint(self) -> bool:
         """Wait for a forked checkpoint to end and complete it (`Checkpointer.wait`)."""
         return self.checkpoints.wait()
-
-    @property
-    def checkpoint_running(self) -> bool:
-        return self.checkpoints.running
 
     @property
     def checkpoint_due(self) -> bool:
