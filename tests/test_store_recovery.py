@@ -261,3 +261,23 @@ def test_compaction_bounds_the_log_and_keeps_data(tmp_path):
     assert volume.read(volume.inodes[inode.ino], 0, len(model)) == model
     assert volume.used == len(model)
     volume.close()
+
+
+def test_store_errors_carry_their_codes(tmp_path):
+    """Callers decide on a store error's code, never on its text."""
+    from volfs.errors import ErrorCode, StoreError
+
+    root = StoreRoot(tmp_path / "store")
+    with pytest.raises(StoreError) as missing:
+        root.open_volume("nope", create=False)
+    assert missing.value.code is ErrorCode.NOT_FOUND
+    volume = root.open_volume("v")
+    try:
+        with pytest.raises(StoreError) as served:
+            root.open_volume("v")
+        assert served.value.code is ErrorCode.ALREADY_SERVED
+        with pytest.raises(StoreError) as smaller:
+            volume.set_limits(-1, 0)
+        assert smaller.value.code is ErrorCode.INVALID
+    finally:
+        volume.close()

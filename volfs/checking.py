@@ -23,7 +23,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TextIO
 
-from volfs.errors import VolfsError
+from volfs.errors import ErrorCode, VolfsError
 from volfs.store import check, pidlock, snapshot
 from volfs.store.root import StoreRoot, check_name
 
@@ -104,7 +104,7 @@ class Throttle:
 def _volume_dir(root: Path, name: str) -> Path:
     path = Path(root) / "volumes" / check_name(name)
     if not (path / "volume").is_file():
-        raise VolfsError(f"no such volume: {name}")
+        raise VolfsError(f"no such volume: {name}", ErrorCode.NOT_FOUND)
     return path
 
 
@@ -158,7 +158,7 @@ def fsck(root: Path, name: str, repair: bool = False) -> int:
             lock_fd = pidlock.take("lock", dir_fd)  # nobody may serve it while it is checked
         except pidlock.LockHeld:
             raise VolfsError(f"volume {name} is mounted: unmount it before checking it, "
-                             "or scrub it") from None  # fmt: skip
+                             "or scrub it", ErrorCode.BUSY) from None  # fmt: skip
         finally:
             os.close(dir_fd)
         try:

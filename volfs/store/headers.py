@@ -15,7 +15,7 @@ import stat
 from pathlib import Path
 from typing import Any
 
-from volfs.errors import StoreError
+from volfs.errors import ErrorCode, StoreError
 from volfs.store import frame
 from volfs.store.state import FORMAT
 
@@ -84,7 +84,9 @@ def read_header(name: str, dir_fd: int) -> dict[str, Any]:
     try:
         header = _one_frame(raw)
     except frame.FrameError as exc:
-        raise StoreError(f"volume {name}: its header file is damaged ({exc})") from None
+        raise StoreError(
+            f"volume {name}: its header file is damaged ({exc})", ErrorCode.DAMAGED
+        ) from None
     if not isinstance(header, dict) or header.get("kind") != VOLUME_KIND:
         raise StoreError(f"volume {name}: its header file is not a volfs volume header")
     _check_header(name, header)
@@ -93,7 +95,9 @@ def read_header(name: str, dir_fd: int) -> dict[str, Any]:
 
 def _check_header(name: str, header: dict[str, Any]) -> None:
     if not count(header.get("format", 0)):
-        raise StoreError(f"volume {name}: its header file is damaged (bad format)")
+        raise StoreError(
+            f"volume {name}: its header file is damaged (bad format)", ErrorCode.DAMAGED
+        )
     if header.get("format", 0) > FORMAT:
         raise StoreError(
             f"volume {name} has format {header['format']}, newer than this volfs "
@@ -112,7 +116,9 @@ def _check_header(name: str, header: dict[str, Any]) -> None:
     }
     bad = [key for key, ok in checks.items() if not ok]
     if bad:
-        raise StoreError(f"volume {name}: its header file is damaged (bad {', '.join(bad)})")
+        raise StoreError(
+            f"volume {name}: its header file is damaged (bad {', '.join(bad)})", ErrorCode.DAMAGED
+        )
 
 
 def read_usage(dir_fd: int) -> dict[str, int]:

@@ -29,7 +29,7 @@ from typing import Any, BinaryIO
 
 import msgpack
 
-from volfs.errors import StoreError
+from volfs.errors import ErrorCode, StoreError
 from volfs.store import frame, headers, journal, pidlock
 from volfs.store.headers import FILE_FLAGS as _FILE_FLAGS
 from volfs.store.headers import VOLUME_KIND
@@ -65,7 +65,8 @@ def check_name(name: str) -> str:
     if not NAME_PATTERN.fullmatch(name):
         raise StoreError(
             f"invalid volume name {name[:80]!r}: use 1-63 characters of a-z, 0-9, '_', '.', '-', "
-            "starting with a letter or digit"
+            "starting with a letter or digit",
+            ErrorCode.INVALID,
         )
     return name
 
@@ -86,14 +87,16 @@ class StoreRoot:
         except PermissionError:
             raise StoreError(
                 f"store root {self.path} is not writable by this user: "
-                "run as its owner or set VOLFS_ROOT to a writable directory"
+                "run as its owner or set VOLFS_ROOT to a writable directory",
+                ErrorCode.PERMISSION,
             ) from None
         except OSError as exc:
             raise StoreError(f"store root {self.path} cannot be used: {exc.strerror}") from None
         if not os.access(self.path, os.W_OK) or not os.access(self.path / "volumes", os.W_OK):
             raise StoreError(
                 f"store root {self.path} is not writable by this user: "
-                "run as its owner or set VOLFS_ROOT to a writable directory"
+                "run as its owner or set VOLFS_ROOT to a writable directory",
+                ErrorCode.PERMISSION,
             )
         # The root itself may be reached through a link (/var/lib/volfs -> /data/volfs), but
         # nothing inside it: a link there would lead the store's files out of it.
@@ -236,7 +239,9 @@ class StoreRoot:
         """
         labels = dict(labels or {})
         if len(msgpack.packb(labels)) > MAX_LABELS:
-            raise StoreError(f"labels of volume {name} are too large: at most 32 KiB in all")
+            raise StoreError(
+                f"labels of volume {name} are too large: at most 32 KiB in all", ErrorCode.INVALID
+            )
         path = self.volume_path(name)
         try:
             path.mkdir(mode=0o700)
@@ -280,7 +285,8 @@ class StoreRoot:
             raise StoreError(
                 f"volume {name} already exists with other options "
                 f"(size {header.get('size', 0)}, inodes {header.get('inodes', 0)}, "
-                f"labels {header.get('labels', {})})"
+                f"labels {header.get('labels', {})})",
+                ErrorCode.EXISTS,
             )
         return header
 
@@ -290,7 +296,7 @@ class StoreRoot:
         try:
             return headers.read_header(name, dir_fd)
         except FileNotFoundError:
-            raise StoreError(f"volume {name} does not exist") from None
+            raise StoreError(f"volume {name} does not exist", ErrorCode.NOT_FOUND) from None
         finally:
             os.close(dir_fd)
 
@@ -299,7 +305,7 @@ class StoreRoot:
         try:
             return os.open(path, _DIR_FLAGS)
         except FileNotFoundError:
-            raise StoreError(f"volume {name} does not exist") from None
+            raise StoreError(f"volume {name} does not exist", ErrorCode.NOT_FOUND) from None
         except OSError as exc:
             if exc.errno not in (errno.ENOTDIR, errno.ELOOP):
                 raise StoreError(f"volume {name}: cannot open {path}: {exc.strerror}") from None
@@ -421,7 +427,7 @@ class StoreRoot:
             try:
                 header = headers.read_header(name, dir_fd)
             except FileNotFoundError:
-                raise StoreError(f"volume {name} does not exist") from None
+                raise StoreError(f"volume {name} does not exist", ErrorCode.NOT_FOUND) from None
             volume = Volume(name, dir_fd, lock_fd, header["id"], header["segment_size"])
             volume.header = header
             volume.quota = header.get("size", 0)
@@ -455,7 +461,8 @@ class StoreRoot:
         if self.is_served(name):
             raise StoreError(
                 f"volume {name} is mounted: unmount it to resize it "
-                "(a mounted volume cannot be resized yet)"
+                "(a mounted volume cannot be resized yet)",
+                ErrorCode.BUSY,
             )
         volume = self.open_volume(name, create=False)
         try:
@@ -475,7 +482,8 @@ class StoreRoot:
         except pidlock.LockHeld as held:
             raise StoreError(
                 f"volume {name} is already being served (pid {held.holder}): "
-                "unmount it there first, or add a mount point of that mount"
+                "unmount it there first, or add a mount point of that mount",
+                ErrorCode.ALREADY_SERVED,
             ) from None
 
 

@@ -29,7 +29,7 @@ from typing import Any, NamedTuple
 
 import msgpack
 
-from volfs.errors import StoreError, VolumeDamaged
+from volfs.errors import ErrorCode, StoreError, VolumeDamaged
 from volfs.store import frame, headers, journal, records
 from volfs.store.log import (
     MAX_OPEN_SEGMENTS,
@@ -305,7 +305,9 @@ class Snapshot(VolumeState):
             now = os.stat(journal.CHECKPOINT_FILE, dir_fd=self.dir_fd, follow_symlinks=False)
         except FileNotFoundError:
             if os.fstat(self.dir_fd).st_nlink == 0:
-                raise StoreError(f"volume {self.name} was removed during the check") from None
+                raise StoreError(
+                    f"volume {self.name} was removed during the check", ErrorCode.NOT_FOUND
+                ) from None
             return False
         if self._checkpoint_fd is None:
             return True
@@ -335,13 +337,13 @@ def open_snapshot(volume_dir: Path, name: str, pace: Pace | None = None) -> Snap
         try:
             dir_fd = os.open(volume_dir, os.O_RDONLY | os.O_DIRECTORY | OPEN_FLAGS)
         except FileNotFoundError:
-            raise StoreError(f"no such volume: {name}") from None
+            raise StoreError(f"no such volume: {name}", ErrorCode.NOT_FOUND) from None
         try:
             snapshot = Snapshot(name, dir_fd, headers.read_header(name, dir_fd), pace)
             snapshot.log.retry = attempt < SNAPSHOT_ATTEMPTS - 1
         except FileNotFoundError:
             os.close(dir_fd)
-            raise StoreError(f"no such volume: {name}") from None
+            raise StoreError(f"no such volume: {name}", ErrorCode.NOT_FOUND) from None
         except BaseException:
             os.close(dir_fd)
             raise

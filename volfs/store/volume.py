@@ -23,7 +23,7 @@ import stat
 from collections.abc import Sequence
 from typing import Any
 
-from volfs.errors import StoreError
+from volfs.errors import ErrorCode, StoreError
 from volfs.store import frame, headers, journal, records
 from volfs.store.checkpoints import Checkpointer
 from volfs.store.log import Position, SegmentLog
@@ -368,16 +368,20 @@ class Volume(VolumeState):
         never judge a segment whose end a power cut could still take.
         """
         if size < 0 or inodes < 0:
-            raise StoreError(f"volume {self.name}: sizes and inode limits cannot be negative")
+            raise StoreError(
+                f"volume {self.name}: sizes and inode limits cannot be negative", ErrorCode.INVALID
+            )
         if size and size < self.used_by_files:
             raise StoreError(
                 f"volume {self.name} holds {self.used_by_files} bytes: "
-                f"it cannot be made smaller than that ({size})"
+                f"it cannot be made smaller than that ({size})",
+                ErrorCode.INVALID,
             )
         if inodes and inodes < self.inodes_used:
             raise StoreError(
                 f"volume {self.name} has {self.inodes_used} inodes: "
-                f"its inode limit cannot be lower than that ({inodes})"
+                f"its inode limit cannot be lower than that ({inodes})",
+                ErrorCode.INVALID,
             )
         segment_size = min(self.log.segment_size, segment_size_for(size))
         header = {**self.header, "size": size, "inodes": inodes, "segment_size": segment_size}
