@@ -41,7 +41,7 @@ class InodeRecord(NamedTuple):
     atime_ns: int
     mtime_ns: int
     ctime_ns: int
-    target: bytes | None  #: a symlink's target
+    symlink_target: bytes | None
 
 
 class LinkRecord(NamedTuple):
