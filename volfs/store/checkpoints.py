@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, NamedTuple
 from volfs.store import journal, records
 from volfs.store.log import Position, libc
 from volfs.store.records import (
+    FORMAT,
     CheckpointRecord,
     ExtentsRecord,
     LinkRecord,
@@ -29,7 +30,7 @@ from volfs.store.records import (
     StoredExtent,
     XattrRecord,
 )
-from volfs.store.state import FORMAT, VolumeState
+from volfs.store.state import VolumeState
 
 if TYPE_CHECKING:
     from volfs.store.volume import Volume

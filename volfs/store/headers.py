@@ -17,7 +17,7 @@ from typing import Any
 
 from volfs.errors import ErrorCode, StoreError
 from volfs.store import frame
-from volfs.store.state import FORMAT
+from volfs.store.records import FORMAT
 
 HEADER_FILE = "volume"
 VOLUME_KIND = "volfs-volume"

@@ -16,6 +16,9 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Any, NamedTuple, TypeAlias
 
+#: The format of a volume: of its header, its records and its checkpoint (ARCHITECTURE.md).
+FORMAT = 1
+
 INODE = 1
 LINK = 2
 UNLINK = 3

@@ -34,8 +34,8 @@ from volfs.store import frame, headers, journal, pidlock
 from volfs.store.headers import FILE_FLAGS as _FILE_FLAGS
 from volfs.store.headers import VOLUME_KIND
 from volfs.store.headers import describe_mode as _kind
+from volfs.store.records import FORMAT
 from volfs.store.space import segment_size_for
-from volfs.store.state import FORMAT
 from volfs.store.volume import Volume
 
 logger = logging.getLogger(__name__)

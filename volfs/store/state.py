@@ -39,7 +39,6 @@ from volfs.store.records import (
 logger = logging.getLogger(__name__)
 
 ROOT_INO = 1
-FORMAT = 1
 
 #: What a volume's size is charged with besides the bytes of file data (ARCHITECTURE.md,
 #: "Quota").  Each is at least what the store keeps of the item for good (its checkpoint
