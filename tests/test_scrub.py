@@ -476,3 +476,23 @@ def test_progress_bar_on_a_terminal_and_lines_elsewhere():
     lines.update(600)
     lines.finish()
     assert out.getvalue().splitlines() == ["fsck v:  50% 0.0/0.0 MB, 0 MB/s"]
+
+
+def test_a_snapshot_has_no_writing_method():
+    """Read-only by construction: nothing the writing volume or log adds is reachable from a
+    snapshot or its log (no deny-list to keep up to date)."""
+    from volfs.store.log import SegmentLog, SegmentReader
+    from volfs.store.state import VolumeState
+    from volfs.store.volume import Volume
+
+    snapshot_class, log_class = snapshot_module.Snapshot, snapshot_module.ReadOnlyLog
+    assert issubclass(snapshot_class, VolumeState) and not issubclass(snapshot_class, Volume)
+    assert issubclass(log_class, SegmentReader) and not issubclass(log_class, SegmentLog)
+    # What the writing classes add to the readers (minus names both define for themselves,
+    # such as close, and dunders) is not reachable from the snapshot's classes.
+    writing = {n for n in set(vars(Volume)) - set(vars(VolumeState)) if not n.startswith("__")}
+    assert not (writing - set(vars(snapshot_class))) & set(dir(snapshot_class))
+    appending = {n for n in set(vars(SegmentLog)) - set(vars(SegmentReader)) if n[:2] != "__"}
+    assert not (appending - set(vars(log_class))) & set(dir(log_class))
+    assert {"commit", "checkpoint", "fork_checkpoint", "sync", "save_usage"} <= writing
+    assert {"append", "sync", "punch", "remove_segment", "discard_after"} <= appending
