@@ -77,8 +77,9 @@ def state_records(state: VolumeState, end: Position) -> Iterator[RawRecord]:
                 yield records.encode(XattrRecord(inode.ino, name, value))
         if inode.extents:
             stored = [
-                StoredExtent(e.start, e.length, e.skip, *e.frame[:3], list(e.frame.sums))
+                StoredExtent(e.start, e.length, e.skip, f.seg, f.pos, f.length, list(f.sums))
                 for e in inode.extents
+                for f in (e.frame,)
             ]
             yield records.encode(ExtentsRecord(inode.ino, stored))
     for inode in state.inodes.values():
