@@ -79,3 +79,9 @@ def test_fields_of_names_the_fields_of_a_garbled_record():
     assert cls is LinkRecord
     assert fields == {"parent": 1, "name": b"x"}
     assert records.fields_of([99, 1]) is None
+
+
+def test_a_frame_of_records_packs_as_each_record_alone():
+    items = [r for r, _, _ in EXAMPLES]
+    packed = msgpack.packb(records.encode_all(items), use_bin_type=True)
+    assert packed == msgpack.packb([records.encode(r) for r in items], use_bin_type=True)

@@ -14,7 +14,7 @@ LookupError, TypeError or ValueError on a record that does not fit the volume, a
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import Any, NamedTuple, TypeAlias
+from typing import Any, NamedTuple, TypeAlias, TypeVar
 
 #: The format of a volume: of its header, its records and its checkpoint (ARCHITECTURE.md).
 FORMAT = 1
@@ -138,6 +138,10 @@ KIND_OF: dict[type[Record], int] = {
     CheckpointRecord: CHECKPOINT,
 }
 KINDS: dict[int, type[Record]] = {kind: cls for cls, kind in KIND_OF.items()}
+#: kind -> (class, number of fields), for `decode`.
+_DECODE = {kind: (cls, len(cls._fields)) for kind, cls in KINDS.items()}
+_T = TypeVar("_T", bound=tuple[Any, ...])
+_new_tuple = tuple.__new__
 
 
 def encode(record: Record) -> RawRecord:
@@ -147,18 +151,27 @@ def encode(record: Record) -> RawRecord:
     return [KIND_OF[type(record)], *record]
 
 
-def decode(raw: object) -> Record:
+def decode(raw: Any) -> Record:
     """The record stored as *raw*; ValueError if it is not a record of a known kind, TypeError
-    if it has the wrong number of fields."""
-    if not isinstance(raw, list) or not raw:
-        raise ValueError(f"not a record: {raw!r}")
-    cls = KINDS.get(raw[0]) if isinstance(raw[0], int) else None
-    if cls is None:
-        raise ValueError(f"unknown record kind {raw[0]!r}")
+    if it has the wrong number of fields.  (Replay does not decode: its appliers unpack the
+    stored fields, in the order of these classes; see `volfs.store.state`.)"""
+    try:
+        cls, count = _DECODE[raw[0]]
+    except (LookupError, TypeError):  # not a list, empty, or an unknown kind
+        raise ValueError(f"not a record of a known kind: {raw!r}") from None
+    fields: list[Any] = raw[1:]
+    if len(fields) != count:
+        raise TypeError(f"{cls.__name__} has {count} fields, not {len(fields)}")
     if cls is ExtentsRecord:
-        _, ino, extents = raw
-        return ExtentsRecord(ino, [StoredExtent(*e) for e in extents])
-    return cls(*raw[1:])
+        return ExtentsRecord(fields[0], [make(StoredExtent, e) for e in fields[1]])
+    return make(cls, fields)
+
+
+def make(cls: type[_T], fields: Iterable[Any]) -> _T:
+    """A record of class *cls* with *fields*, unchecked (the count is the caller's to check):
+    `tuple.__new__` without the generated ``__new__``'s Python frame, for replay and for the
+    records every operation builds."""
+    return _new_tuple(cls, fields)
 
 
 def fields_of(raw: object) -> tuple[type[Record], dict[str, Any]] | None:
@@ -173,5 +186,7 @@ def fields_of(raw: object) -> tuple[type[Record], dict[str, Any]] | None:
 
 
 def encode_all(items: Iterable[Record]) -> list[RawRecord]:
-    """*items* as the list of msgpack lists a frame's meta part holds."""
-    return [encode(r) for r in items]
+    """*items* as a frame's meta part, ready for msgpack: the bytes of `encode` for each (an
+    EXTENTS record's extents stay tuples, which msgpack packs as the same arrays)."""
+    kind_of = KIND_OF
+    return [[kind_of[type(r)], *r] for r in items]

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import logging
 import stat
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from volfs.errors import DataDamaged, VolumeDamaged
@@ -111,19 +111,33 @@ class Inode:
         self.lookups = 0  #: references the kernel holds (lookup counts)
         self.opens = 0  #: open file handles
 
-    def record(self) -> InodeRecord:
-        """The INODE record that sets this inode's attributes as they are."""
-        return InodeRecord(
-            self.ino,
-            self.mode,
-            self.uid,
-            self.gid,
-            self.rdev,
-            self.size,
-            self.atime_ns,
-            self.mtime_ns,
-            self.ctime_ns,
-            self.target,
+    def record(
+        self,
+        *,
+        mode: int | None = None,
+        uid: int | None = None,
+        gid: int | None = None,
+        size: int | None = None,
+        atime_ns: int | None = None,
+        mtime_ns: int | None = None,
+        ctime_ns: int | None = None,
+    ) -> InodeRecord:
+        """The INODE record that sets this inode's attributes as they are, but for those
+        given (one call, no copy: every operation journals one or more of these)."""
+        return records.make(
+            InodeRecord,
+            (
+                self.ino,
+                self.mode if mode is None else mode,
+                self.uid if uid is None else uid,
+                self.gid if gid is None else gid,
+                self.rdev,
+                self.size if size is None else size,
+                self.atime_ns if atime_ns is None else atime_ns,
+                self.mtime_ns if mtime_ns is None else mtime_ns,
+                self.ctime_ns if ctime_ns is None else ctime_ns,
+                self.target,
+            ),
         )
 
 
@@ -172,12 +186,13 @@ class VolumeState:
         try:
             stored = journal.read_checkpoint(self.dir_fd)
             for raw in stored or ():
-                record = records.decode(raw)
-                if type(record) is CheckpointRecord:
-                    start = Position(record.segment, record.offset)
-                    self.next_ino = record.next_ino
+                if raw[0] == records.CHECKPOINT:
+                    covers = records.decode(raw)
+                    assert type(covers) is CheckpointRecord
+                    start = Position(covers.segment, covers.offset)
+                    self.next_ino = covers.next_ino
                 else:
-                    self.apply(record, 0, 0)
+                    self._apply_stored(raw, 0, 0)
         except (journal.CheckpointDamage, LookupError, TypeError, ValueError) as exc:
             raise VolumeDamaged(f"volume {self.name}: checkpoint is damaged: {exc}") from None
         self.checkpoint_at = start
@@ -219,16 +234,13 @@ class VolumeState:
         return head
 
     def _data_intact(self, lf: LogFrame) -> bool:
-        write = None
-        for raw in lf.meta if isinstance(lf.meta, list) else ():
-            with_kind = records.fields_of(raw)
-            if with_kind is not None and with_kind[0] is WriteRecord:
-                write = with_kind[1]
-                break
-        if write is None or write.get("length") != lf.data_len:
+        meta: Any = lf.meta
+        write = next((r for r in meta if r[0] == records.WRITE), None)
+        known = records.fields_of(write)
+        if known is None or known[1].get("length") != lf.data_len:
             return False
         data = self.log.read(lf.at.seg, lf.data_pos, lf.data_len)
-        return not frame.bad_blocks(data, 0, write.get("block_sums") or [])
+        return not frame.bad_blocks(data, 0, known[1].get("block_sums") or [])
 
     def _cut_tail(self, at: Position, reason: str) -> None:
         """What to do with a torn tail found at *at*; the writing volume cuts it off."""
@@ -236,16 +248,24 @@ class VolumeState:
 
     # -- applying records (live and replay) -------------------------------------------------
 
-    def _apply_stored(self, raw: object, seg: int, data_pos: int) -> None:
-        """Apply a record as read from the store (decoded here)."""
-        self.apply(records.decode(raw), seg, data_pos)
+    def _apply_stored(self, raw: Any, seg: int, data_pos: int) -> None:
+        """Apply a record as read from the store: a list, its kind first, then the fields of
+        its record class (`volfs.store.records`); ValueError for another kind."""
+        try:
+            applier = _APPLY_STORED[raw[0]]
+        except (LookupError, TypeError):  # not a list, empty, or not a kind replay applies
+            raise ValueError(f"not a record replay applies: {raw!r}") from None
+        applier(self, raw[1:], seg, data_pos)
 
-    def apply(self, record: Record, seg: int, data_pos: int) -> None:
-        """Apply one record to memory; *seg* and *data_pos* say where the frame's data is."""
-        applier = _APPLY.get(type(record))
-        if applier is None:
-            raise ValueError(f"record kind {records.KIND_OF[type(record)]} cannot be applied")
-        applier(self, record, seg, data_pos)
+    def apply(self, items: Iterable[Record], seg: int, data_pos: int) -> None:
+        """Apply records to memory; *seg* and *data_pos* say where their frame's data is."""
+        for record in items:
+            try:
+                applier = _APPLY[type(record)]
+            except KeyError:
+                kind = records.KIND_OF[type(record)]
+                raise ValueError(f"record kind {kind} cannot be applied") from None
+            applier(self, record, seg, data_pos)
 
     @staticmethod
     def _unlinked(parent: Inode, child: Inode) -> None:
@@ -431,47 +451,51 @@ def _apply_inode(state: VolumeState, record: InodeRecord, _seg: int, _data_pos: 
 
 
 def _apply_link(state: VolumeState, record: LinkRecord, _seg: int, _data_pos: int) -> None:
-    parent, child = state.inodes[record.parent], state.inodes[record.ino]
+    parent_ino, name, ino = record
+    parent, child = state.inodes[parent_ino], state.inodes[ino]
     entries = dir_entries(parent)
-    if record.name in entries:
-        raise ValueError(f"entry {record.name!r} exists in {record.parent}")
-    entries[record.name] = child.ino  # one int object for both
-    state.meta_used += ENTRY_COST + len(record.name)
+    if name in entries:
+        raise ValueError(f"entry {name!r} exists in {parent_ino}")
+    entries[name] = child.ino  # one int object for both
+    state.meta_used += ENTRY_COST + len(name)
     child.nlink += 1
     if child.entries is not None:
         parent.nlink += 1
-        child.parent = record.parent
+        child.parent = parent_ino
 
 
 def _apply_unlink(state: VolumeState, record: UnlinkRecord, _seg: int, _data_pos: int) -> None:
-    parent = state.inodes[record.parent]
-    state._unlinked(parent, state.inodes[dir_entries(parent).pop(record.name)])
-    state.meta_used -= ENTRY_COST + len(record.name)
+    parent_ino, name = record
+    parent = state.inodes[parent_ino]
+    state._unlinked(parent, state.inodes[dir_entries(parent).pop(name)])
+    state.meta_used -= ENTRY_COST + len(name)
 
 
 def _apply_rename(state: VolumeState, record: RenameRecord, _seg: int, _data_pos: int) -> None:
     # Onto an existing name, the inode it named loses that link (no UNLINK record comes with it).
-    old_parent, new_parent = state.inodes[record.old_parent], state.inodes[record.new_parent]
+    old_parent_ino, old_name, new_parent_ino, new_name = record
+    old_parent, new_parent = state.inodes[old_parent_ino], state.inodes[new_parent_ino]
     new_entries = dir_entries(new_parent)
-    child = state.inodes[dir_entries(old_parent).pop(record.old_name)]
-    state.meta_used -= ENTRY_COST + len(record.old_name)
-    if record.new_name in new_entries:
-        state._unlinked(new_parent, state.inodes[new_entries[record.new_name]])
+    child = state.inodes[dir_entries(old_parent).pop(old_name)]
+    state.meta_used -= ENTRY_COST + len(old_name)
+    if new_name in new_entries:
+        state._unlinked(new_parent, state.inodes[new_entries[new_name]])
     else:
-        state.meta_used += ENTRY_COST + len(record.new_name)
-    new_entries[record.new_name] = child.ino
+        state.meta_used += ENTRY_COST + len(new_name)
+    new_entries[new_name] = child.ino
     if child.entries is not None:
         old_parent.nlink -= 1
         new_parent.nlink += 1
-        child.parent = record.new_parent
+        child.parent = new_parent_ino
 
 
 def _apply_exchange(state: VolumeState, record: ExchangeRecord, _seg: int, _data_pos: int) -> None:
-    parent_a, parent_b = state.inodes[record.parent_a], state.inodes[record.parent_b]
+    parent_a_ino, name_a, parent_b_ino, name_b = record
+    parent_a, parent_b = state.inodes[parent_a_ino], state.inodes[parent_b_ino]
     entries_a, entries_b = dir_entries(parent_a), dir_entries(parent_b)
-    a = state.inodes[entries_a[record.name_a]]
-    b = state.inodes[entries_b[record.name_b]]
-    entries_a[record.name_a], entries_b[record.name_b] = b.ino, a.ino
+    a = state.inodes[entries_a[name_a]]
+    b = state.inodes[entries_b[name_b]]
+    entries_a[name_a], entries_b[name_b] = b.ino, a.ino
     for child, old, new in ((a, parent_a, parent_b), (b, parent_b, parent_a)):
         if child.entries is not None:
             old.nlink -= 1
@@ -480,17 +504,17 @@ def _apply_exchange(state: VolumeState, record: ExchangeRecord, _seg: int, _data
 
 
 def _apply_write(state: VolumeState, record: WriteRecord, seg: int, data_pos: int) -> None:
-    inode = state.inodes[record.ino]
-    state._put(
-        inode, record.offset, FrameData(seg, data_pos, record.length, tuple(record.block_sums))
-    )
-    if record.mtime_ns is not None:
-        inode.size = max(inode.size, record.offset + record.length)
-        inode.mtime_ns = inode.ctime_ns = record.mtime_ns
+    ino, offset, length, block_sums, mtime_ns = record
+    inode = state.inodes[ino]
+    state._put(inode, offset, FrameData(seg, data_pos, length, tuple(block_sums)))
+    if mtime_ns is not None:
+        inode.size = max(inode.size, offset + length)
+        inode.mtime_ns = inode.ctime_ns = mtime_ns
 
 
 def _apply_xattr(state: VolumeState, record: XattrRecord, _seg: int, _data_pos: int) -> None:
-    inode, name, value = state.inodes[record.ino], record.name, record.value
+    ino, name, value = record
+    inode = state.inodes[ino]
     old = None if inode.xattrs is None else inode.xattrs.get(name)
     if old is not None:
         state.meta_used -= XATTR_COST + len(name) + len(old)
@@ -504,13 +528,17 @@ def _apply_xattr(state: VolumeState, record: XattrRecord, _seg: int, _data_pos: 
 
 
 def _apply_extents(state: VolumeState, record: ExtentsRecord, _seg: int, _data_pos: int) -> None:
-    inode = state.inodes[record.ino]
-    for start, length, skip, eseg, epos, flen, sums in record.extents:
+    ino, extents = record
+    inode = state.inodes[ino]
+    for start, length, skip, eseg, epos, flen, sums in extents:
         state._put(inode, start, FrameData(eseg, epos, flen, tuple(sums)), length, skip)
 
 
 _Applier = Callable[[VolumeState, Any, int, int], None]
-#: The applier of each record class (CHECKPOINT only says where replay starts).
+#: The applier of each record class (CHECKPOINT only says where replay starts).  Each reads its
+#: record's fields by unpacking them in the record class's order, so it takes a record or the
+#: fields of a stored list alike: replay hands it ``raw[1:]`` (`_APPLY_STORED`) and never builds
+#: a record tuple, which made loading a checkpoint of 100k files 1.65x slower.
 _APPLY: dict[type[Record], _Applier] = {
     InodeRecord: _apply_inode,
     LinkRecord: _apply_link,
@@ -521,3 +549,5 @@ _APPLY: dict[type[Record], _Applier] = {
     XattrRecord: _apply_xattr,
     ExtentsRecord: _apply_extents,
 }
+#: The applier of each record kind, for records as stored.
+_APPLY_STORED: dict[int, _Applier] = {records.KIND_OF[cls]: f for cls, f in _APPLY.items()}

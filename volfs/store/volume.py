@@ -21,7 +21,6 @@ import logging
 import os
 import stat
 from collections.abc import Sequence
-from typing import Any
 
 from volfs.errors import ErrorCode, StoreError
 from volfs.store import frame, headers, journal, records
@@ -56,9 +55,7 @@ logger = logging.getLogger(__name__)
 
 def _touched(inode: Inode, now_ns: int, mtime: bool = True) -> InodeRecord:
     """The INODE record of *inode* with its change (and modification) time set to now."""
-    if mtime:
-        return inode.record()._replace(mtime_ns=now_ns, ctime_ns=now_ns)
-    return inode.record()._replace(ctime_ns=now_ns)
+    return inode.record(mtime_ns=now_ns if mtime else None, ctime_ns=now_ns)
 
 
 def _touched_parents(a: Inode, b: Inode, now_ns: int) -> list[Record]:
@@ -153,8 +150,7 @@ class Volume(VolumeState):
             self.reclaim()
             at, data_pos = self.log.append_frame(buffers)
         self.checkpoints.appended += data_pos + len(data) - at.pos
-        for record in items:
-            self.apply(record, at.seg, data_pos)
+        self.apply(items, at.seg, data_pos)
 
     # -- operations -------------------------------------------------------------------------
 
@@ -178,10 +174,8 @@ class Volume(VolumeState):
         mtime_ns: int | None = None,
         ctime_ns: int,
     ) -> None:
-        given: dict[str, Any] = {"mode": mode, "uid": uid, "gid": gid, "size": size,
-                                 "atime_ns": atime_ns, "mtime_ns": mtime_ns,
-                                 "ctime_ns": ctime_ns}  # fmt: skip
-        record = inode.record()._replace(**{k: v for k, v in given.items() if v is not None})
+        record = inode.record(mode=mode, uid=uid, gid=gid, size=size, atime_ns=atime_ns,
+                              mtime_ns=mtime_ns, ctime_ns=ctime_ns)  # fmt: skip
         self.commit([record])  # a size adds holes or drops data: nothing to charge
         self._recharge(inode)
 
