@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from volfs.store import check
+from volfs.store import check, snapshot
 
 MARKERS = (
     "expect_log(*patterns): ERROR lines or tracebacks matching one of these regexes are expected",
@@ -70,14 +70,14 @@ def store_problems(root: Path) -> list[str]:
     for volume_dir in volume_dirs(root):
         name = volume_dir.name
         try:
-            snapshot = check.open_snapshot(volume_dir, name)
+            loaded = snapshot.open_snapshot(volume_dir, name)
         except Exception as exc:  # the check itself failed: as much a finding as a problem
             found.append(f"volume {name}: cannot be checked: {exc!r}")
             continue
         try:
-            report = check.examine(snapshot)
+            report = check.examine(loaded)
         finally:
-            snapshot.close()
+            loaded.close()
         found += [f"volume {name}: {problem.path}: {problem.what}" for problem in report.problems]
     return found
 

@@ -33,13 +33,13 @@ from collections.abc import Iterable
 from enum import Enum
 from pathlib import Path
 
-from volfs.store import journal, log, pidlock, root, volume
+from volfs.store import checkpoints, headers, journal, log, pidlock, root, space, volume
 
 SECTOR = 512
 _CHUNK = 64 * 1024
 _ZEROS = bytes(_CHUNK)
 #: The store modules whose ``os`` the recorder stands in for.
-STORE_MODULES = (log, journal, root, volume, pidlock)
+STORE_MODULES = (log, journal, root, volume, pidlock, checkpoints, space, headers)
 #: Calls that would change files in ways the model does not follow: refused while recording.
 UNMODELLED = (
     "replace",

@@ -24,7 +24,8 @@ from volfs.localmodel import LocalModel
 from volfs.model import Node, VolumeView
 from volfs.posix import RENAME_EXCHANGE, PosixRules
 from volfs.store.root import StoreRoot
-from volfs.store.volume import ROOT_INO, Inode, Volume
+from volfs.store.state import ROOT_INO, Inode
+from volfs.store.volume import Volume
 
 #: The fields of each entry of a picture.
 FIELDS = (

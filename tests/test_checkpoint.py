@@ -17,7 +17,8 @@ import trio
 from volfs import worker
 from volfs.store import journal, pidlock
 from volfs.store.root import StoreRoot
-from volfs.store.volume import ROOT_INO, Volume
+from volfs.store.state import ROOT_INO
+from volfs.store.volume import Volume
 
 from helpers import wait_gone
 
@@ -64,14 +65,14 @@ def test_changes_made_while_the_writer_runs_are_kept(tmp_path):
     checkpoint_before = volume.checkpoint_at
 
     pid = volume.fork_checkpoint()
-    assert volume.checkpoint_running
+    assert volume.checkpoints.running
     for name in victims:
         volume.unlink(volume.inodes[ROOT_INO], name, volume.inodes[_ino(volume, name)], 4)
     for i in range(10):
         _create(volume, b"new%d" % i, os.urandom(30_000))
     assert volume.live.get(dies_after, 0) == 0
     _, status = os.waitpid(pid, 0)
-    assert volume.end_checkpoint(status)
+    assert volume.checkpoints.end(status)
 
     assert volume.checkpoint_at > checkpoint_before
     assert dead_before not in volume.log.segments
@@ -100,7 +101,7 @@ def test_a_failed_writer_changes_nothing(tmp_path, monkeypatch):
     monkeypatch.setattr(journal, "write_checkpoint", fail)  # inherited by the child
     pid = volume.fork_checkpoint()
     _, status = os.waitpid(pid, 0)
-    assert not volume.end_checkpoint(status)
+    assert not volume.checkpoints.end(status)
     assert (volume.checkpoint_at, list(volume.log.segments)) == before
     assert checkpoint_file.read_bytes() == old_checkpoint
     expected = _contents(volume)
@@ -201,7 +202,7 @@ def test_a_request_may_complete_the_writer_the_worker_waits_for(tmp_path):
             await worker._checkpoint(volume)
 
     trio.run(both)
-    assert not volume.checkpoint_running
+    assert not volume.checkpoints.running
     volume.close()
 
 
@@ -218,7 +219,7 @@ def test_a_writeback_error_the_writer_saw_fails_every_later_sync(tmp_path, monke
     pid = volume.fork_checkpoint()
     monkeypatch.undo()
     _, status = os.waitpid(pid, 0)
-    assert not volume.end_checkpoint(status)
+    assert not volume.checkpoints.end(status)
     _create(volume, b"later", b"z" * 100)
     with pytest.raises(OSError) as failed:
         volume.sync()

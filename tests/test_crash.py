@@ -45,7 +45,7 @@ from typing import NamedTuple
 import pytest
 
 from volfs import mounts
-from volfs.store import frame, journal
+from volfs.store import frame, records
 
 from helpers import volfsd
 
@@ -1309,7 +1309,7 @@ def test_torn_last_write_is_dropped(volume, mnt, content):
     (mnt / "before").write_bytes(b"acknowledged")
     start = b"\xa5" * 64
     if content == "log-like":  # a well-formed frame, as in any copy of a volfs segment
-        inner = b"".join(frame.encode([[journal.UNLINK, 1, b"before"]]))
+        inner = b"".join(frame.encode([[records.UNLINK, 1, b"before"]]))
     else:
         inner = bytes(32)
     (mnt / "torn").write_bytes(start + inner + bytes(8192))

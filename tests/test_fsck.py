@@ -11,7 +11,7 @@ from test_persistence import populate
 from test_scrub import store_digest
 
 from volfs.store.root import StoreRoot
-from volfs.store.volume import ROOT_INO
+from volfs.store.state import ROOT_INO
 
 from helpers import volfsd
 

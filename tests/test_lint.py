@@ -39,3 +39,11 @@ def test_readme_names_every_package_install_sh_installs():
     named = set(re.findall(r"`([^`]+)`", prose))
     named = {word for phrase in named for word in phrase.split()}
     assert [p for p in packages if p not in named] == []
+
+
+def test_mypy():
+    """The package type-checks (pyproject's [tool.mypy]: strict for volfs.store)."""
+    local = Path(sys.executable).with_name("mypy")
+    assert local.exists(), "mypy is not installed: ./install.sh --dev"
+    done = subprocess.run([str(local)], cwd=TOP, capture_output=True, text=True)
+    assert done.returncode == 0, done.stdout + done.stderr

@@ -17,7 +17,7 @@ import tracemalloc
 import pytest
 
 from volfs.store.root import StoreRoot
-from volfs.store.volume import ROOT_INO
+from volfs.store.state import ROOT_INO
 
 FILES = 20_000
 PER_DIRECTORY = 1000

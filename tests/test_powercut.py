@@ -41,7 +41,7 @@ from volfs.store import check
 from volfs.store import log as log_module
 from volfs.store.log import segment_name
 from volfs.store.root import StoreRoot
-from volfs.store.volume import ROOT_INO
+from volfs.store.state import ROOT_INO
 
 from helpers import volfsd
 

@@ -22,16 +22,9 @@ import pytest
 
 from volfs.errors import NoSpace, StoreError
 from volfs.store.root import StoreRoot
-from volfs.store.volume import (
-    ENTRY_COST,
-    EXTENT_COST,
-    INODE_COST,
-    ROOT_INO,
-    XATTR_COST,
-    Volume,
-    log_bound,
-    segment_size_for,
-)
+from volfs.store.space import log_bound, segment_size_for
+from volfs.store.state import ENTRY_COST, EXTENT_COST, INODE_COST, ROOT_INO, XATTR_COST
+from volfs.store.volume import Volume
 
 from helpers import run_dir_of, stop_daemon, volfsd
 

@@ -20,11 +20,12 @@ import pytest
 from test_crash import use_segment_size
 from test_damage import _flip, _pattern
 
-from volfs.scrub import Progress
+from volfs.checking import Progress, Throttle
 from volfs.store import check
-from volfs.store.check import Problem
+from volfs.store import snapshot as snapshot_module
+from volfs.store.check import Problem, ProblemKind
 from volfs.store.root import StoreRoot
-from volfs.store.volume import ROOT_INO
+from volfs.store.state import ROOT_INO
 
 from helpers import volfsd
 
@@ -278,7 +279,7 @@ def test_snapshot_skips_data_compaction_moved_away(tmp_path):
             volume.write(keep, i * 1000, os.urandom(1000), 2)
             volume.write(junk, 0, os.urandom(30_000), 2)
         volume.checkpoint()
-        snapshot = check.open_snapshot(root.volume_path("v"), "v")
+        snapshot = snapshot_module.open_snapshot(root.volume_path("v"), "v")
         try:
             assert volume.live_ranges()[min(volume.log.segments)]  # keep's data is spread out
             for seg in list(volume.log.segments[:-1]):  # what the worker's compaction does
@@ -316,7 +317,7 @@ def test_snapshot_loads_again_when_the_checkpoint_is_replaced(tmp_path):
                 volume.checkpoint()  # between the snapshot's checkpoint read and its replay
             calls.append(nbytes)
 
-        snapshot = check.open_snapshot(root.volume_path("v"), "v", pace)
+        snapshot = snapshot_module.open_snapshot(root.volume_path("v"), "v", pace)
         try:
             assert snapshot.checkpoint_at == volume.checkpoint_at  # the new one
             report = check.examine(snapshot)
@@ -348,16 +349,18 @@ def test_missing_segments_are_damage(tmp_path):
     volume.close(checkpoint=False)
     for seg in segs:
         (root.volume_path("v") / f"seg-{seg:08d}.log").unlink()
-    snapshot = check.open_snapshot(root.volume_path("v"), "v")
+    snapshot = snapshot_module.open_snapshot(root.volume_path("v"), "v")
     try:
         report = check.examine(snapshot)
     finally:
         snapshot.close()
     assert sorted(report.problems) == [
-        Problem("(store)", f"log segment {segs[1]} is missing; what it held is unreadable"),
-        Problem("(store)", f"log segment {segs[2]} is missing; what it held is unreadable"),
-        Problem("/old", f"data in missing segment {segs[0]}"),
-    ]
+        Problem("(store)", f"log segment {segs[1]} is missing; what it held is unreadable",
+                ProblemKind.MISSING_SEGMENT),
+        Problem("(store)", f"log segment {segs[2]} is missing; what it held is unreadable",
+                ProblemKind.MISSING_SEGMENT),
+        Problem("/old", f"data in missing segment {segs[0]}", ProblemKind.MISSING_SEGMENT, old.ino),
+    ]  # fmt: skip
 
 
 def test_snapshot_settles_for_a_prefix_when_the_checkpoint_keeps_changing(tmp_path, monkeypatch):
@@ -375,16 +378,16 @@ def test_snapshot_settles_for_a_prefix_when_the_checkpoint_keeps_changing(tmp_pa
             volume.sync()
 
         churn()
-        loaded = check.Snapshot._load_checkpoint
+        loaded = snapshot_module.Snapshot._load_checkpoint
 
         def load_checkpoint(self):
             start = loaded(self)
             churn()  # every time, between the snapshot's checkpoint read and its replay
             return start
 
-        monkeypatch.setattr(check.Snapshot, "_load_checkpoint", load_checkpoint)
-        monkeypatch.setattr(check, "SNAPSHOT_ATTEMPTS", 2)
-        snapshot = check.open_snapshot(root.volume_path("v"), "v")
+        monkeypatch.setattr(snapshot_module.Snapshot, "_load_checkpoint", load_checkpoint)
+        monkeypatch.setattr(snapshot_module, "SNAPSHOT_ATTEMPTS", 2)
+        snapshot = snapshot_module.open_snapshot(root.volume_path("v"), "v")
         try:
             report = check.examine(snapshot)
         finally:
@@ -409,7 +412,7 @@ def test_snapshot_goes_on_after_a_damaged_log_frame(tmp_path):
     seg, at = find_once(root.volume_path("v"), b"X" * 64)
     _flip(seg, at + 3)
     before = store_digest(root.volume_path("v"))
-    snapshot = check.open_snapshot(root.volume_path("v"), "v")
+    snapshot = snapshot_module.open_snapshot(root.volume_path("v"), "v")
     try:
         report = check.examine(snapshot)
         assert snapshot.read(snapshot.inodes[later.ino], 0, 5000) == b"2" * 5000
@@ -439,7 +442,7 @@ class FakeClock:
 
 def test_throttle_keeps_the_average_rate():
     clock = FakeClock()
-    throttle = check.Throttle(10e6, clock=clock, sleep=clock.sleep)
+    throttle = Throttle(10e6, clock=clock, sleep=clock.sleep)
     for _ in range(100):
         throttle(1_000_000)  # 100 MB at 10 MB/s: ~10 s, less the first burst of 1 MB
     assert 9.8 < clock.slept < 10.0
@@ -477,3 +480,23 @@ def test_progress_bar_on_a_terminal_and_lines_elsewhere():
     lines.update(600)
     lines.finish()
     assert out.getvalue().splitlines() == ["fsck v:  50% 0.0/0.0 MB, 0 MB/s"]
+
+
+def test_a_snapshot_has_no_writing_method():
+    """Read-only by construction: nothing the writing volume or log adds is reachable from a
+    snapshot or its log (no deny-list to keep up to date)."""
+    from volfs.store.log import SegmentLog, SegmentReader
+    from volfs.store.state import VolumeState
+    from volfs.store.volume import Volume
+
+    snapshot_class, log_class = snapshot_module.Snapshot, snapshot_module.ReadOnlyLog
+    assert issubclass(snapshot_class, VolumeState) and not issubclass(snapshot_class, Volume)
+    assert issubclass(log_class, SegmentReader) and not issubclass(log_class, SegmentLog)
+    # What the writing classes add to the readers (minus names both define for themselves,
+    # such as close, and dunders) is not reachable from the snapshot's classes.
+    writing = {n for n in set(vars(Volume)) - set(vars(VolumeState)) if not n.startswith("__")}
+    assert not (writing - set(vars(snapshot_class))) & set(dir(snapshot_class))
+    appending = {n for n in set(vars(SegmentLog)) - set(vars(SegmentReader)) if n[:2] != "__"}
+    assert not (appending - set(vars(log_class))) & set(dir(log_class))
+    assert {"commit", "checkpoint", "fork_checkpoint", "sync", "save_usage"} <= writing
+    assert {"append", "sync", "punch", "remove_segment", "discard_after"} <= appending

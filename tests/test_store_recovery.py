@@ -13,7 +13,8 @@ import pytest
 
 from volfs.errors import VolumeDamaged
 from volfs.store.root import StoreRoot
-from volfs.store.volume import ROOT_INO, Volume
+from volfs.store.state import ROOT_INO
+from volfs.store.volume import Volume
 
 
 def picture(volume: Volume) -> dict[str, tuple]:
@@ -200,6 +201,38 @@ def test_decayed_durable_data_is_kept_and_reported(tmp_path):
     volume.close(checkpoint=False)
 
 
+def test_data_in_a_missing_segment_reads_as_damage(tmp_path, caplog):
+    """A segment file deleted behind the store's back: reads of the data in it raise the
+    store's data-damage error naming the segment, with a log line (the FUSE layer answers
+    EIO), not the FileNotFoundError of the open; the rest of the file still reads."""
+    from volfs.errors import DataDamaged
+    from volfs.store.state import SegmentMissing
+
+    root = StoreRoot(tmp_path / "store")
+    volume = root.open_volume("v", segment_size=64 * 1024)
+    inode = volume.new_inode(stat.S_IFREG | 0o644, 0, 0, 0, 1)
+    volume.create(volume.inodes[ROOT_INO], b"f", inode, 1)
+    inode = volume.inodes[inode.ino]
+    volume.write(inode, 0, b"A" * 100_000, 2)
+    volume.write(inode, 100_000, b"B" * 100_000, 3)
+    first = next(inode.extents.pieces(0, 1))[2].seg
+    assert next(inode.extents.pieces(100_000, 100_001))[2].seg != first
+    volume.close()  # checkpointed: replay needs no segment before the log's end
+    (tmp_path / "store" / "volumes" / "v" / f"seg-{first:08d}.log").unlink()
+    volume = root.open_volume("v")
+    try:
+        inode = volume.inodes[inode.ino]
+        caplog.set_level("ERROR", logger="volfs.store")
+        with pytest.raises(DataDamaged) as raised:
+            volume.read(inode, 10, 10)
+        assert isinstance(raised.value, SegmentMissing)
+        assert raised.value.seg == first
+        assert any(f"missing segment {first}" in r.getMessage() for r in caplog.records)
+        assert volume.read(inode, 150_000, 10) == b"B" * 10
+    finally:
+        volume.close(checkpoint=False)
+
+
 def test_compaction_bounds_the_log_and_keeps_data(tmp_path):
     """Rewriting a file over and over: compaction keeps the log near the live size."""
     root = StoreRoot(tmp_path / "store")
@@ -228,3 +261,23 @@ def test_compaction_bounds_the_log_and_keeps_data(tmp_path):
     assert volume.read(volume.inodes[inode.ino], 0, len(model)) == model
     assert volume.used == len(model)
     volume.close()
+
+
+def test_store_errors_carry_their_codes(tmp_path):
+    """Callers decide on a store error's code, never on its text."""
+    from volfs.errors import ErrorCode, StoreError
+
+    root = StoreRoot(tmp_path / "store")
+    with pytest.raises(StoreError) as missing:
+        root.open_volume("nope", create=False)
+    assert missing.value.code is ErrorCode.NOT_FOUND
+    volume = root.open_volume("v")
+    try:
+        with pytest.raises(StoreError) as served:
+            root.open_volume("v")
+        assert served.value.code is ErrorCode.ALREADY_SERVED
+        with pytest.raises(StoreError) as smaller:
+            volume.set_limits(-1, 0)
+        assert smaller.value.code is ErrorCode.INVALID
+    finally:
+        volume.close()

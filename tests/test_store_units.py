@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 from volfs.store import frame
 from volfs.store.dirents import FIRST_OFFSET, Listing
-from volfs.store.extents import CHUNK_SIZE, ExtentMap, Frame, extents_of
+from volfs.store.extents import CHUNK_SIZE, ExtentMap, FrameData, extents_of
 
 # -- extent map against a bytearray -------------------------------------------------------------
 
@@ -40,11 +40,11 @@ def test_extent_map_matches_bytes(operations):
     and quota accounting of the store depend on it); `change` foretells what a put does."""
     model = bytearray()
     extents = ExtentMap()
-    frames: dict[int, tuple[Frame, int]] = {}
+    frames: dict[int, tuple[FrameData, int]] = {}
     live = count = 0
     for n, (op, offset, length) in enumerate(operations, start=1):
         if op == "put":
-            fr = Frame(n, 0, length, ())
+            fr = FrameData(n, 0, length, ())
             frames[n] = (fr, n % 251 + 1)
             predicted = extents.change(offset, offset + length)
             before = len(extents)
@@ -79,7 +79,7 @@ def test_extent_map_matches_bytes(operations):
 
 def test_extent_pieces_of_a_range_inside_one_extent():
     extents = ExtentMap()
-    fr = Frame(1, 100, 1000, ())
+    fr = FrameData(1, 100, 1000, ())
     extents.put(500, 1000, fr)
     assert list(extents.pieces(0, 600)) == [(0, 500, None, 0), (500, 100, fr, 0)]
     assert list(extents.pieces(700, 800)) == [(700, 100, fr, 200)]

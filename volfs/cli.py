@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 import volfs
-from volfs import control, mounts, requests, scrub
+from volfs import checking, control, mounts, requests
 from volfs.catalog import describe, parse_inodes, parse_labels, parse_size
 from volfs.config import DEFAULT_PATH
 from volfs.errors import ErrorCode, VolfsError
@@ -36,7 +36,7 @@ UMOUNT_TIMEOUT = 120.0
 #: names start with a letter or digit, so no volume's worker log can be this file.
 CLI_LOG = "_cli.log"
 #: Commands whose exit status 1 means "damage found": their failures exit 2 ("not checked").
-CHECKS = {"fsck": scrub.UNCHECKED, "scrub": scrub.UNCHECKED}
+CHECKS = {"fsck": checking.UNCHECKED, "scrub": checking.UNCHECKED}
 
 
 class CliError(VolfsError):
@@ -372,11 +372,11 @@ def cmd_resize(args: argparse.Namespace) -> None:
 
 
 def cmd_fsck(args: argparse.Namespace) -> int:
-    return scrub.fsck(default_root(), args.name, args.repair)
+    return checking.fsck(default_root(), args.name, args.repair)
 
 
 def cmd_scrub(args: argparse.Namespace) -> int:
-    return scrub.scrub(default_root(), args.name, args.rate)
+    return checking.scrub(default_root(), args.name, args.rate)
 
 
 def _rate(text: str) -> float:
@@ -454,7 +454,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     scrubs = sub.add_parser("scrub", help="verify every checksum of a volume, mounted or not")
     scrubs.add_argument("name", metavar="NAME")
-    scrubs.add_argument("--rate", type=_rate, default=scrub.DEFAULT_RATE, metavar="MB/s",
+    scrubs.add_argument("--rate", type=_rate, default=checking.DEFAULT_RATE, metavar="MB/s",
                         help="read at most this fast (default 50; 0: no limit)")  # fmt: skip
     scrubs.set_defaults(func=cmd_scrub)
 

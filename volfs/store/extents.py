@@ -17,14 +17,14 @@ each extent's start.
 from __future__ import annotations
 
 from bisect import bisect_right, insort_right
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from operator import itemgetter
 from typing import NamedTuple
 
 CHUNK_SIZE = 1 << 20
 
 
-class Frame(NamedTuple):
+class FrameData(NamedTuple):
     """The data part of one log frame: where it is and the checksum of each block of it."""
 
     seg: int
@@ -37,12 +37,12 @@ class Extent(NamedTuple):
     start: int
     length: int
     skip: int  #: offset of this extent's first byte within ``frame``
-    frame: Frame
+    frame: FrameData
 
 
 #: (frame, bytes, extents) for each extent a change touched: the bytes of it no longer used,
 #: and how the number of extents of that frame changed (-1 gone, 0 trimmed, +1 split in two).
-Removed = list[tuple[Frame, int, int]]
+Removed = list[tuple[FrameData, int, int]]
 Chunk = list[Extent]  #: sorted by start
 
 _start = itemgetter(0)
@@ -78,7 +78,7 @@ def _punch_chunk(chunk: Chunk, start: int, end: int, removed: Removed) -> None:
 
 def _chunk_pieces(
     chunk: Chunk, start: int, end: int
-) -> Iterator[tuple[int, int, Frame | None, int]]:
+) -> Iterator[tuple[int, int, FrameData | None, int]]:
     i = _first_touching(chunk, start)
     pos = start
     while pos < end:
@@ -131,7 +131,7 @@ class ExtentMap:
     def _drop_chunk(self, index: int) -> None:
         if index == 0:
             self._first = None
-        else:
+        elif self._more is not None:
             del self._more[index]
             if not self._more:
                 self._more = None
@@ -143,10 +143,10 @@ class ExtentMap:
 
     def __iter__(self) -> Iterator[Extent]:
         for index in self._indexes():
-            yield from self._chunk(index)
+            yield from self._chunk(index) or ()
 
     def __len__(self) -> int:
-        return sum(len(self._chunk(index)) for index in self._indexes())
+        return sum(len(self._chunk(index) or ()) for index in self._indexes())
 
     def __bool__(self) -> bool:
         return self._first is not None or self._more is not None
@@ -179,6 +179,7 @@ class ExtentMap:
         if end <= start or not self:
             return removed
         first, last = start // CHUNK_SIZE, (end - 1) // CHUNK_SIZE
+        indexes: Iterable[int]
         if last - first < 1 + len(self._more or ()):
             indexes = range(first, last + 1)
         else:
@@ -191,7 +192,7 @@ class ExtentMap:
                     self._drop_chunk(index)
         return removed
 
-    def put(self, start: int, length: int, frame: Frame, skip: int = 0) -> Removed:
+    def put(self, start: int, length: int, frame: FrameData, skip: int = 0) -> Removed:
         """Map [start, start+length) to *frame*; return the pieces it replaced.
 
         The range gets one new extent per chunk it touches (`extents_of`)."""
@@ -214,7 +215,7 @@ class ExtentMap:
             return []
         return self.punch(size, max(size, (self._indexes()[-1] + 1) * CHUNK_SIZE))
 
-    def pieces(self, start: int, end: int) -> Iterator[tuple[int, int, Frame | None, int]]:
+    def pieces(self, start: int, end: int) -> Iterator[tuple[int, int, FrameData | None, int]]:
         """Cover [start, end) with (offset, length, frame, skip); holes have frame None."""
         pos = start
         while pos < end:

@@ -1,28 +1,8 @@
-"""The metadata journal: the records that describe every change to a volume, and checkpoints.
+"""Checkpoint files, and replacing a small file of a volume directory durably.
 
-Each file system operation is written as ONE log frame whose meta part is a list of records,
-so an operation is in the store entirely or not at all.  A record is a msgpack array whose
-first element is its kind:
-
-=========  ==================================================================================
-INODE      ``[1, ino, mode, uid, gid, rdev, size, atime_ns, mtime_ns, ctime_ns, target]``
-           creates the inode or replaces its attributes; a smaller size truncates the file.
-LINK       ``[2, parent, name, ino]`` adds a directory entry.
-UNLINK     ``[3, parent, name]`` removes a directory entry.
-RENAME     ``[4, old_parent, old_name, new_parent, new_name]`` moves an entry (the target name
-           is free: a replaced target is UNLINKed first in the same frame).
-EXCHANGE   ``[5, parent_a, name_a, parent_b, name_b]`` swaps what two entries point to.
-WRITE      ``[6, ino, offset, length, sums, mtime_ns]``: the frame's data part holds the bytes;
-           ``sums`` are their block checksums.  ``mtime_ns`` None marks a relocation by the
-           compactor, which changes no attribute.
-XATTR      ``[7, ino, name, value]``; value None removes the attribute.
-(8)        not used.
-EXTENTS    ``[9, ino, [[start, length, skip, seg, pos, frame_length, sums], ...]]``
-CHECKPOINT ``[10, format, seg, pos, next_ino]``: a checkpoint covers the log up to (seg, pos).
-=========  ==================================================================================
-
-EXTENTS and CHECKPOINT appear only in checkpoint files.  Link counts are not stored: they are
-counted from LINK/UNLINK, so they cannot disagree with the directory tree.
+A checkpoint is frames whose meta parts are lists of records (`volfs.store.records`; their
+layout is specified in ARCHITECTURE.md, "Records" and "Checkpoint"), written to
+``checkpoint.tmp``, fsynced, renamed over ``checkpoint`` and the directory fsynced.
 """
 
 from __future__ import annotations
@@ -31,16 +11,7 @@ import os
 from collections.abc import Iterable, Iterator
 
 from volfs.store import frame
-
-INODE = 1
-LINK = 2
-UNLINK = 3
-RENAME = 4
-EXCHANGE = 5
-WRITE = 6
-XATTR = 7
-EXTENTS = 9
-CHECKPOINT = 10
+from volfs.store.records import RawRecord
 
 CHECKPOINT_FILE = "checkpoint"
 _CHECKPOINT_TMP = "checkpoint.tmp"
@@ -52,7 +23,7 @@ class CheckpointDamage(Exception):
     pass
 
 
-def write_checkpoint(dir_fd: int, records: Iterable[list]) -> int:
+def write_checkpoint(dir_fd: int, records: Iterable[RawRecord]) -> int:
     """Write *records* as the volume's checkpoint, atomically and durably; return its size."""
     fd = os.open(
         _CHECKPOINT_TMP,
@@ -63,7 +34,7 @@ def write_checkpoint(dir_fd: int, records: Iterable[list]) -> int:
     size = 0
     try:
         with os.fdopen(fd, "wb", buffering=1 << 20, closefd=False) as out:
-            batch: list[list] = []
+            batch: list[RawRecord] = []
             for record in records:
                 batch.append(record)
                 if len(batch) == RECORDS_PER_FRAME:
@@ -97,7 +68,7 @@ def write_durably(dir_fd: int, name: str, data: bytes) -> None:
     os.fsync(dir_fd)
 
 
-def read_checkpoint(dir_fd: int) -> Iterator[list] | None:
+def read_checkpoint(dir_fd: int) -> Iterator[RawRecord] | None:
     """The records of the volume's checkpoint, or None if it has none yet.
 
     Raises `CheckpointDamage` if any frame fails its checksum: a checkpoint was written and
@@ -110,7 +81,7 @@ def read_checkpoint(dir_fd: int) -> Iterator[list] | None:
     return _checkpoint_records(fd)
 
 
-def _checkpoint_records(fd: int) -> Iterator[list]:
+def _checkpoint_records(fd: int) -> Iterator[RawRecord]:
     with os.fdopen(fd, "rb", buffering=1 << 20) as src:
         offset = 0
         while header := src.read(frame.HEADER.size):

@@ -9,6 +9,10 @@ same calls.
 
 Each segment starts with a header frame naming the volume and the segment number, so a segment
 copied from elsewhere or renamed is refused rather than replayed.
+
+`SegmentReader` finds, replays and reads segments and reads the durable mark; it opens nothing
+for writing.  `SegmentLog`, the writer a served volume uses, adds appending, syncing, the mark,
+punching holes and removing segments on top of it.
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ import xxhash
 
 from volfs.store import frame
 
-log = logging.getLogger(__name__)
+logger = logging.getLogger(__name__)
 
 SEGMENT_PREFIX = "seg-"
 SEGMENT_SUFFIX = ".log"
@@ -73,22 +77,15 @@ def segment_name(seg: int) -> str:
     return f"{SEGMENT_PREFIX}{seg:08d}{SEGMENT_SUFFIX}"
 
 
-class SegmentLog:
-    """Append frames to, and read data back from, the segment files in one directory."""
+class SegmentReader:
+    """Find, replay and read the segment files of one volume's log; writes nothing."""
 
     def __init__(self, dir_fd: int, volume_id: str, segment_size: int) -> None:
         self._dir_fd = dir_fd
         self._volume_id = volume_id
         self.segment_size = segment_size
         self._fds: dict[int, int] = {}
-        self._dirty: set[int] = set()
-        self._dir_dirty = False
-        self._sealed_sizes: dict[int, int] = {}
-        self._mark_fd: int | None = None
-        self.failed: OSError | None = None  #: the error of a failed flush (see `fail`)
         self.segments: list[int] = sorted(self._list_segments())
-        self.head = Position(0, 0)  #: where the next frame goes; set by ``start_appending``
-        self.total = 0  #: bytes in all segment files; set by ``start_appending``
 
     def _list_segments(self) -> Iterator[int]:
         for name in os.listdir(self._dir_fd):
@@ -98,17 +95,20 @@ class SegmentLog:
                     yield int(number)
 
     def _fd(self, seg: int) -> int:
+        """The open file of segment *seg* (FileNotFoundError if it is gone)."""
         fd = self._fds.get(seg)
         if fd is None:
             if len(self._fds) >= MAX_OPEN_SEGMENTS:
-                victim = next(s for s in self._fds if s != self.head.seg)
-                os.close(self._fds.pop(victim))
-            fd = os.open(segment_name(seg), os.O_RDWR | OPEN_FLAGS, dir_fd=self._dir_fd)
+                os.close(self._fds.pop(self._fd_to_close()))
+            fd = self._open_segment(seg)
             self._fds[seg] = fd
         return fd
 
-    def _segment_header(self, seg: int) -> list[bytes]:
-        return frame.encode([SEGMENT_KIND, self._volume_id, seg])
+    def _fd_to_close(self) -> int:
+        return next(iter(self._fds))
+
+    def _open_segment(self, seg: int) -> int:
+        return os.open(segment_name(seg), os.O_RDONLY | OPEN_FLAGS, dir_fd=self._dir_fd)
 
     # -- replay -------------------------------------------------------------------------
 
@@ -162,6 +162,59 @@ class SegmentLog:
         if meta != [SEGMENT_KIND, self._volume_id, seg]:
             raise LogDamage(at, f"segment header names another segment or volume: {meta!r}")
         return frame.HEADER.size + meta_len
+
+    # -- reading ----------------------------------------------------------------------
+
+    def read(self, seg: int, pos: int, length: int) -> bytes:
+        data = os.pread(self._fds.get(seg) or self._fd(seg), length, pos)
+        if len(data) != length:
+            raise LogDamage(Position(seg, pos), f"segment ends {length - len(data)} bytes early")
+        return data
+
+    def durable_mark(self) -> Position:
+        """The last position a sync recorded as durable ((0, 0) if none, or if unreadable)."""
+        try:
+            fd = os.open(DURABLE_MARK, os.O_RDONLY | OPEN_FLAGS, dir_fd=self._dir_fd)
+        except FileNotFoundError:
+            return Position(0, 0)
+        try:
+            raw = os.pread(fd, _MARK.size, 0)
+        finally:
+            os.close(fd)
+        if len(raw) != _MARK.size:
+            return Position(0, 0)
+        seg, pos, checksum = _MARK.unpack(raw)
+        if xxhash.xxh3_64_intdigest(raw[:16]) != checksum:
+            return Position(0, 0)
+        return Position(seg, pos)
+
+    def close(self) -> None:
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
+
+
+class SegmentLog(SegmentReader):
+    """The log a served volume writes: append frames, sync them, punch and remove segments."""
+
+    def __init__(self, dir_fd: int, volume_id: str, segment_size: int) -> None:
+        super().__init__(dir_fd, volume_id, segment_size)
+        self._dirty: set[int] = set()
+        self._dir_dirty = False
+        self._sealed_sizes: dict[int, int] = {}
+        self._mark_fd: int | None = None
+        self.failed: OSError | None = None  #: the error of a failed flush (see `fail`)
+        self.head = Position(0, 0)  #: where the next frame goes; set by ``start_appending``
+        self.total = 0  #: bytes in all segment files; set by ``start_appending``
+
+    def _fd_to_close(self) -> int:
+        return next(s for s in self._fds if s != self.head.seg)
+
+    def _open_segment(self, seg: int) -> int:
+        return os.open(segment_name(seg), os.O_RDWR | OPEN_FLAGS, dir_fd=self._dir_fd)
+
+    def _segment_header(self, seg: int) -> list[bytes]:
+        return frame.encode([SEGMENT_KIND, self._volume_id, seg])
 
     def discard_after(self, at: Position) -> int:
         """Cut the log back to *at*, dropping later segments; return the bytes dropped."""
@@ -238,7 +291,7 @@ class SegmentLog:
             try:
                 os.ftruncate(fd, pos)
             except OSError:
-                log.exception("could not cut a failed frame off the log at offset %d", pos)
+                logger.exception("could not cut a failed frame off the log at offset %d", pos)
             raise
         return pos + total
 
@@ -260,14 +313,6 @@ class SegmentLog:
         """Start the next segment if the head segment has reached the segment size."""
         if self.head.pos >= self.segment_size:
             self._new_segment(self.head.seg + 1)
-
-    # -- reading, syncing, cleaning ------------------------------------------------------
-
-    def read(self, seg: int, pos: int, length: int) -> bytes:
-        data = os.pread(self._fds.get(seg) or self._fd(seg), length, pos)
-        if len(data) != length:
-            raise LogDamage(Position(seg, pos), f"segment ends {length - len(data)} bytes early")
-        return data
 
     def sync(self) -> Position:
         """Make every frame appended so far durable; return the durable end of the log.
@@ -330,23 +375,6 @@ class SegmentLog:
         body = struct.pack("<QQ", at.seg, at.pos)
         os.pwrite(self._mark_fd, body + xxhash.xxh3_64_intdigest(body).to_bytes(8, "little"), 0)
 
-    def durable_mark(self) -> Position:
-        """The last position a sync recorded as durable ((0, 0) if none, or if unreadable)."""
-        try:
-            fd = os.open(DURABLE_MARK, os.O_RDONLY | OPEN_FLAGS, dir_fd=self._dir_fd)
-        except FileNotFoundError:
-            return Position(0, 0)
-        try:
-            raw = os.pread(fd, _MARK.size, 0)
-        finally:
-            os.close(fd)
-        if len(raw) != _MARK.size:
-            return Position(0, 0)
-        seg, pos, checksum = _MARK.unpack(raw)
-        if xxhash.xxh3_64_intdigest(raw[:16]) != checksum:
-            return Position(0, 0)
-        return Position(seg, pos)
-
     def sizes(self) -> dict[int, int]:
         """Bytes in each segment file (the head segment's up to the head)."""
         sizes = self._sealed_sizes
@@ -390,9 +418,7 @@ class SegmentLog:
         self._dir_dirty = True
 
     def close(self) -> None:
-        for fd in self._fds.values():
-            os.close(fd)
-        self._fds.clear()
+        super().close()
         if self._mark_fd is not None:
             os.close(self._mark_fd)
             self._mark_fd = None

@@ -37,7 +37,7 @@ class NotALockFile(StoreError):
         self.path = path
 
 
-def _path(name: str | os.PathLike, dir_fd: int | None) -> str:
+def _path(name: str | os.PathLike[str], dir_fd: int | None) -> str:
     """*name* as a full path, for messages (the directory's path comes from /proc)."""
     if dir_fd is None:
         return os.fspath(name)
@@ -61,7 +61,7 @@ def _kind(mode: int) -> str:
     return "not a regular file"
 
 
-def _open(name: str | os.PathLike, flags: int, dir_fd: int | None) -> int:
+def _open(name: str | os.PathLike[str], flags: int, dir_fd: int | None) -> int:
     """Open lock file *name*; NotALockFile if its name holds anything but a regular file."""
     try:
         fd = os.open(name, flags | _FLAGS, 0o600, dir_fd=dir_fd)
@@ -96,7 +96,7 @@ def take(name: str, dir_fd: int) -> int:
     return fd
 
 
-def is_held(path: str | os.PathLike, dir_fd: int | None = None) -> bool:
+def is_held(path: str | os.PathLike[str], dir_fd: int | None = None) -> bool:
     """Whether some process holds the lock file at *path* (in *dir_fd*, if given) right now."""
     try:
         fd = _open(path, os.O_RDONLY, dir_fd)
@@ -111,7 +111,7 @@ def is_held(path: str | os.PathLike, dir_fd: int | None = None) -> bool:
         os.close(fd)
 
 
-def holder(path: str | os.PathLike, dir_fd: int | None = None) -> str:
+def holder(path: str | os.PathLike[str], dir_fd: int | None = None) -> str:
     """The pid the lock file at *path* names ("unknown" if it names none)."""
     try:
         fd = _open(path, os.O_RDONLY, dir_fd)

@@ -25,18 +25,22 @@ import stat
 import time
 import uuid
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 import msgpack
 
-from volfs.errors import StoreError
-from volfs.store import frame, journal, pidlock
-from volfs.store.volume import FORMAT, USAGE_FILE, Volume, segment_size_for
+from volfs.errors import ErrorCode, StoreError
+from volfs.store import frame, headers, journal, pidlock
+from volfs.store.headers import FILE_FLAGS as _FILE_FLAGS
+from volfs.store.headers import VOLUME_KIND
+from volfs.store.headers import describe_mode as _kind
+from volfs.store.records import FORMAT
+from volfs.store.space import segment_size_for
+from volfs.store.volume import Volume
 
-log = logging.getLogger(__name__)
+logger = logging.getLogger(__name__)
 
 STORE_FORMAT = 1
-VOLUME_KIND = "volfs-volume"
 DEFAULT_SEGMENT_SIZE = 64 * 1024 * 1024
 #: Most bytes a volume's labels may take (packed): the header file is read in one 64 KiB piece.
 MAX_LABELS = 32 * 1024
@@ -45,8 +49,6 @@ DEVICE_FILE = "device"
 _DEVICE = re.compile(r"([0-9]{1,10}:[0-9]{1,10})\n?")
 NAME_PATTERN = re.compile(r"[a-z0-9][a-z0-9_.-]{0,62}")
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
-#: For the store's own small files: no links followed, and no hang on a FIFO planted there.
-_FILE_FLAGS = os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
 
 
 def default_root() -> Path:
@@ -63,7 +65,8 @@ def check_name(name: str) -> str:
     if not NAME_PATTERN.fullmatch(name):
         raise StoreError(
             f"invalid volume name {name[:80]!r}: use 1-63 characters of a-z, 0-9, '_', '.', '-', "
-            "starting with a letter or digit"
+            "starting with a letter or digit",
+            ErrorCode.INVALID,
         )
     return name
 
@@ -84,14 +87,16 @@ class StoreRoot:
         except PermissionError:
             raise StoreError(
                 f"store root {self.path} is not writable by this user: "
-                "run as its owner or set VOLFS_ROOT to a writable directory"
+                "run as its owner or set VOLFS_ROOT to a writable directory",
+                ErrorCode.PERMISSION,
             ) from None
         except OSError as exc:
             raise StoreError(f"store root {self.path} cannot be used: {exc.strerror}") from None
         if not os.access(self.path, os.W_OK) or not os.access(self.path / "volumes", os.W_OK):
             raise StoreError(
                 f"store root {self.path} is not writable by this user: "
-                "run as its owner or set VOLFS_ROOT to a writable directory"
+                "run as its owner or set VOLFS_ROOT to a writable directory",
+                ErrorCode.PERMISSION,
             )
         # The root itself may be reached through a link (/var/lib/volfs -> /data/volfs), but
         # nothing inside it: a link there would lead the store's files out of it.
@@ -187,7 +192,7 @@ class StoreRoot:
                 if problem is None:
                     found.append(entry.name)
                 else:
-                    log.warning("store %s: ignoring %s: %s", self.path, entry.path, problem)
+                    logger.warning("store %s: ignoring %s: %s", self.path, entry.path, problem)
         return sorted(found)
 
     def entry_problem(self, name: str) -> str | None:
@@ -201,7 +206,7 @@ class StoreRoot:
             return "a symbolic link, not a volume directory (volfs follows no links in its store)"
         if not stat.S_ISDIR(mode):
             return f"{_kind(mode)}, not a volume directory"
-        if not os.path.lexists(path / "volume"):
+        if not os.path.lexists(path / headers.HEADER_FILE):
             return (
                 "a directory without a volume header (an interrupted create leaves one: "
                 f"'volfsd create {name}' completes it)"
@@ -216,7 +221,7 @@ class StoreRoot:
             mode = path.lstat().st_mode
         except FileNotFoundError:
             return False
-        return not stat.S_ISDIR(mode) or os.path.lexists(path / "volume")
+        return not stat.S_ISDIR(mode) or os.path.lexists(path / headers.HEADER_FILE)
 
     def create_volume(
         self,
@@ -225,7 +230,7 @@ class StoreRoot:
         labels: dict[str, str] | None = None,
         segment_size: int = DEFAULT_SEGMENT_SIZE,
         inodes: int = 0,
-    ) -> dict:
+    ) -> dict[str, Any]:
         """Create volume *name* if it is new; return its header.
 
         Creating an existing volume with the same options changes nothing; with other options
@@ -234,7 +239,9 @@ class StoreRoot:
         """
         labels = dict(labels or {})
         if len(msgpack.packb(labels)) > MAX_LABELS:
-            raise StoreError(f"labels of volume {name} are too large: at most 32 KiB in all")
+            raise StoreError(
+                f"labels of volume {name} are too large: at most 32 KiB in all", ErrorCode.INVALID
+            )
         path = self.volume_path(name)
         try:
             path.mkdir(mode=0o700)
@@ -245,7 +252,7 @@ class StoreRoot:
         dir_fd = self._open_dir(name)
         try:
             try:
-                header = self._read_header(name, dir_fd)
+                header = headers.read_header(name, dir_fd)
             except FileNotFoundError:
                 header = {
                     "kind": VOLUME_KIND,
@@ -260,7 +267,9 @@ class StoreRoot:
                     "inodes": inodes,
                 }
                 try:
-                    journal.write_durably(dir_fd, "volume", b"".join(frame.encode(header)))
+                    journal.write_durably(
+                        dir_fd, headers.HEADER_FILE, b"".join(frame.encode(header))
+                    )
                 except BaseException:
                     if made:  # leave no half-made volume that `ls` would trip over
                         shutil.rmtree(path, ignore_errors=True)
@@ -276,17 +285,18 @@ class StoreRoot:
             raise StoreError(
                 f"volume {name} already exists with other options "
                 f"(size {header.get('size', 0)}, inodes {header.get('inodes', 0)}, "
-                f"labels {header.get('labels', {})})"
+                f"labels {header.get('labels', {})})",
+                ErrorCode.EXISTS,
             )
         return header
 
-    def header(self, name: str) -> dict:
+    def header(self, name: str) -> dict[str, Any]:
         """The header of volume *name* (no lock needed: it is replaced atomically)."""
         dir_fd = self._open_dir(name)
         try:
-            return self._read_header(name, dir_fd)
+            return headers.read_header(name, dir_fd)
         except FileNotFoundError:
-            raise StoreError(f"volume {name} does not exist") from None
+            raise StoreError(f"volume {name} does not exist", ErrorCode.NOT_FOUND) from None
         finally:
             os.close(dir_fd)
 
@@ -295,7 +305,7 @@ class StoreRoot:
         try:
             return os.open(path, _DIR_FLAGS)
         except FileNotFoundError:
-            raise StoreError(f"volume {name} does not exist") from None
+            raise StoreError(f"volume {name} does not exist", ErrorCode.NOT_FOUND) from None
         except OSError as exc:
             if exc.errno not in (errno.ENOTDIR, errno.ELOOP):
                 raise StoreError(f"volume {name}: cannot open {path}: {exc.strerror}") from None
@@ -304,7 +314,7 @@ class StoreRoot:
                 f"volume {name}: {path} is {problem}: move it out of the store"
             ) from None
 
-    def usage(self, name: str) -> dict:
+    def usage(self, name: str) -> dict[str, int]:
         """The last usage figures the volume's server wrote: {"used": bytes, "inodes": n}.
 
         Advisory, so anything wrong with the file (missing, damaged, not a file) gives {}."""
@@ -313,20 +323,9 @@ class StoreRoot:
         except StoreError:
             return {}
         try:
-            fd = os.open(USAGE_FILE, os.O_RDONLY | _FILE_FLAGS, dir_fd=dir_fd)
-            with os.fdopen(fd, "rb") as src:
-                if not stat.S_ISREG(os.fstat(src.fileno()).st_mode):
-                    return {}
-                raw = src.read(1 << 16)
-            meta_len, _, _ = frame.decode_header(raw)
-            usage = frame.decode_meta(raw[: frame.HEADER.size], raw[frame.HEADER.size :][:meta_len])
-        except (OSError, frame.FrameError):
-            return {}
+            return headers.read_usage(dir_fd)
         finally:
             os.close(dir_fd)
-        if not isinstance(usage, dict):
-            return {}
-        return {k: v for k, v in usage.items() if k in ("used", "inodes") and _count(v)}
 
     def is_served(self, name: str) -> bool:
         """Whether a process holds the volume's lock right now.
@@ -426,9 +425,9 @@ class StoreRoot:
             lock_fd = self._lock(name, dir_fd)
             _make_volume_private(dir_fd, self.volume_path(name))
             try:
-                header = self._read_header(name, dir_fd)
+                header = headers.read_header(name, dir_fd)
             except FileNotFoundError:
-                raise StoreError(f"volume {name} does not exist") from None
+                raise StoreError(f"volume {name} does not exist", ErrorCode.NOT_FOUND) from None
             volume = Volume(name, dir_fd, lock_fd, header["id"], header["segment_size"])
             volume.header = header
             volume.quota = header.get("size", 0)
@@ -450,7 +449,9 @@ class StoreRoot:
             raise
         return volume
 
-    def resize(self, name: str, size: int | None = None, inodes: int | None = None) -> dict:
+    def resize(
+        self, name: str, size: int | None = None, inodes: int | None = None
+    ) -> dict[str, Any]:
         """Give volume *name*, which must not be served, a new size and inode limit (None:
         keep; 0: none); return its new header.
 
@@ -460,7 +461,8 @@ class StoreRoot:
         if self.is_served(name):
             raise StoreError(
                 f"volume {name} is mounted: unmount it to resize it "
-                "(a mounted volume cannot be resized yet)"
+                "(a mounted volume cannot be resized yet)",
+                ErrorCode.BUSY,
             )
         volume = self.open_volume(name, create=False)
         try:
@@ -480,66 +482,9 @@ class StoreRoot:
         except pidlock.LockHeld as held:
             raise StoreError(
                 f"volume {name} is already being served (pid {held.holder}): "
-                "unmount it there first, or add a mount point of that mount"
+                "unmount it there first, or add a mount point of that mount",
+                ErrorCode.ALREADY_SERVED,
             ) from None
-
-    @staticmethod
-    def _read_header(name: str, dir_fd: int) -> dict:
-        """The volume's header; FileNotFoundError if it has none (not created yet).
-
-        Static, for check.py, which has a volume directory and no store root."""
-        path = _fd_path(dir_fd) / "volume"
-        try:
-            fd = os.open("volume", os.O_RDONLY | _FILE_FLAGS, dir_fd=dir_fd)
-        except FileNotFoundError:
-            raise
-        except OSError as exc:
-            if exc.errno == errno.ELOOP:
-                raise StoreError(
-                    f"volume {name}: its header {path} is a symbolic link: volfs follows no "
-                    "links in its store"
-                ) from None
-            raise StoreError(
-                f"volume {name}: cannot read its header {path}: {exc.strerror}"
-            ) from None
-        with os.fdopen(fd, "rb") as src:
-            mode = os.fstat(src.fileno()).st_mode
-            if not stat.S_ISREG(mode):
-                raise StoreError(f"volume {name}: its header {path} is {_kind(mode)}")
-            raw = src.read(1 << 16)
-        try:
-            meta_len, _, _ = frame.decode_header(raw)
-            header = frame.decode_meta(
-                raw[: frame.HEADER.size], raw[frame.HEADER.size :][:meta_len]
-            )
-        except frame.FrameError as exc:
-            raise StoreError(f"volume {name}: its header file is damaged ({exc})") from None
-        if not isinstance(header, dict) or header.get("kind") != VOLUME_KIND:
-            raise StoreError(f"volume {name}: its header file is not a volfs volume header")
-        if not _count(header.get("format", 0)):
-            raise StoreError(f"volume {name}: its header file is damaged (bad format)")
-        if header.get("format", 0) > FORMAT:
-            raise StoreError(
-                f"volume {name} has format {header['format']}, newer than this volfs "
-                f"understands ({FORMAT}): upgrade volfs"
-            )
-        if header.get("block_size") != frame.BLOCK_SIZE:
-            raise StoreError(f"volume {name}: unsupported block size {header.get('block_size')}")
-        # Fields are checked here, once, so that nothing that uses a header can trip on one
-        # that decodes but holds the wrong types (it is shown as damaged instead).
-        labels = header.get("labels", {})
-        checks = {
-            "id": isinstance(header.get("id"), str),
-            "created_ns": _count(header.get("created_ns", 0)),
-            "segment_size": _count(header.get("segment_size")) and header["segment_size"] > 0,
-            "size": _count(header.get("size", 0)),
-            "labels": isinstance(labels, dict)
-            and all(isinstance(k, str) and isinstance(v, str) for k, v in labels.items()),
-        }
-        bad = [key for key, ok in checks.items() if not ok]
-        if bad:
-            raise StoreError(f"volume {name}: its header file is damaged (bad {', '.join(bad)})")
-        return header
 
 
 #: The one mode of each kind of file in a store: private to the store's owner.
@@ -560,7 +505,7 @@ def _repair_mode(fd: int, path: Path) -> None:
             f"{path} has mode {mode:04o}, open to other users, and cannot be made "
             f"{wanted:04o}: {exc.strerror}; run as the store's owner"
         ) from None
-    log.warning(
+    logger.warning(
         "%s had mode %04o, open to other users (they may have read it); set it to %04o",
         path, mode, wanted,
     )  # fmt: skip
@@ -590,33 +535,6 @@ def _make_volume_private(dir_fd: int, path: Path) -> None:
         for entry in entries:
             if entry.is_file(follow_symlinks=False):
                 _repair_entry(dir_fd, entry.name, path / entry.name)
-
-
-def _fd_path(fd: int) -> Path:
-    """The path of the directory open at *fd*, for messages."""
-    try:
-        return Path(os.readlink(f"/proc/self/fd/{fd}"))
-    except OSError:
-        return Path(f"/proc/self/fd/{fd}")
-
-
-def _count(value: object) -> bool:
-    """Whether *value* is a non-negative int (and not a bool)."""
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
-
-
-def _kind(mode: int) -> str:
-    """What a file of *mode* is, for messages."""
-    for test, kind in (
-        (stat.S_ISLNK, "a symbolic link"),
-        (stat.S_ISDIR, "a directory"),
-        (stat.S_ISREG, "a regular file"),
-        (stat.S_ISFIFO, "a FIFO"),
-        (stat.S_ISSOCK, "a socket"),
-    ):
-        if test(mode):
-            return kind
-    return "a device node"
 
 
 def _check_real_dir(path: Path, what: str) -> None:

@@ -1,7 +1,8 @@
 """`volfsd fsck` and `volfsd scrub`: verify a volume's store and name what is damaged, by path.
 
-Both load a read-only snapshot of the volume (`volfs.store.check`) and verify every checksum in
-it: the checkpoint's and the log's frames as they replay, then every block of live data.
+This is the command-line driver; the checks themselves are in `volfs.store.check`.  Both load a
+read-only snapshot of the volume (`volfs.store.snapshot`) and verify every checksum in it: the
+checkpoint's and the log's frames as they replay, then every block of live data.
 
 * fsck holds the volume's lock, so the volume must not be served; it reads at full speed and can
   repair what needs no guessing (``--repair``).
@@ -18,11 +19,12 @@ from __future__ import annotations
 import os
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import TextIO
 
-from volfs.errors import VolfsError
-from volfs.store import check, pidlock
+from volfs.errors import ErrorCode, VolfsError
+from volfs.store import check, pidlock, snapshot
 from volfs.store.root import StoreRoot, check_name
 
 CLEAN, DAMAGED, UNCHECKED = 0, 1, 2
@@ -40,7 +42,7 @@ class Progress:
     WIDTH = 30
 
     def __init__(self, label: str, total: int, stream: TextIO, tty: bool | None = None,
-                 clock=time.monotonic) -> None:  # fmt: skip
+                 clock: Callable[[], float] = time.monotonic) -> None:  # fmt: skip
         self.label, self.total, self.stream = label, total, stream
         self.tty = stream.isatty() if tty is None else tty
         self._clock = clock
@@ -76,23 +78,48 @@ class Progress:
         self._drawn = True
 
 
+class Throttle:
+    """A token bucket: on average at most *rate* bytes a second, in bursts of at most 1/10 s."""
+
+    def __init__(
+        self,
+        rate: float,
+        clock: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], None] = time.sleep,
+    ) -> None:
+        self._rate = rate
+        self._burst = max(64 * 1024, rate / 10)
+        self._tokens = self._burst
+        self._clock, self._sleep = clock, sleep
+        self._last = clock()
+
+    def __call__(self, nbytes: int) -> None:
+        now = self._clock()
+        self._tokens = min(self._burst, self._tokens + (now - self._last) * self._rate) - nbytes
+        self._last = now
+        if self._tokens < 0:
+            self._sleep(-self._tokens / self._rate)
+
+
 def _volume_dir(root: Path, name: str) -> Path:
     path = Path(root) / "volumes" / check_name(name)
     if not (path / "volume").is_file():
-        raise VolfsError(f"no such volume: {name}")
+        raise VolfsError(f"no such volume: {name}", ErrorCode.NOT_FOUND)
     return path
 
 
-def _examine(volume_dir: Path, name: str, label: str, pace=None) -> check.Report:
+def _examine(
+    volume_dir: Path, name: str, label: str, pace: snapshot.Pace | None = None
+) -> check.Report:
     """Check a snapshot of the volume, print the report, and return it."""
-    snapshot = check.open_snapshot(volume_dir, name, pace)
+    loaded = snapshot.open_snapshot(volume_dir, name, pace)
     try:
-        progress = Progress(f"{label} {name}", snapshot.data_bytes(), sys.stderr)
-        report = check.examine(snapshot, progress.update)
+        progress = Progress(f"{label} {name}", loaded.data_bytes(), sys.stderr)
+        report = check.examine(loaded, progress.update)
         progress.finish()
-        inodes = len(snapshot.inodes)
+        inodes = len(loaded.inodes)
     finally:
-        snapshot.close()
+        loaded.close()
     print(f"volume {name}: {inodes} inodes, {report.verified} bytes of data verified, "
           f"{len(report.problems)} problem(s)")  # fmt: skip
     for problem in report.problems:
@@ -115,7 +142,7 @@ def _fail(action: str, name: str, exc: BaseException) -> int:
 def scrub(root: Path, name: str, rate: float = DEFAULT_RATE) -> int:
     """Verify every checksum of volume *name*, served or not, at *rate* MB/s (0: no limit)."""
     try:
-        pace = check.Throttle(rate * 1e6) if rate > 0 else None
+        pace = Throttle(rate * 1e6) if rate > 0 else None
         report = _examine(_volume_dir(root, name), name, "scrub", pace)
     except (VolfsError, OSError) as exc:
         return _fail("scrub", name, exc)
@@ -131,7 +158,7 @@ def fsck(root: Path, name: str, repair: bool = False) -> int:
             lock_fd = pidlock.take("lock", dir_fd)  # nobody may serve it while it is checked
         except pidlock.LockHeld:
             raise VolfsError(f"volume {name} is mounted: unmount it before checking it, "
-                             "or scrub it") from None  # fmt: skip
+                             "or scrub it", ErrorCode.BUSY) from None  # fmt: skip
         finally:
             os.close(dir_fd)
         try:

@@ -1,0 +1,149 @@
+"""The small files of a volume directory: its header (``volume``) and its usage figures.
+
+Both are one frame each (`volfs.store.frame`) whose meta part is a map; ARCHITECTURE.md ("On-disk
+format") lists their keys.  The header is written durably by whoever creates or resizes the
+volume and checked here, once, so that nothing that uses it can trip on a field of the wrong
+type; the usage file is advisory (what `volfsd ls` shows), rewritten by the server without a
+sync, and anything wrong with it reads as no figures.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import stat
+from pathlib import Path
+from typing import Any
+
+from volfs.errors import ErrorCode, StoreError
+from volfs.store import frame
+from volfs.store.records import FORMAT
+
+HEADER_FILE = "volume"
+VOLUME_KIND = "volfs-volume"
+#: File in the volume directory with the figures `volfsd ls` shows for the volume.
+USAGE_FILE = "usage"
+#: For the store's own small files: no links followed, and no hang on a FIFO planted there.
+FILE_FLAGS = os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+#: The small files are read in one piece of this size.
+_MAX_SMALL_FILE = 1 << 16
+
+
+def fd_path(fd: int) -> Path:
+    """The path of the directory open at *fd*, for messages."""
+    try:
+        return Path(os.readlink(f"/proc/self/fd/{fd}"))
+    except OSError:
+        return Path(f"/proc/self/fd/{fd}")
+
+
+def count(value: object) -> bool:
+    """Whether *value* is a non-negative int (and not a bool)."""
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def describe_mode(mode: int) -> str:
+    """What a file of *mode* is, for messages."""
+    for test, kind in (
+        (stat.S_ISLNK, "a symbolic link"),
+        (stat.S_ISDIR, "a directory"),
+        (stat.S_ISREG, "a regular file"),
+        (stat.S_ISFIFO, "a FIFO"),
+        (stat.S_ISSOCK, "a socket"),
+    ):
+        if test(mode):
+            return kind
+    return "a device node"
+
+
+def _one_frame(raw: bytes) -> object:
+    meta_len, _, _ = frame.decode_header(raw)
+    return frame.decode_meta(raw[: frame.HEADER.size], raw[frame.HEADER.size :][:meta_len])
+
+
+def read_header(name: str, dir_fd: int) -> dict[str, Any]:
+    """The header of volume *name*, whose directory is open at *dir_fd*; FileNotFoundError if
+    it has none (not created yet), `StoreError` if it cannot be used."""
+    path = fd_path(dir_fd) / HEADER_FILE
+    try:
+        fd = os.open(HEADER_FILE, os.O_RDONLY | FILE_FLAGS, dir_fd=dir_fd)
+    except FileNotFoundError:
+        raise
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise StoreError(
+                f"volume {name}: its header {path} is a symbolic link: volfs follows no "
+                "links in its store"
+            ) from None
+        raise StoreError(f"volume {name}: cannot read its header {path}: {exc.strerror}") from None
+    with os.fdopen(fd, "rb") as src:
+        mode = os.fstat(src.fileno()).st_mode
+        if not stat.S_ISREG(mode):
+            raise StoreError(f"volume {name}: its header {path} is {describe_mode(mode)}")
+        raw = src.read(_MAX_SMALL_FILE)
+    try:
+        header = _one_frame(raw)
+    except frame.FrameError as exc:
+        raise StoreError(
+            f"volume {name}: its header file is damaged ({exc})", ErrorCode.DAMAGED
+        ) from None
+    if not isinstance(header, dict) or header.get("kind") != VOLUME_KIND:
+        raise StoreError(f"volume {name}: its header file is not a volfs volume header")
+    _check_header(name, header)
+    return header
+
+
+def _check_header(name: str, header: dict[str, Any]) -> None:
+    if not count(header.get("format", 0)):
+        raise StoreError(
+            f"volume {name}: its header file is damaged (bad format)", ErrorCode.DAMAGED
+        )
+    if header.get("format", 0) > FORMAT:
+        raise StoreError(
+            f"volume {name} has format {header['format']}, newer than this volfs "
+            f"understands ({FORMAT}): upgrade volfs"
+        )
+    if header.get("block_size") != frame.BLOCK_SIZE:
+        raise StoreError(f"volume {name}: unsupported block size {header.get('block_size')}")
+    labels = header.get("labels", {})
+    checks = {
+        "id": isinstance(header.get("id"), str),
+        "created_ns": count(header.get("created_ns", 0)),
+        "segment_size": count(header.get("segment_size")) and header["segment_size"] > 0,
+        "size": count(header.get("size", 0)),
+        "labels": isinstance(labels, dict)
+        and all(isinstance(k, str) and isinstance(v, str) for k, v in labels.items()),
+    }
+    bad = [key for key, ok in checks.items() if not ok]
+    if bad:
+        raise StoreError(
+            f"volume {name}: its header file is damaged (bad {', '.join(bad)})", ErrorCode.DAMAGED
+        )
+
+
+def read_usage(dir_fd: int) -> dict[str, int]:
+    """The usage figures in the volume directory open at *dir_fd*; {} if anything is wrong."""
+    try:
+        fd = os.open(USAGE_FILE, os.O_RDONLY | FILE_FLAGS, dir_fd=dir_fd)
+        with os.fdopen(fd, "rb") as src:
+            if not stat.S_ISREG(os.fstat(src.fileno()).st_mode):
+                return {}
+            raw = src.read(_MAX_SMALL_FILE)
+        usage = _one_frame(raw)
+    except (OSError, frame.FrameError):
+        return {}
+    if not isinstance(usage, dict):
+        return {}
+    return {k: v for k, v in usage.items() if k in ("used", "inodes") and count(v)}
+
+
+def write_usage(dir_fd: int, figures: dict[str, int]) -> None:
+    """Replace the usage file by *figures* (atomically; no fsync: advisory)."""
+    tmp = USAGE_FILE + ".tmp"
+    flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC
+    fd = os.open(tmp, flags, 0o600, dir_fd=dir_fd)
+    try:
+        os.write(fd, b"".join(frame.encode(figures)))
+    finally:
+        os.close(fd)
+    os.rename(tmp, USAGE_FILE, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
