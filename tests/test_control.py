@@ -70,8 +70,7 @@ def test_malformed_requests_are_one_line_invalid(cmd, args, words):
 def test_values_are_parsed_by_the_cli_parsers(cmd, args, words):
     with pytest.raises(VolfsError, match=words) as info:
         _decode(cmd, args)
-    # store.root.check_name raises a StoreError (code "store") for a bad name, for now.
-    assert info.value.code in (ErrorCode.INVALID, ErrorCode.STORE)
+    assert info.value.code == ErrorCode.INVALID
 
 
 def test_every_request_encodes_to_what_decodes_to_it():
