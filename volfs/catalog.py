@@ -15,6 +15,7 @@ from typing import Any
 
 from volfs import mounts
 from volfs.errors import VolfsError
+from volfs.store.headers import root_attrs
 from volfs.store.root import StoreRoot
 
 log = logging.getLogger(__name__)
@@ -62,6 +63,58 @@ def parse_inodes(text: str | int) -> int:
     if value <= 0 or value > MAX_SIZE:
         raise VolfsError(f"invalid inode limit {str(text)[:40]!r}: use a whole number from 1")
     return value
+
+
+#: Largest uid or gid: 2**32 - 1 is (uid_t) -1, which chown(2) reads as "leave unchanged".
+MAX_ID = (1 << 32) - 2
+
+
+def parse_uid(value: str | int) -> int:
+    """The owner of a new volume's root: a user's number, 0 to 2**32-2 (digits or an int)."""
+    return _parse_id(value, "uid", "id -u")
+
+
+def parse_gid(value: str | int) -> int:
+    """The group of a new volume's root: a group's number, 0 to 2**32-2 (digits or an int)."""
+    return _parse_id(value, "gid", "id -g")
+
+
+def _parse_id(value: str | int, what: str, command: str) -> int:
+    # Numbers only: a name means the host's user of that name, and a container's user of the
+    # same name often has another number (www-data is 33 in Debian's images, 82 in Alpine's).
+    if isinstance(value, int) and not isinstance(value, bool):
+        number = value
+    else:
+        raw = str(value).strip()
+        number = int(raw) if raw.isdigit() and raw.isascii() and len(raw) <= 10 else -1
+        named = isinstance(value, str) and re.fullmatch(r"[A-Za-z_][A-Za-z0-9_.-]*", raw[:40])
+        if number < 0 and named:
+            raise VolfsError(
+                f"invalid {what} {raw[:40]!r}: give the number, not the name "
+                f"(`{command} {raw[:40]}` prints it)"
+            )
+    if not 0 <= number <= MAX_ID:
+        raise VolfsError(
+            f"invalid {what} {str(value)[:40]!r}: use a whole number from 0 to {MAX_ID}"
+        )
+    return number
+
+
+def parse_mode(value: str | int) -> int:
+    """The permission bits of a new volume's root: octal digits ("0755", "755", "2775"), or an
+    int taken as is; only the bits of 0o7777 (permissions, setuid, setgid, sticky)."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        bits = value
+    else:
+        raw = str(value).strip()
+        bits = int(raw, 8) if re.fullmatch(r"[0-7]{1,12}", raw) else -1
+    if not 0 <= bits <= 0o7777:
+        shown = oct(value) if isinstance(value, int) else repr(str(value)[:40])
+        raise VolfsError(
+            f"invalid mode {shown}: use octal digits as chmod takes them, at most 7777 "
+            "(permissions, setuid, setgid, sticky): 0755, 0750, 2775"
+        )
+    return bits
 
 
 def parse_labels(value: object) -> dict[str, str]:
@@ -130,6 +183,7 @@ def describe(
         status = "damaged: " + "; ".join(problems)
     elif status is None:
         status = ("mounted" if paths else "busy") if served else "unmounted"
+    uid, gid, mode = root_attrs(header)
     created = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(header.get("created_ns", 0) / 1e9))
     return {
         "name": name,
@@ -142,5 +196,10 @@ def describe(
         "status": status,
         "created": created,
         "labels": header.get("labels", {}),
+        # Of the root directory as the volume was created: chown and chmod of the mounted
+        # root since are the volume's contents, which describing it must not load or mount.
+        "uid": uid,
+        "gid": gid,
+        "mode": f"{mode:04o}",
         "store": str(root.volume_path(name)),
     }

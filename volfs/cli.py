@@ -20,7 +20,15 @@ from typing import Any, NoReturn
 
 import volfs
 from volfs import checking, control, mounts, requests
-from volfs.catalog import describe, parse_inodes, parse_labels, parse_size
+from volfs.catalog import (
+    describe,
+    parse_gid,
+    parse_inodes,
+    parse_labels,
+    parse_mode,
+    parse_size,
+    parse_uid,
+)
 from volfs.config import DEFAULT_PATH
 from volfs.errors import ErrorCode, VolfsError
 from volfs.mountpoint import REPLACE, normalize, open_mountpoint, prepare
@@ -139,11 +147,15 @@ def cmd_create(args: argparse.Namespace) -> None:
     labels = parse_labels(args.label)
     size = parse_size(args.size) if args.size is not None else 0
     inodes = _inodes(args)
+    # None where not given: so a request leaves it out, and an older daemon still takes it.
+    uid = None if args.uid is None else parse_uid(args.uid)
+    gid = None if args.gid is None else parse_gid(args.gid)
+    mode = None if args.mode is None else parse_mode(args.mode)
     try:
-        _call(requests.CreateRequest(check_name(args.name), size, labels, inodes))
+        _call(requests.CreateRequest(check_name(args.name), size, labels, inodes, uid, gid, mode))
     except control.DaemonNotRunning:
         root = _root()
-        root.create_volume(args.name, size, labels, inodes=inodes)
+        root.create_volume(args.name, size, labels, inodes=inodes, uid=uid, gid=gid, mode=mode)
         describe(root, args.name)
     print(args.name)
 
@@ -406,6 +418,9 @@ def build_parser() -> argparse.ArgumentParser:
     create.add_argument("--size", help="most data it may hold: 512M, 10G, 1T")
     create.add_argument("--label", action="append", default=[], metavar="KEY=VALUE")
     create.add_argument("--inodes", metavar="N", help="most files, directories and so on")
+    create.add_argument("--uid", metavar="UID", help="owner of its root directory (a number)")
+    create.add_argument("--gid", metavar="GID", help="group of its root directory (a number)")
+    create.add_argument("--mode", metavar="MODE", help="mode of its root directory: 0755, 2775")
     create.set_defaults(func=cmd_create)
 
     ls = sub.add_parser("ls", help="list volumes")

@@ -3,10 +3,10 @@
 A TOML file of top-level daemon keys (none yet: :data:`DAEMON_KEYS` is where they go, as
 later issues add ``docker_plugin``, ``metrics``, ``scrub_every``) and tables: one
 ``[volumes.NAME]`` per declared volume, whose keys are the `create` flags (``size``,
-``labels``, ``inodes``), parsed by the same parsers as those flags (catalog.py), plus where it
-is mounted (``paths``, ``read_only``).  So a config key and a CLI flag with one name mean one
-thing.  Unknown keys and tables are errors that name the file, the table and the key; a value
-that does not parse is one that names the volume.
+``labels``, ``inodes``, ``uid``, ``gid``, ``mode``), parsed by the same parsers as those flags
+(catalog.py), plus where it is mounted (``paths``, ``read_only``).  So a config key and a CLI
+flag with one name mean one thing.  Unknown keys and tables are errors that name the file, the
+table and the key; a value that does not parse is one that names the volume.
 
 Who may change the file decides what is mounted where, as root: a file that is writable by
 group or others, or owned by another user than root or the daemon's, is refused.  A file that
@@ -24,7 +24,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from volfs.catalog import parse_inodes, parse_labels, parse_size
+from volfs.catalog import parse_gid, parse_inodes, parse_labels, parse_mode, parse_size, parse_uid
 from volfs.errors import VolfsError
 from volfs.mountpoint import normalize
 from volfs.store.root import check_name
@@ -41,6 +41,11 @@ class VolumeConfig:
     read_only: bool = False  #: for every path of *paths*
     labels: dict[str, str] = dataclasses.field(default_factory=dict)
     inodes: int = 0  #: 0: no inode limit
+    #: Owner, group and permission bits of its root directory, if it is created now; None:
+    #: the daemon's uid and gid (root's), 0755.
+    uid: int | None = None
+    gid: int | None = None
+    mode: int | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,6 +74,9 @@ VOLUME_KEYS: dict[str, Callable[[Any], object]] = {
     "read_only": _flag,
     "labels": parse_labels,
     "inodes": parse_inodes,
+    "uid": parse_uid,
+    "gid": parse_gid,
+    "mode": parse_mode,
 }
 #: The top-level daemon keys, each with its parser: none yet.  Each is a field of DaemonConfig.
 DAEMON_KEYS: dict[str, Callable[[Any], object]] = {}

@@ -24,7 +24,7 @@ from dataclasses import field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 
-from volfs.catalog import parse_inodes, parse_labels, parse_size
+from volfs.catalog import parse_gid, parse_inodes, parse_labels, parse_mode, parse_size, parse_uid
 from volfs.errors import ErrorCode, VolfsError
 from volfs.mountpoint import normalize
 from volfs.store.root import check_name
@@ -56,6 +56,11 @@ def _labels(value: dict[Any, Any] | None) -> dict[str, str]:
     return parse_labels(value or {})
 
 
+def _or_none(parse: Callable[[str | int], int]) -> Callable[[str | int | None], int | None]:
+    """*parse*, with None (not given) kept as None."""
+    return lambda value: None if value is None else parse(value)
+
+
 _NAME = _parsed(check_name, str)
 _MOUNTPOINT = _parsed(normalize, str)
 
@@ -65,13 +70,19 @@ _MOUNTPOINT = _parsed(normalize, str)
 
 @dataclasses.dataclass(frozen=True)
 class CreateRequest:
-    """Create volume *name* (nothing happens if it exists alike)."""
+    """Create volume *name* (nothing happens if it exists alike), its root directory owned by
+    *uid* and *gid* with permission bits *mode*."""
 
     command: ClassVar[str] = "create"
     name: str = field(metadata=_NAME)
     size: int = field(default=0, metadata=_parsed(_size_or_none, str | int))
     labels: dict[str, str] = field(default_factory=dict, metadata=_parsed(_labels, dict | None))
     inodes: int = field(default=0, metadata=_parsed(_inodes_or_none, str | int))
+    # The owner and mode of its root directory; None: not given (the daemon's uid and gid,
+    # 0755), and so not sent, which a daemon of before these fields needs.
+    uid: int | None = field(default=None, metadata=_parsed(_or_none(parse_uid), str | int | None))
+    gid: int | None = field(default=None, metadata=_parsed(_or_none(parse_gid), str | int | None))
+    mode: int | None = field(default=None, metadata=_parsed(_or_none(parse_mode), str | int | None))
 
 
 @dataclasses.dataclass(frozen=True)

@@ -88,8 +88,9 @@ class Supervisor:
             for name, spec in config.volumes.items():
                 try:
                     self.root.create_volume(
-                        name, size=spec.size, labels=spec.labels, inodes=spec.inodes
-                    )
+                        name, size=spec.size, labels=spec.labels, inodes=spec.inodes,
+                        uid=spec.uid, gid=spec.gid, mode=spec.mode,
+                    )  # fmt: skip
                     for path in spec.paths:
                         await self._mount(name, path, spec.read_only, create=True)
                 except VolfsError as exc:
@@ -131,7 +132,8 @@ class Supervisor:
 
     async def create(self, request: requests.CreateRequest) -> VolumeInfo:
         self.root.create_volume(request.name, request.size, request.labels,
-                                inodes=request.inodes)  # fmt: skip
+                                inodes=request.inodes, uid=request.uid, gid=request.gid,
+                                mode=request.mode)  # fmt: skip
         return self.describe(request.name)
 
     async def ls(self, request: requests.LsRequest) -> list[VolumeInfo]:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import errno
 import os
 import stat
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +28,10 @@ USAGE_FILE = "usage"
 FILE_FLAGS = os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
 #: The small files are read in one piece of this size.
 _MAX_SMALL_FILE = 1 << 16
+#: The root directory's permission bits when the header does not give them.
+DEFAULT_ROOT_MODE = 0o755
+#: Largest uid or gid a header may give the root (2**32 - 1 is chown's "unchanged").
+_MAX_ID = (1 << 32) - 2
 
 
 def fd_path(fd: int) -> Path:
@@ -114,10 +119,63 @@ def _check_header(name: str, header: dict[str, Any]) -> None:
         "labels": isinstance(labels, dict)
         and all(isinstance(k, str) and isinstance(v, str) for k, v in labels.items()),
     }
+    root = header.get("root", {})
+    checks["root"] = isinstance(root, dict) and all(
+        count(root.get(key, 0)) and root.get(key, 0) <= most
+        for key, most in (("uid", _MAX_ID), ("gid", _MAX_ID), ("mode", 0o7777))
+    )
     bad = [key for key, ok in checks.items() if not ok]
     if bad:
         raise StoreError(
             f"volume {name}: its header file is damaged (bad {', '.join(bad)})", ErrorCode.DAMAGED
+        )
+
+
+def root_attrs(header: Mapping[str, Any]) -> tuple[int, int, int]:
+    """The uid, gid and permission bits the root directory of the volume with *header* gets
+    when it is first made (its first mount; a snapshot of a volume never mounted).
+
+    From the header's ``root`` key; what it leaves out (volumes made before the key) is what
+    volfs always gave the root: the serving process's uid and gid (root's, for the daemon)
+    and 0755.
+    """
+    root = header.get("root", {})
+    return (
+        root.get("uid", os.getuid()),
+        root.get("gid", os.getgid()),
+        root.get("mode", DEFAULT_ROOT_MODE),
+    )
+
+
+def check_alike(name: str, header: dict[str, Any], wanted: dict[str, Any]) -> None:
+    """Refuse to create volume *name* again with options *wanted* (``size``, ``labels``,
+    ``inodes``, ``uid``, ``gid``, ``mode``) that differ from those of its *header*.
+
+    An option not given (None, and 0 or empty for the limits and labels, whose defaults
+    those are) is no difference: ``create`` of an existing volume without it is a no-op.
+    """
+    uid, gid, mode = root_attrs(header)
+    current = {
+        "size": header.get("size", 0),
+        "labels": header.get("labels", {}),
+        "inodes": header.get("inodes", 0),
+        "uid": uid,
+        "gid": gid,
+        "mode": mode,
+    }
+    ids = ("uid", "gid", "mode")  # 0 is a uid, gid or mode one may ask for
+    differ = [
+        key
+        for key, value in wanted.items()
+        if (value is not None if key in ids else bool(value)) and current[key] != value
+    ]
+    if differ:
+        shown = ", ".join(
+            f"{key} {current[key]:04o}" if key == "mode" else f"{key} {current[key]}"
+            for key in current
+        )
+        raise StoreError(
+            f"volume {name} already exists with other options ({shown})", ErrorCode.EXISTS
         )
 
 

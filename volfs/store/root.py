@@ -5,7 +5,9 @@ Layout::
     ROOT/FORMAT                  "volfs-store 1"
     ROOT/volumes/NAME/volume     one frame: {"kind", "format", "name", "id", "created_ns",
                                  "segment_size", "block_size", "size" (quota, 0: none), "labels",
-                                 "inodes" (inode limit, 0 or absent: none)}
+                                 "inodes" (inode limit, 0 or absent: none), "root" ({"uid",
+                                 "gid", "mode"} of the root directory; absent: see
+                                 `headers.root_attrs`)}
     ROOT/volumes/NAME/usage      one frame: {"used", "inodes"}, rewritten by the server
     ROOT/volumes/NAME/lock       flock held by the one process serving the volume
     ROOT/volumes/NAME/device     "major:minor\\n" of its FUSE mount, by its server (while locked)
@@ -230,14 +232,21 @@ class StoreRoot:
         labels: dict[str, str] | None = None,
         segment_size: int = DEFAULT_SEGMENT_SIZE,
         inodes: int = 0,
+        uid: int | None = None,
+        gid: int | None = None,
+        mode: int | None = None,
     ) -> dict[str, Any]:
         """Create volume *name* if it is new; return its header.
 
         Creating an existing volume with the same options changes nothing; with other options
         it is refused, as ``docker volume create`` does.  A volume with a *size* gets smaller
-        segments (`segment_size_for`), on which the bound of its disk use depends.
+        segments (`segment_size_for`), on which the bound of its disk use depends.  *uid*,
+        *gid* and *mode* are the owner and permission bits of its root directory (None: this
+        process's uid and gid, 0755), made when the volume is first opened.
         """
         labels = dict(labels or {})
+        given_keys = ("uid", "gid", "mode")
+        given = {k: v for k, v in zip(given_keys, (uid, gid, mode), strict=True) if v is not None}
         if len(msgpack.packb(labels)) > MAX_LABELS:
             raise StoreError(
                 f"labels of volume {name} are too large: at most 32 KiB in all", ErrorCode.INVALID
@@ -265,6 +274,7 @@ class StoreRoot:
                     "size": size,
                     "labels": labels,
                     "inodes": inodes,
+                    "root": dict(zip(given_keys, headers.root_attrs({"root": given}), strict=True)),
                 }
                 try:
                     journal.write_durably(
@@ -277,17 +287,8 @@ class StoreRoot:
                 return header
         finally:
             os.close(dir_fd)
-        if (
-            (size and header.get("size", 0) != size)
-            or (labels and header.get("labels") != labels)
-            or (inodes and header.get("inodes", 0) != inodes)
-        ):
-            raise StoreError(
-                f"volume {name} already exists with other options "
-                f"(size {header.get('size', 0)}, inodes {header.get('inodes', 0)}, "
-                f"labels {header.get('labels', {})})",
-                ErrorCode.EXISTS,
-            )
+        wanted = {"size": size, "labels": labels, "inodes": inodes, **given}
+        headers.check_alike(name, header, wanted)
         return header
 
     def header(self, name: str) -> dict[str, Any]:

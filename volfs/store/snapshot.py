@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import stat
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -41,7 +40,7 @@ from volfs.store.log import (
     segment_name,
 )
 from volfs.store.records import CheckpointRecord, LinkRecord
-from volfs.store.state import ROOT_INO, Inode, VolumeState
+from volfs.store.state import ROOT_INO, VolumeState, new_root
 
 #: Loads tried while the server keeps replacing the checkpoint under a loading snapshot
 #: (the last one keeps the part of the log it could replay).
@@ -228,6 +227,7 @@ class Snapshot(VolumeState):
     ) -> None:
         self._pace: Pace = pace or _no_pace
         super().__init__(name, dir_fd, ReadOnlyLog(dir_fd, header["id"], self._pace, self.moved))
+        self.header = header
         self.damage = self.log.damage
         self.unfit: list[str] = []  #: records that could not be applied
         self.lost_links: dict[int, tuple[int, bytes]] = {}  #: names of inodes whose records failed
@@ -256,7 +256,7 @@ class Snapshot(VolumeState):
                 self.damage.append(Damage(str(exc), None))
         self._free_unlinked()  # open but unlinked: the server drops them when they close
         if ROOT_INO not in self.inodes:  # never mounted (or its records were lost)
-            self.inodes[ROOT_INO] = Inode(ROOT_INO, stat.S_IFDIR | 0o755)
+            self.inodes[ROOT_INO] = new_root(self.header)
 
     def _load_checkpoint(self) -> Position | None:
         """Apply the checkpoint; return the log position it covers (None if that was lost)."""

@@ -16,11 +16,11 @@ from __future__ import annotations
 
 import logging
 import stat
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 from volfs.errors import DataDamaged, VolumeDamaged
-from volfs.store import frame, journal, records
+from volfs.store import frame, headers, journal, records
 from volfs.store.extents import ExtentMap, FrameData, Removed, extents_of
 from volfs.store.log import LogDamage, LogFrame, Position, SegmentReader
 from volfs.store.records import (
@@ -139,6 +139,15 @@ class Inode:
                 self.target,
             ),
         )
+
+
+def new_root(header: Mapping[str, Any]) -> Inode:
+    """The root directory of a new volume (no times yet): owner and mode as its *header*
+    says (`headers.root_attrs`)."""
+    uid, gid, mode = headers.root_attrs(header)
+    root = Inode(ROOT_INO, stat.S_IFDIR | mode)
+    root.uid, root.gid = uid, gid
+    return root
 
 
 def dir_entries(inode: Inode) -> dict[bytes, int]:

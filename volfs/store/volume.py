@@ -19,7 +19,6 @@ from __future__ import annotations
 import errno
 import logging
 import os
-import stat
 from collections.abc import Sequence
 
 from volfs.errors import ErrorCode, StoreError
@@ -46,6 +45,7 @@ from volfs.store.state import (
     Inode,
     VolumeState,
     dir_entries,
+    new_root,
 )
 
 __all__ = ["ROOT_INO", "Inode", "Volume"]  # what the FUSE layer and the worker import
@@ -97,8 +97,7 @@ class Volume(VolumeState):
         self.log.start_appending(head)
         self.space.keep_reserve()
         if ROOT_INO not in self.inodes:
-            root = Inode(ROOT_INO, stat.S_IFDIR | 0o755)
-            root.uid, root.gid = os.getuid(), os.getgid()
+            root = new_root(self.header)
             root.atime_ns = root.mtime_ns = root.ctime_ns = now_ns
             self.commit([root.record()])
 
