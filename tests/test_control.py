@@ -30,6 +30,9 @@ def _decode(cmd: str, args: object) -> object:
 def test_requests_are_typed_and_parsed_at_the_edge():
     request = _decode("create", {"name": "a", "size": "10G", "labels": {"k": "v"}})
     assert request == requests.CreateRequest("a", 10 << 30, {"k": "v"}, 0)
+    owned = _decode("create", {"name": "a", "uid": "33", "gid": 33, "mode": "0750"})
+    assert (owned.uid, owned.gid, owned.mode) == (33, 33, 0o750)
+    assert _decode("create", {"name": "a", "uid": None}).uid is None  # None: not given
     mount = _decode("mount", {"name": "a", "mountpoint": "/srv//x/", "read_only": True})
     assert mount == requests.MountRequest("a", Path("/srv/x"), True, 0, 0)
     assert _decode("inspect", {"names": ["a", "b"]}) == requests.InspectRequest(["a", "b"])
@@ -45,6 +48,9 @@ def test_requests_are_typed_and_parsed_at_the_edge():
         ("umount", {"mountpoint": "/", "extra": 1}, "unknown argument 'extra'"),
         ("rm", {"name": 5}, "argument 'name' must be a str"),
         ("create", {"name": "y", "size": True}, "argument 'size' must be a str or int"),
+        ("create", {"name": "y", "uid": 33.0}, "argument 'uid' must be a str or int or None"),
+        ("create", {"name": "y", "gid": [33]}, "argument 'gid' must be a str or int or None"),
+        ("create", {"name": "y", "mode": False}, "argument 'mode' must be a str or int or None"),
         ("mount", {"name": "z", "mountpoint": "/x", "read_only": 1}, "'read_only' must be a bool"),
         ("inspect", {"names": "steady"}, "argument 'names' must be a list of str"),
     ],
@@ -65,6 +71,10 @@ def test_malformed_requests_are_one_line_invalid(cmd, args, words):
         ("create", {"name": "y", "labels": {"k": 1}}, "labels must be KEY=VALUE"),
         ("mount", {"name": "x", "mountpoint": "rel"}, "relative"),
         ("resize", {"name": "x", "size": "1M", "inodes": "-3"}, "invalid inode limit"),
+        ("create", {"name": "y", "uid": "www-data"}, "id -u www-data"),
+        ("create", {"name": "y", "gid": -1}, "invalid gid"),
+        ("create", {"name": "y", "mode": 0o17777}, "invalid mode 0o17777"),
+        ("create", {"name": "y", "mode": "rwx"}, "invalid mode 'rwx'"),
     ],
 )
 def test_values_are_parsed_by_the_cli_parsers(cmd, args, words):
@@ -77,6 +87,7 @@ def test_every_request_encodes_to_what_decodes_to_it():
     samples = [
         requests.CreateRequest("a", 1 << 20, {"k": "v"}, 10),
         requests.CreateRequest("a"),
+        requests.CreateRequest("a", uid=0, gid=33, mode=0o2775),
         requests.LsRequest(),
         requests.InspectRequest(["a"]),
         requests.StatusRequest(),
@@ -92,6 +103,7 @@ def test_every_request_encodes_to_what_decodes_to_it():
         assert _decode(wire["cmd"], wire["args"]) == sample
     # Arguments left at their defaults are left out: an older daemon need not know them.
     assert requests.encode(requests.CreateRequest("a"))["args"] == {"name": "a"}
+    assert requests.encode(requests.CreateRequest("a", uid=0))["args"] == {"name": "a", "uid": 0}
     # set_limits always sends both: workers from before requests.py require both.
     limits = requests.encode(requests.SetLimitsRequest(4096, None))
     assert limits == {"cmd": "set_limits", "args": {"size": 4096, "inodes": None}}
@@ -104,7 +116,7 @@ def test_the_wire_names_stay():
         for cmd, cls in requests.DAEMON_COMMANDS.items()
     }
     assert names == {
-        "create": ["name", "size", "labels", "inodes"],
+        "create": ["name", "size", "labels", "inodes", "uid", "gid", "mode"],
         "ls": [],
         "inspect": ["names"],
         "status": [],
@@ -184,9 +196,13 @@ def _config(tmp_path: Path, text: str, mode: int = 0o644) -> Path:
 
 
 def test_config_keys_are_the_create_flags(tmp_path):
-    path = _config(tmp_path, '[volumes.a]\nsize = "1G"\nlabels = { k = "v" }\ninodes = "10"\n')
+    path = _config(tmp_path, '[volumes.a]\nsize = "1G"\nlabels = { k = "v" }\ninodes = "10"\n'
+                   'uid = 33\ngid = "33"\nmode = "2775"\n')  # fmt: skip
     volume = load_config(path).volumes["a"]
     assert (volume.size, volume.labels, volume.inodes) == (1 << 30, {"k": "v"}, 10)
+    assert (volume.uid, volume.gid, volume.mode) == (33, 33, 0o2775)
+    unowned = load_config(_config(tmp_path, "[volumes.b]\nmode = 0o750\n")).volumes["b"]
+    assert (unowned.uid, unowned.gid, unowned.mode) == (None, None, 0o750)  # TOML's octal
     assert volume.paths == () and volume.read_only is False
 
 
@@ -197,6 +213,10 @@ def test_config_keys_are_the_create_flags(tmp_path):
         ("colour = 1\n", ("volumes.toml", "'colour'", "top level", "expected only")),
         ('[volumes.x]\nsize = "10g"\n', ("volume 'x'", "invalid size")),
         ("[volumes.x]\nlabels = { k = 1 }\n", ("volume 'x'", "labels must be")),
+        ('[volumes.x]\nuid = "www-data"\n', ("volume 'x'", "id -u www-data")),
+        ("[volumes.x]\ngid = -1\n", ("volume 'x'", "invalid gid")),
+        ('[volumes.x]\nmode = "rwx"\n', ("volume 'x'", "invalid mode")),
+        ("[volumes.x]\nmode = true\n", ("volume 'x'", "invalid mode")),
     ],
 )
 def test_config_errors_name_file_table_and_key(tmp_path, text, words):
