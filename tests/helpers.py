@@ -108,8 +108,16 @@ def assert_one_line_error(done: subprocess.CompletedProcess[Any], *words: str, r
 
 def as_nobody(*argv: str, env: Mapping[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     """Run *argv* as uid and gid 65534 with no supplementary groups; output captured as text."""
+    return as_user(65534, *argv, env=env)
+
+
+def as_user(
+    uid: int, *argv: str, env: Mapping[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    """Run *argv* as *uid*, with the gid of that number and no supplementary groups; output
+    captured as text."""
     return subprocess.run(
-        ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", *argv],
+        ["setpriv", f"--reuid={uid}", f"--regid={uid}", "--clear-groups", *argv],
         capture_output=True, text=True, timeout=60, env=env,
     )  # fmt: skip
 

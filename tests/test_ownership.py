@@ -23,7 +23,7 @@ from volfs.store.root import StoreRoot
 from volfs.store.snapshot import open_snapshot
 from volfs.store.state import ROOT_INO
 
-from helpers import as_nobody, needs_root, wait_until
+from helpers import as_nobody, as_user, needs_root, wait_until
 from hosts import Host
 
 ROOT_ONLY = needs_root("acting as other uids needs root")
@@ -42,14 +42,6 @@ def public_dir() -> Path:
             if entry.mountpoint.startswith(f"{path}/"):
                 mounts.detach(entry.mountpoint, lazy=True)
         shutil.rmtree(path, ignore_errors=True)
-
-
-def as_user(uid: int, *argv: str) -> subprocess.CompletedProcess[str]:
-    """Run *argv* as *uid* (its group the same number, no others); output captured as text."""
-    return subprocess.run(
-        ["setpriv", f"--reuid={uid}", f"--regid={uid}", "--clear-groups", *argv],
-        capture_output=True, text=True, timeout=60,
-    )  # fmt: skip
 
 
 def root_of(path: Path) -> tuple[int, int, int]:
@@ -102,6 +94,8 @@ def test_create_again_alike_is_a_no_op_and_otherwise_refused(host, tmp_path):
     host.refused("create", "wp", "--uid", "0", words=("already exists", "uid 33"))
     host.cli("create", "wp", "--gid", "33")
     assert root_of(tmp_path / "m") == (WWW_DATA, WWW_DATA, 0o2775)
+    (tmp_path / "m" / "new").mkdir()  # setgid: what is made in it keeps its group
+    assert root_of(tmp_path / "m" / "new")[1:] == (WWW_DATA, stat.S_ISGID | 0o755)
     # A volume made without them has the default root (the daemon's owner, 0755) and says so.
     host.cli("create", "plain")
     host.cli("create", "plain", "--uid", str(os.getuid()), "--mode", "755")  # alike
