@@ -67,6 +67,23 @@ def test_non_root_container_user_gets_permission_checks(mnt: Path, engine: Docke
     assert (mnt / "closed" / "y").stat().st_uid == 0
 
 
+def test_a_volume_made_for_a_container_user_is_writable_by_it(volume: Volume, engine: DockerEngine):
+    """WordPress's case: a fresh volume created for uid 33 takes its uploads at once; another
+    non-root user is kept out by the mode (0750), and root in a container is still root."""
+    volfsd("create", volume.name, "--uid", "33", "--gid", "33", "--mode", "0750", root=volume.root)
+    mnt = volume.mount()
+    uploads = "/var/www/html/wp-content/uploads"
+    web = engine.run_container("-v", f"{mnt}:{uploads}", "--user", "33:33", engine.image, *IDLE)
+    engine.exec(web, "sh", "-c", f"mkdir {uploads}/2026 && echo jpeg > {uploads}/2026/a.jpg")
+    made = (mnt / "2026" / "a.jpg").stat()
+    assert (made.st_uid, made.st_gid) == (33, 33)
+    assert engine.exec(web, "stat", "-c", "%u:%g %a", uploads).stdout == "33:33 750\n"
+    other = engine.run_container("-v", f"{mnt}:/p", "--user", "1000:1000", engine.image, *IDLE)
+    denied = engine.exec(other, "ls", "/p", check=False)
+    assert denied.returncode != 0 and "Permission denied" in denied.stderr, denied
+    assert engine.exec(other, "cat", "/p/2026/a.jpg", user="0").stdout == "jpeg\n"
+
+
 def test_flock_in_one_container_blocks_another(mnt: Path, engine: DockerEngine):
     holder = engine.run_container(
         "-v", f"{mnt}:/p", engine.image, "flock", "/p/lock", "sh", "-c", "touch /p/held; sleep 600"

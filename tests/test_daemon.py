@@ -147,6 +147,7 @@ def test_ls_survives_a_damaged_volume(host, tmp_path):
         rows[row["name"]] = row
     assert rows["good"]["status"] == "unmounted"
     assert rows["bad"]["status"].startswith("damaged")
+    assert rows["bad"]["mode"] is None and rows["good"]["mode"] == "0755"  # none guessed
     host.cli("rm", "bad")
     assert host.cli("ls", "-q").stdout.split() == ["good"]
 

@@ -183,7 +183,8 @@ def describe(
         status = "damaged: " + "; ".join(problems)
     elif status is None:
         status = ("mounted" if paths else "busy") if served else "unmounted"
-    uid, gid, mode = root_attrs(header)
+    # A header that cannot be read says nothing of the root: no guessed default shown for it.
+    uid, gid, mode = root_attrs(header) if header else (None, None, None)
     created = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(header.get("created_ns", 0) / 1e9))
     return {
         "name": name,
@@ -200,6 +201,6 @@ def describe(
         # root since are the volume's contents, which describing it must not load or mount.
         "uid": uid,
         "gid": gid,
-        "mode": f"{mode:04o}",
+        "mode": None if mode is None else f"{mode:04o}",
         "store": str(root.volume_path(name)),
     }
