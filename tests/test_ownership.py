@@ -151,6 +151,16 @@ def test_a_header_without_the_key_gives_the_old_root(tmp_path):
         volume.close()
 
 
+@pytest.mark.parametrize("given", [{"mode": 0o17777}, {"uid": -1}, {"gid": 1 << 32}])
+def test_the_store_writes_no_root_it_could_not_read(tmp_path, given):
+    """Past the parsers too: a header the store would call damaged is never written."""
+    root = StoreRoot(tmp_path / "store")
+    with pytest.raises(VolfsError, match="invalid owner or mode") as info:
+        root.create_volume("v", **given)
+    assert info.value.code == ErrorCode.INVALID
+    assert not root.exists("v") and not root.volume_path("v").exists()
+
+
 @pytest.mark.parametrize(
     "bad", [{"uid": -1}, {"gid": 1 << 32}, {"mode": 0o17777}, {"uid": "33"}, [33, 33, 0o755]]
 )

@@ -15,7 +15,7 @@ from typing import Any
 
 from volfs import mounts
 from volfs.errors import VolfsError
-from volfs.store.headers import root_attrs
+from volfs.store.headers import MAX_ID, root_attrs
 from volfs.store.root import StoreRoot
 
 log = logging.getLogger(__name__)
@@ -63,10 +63,6 @@ def parse_inodes(text: str | int) -> int:
     if value <= 0 or value > MAX_SIZE:
         raise VolfsError(f"invalid inode limit {str(text)[:40]!r}: use a whole number from 1")
     return value
-
-
-#: Largest uid or gid: 2**32 - 1 is (uid_t) -1, which chown(2) reads as "leave unchanged".
-MAX_ID = (1 << 32) - 2
 
 
 def parse_uid(value: str | int) -> int:

@@ -30,8 +30,11 @@ FILE_FLAGS = os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
 _MAX_SMALL_FILE = 1 << 16
 #: The root directory's permission bits when the header does not give them.
 DEFAULT_ROOT_MODE = 0o755
-#: Largest uid or gid a header may give the root (2**32 - 1 is chown's "unchanged").
-_MAX_ID = (1 << 32) - 2
+#: Largest uid or gid a volume's root may have: 2**32 - 1 is (uid_t) -1, which chown(2) reads
+#: as "leave unchanged".
+MAX_ID = (1 << 32) - 2
+#: The keys of the header's ``root``, each with its largest value.
+_ROOT_LIMITS = {"uid": MAX_ID, "gid": MAX_ID, "mode": 0o7777}
 
 
 def fd_path(fd: int) -> Path:
@@ -119,11 +122,7 @@ def _check_header(name: str, header: dict[str, Any]) -> None:
         "labels": isinstance(labels, dict)
         and all(isinstance(k, str) and isinstance(v, str) for k, v in labels.items()),
     }
-    root = header.get("root", {})
-    checks["root"] = isinstance(root, dict) and all(
-        count(root.get(key, 0)) and root.get(key, 0) <= most
-        for key, most in (("uid", _MAX_ID), ("gid", _MAX_ID), ("mode", 0o7777))
-    )
+    checks["root"] = _root_fits(header.get("root", {}))
     bad = [key for key, ok in checks.items() if not ok]
     if bad:
         raise StoreError(
@@ -145,6 +144,27 @@ def root_attrs(header: Mapping[str, Any]) -> tuple[int, int, int]:
         root.get("gid", os.getgid()),
         root.get("mode", DEFAULT_ROOT_MODE),
     )
+
+
+def _root_fits(root: object) -> bool:
+    """Whether *root* is a ``root`` key of a header: a map of whole numbers in range."""
+    return isinstance(root, dict) and all(
+        count(root.get(key, 0)) and root.get(key, 0) <= most for key, most in _ROOT_LIMITS.items()
+    )
+
+
+def root_key(uid: int | None, gid: int | None, mode: int | None) -> dict[str, int]:
+    """The header's ``root`` for a new volume whose root gets *uid*, *gid* and permission bits
+    *mode* (None: `root_attrs`'s default); `StoreError` (invalid) if one is out of range."""
+    given = {k: v for k, v in zip(_ROOT_LIMITS, (uid, gid, mode), strict=True) if v is not None}
+    root = dict(zip(_ROOT_LIMITS, root_attrs({"root": given}), strict=True))
+    if not _root_fits(root):
+        raise StoreError(
+            f"invalid owner or mode of a volume's root: uid {root['uid']}, gid {root['gid']}, "
+            f"mode {root['mode']:#o} (uid and gid 0 to {MAX_ID}, mode at most 0o7777)",
+            ErrorCode.INVALID,
+        )
+    return root
 
 
 def check_alike(name: str, header: dict[str, Any], wanted: dict[str, Any]) -> None:

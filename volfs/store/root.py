@@ -245,8 +245,7 @@ class StoreRoot:
         process's uid and gid, 0755), made when the volume is first opened.
         """
         labels = dict(labels or {})
-        given_keys = ("uid", "gid", "mode")
-        given = {k: v for k, v in zip(given_keys, (uid, gid, mode), strict=True) if v is not None}
+        root = headers.root_key(uid, gid, mode)
         if len(msgpack.packb(labels)) > MAX_LABELS:
             raise StoreError(
                 f"labels of volume {name} are too large: at most 32 KiB in all", ErrorCode.INVALID
@@ -274,7 +273,7 @@ class StoreRoot:
                     "size": size,
                     "labels": labels,
                     "inodes": inodes,
-                    "root": dict(zip(given_keys, headers.root_attrs({"root": given}), strict=True)),
+                    "root": root,
                 }
                 try:
                     journal.write_durably(
@@ -287,7 +286,8 @@ class StoreRoot:
                 return header
         finally:
             os.close(dir_fd)
-        wanted = {"size": size, "labels": labels, "inodes": inodes, **given}
+        wanted = {"size": size, "labels": labels, "inodes": inodes, "uid": uid, "gid": gid,
+                  "mode": mode}  # fmt: skip
         headers.check_alike(name, header, wanted)
         return header
 
