@@ -650,7 +650,7 @@ def test_bad_config_is_one_line(host, tmp_path):
                         ('[volumes.x]\npaths = ["rel"]\n', "absolute"),
                         ('[volumes."Bad Name"]\n', "invalid volume name"),
                         ("[volumes.x]\nsize = 5\ncolour = 1\n", "allowed keys"),
-                        ("[other]\n", "expected only")]:  # fmt: skip
+                        ("[other]\n", "the keys are")]:  # fmt: skip
         config.write_text(text)
         host.refused("serve", "--config", str(config), words=(words,))
     host.refused("serve", "--config", str(tmp_path / "missing.toml"), words=("does not exist",))
