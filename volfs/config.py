@@ -88,16 +88,16 @@ def _flag(value: object) -> bool:
     return bool(value)
 
 
-#: The environment variable that names the driver of a daemon started without the flag (the
-#: one `volfsd mount` starts in the background), as VOLFS_ROOT and VOLFS_RUN_DIR place it.
+#: The environment variable that names the driver where neither flag nor config does: for the
+#: daemon `volfsd mount` starts in the background, as VOLFS_ROOT and VOLFS_RUN_DIR place it.
 PLUGIN_ENV = "VOLFS_DOCKER_PLUGIN"
 
 
 def docker_plugin_name(flag: str | None, config: DaemonConfig | None) -> str:
-    """The Docker driver the daemon serves: ``--docker-plugin``, else $VOLFS_DOCKER_PLUGIN,
-    else the config's ``docker_plugin``, else "volfs" for root and "off" for other users
-    (who cannot make sockets in /run/docker/plugins)."""
-    for value in (flag, os.environ.get(PLUGIN_ENV), config and config.docker_plugin):
+    """The Docker driver the daemon serves: ``--docker-plugin``, else the config's
+    ``docker_plugin``, else $VOLFS_DOCKER_PLUGIN, else "volfs" for root and "off" for other
+    users (who cannot make sockets in /run/docker/plugins)."""
+    for value in (flag, config and config.docker_plugin, os.environ.get(PLUGIN_ENV)):
         if value:
             return parse_plugin_name(value)
     return DEFAULT_PLUGIN if os.geteuid() == 0 else PLUGIN_OFF

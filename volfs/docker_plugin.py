@@ -245,6 +245,15 @@ class PluginServer:
         except Exception:
             log.exception("Docker plugin: connection failed")
         finally:
+            # Drain what a client sent beyond what was read (a refused body, say), so that the
+            # close sends no RST that could destroy the reply before the client reads it.
+            with (
+                contextlib.suppress(OSError, trio.BrokenResourceError, trio.ClosedResourceError),
+                trio.move_on_after(1),
+            ):
+                await stream.send_eof()
+                while await stream.receive_some(65536):
+                    pass
             await stream.aclose()
 
     async def _answer(self, request: h11.Request, body: bytes) -> tuple[int, dict[str, Any]]:
@@ -258,6 +267,8 @@ class PluginServer:
         args = _json_object(body)
         try:
             return 200, await endpoint(args)
+        except HttpError:
+            raise
         except VolfsError as exc:
             log.info("Docker plugin: %s refused: %s", target, exc)
             return STATUS.get(exc.code, 500), {"Err": str(exc)}
@@ -330,7 +341,9 @@ async def _next_event(stream: trio.SocketStream, http: h11.Connection) -> Any:
         event = http.next_event()
         if event is not h11.NEED_DATA:
             return event
-        http.receive_data(await stream.receive_some(65536))  # b"": the client closed
+        # Small reads: h11 bounds only what it buffers of an incomplete event, so headers that
+        # arrive whole in one big read would get past MAX_HEADERS.
+        http.receive_data(await stream.receive_some(8192))  # b"": the client closed
 
 
 async def _read_body(stream: trio.SocketStream, http: h11.Connection) -> bytes:
