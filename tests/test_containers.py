@@ -17,6 +17,9 @@ from pathlib import Path
 
 import pytest
 
+from volfs import mounts
+from volfs.users import NAMESPACE, describe_users, users_of
+
 from conftest import Volume
 from docker_engine import DockerEngine
 from helpers import run_dir_of, volfsd, wait_gone, wait_until
@@ -65,6 +68,19 @@ def test_non_root_container_user_gets_permission_checks(mnt: Path, engine: Docke
     # Root in the container is root on the host: the same tree is writable for it.
     engine.exec(user, "touch", "/p/closed/y", user="0")
     assert (mnt / "closed" / "y").stat().st_uid == 0
+
+
+def test_a_container_holding_the_volume_is_named(mnt: Path, engine: DockerEngine):
+    """users.py finds the container's mount namespace, and names it by Docker's id (from the
+    container's cgroup), though no process in it has a file open on the volume."""
+    user = engine.run_container("-v", f"{mnt}:/p", engine.image, *IDLE)
+    container = engine.docker("inspect", "-f", "{{.Id}}", user).stdout.strip()
+    device = mounts.find_mount(mnt).device
+    found = [u for u in users_of(device) if u.container == container[:12]]
+    assert [u.what for u in found] == [NAMESPACE], found
+    assert describe_users(found).startswith(f"container {container[:12]} (pid ")
+    engine.docker("rm", "-f", user)
+    assert not [u for u in users_of(device) if u.container == container[:12]]
 
 
 def test_flock_in_one_container_blocks_another(mnt: Path, engine: DockerEngine):

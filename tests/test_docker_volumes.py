@@ -221,3 +221,18 @@ def test_compose_services_share_a_volume(docker_plugin: Plugin, engine: DockerEn
         assert volume not in plugin.host.cli("ls", "-q").stdout.split()
     finally:
         engine.compose(compose, project, "down", "-v", check=False)
+
+
+def test_image_contents_are_copied_into_an_empty_volume(
+    docker_plugin: Plugin, engine: DockerEngine
+):
+    """Docker's copy-up works on volfs volumes as on its own: mounted over a directory of the
+    image, an empty volume first gets that directory's files (and with nocopy, none)."""
+    plugin = docker_plugin
+    create(engine, plugin, "seeded")
+    engine.run("-v", "seeded:/bin", engine.image, "/bin/busybox", "true")
+    listed = engine.run("-v", "seeded:/x", engine.image, "ls", "/x").stdout.split()
+    assert "busybox" in listed and "sh" in listed
+    target = f"type=volume,src=bare,dst=/usr/bin,volume-driver={plugin.name},volume-nocopy"
+    engine.run("--mount", target, engine.image, "true")
+    assert engine.run("-v", "bare:/x", engine.image, "ls", "/x").stdout == ""
