@@ -217,10 +217,11 @@ def test_compose_services_share_a_volume(docker_plugin: Plugin, engine: DockerEn
         thumb = engine.compose(compose, project, "ps", "-q", "thumb").stdout.strip()
         wait_until(lambda: engine.exec(thumb, "cat", "/data/index.html", check=False).stdout
                    == "from-web\n", "the web service's file in the thumb service")  # fmt: skip
-        engine.compose(compose, project, "down", "-v")
+        # -t 0: sleep as a container's pid 1 ignores SIGTERM, and down would wait 10 s for it.
+        engine.compose(compose, project, "down", "-v", "-t", "0")
         assert volume not in plugin.host.cli("ls", "-q").stdout.split()
     finally:
-        engine.compose(compose, project, "down", "-v", check=False)
+        engine.compose(compose, project, "down", "-v", "-t", "0", check=False)
 
 
 def test_image_contents_are_copied_into_an_empty_volume(
