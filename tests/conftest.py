@@ -300,15 +300,22 @@ def engine(docker_engine: DockerEngine):
 
 
 class Plugin:
-    """A daemon serving a Docker volume plugin under a driver name of its own."""
+    """A daemon serving a Docker volume plugin under driver name *name* (one of its own if
+    None)."""
 
-    def __init__(self, host: Host) -> None:
+    def __init__(self, host: Host, name: str | None = None) -> None:
         self.host = host
-        self.name = f"volfs-t{os.getpid()}-{next(_PLUGIN_NAMES)}"
+        self.name = name or f"volfs-t{os.getpid()}-{next(_PLUGIN_NAMES)}"
         self.socket = socket_path(self.name)
 
     def call(self, endpoint: str, body: object = None) -> tuple[int, dict]:
         return plugin_client.call(self.socket, endpoint, body)
+
+
+#: The driver name of the tests that use the Docker engine: one for the session.  dockerd
+#: keeps every volume driver it has met and asks each of them in `docker volume ls`, retrying
+#: one whose socket is gone for up to 30 s: a name per test would make each ls slower.
+DOCKER_DRIVER = f"volfs-t{os.getpid()}-docker"
 
 
 @pytest.fixture
@@ -320,15 +327,18 @@ def plugin(host: Host) -> Plugin:
 
 
 @pytest.fixture
-def docker_plugin(plugin: Plugin, engine: DockerEngine) -> Iterator[Plugin]:
-    """`plugin`, registered with the session's Docker engine; after the test the engine's
-    containers are removed and so are the volumes it knows of this driver, while the plugin
-    still answers (or the engine would keep records of a driver that is gone)."""
+def docker_plugin(host: Host, engine: DockerEngine) -> Iterator[Plugin]:
+    """A daemon (``host``'s) serving the session's Docker engine as driver `DOCKER_DRIVER`.
+    After the test the engine's containers are removed, and so are the volumes it knows of
+    this driver, while the plugin still answers (the next test's daemon has a store of its
+    own, and Docker would keep records of volumes it does not have)."""
+    served = Plugin(host, DOCKER_DRIVER)
+    host.serve("--docker-plugin", served.name)
     try:
-        yield plugin
+        yield served
     finally:
         engine.remove_containers()
-        names = engine.docker("volume", "ls", "-q", "--filter", f"driver={plugin.name}",
+        names = engine.docker("volume", "ls", "-q", "--filter", f"driver={served.name}",
                               check=False).stdout.split()  # fmt: skip
         if names:
             engine.docker("volume", "rm", "-f", *names, check=False)
