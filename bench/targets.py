@@ -281,6 +281,7 @@ class VolfsTarget(MountTarget):
             os.environ,
             VOLFS_ROOT=str(self.store),
             VOLFS_RUN_DIR=str(self.run_dir),  # a daemon of our own, stopped at teardown
+            VOLFS_DOCKER_PLUGIN="off",  # the host's driver name (volfs) is not ours to take
         )
         # Prefer the checkout next to this script over any installed copy.
         env["PYTHONPATH"] = os.pathsep.join(

@@ -13,6 +13,7 @@ find fails the test at teardown. Shared helpers are in tests/helpers.py.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import os
 import signal
 import time
@@ -22,8 +23,11 @@ from pathlib import Path
 import pytest
 
 from volfs import mounts
+from volfs.config import PLUGIN_ENV, PLUGIN_OFF
+from volfs.docker_plugin import PLUGIN_DIR, socket_path
 
 import audit
+import plugin_client
 from docker_engine import DockerEngine, EngineError
 from helpers import alive, pid_in, processes, run_dir_of, stop_daemon, volfsd, wait_gone, wait_until
 from hosts import Host
@@ -33,6 +37,14 @@ from hosts import Host
 CALL_PASSED = pytest.StashKey[bool]()
 #: Log patterns the fixtures declare for what they provoke (a worker killed on purpose).
 EXPECTED_LOG = pytest.StashKey[list[str]]()
+
+
+# A daemon a test starts serves no Docker plugin unless the test asks for one (`plugin`): as
+# root it would otherwise take /run/docker/plugins/volfs.sock, the host's own driver name, and
+# every further test daemon would be refused it.
+os.environ[PLUGIN_ENV] = PLUGIN_OFF
+#: Driver names of the session's plugins: one per test, so none sees another's volumes.
+_PLUGIN_NAMES = itertools.count()
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -287,6 +299,51 @@ def engine(docker_engine: DockerEngine):
         docker_engine.remove_containers()
 
 
+class Plugin:
+    """A daemon serving a Docker volume plugin under driver name *name* (one of its own if
+    None)."""
+
+    def __init__(self, host: Host, name: str | None = None) -> None:
+        self.host = host
+        self.name = name or f"volfs-t{os.getpid()}-{next(_PLUGIN_NAMES)}"
+        self.socket = socket_path(self.name)
+
+    def call(self, endpoint: str, body: object = None) -> tuple[int, dict]:
+        return plugin_client.call(self.socket, endpoint, body)
+
+
+#: The driver name of the tests that use the Docker engine: one for the session.  dockerd
+#: keeps every volume driver it has met and asks each of them in `docker volume ls`, retrying
+#: one whose socket is gone for up to 30 s: a name per test would make each ls slower.
+DOCKER_DRIVER = f"volfs-t{os.getpid()}-docker"
+
+
+@pytest.fixture
+def plugin(host: Host) -> Plugin:
+    """A daemon (``host``'s) serving the Docker plugin at a driver name of the test's own."""
+    served = Plugin(host)
+    host.serve("--docker-plugin", served.name)
+    return served
+
+
+@pytest.fixture
+def docker_plugin(host: Host, engine: DockerEngine) -> Iterator[Plugin]:
+    """A daemon (``host``'s) serving the session's Docker engine as driver `DOCKER_DRIVER`.
+    After the test the engine's containers are removed, and so are the volumes it knows of
+    this driver, while the plugin still answers (the next test's daemon has a store of its
+    own, and Docker would keep records of volumes it does not have)."""
+    served = Plugin(host, DOCKER_DRIVER)
+    host.serve("--docker-plugin", served.name)
+    try:
+        yield served
+    finally:
+        engine.remove_containers()
+        names = engine.docker("volume", "ls", "-q", "--filter", f"driver={served.name}",
+                              check=False).stdout.split()  # fmt: skip
+        if names:
+            engine.docker("volume", "rm", "-f", *names, check=False)
+
+
 @pytest.fixture(autouse=True, scope="session")
 def _nothing_left_behind(tmp_path_factory):
     yield
@@ -299,6 +356,10 @@ def _nothing_left_behind(tmp_path_factory):
     for pid in daemons + workers:
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
+    sockets = sorted(str(p) for p in PLUGIN_DIR.glob(f"volfs-t{os.getpid()}-*.sock"))
+    for path in sockets:
+        os.unlink(path)
     assert not left, f"tests left mounts behind: {left}"
+    assert not sockets, f"tests left Docker plugin sockets behind: {sockets}"
     assert not daemons, f"tests left volfsd daemons behind: {daemons}"
     assert not workers, f"tests left mount workers behind: {workers}"

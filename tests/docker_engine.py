@@ -31,6 +31,7 @@ from volfs import mounts
 
 DOCKERD = Path("/usr/sbin/dockerd")
 DOCKER = Path("/usr/bin/docker")
+COMPOSE = Path("/usr/bin/docker-compose")  # compose v1 (1.29), Debian's: docker-py underneath
 BUSYBOX = Path("/bin/busybox")  # busybox-static: needs no libraries inside the image
 FLOCK = Path("/usr/bin/flock")  # Debian's busybox has no flock applet
 
@@ -179,6 +180,21 @@ class DockerEngine:
             raise DockerCommandError(result)
         return result
 
+    def compose(
+        self, compose_file: Path, project: str, *args: str, check: bool = True, timeout: float = 180
+    ) -> subprocess.CompletedProcess[str]:
+        """Run ``docker-compose -f COMPOSE_FILE -p PROJECT ARGS`` against this engine.
+
+        Its containers are this engine's like any other: `remove_containers` removes them.
+        """
+        result = subprocess.run(
+            [str(COMPOSE), "--ansi", "never", "-f", str(compose_file), "-p", project, *args],
+            env=self._env, capture_output=True, text=True, timeout=timeout,
+        )  # fmt: skip
+        if check and result.returncode != 0:
+            raise DockerCommandError(result)
+        return result
+
     def _new_name(self) -> str:
         # Registered before `docker run` so that a container that was created but whose run
         # then failed or timed out is removed as well.
@@ -263,7 +279,7 @@ class DockerEngine:
 
     def start(self, timeout: float = 60) -> None:
         """Start dockerd, wait until it answers, import the test image."""
-        for tool in (DOCKERD, DOCKER, BUSYBOX, FLOCK):
+        for tool in (DOCKERD, DOCKER, COMPOSE, BUSYBOX, FLOCK):
             if not tool.exists():
                 raise EngineError(f"{tool} is missing: run ./install.sh --dev (as root)")
         if os.geteuid() != 0:

@@ -11,9 +11,20 @@ from pathlib import Path
 import msgpack
 
 from volfs import mounts
+from volfs.store.root import StoreRoot
 
 import audit
-from helpers import alive, assert_one_line_error, cli_env, pid_in, stop_daemon, volfsd, wait_gone
+from helpers import (
+    VOLFSD,
+    alive,
+    assert_one_line_error,
+    cli_env,
+    pid_in,
+    stop_daemon,
+    volfsd,
+    wait_gone,
+    wait_until,
+)
 
 #: `volfsd mount` options that take a value.
 _VALUED = ("--size", "--inodes")
@@ -29,6 +40,7 @@ class Host:
         self.env = cli_env(self.root, self.run)
         #: The descriptors of each worker a `mount` through `cli` found serving, by its pid.
         self._fds: dict[int, audit.FdWatch] = {}
+        self._daemons: list[subprocess.Popen[bytes]] = []  # started by `serve`
 
     def cli(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
         done = volfsd(*args, root=self.root, run_dir=self.run, check=check, timeout=180)
@@ -55,6 +67,26 @@ class Host:
         for pid, watch in self._fds.items():
             if alive(pid):
                 watch.check()
+
+    def serve(self, *args: str) -> subprocess.Popen[bytes]:
+        """Start ``volfsd serve ARGS`` in the background, logging where the daemon that
+        `volfsd mount` starts logs (so the checks after the test read it too); return once it
+        answers.  `cleanup` stops it."""
+        with StoreRoot(self.root).open_log("volfsd.log") as log:
+            proc = subprocess.Popen(
+                [*VOLFSD, "serve", *args], env=self.env, stdin=subprocess.DEVNULL,
+                stdout=log, stderr=log, start_new_session=True,
+            )  # fmt: skip
+        self._daemons.append(proc)
+
+        def answers() -> bool:
+            return proc.poll() is not None or self.cli("status", check=False).returncode == 0
+
+        wait_until(answers, "volfsd serve to answer", timeout=30)
+        if proc.poll() is not None:
+            log_text = (self.root / "logs" / "volfsd.log").read_text(errors="replace")
+            raise AssertionError(f"volfsd serve exited {proc.returncode}:\n{log_text[-2000:]}")
+        return proc
 
     def refused(self, *args: str, words: tuple[str, ...] = ()) -> str:
         return assert_one_line_error(self.cli(*args, check=False), *words)
@@ -101,3 +133,6 @@ class Host:
                     mounts.detach(entry.mountpoint, lazy=True)
             if daemon:
                 wait_gone(daemon, 10)
+            for proc in self._daemons:  # reaped, so no zombie outlives the test
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    proc.wait(timeout=10)

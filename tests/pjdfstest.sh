@@ -18,7 +18,8 @@ python="${PYTHON:-$top/.venv/bin/python}"
 [ -f "$tarball" ] || { echo "pjdfstest.sh: no pjdfstest tarball at $tarball" >&2; exit 2; }
 
 tmp="$(mktemp -d /tmp/volfs-pjdfstest.XXXXXX)"
-export VOLFS_ROOT="$tmp/store" VOLFS_RUN_DIR="$tmp/run"
+# A daemon of our own, serving no Docker plugin (the host's driver name is not ours to take).
+export VOLFS_ROOT="$tmp/store" VOLFS_RUN_DIR="$tmp/run" VOLFS_DOCKER_PLUGIN=off
 mnt="$tmp/mnt"
 volfsd() { "$python" -m volfs "$@"; }
 

@@ -17,6 +17,9 @@ from pathlib import Path
 
 import pytest
 
+from volfs import mounts
+from volfs.users import NAMESPACE, describe_users, users_of
+
 from conftest import Volume
 from docker_engine import DockerEngine
 from helpers import run_dir_of, volfsd, wait_gone, wait_until
@@ -82,6 +85,19 @@ def test_a_volume_made_for_a_container_user_is_writable_by_it(volume: Volume, en
     denied = engine.exec(other, "ls", "/p", check=False)
     assert denied.returncode != 0 and "Permission denied" in denied.stderr, denied
     assert engine.exec(other, "cat", "/p/2026/a.jpg", user="0").stdout == "jpeg\n"
+
+
+def test_a_container_holding_the_volume_is_named(mnt: Path, engine: DockerEngine):
+    """users.py finds the container's mount namespace, and names it by Docker's id (from the
+    container's cgroup), though no process in it has a file open on the volume."""
+    user = engine.run_container("-v", f"{mnt}:/p", engine.image, *IDLE)
+    container = engine.docker("inspect", "-f", "{{.Id}}", user).stdout.strip()
+    device = mounts.find_mount(mnt).device
+    found = [u for u in users_of(device) if u.container == container[:12]]
+    assert [u.what for u in found] == [NAMESPACE], found
+    assert describe_users(found).startswith(f"container {container[:12]} (pid ")
+    engine.docker("rm", "-f", user)
+    assert not [u for u in users_of(device) if u.container == container[:12]]
 
 
 def test_flock_in_one_container_blocks_another(mnt: Path, engine: DockerEngine):

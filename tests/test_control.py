@@ -210,7 +210,8 @@ def test_config_keys_are_the_create_flags(tmp_path):
     "text, words",
     [
         ("[volumes.x]\ncolour = 1\n", ("volumes.toml", "[volumes.x]", "'colour'", "allowed keys")),
-        ("colour = 1\n", ("volumes.toml", "'colour'", "top level", "expected only")),
+        ("colour = 1\n", ("volumes.toml", "'colour'", "top level", "docker_plugin")),
+        ('docker_plugin = "Bad"\n', ("volumes.toml", "docker_plugin", "invalid Docker driver")),
         ('[volumes.x]\nsize = "10g"\n', ("volume 'x'", "invalid size")),
         ("[volumes.x]\nlabels = { k = 1 }\n", ("volume 'x'", "labels must be")),
         ('[volumes.x]\nuid = "www-data"\n', ("volume 'x'", "id -u www-data")),

@@ -16,7 +16,6 @@ import signal
 import subprocess
 import sys
 import time
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -105,7 +104,7 @@ def test_mapped_file_is_found(mnt, device):
         assert _uses(users_of(device), proc.pid) == {MMAP}  # its fd is closed: the mapping only
 
 
-def _in_new_namespace(cgroup: Path | None = None) -> subprocess.Popen:
+def _in_new_namespace() -> subprocess.Popen:
     """`unshare -m --propagation slave sleep`, waited for until it runs in its own namespace."""
     proc = subprocess.Popen(["unshare", "-m", "--propagation", "slave", "sleep", "120"], cwd="/")
     ours = os.readlink("/proc/self/ns/mnt")
@@ -117,8 +116,6 @@ def _in_new_namespace(cgroup: Path | None = None) -> subprocess.Popen:
     except AssertionError:
         _end(proc)
         raise
-    if cgroup is not None:
-        (cgroup / "cgroup.procs").write_text(str(proc.pid))
     return proc
 
 
@@ -135,47 +132,6 @@ def test_other_mount_namespace_is_a_user(mnt, device):
     finally:
         _end(proc)
     assert _uses(users_of(device), proc.pid) == set()
-
-
-@contextlib.contextmanager
-def _container_cgroup(container: str) -> Iterator[Path]:
-    """A cgroup named as Docker (systemd driver) names a container's, in a hierarchy we can use."""
-    for hierarchy in ("/sys/fs/cgroup/unified", "/sys/fs/cgroup", "/sys/fs/cgroup/pids"):
-        parent = Path(hierarchy) / f"volfs-test-{uuid.uuid4().hex[:8]}"
-        try:
-            parent.mkdir()
-        except OSError:
-            continue
-        group = parent / f"docker-{container}.scope"
-        try:
-            group.mkdir()
-            yield group
-            return
-        finally:
-            for path in (group, parent):
-                deadline = time.monotonic() + 10
-                while path.exists():
-                    try:
-                        path.rmdir()
-                    except OSError:  # its last process may take a moment to leave
-                        if time.monotonic() > deadline:
-                            raise
-                        time.sleep(0.05)
-    pytest.skip("no cgroup hierarchy to make a container's cgroup in")
-
-
-@ROOT_ONLY
-@pytest.mark.skipif(shutil.which("unshare") is None, reason="no unshare (util-linux)")
-def test_container_is_named(mnt, device):
-    container = uuid.uuid4().hex + uuid.uuid4().hex
-    with _container_cgroup(container) as cgroup:
-        proc = _in_new_namespace(cgroup)
-        try:
-            user = next(u for u in users_of(device) if u.pid == proc.pid)
-            assert user == User(proc.pid, "sleep", NAMESPACE, container[:12])
-            assert describe_users([user]) == f"container {container[:12]} (pid {proc.pid}, sleep)"
-        finally:
-            _end(proc)
 
 
 @pytest.mark.slow

@@ -29,7 +29,7 @@ from volfs.catalog import (
     parse_size,
     parse_uid,
 )
-from volfs.config import DEFAULT_PATH
+from volfs.config import DEFAULT_PATH, parse_plugin_name
 from volfs.errors import ErrorCode, VolfsError
 from volfs.mountpoint import REPLACE, normalize, open_mountpoint, prepare
 from volfs.store import pidlock
@@ -405,7 +405,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
     from volfs import daemon
 
     logging.getLogger().setLevel(logging.INFO)
-    daemon.serve(Path(args.config) if args.config else None)
+    daemon.serve(Path(args.config) if args.config else None, args.docker_plugin)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -479,6 +479,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     serve = sub.add_parser("serve", help="run the daemon in the foreground")
     serve.add_argument("--config", help=f"volumes to mount (default {DEFAULT_PATH})")
+    serve.add_argument("--docker-plugin", metavar="NAME", type=parse_plugin_name,
+                       help="serve Docker volume driver NAME (root: volfs), or off")  # fmt: skip
     serve.set_defaults(func=cmd_serve)
     return parser
 

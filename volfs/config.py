@@ -1,7 +1,7 @@
 """The daemon's config file (``/etc/volfs/volumes.toml``): its schema, in one place.
 
-A TOML file of top-level daemon keys (none yet: :data:`DAEMON_KEYS` is where they go, as
-later issues add ``docker_plugin``, ``metrics``, ``scrub_every``) and tables: one
+A TOML file of top-level daemon keys (:data:`DAEMON_KEYS`: ``docker_plugin``; later issues add
+``metrics``, ``scrub_every``) and tables: one
 ``[volumes.NAME]`` per declared volume, whose keys are the `create` flags (``size``,
 ``labels``, ``inodes``, ``uid``, ``gid``, ``mode``), parsed by the same parsers as those flags
 (catalog.py), plus where it is mounted (``paths``, ``read_only``).  So a config key and a CLI
@@ -50,9 +50,36 @@ class VolumeConfig:
 
 @dataclasses.dataclass(frozen=True)
 class DaemonConfig:
-    """What a config file says: the volumes it declares, by name."""
+    """What a config file says: the daemon's settings and the volumes it declares, by name."""
 
     volumes: dict[str, VolumeConfig] = dataclasses.field(default_factory=dict)
+    #: The Docker volume driver name to serve (`parse_plugin_name`); None: not set here.
+    docker_plugin: str | None = None
+
+
+#: `docker_plugin` (and ``--docker-plugin``) that serves no Docker plugin.
+PLUGIN_OFF = "off"
+#: The driver name served by a root daemon when nothing says otherwise.
+DEFAULT_PLUGIN = "volfs"
+
+
+def parse_plugin_name(value: object) -> str:
+    """A Docker volume driver name (the socket ``/run/docker/plugins/NAME.sock``), or "off".
+
+    Names follow the volume name rules (so one is a safe file name): 1-63 characters of
+    ``a-z 0-9 _ . -``, starting with a letter or digit.
+    """
+    if value == PLUGIN_OFF:
+        return PLUGIN_OFF
+    if not isinstance(value, str):
+        raise VolfsError('docker_plugin must be a driver name or "off"')
+    try:
+        return check_name(value)
+    except VolfsError:
+        raise VolfsError(
+            f"invalid Docker driver name {value[:40]!r}: use 1-63 of a-z 0-9 _ . - starting "
+            "with a letter or digit, or off"
+        ) from None
 
 
 def _paths(value: object) -> tuple[Path, ...]:
@@ -64,6 +91,21 @@ def _paths(value: object) -> tuple[Path, ...]:
 def _flag(value: object) -> bool:
     # Any value, by its truth: what config files were given before this schema, kept working.
     return bool(value)
+
+
+#: The environment variable that names the driver where neither flag nor config does: for the
+#: daemon `volfsd mount` starts in the background, as VOLFS_ROOT and VOLFS_RUN_DIR place it.
+PLUGIN_ENV = "VOLFS_DOCKER_PLUGIN"
+
+
+def docker_plugin_name(flag: str | None, config: DaemonConfig | None) -> str:
+    """The Docker driver the daemon serves: ``--docker-plugin``, else the config's
+    ``docker_plugin``, else $VOLFS_DOCKER_PLUGIN, else "volfs" for root and "off" for other
+    users (who cannot make sockets in /run/docker/plugins)."""
+    for value in (flag, config and config.docker_plugin, os.environ.get(PLUGIN_ENV)):
+        if value:
+            return parse_plugin_name(value)
+    return DEFAULT_PLUGIN if os.geteuid() == 0 else PLUGIN_OFF
 
 
 #: The keys of a ``[volumes.NAME]`` table, each with its parser (the CLI flag's, where there
@@ -78,8 +120,8 @@ VOLUME_KEYS: dict[str, Callable[[Any], object]] = {
     "gid": parse_gid,
     "mode": parse_mode,
 }
-#: The top-level daemon keys, each with its parser: none yet.  Each is a field of DaemonConfig.
-DAEMON_KEYS: dict[str, Callable[[Any], object]] = {}
+#: The top-level daemon keys, each with its parser.  Each is a field of DaemonConfig.
+DAEMON_KEYS: dict[str, Callable[[Any], object]] = {"docker_plugin": parse_plugin_name}
 #: The tables of the file: ``[NAME.*]`` -> the keys of each of its sub-tables.
 TABLES: dict[str, dict[str, Callable[[Any], object]]] = {"volumes": VOLUME_KEYS}
 #: Tables that hold credentials: a file with one must not be readable by others.
@@ -96,14 +138,14 @@ def load_config(path: Path) -> DaemonConfig:
         raise VolfsError(f"config file {path} does not exist") from None
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise VolfsError(f"config file {path} is not valid TOML: {exc}") from None
-    settings: dict[str, object] = {}
+    settings: dict[str, Any] = {}
     for key, value in document.items():
         if key in TABLES:
             continue
         if key not in DAEMON_KEYS:
             raise VolfsError(
-                f"config file {path}: unknown key {key[:40]!r} at the top level: expected only "
-                "[volumes.NAME] tables"
+                f"config file {path}: unknown key {key[:40]!r} at the top level: the keys are "
+                f"{', '.join(DAEMON_KEYS)}, and [volumes.NAME] tables"
             )
         settings[key] = _parsed(DAEMON_KEYS[key], value, f"config file {path}, key {key!r}")
     volumes = document.get("volumes", {})

@@ -1,8 +1,9 @@
 """``volfsd serve``: the daemon process, which runs the supervisor and its front ends.
 
 The daemon owns the store root and a runtime directory (one daemon per runtime directory, by
-a pid lock).  In it, the supervisor (supervisor.py) serves the volumes and the control server
-(control_server.py) answers `volfsd` commands on a unix socket.  It tells systemd
+a pid lock).  In it, the supervisor (supervisor.py) serves the volumes; the control server
+(control_server.py) answers `volfsd` commands on a unix socket, and the Docker plugin
+(docker_plugin.py) answers Docker on ``/run/docker/plugins/NAME.sock``.  It tells systemd
 (``Type=notify``) when it is ready and when it stops.  SIGTERM or SIGINT ends the daemon but
 not its workers: they go on serving, and the next daemon adopts them.
 """
@@ -19,8 +20,10 @@ from pathlib import Path
 import trio
 
 from volfs import control
-from volfs.config import DEFAULT_PATH, DaemonConfig, load_config
+from volfs.config import DEFAULT_PATH, PLUGIN_OFF, DaemonConfig, docker_plugin_name, load_config
 from volfs.control_server import ControlServer, listen
+from volfs.docker_driver import DockerDriver
+from volfs.docker_plugin import PluginServer, PluginSocket, socket_path
 from volfs.errors import ErrorCode, VolfsError
 from volfs.store import pidlock
 from volfs.store.root import StoreRoot, default_root
@@ -61,20 +64,35 @@ def take_run_dir(run_dir: Path) -> int:
         os.close(dir_fd)
 
 
-async def run(root: StoreRoot, run_dir: Path, config: DaemonConfig | None) -> None:
-    """Serve until SIGTERM or SIGINT, then hand the workers over to the next daemon."""
+async def run(
+    root: StoreRoot, run_dir: Path, config: DaemonConfig | None, plugin: str = PLUGIN_OFF
+) -> None:
+    """Serve until SIGTERM or SIGINT, then hand the workers over to the next daemon.
+
+    *plugin* is the Docker driver name to serve, or "off".
+    """
     # Not the directory we were started from: a daemon that stays there pins it (a
     # tmpfs it lies on could not be unmounted), and so would every worker it starts.
     os.chdir("/")
     pid_fd = take_run_dir(run_dir)
     path = run_dir / control.SOCKET_NAME
+    plugin_socket = None
     try:
         listener = await listen(path)
+        # Before anything is mounted: a driver name another process serves is refused first.
+        if plugin != PLUGIN_OFF:
+            plugin_socket = PluginSocket(socket_path(plugin))
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
             async with trio.open_nursery() as nursery:
                 supervisor = Supervisor(root, run_dir, nursery)
                 nursery.start_soon(ControlServer(supervisor).serve, listener)
                 await supervisor.start(config)
+                if plugin_socket is not None:
+                    driver = DockerDriver(supervisor)
+                    plugin_listener = trio.socket.from_stdlib_socket(plugin_socket.listener)
+                    nursery.start_soon(PluginServer(driver).serve, plugin_listener)
+                    nursery.start_soon(driver.reconcile_forever)
+                    log.info("serving Docker volume driver %s at %s", plugin, plugin_socket.path)
                 log.info("volfsd ready: store %s, socket %s", root.path, path)
                 notify("READY=1")
                 async for signum in signals:
@@ -90,6 +108,8 @@ async def run(root: StoreRoot, run_dir: Path, config: DaemonConfig | None) -> No
                 )
                 nursery.cancel_scope.cancel()
     finally:
+        if plugin_socket is not None:
+            plugin_socket.close()
         with contextlib.suppress(OSError):
             path.unlink()
         with contextlib.suppress(OSError):
@@ -97,11 +117,13 @@ async def run(root: StoreRoot, run_dir: Path, config: DaemonConfig | None) -> No
         os.close(pid_fd)
 
 
-def serve(config_path: Path | None) -> None:
-    """Run the daemon in this process until SIGTERM or SIGINT."""
+def serve(config_path: Path | None, docker_plugin: str | None = None) -> None:
+    """Run the daemon in this process until SIGTERM or SIGINT; *docker_plugin* is the
+    ``--docker-plugin`` flag (config.docker_plugin_name says what else decides)."""
     root = StoreRoot(default_root())
     if config_path is None and DEFAULT_PATH.exists() and os.geteuid() == 0:
         config_path = DEFAULT_PATH
     # A bad config is refused before anything is taken.
     config = load_config(config_path) if config_path is not None else None
-    trio.run(run, root, control.default_run_dir(), config)
+    plugin = docker_plugin_name(docker_plugin, config)
+    trio.run(run, root, control.default_run_dir(), config, plugin)

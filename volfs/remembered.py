@@ -1,19 +1,30 @@
-"""The mounts the daemon made on request, remembered in its runtime directory.
+"""What the daemon remembers in its runtime directory across its own restarts.
 
-A daemon that restarts (a crash, an upgrade, ``systemctl restart``) brings them back; a reboot
-clears /run and them with it.  Mounts a config file declares are not remembered: the config
-brings them back.  The file is ``RUN_DIR/mounts.msgpack``: a list of ``[name, path,
-read_only]``, replaced whole (written to a temporary file, then renamed over it).
+* The mounts it made on request (`RememberedMounts`): a daemon that restarts (a crash, an
+  upgrade, ``systemctl restart``) brings them back.  Mounts a config file declares are not
+  remembered: the config brings them back.  ``RUN_DIR/mounts.msgpack``: a list of ``[name,
+  path, read_only]``.
+* The Docker mounts that hold each volume (`ContainerClaims`): Docker calls the plugin's
+  ``Mount`` once per container mount and ``Unmount`` when it ends, and the last ``Unmount``
+  unmounts.  ``RUN_DIR/docker-claims.msgpack``: a list of ``[name, mount_id, since, replaced]``,
+  one per ``Mount`` not yet unmounted (a multiset: Docker may repeat an id).
+
+A reboot clears /run and both with it, as it ends every mount and container they describe.
+Each file is replaced whole (written to a temporary file, then renamed over it).
 """
 
 from __future__ import annotations
 
 import os
+import time
+from collections.abc import Sequence
 from pathlib import Path
+from typing import NamedTuple
 
 import msgpack
 
 FILE_NAME = "mounts.msgpack"
+CLAIMS_FILE = "docker-claims.msgpack"
 
 #: One remembered mount: volume name, mount point, read-only.  As read back, the fields are
 #: whatever the file held: a heal checks them before it acts on them.
@@ -29,13 +40,7 @@ class RememberedMounts:
     def entries(self) -> list[Entry]:
         """The mounts remembered, ``[name, path, read_only]`` each; none if the file is
         missing or unreadable (a heal must go on without it)."""
-        try:
-            entries = msgpack.unpackb(self.path.read_bytes())
-        except (OSError, ValueError, msgpack.UnpackException):
-            return []
-        if not isinstance(entries, list):
-            return []
-        return [e for e in entries if isinstance(e, list) and len(e) == 3]
+        return [e for e in _read(self.path) if isinstance(e, list) and len(e) == 3]
 
     def remember(self, name: str, path: Path, read_only: bool) -> None:
         """Remember that volume *name* is mounted at *path*."""
@@ -49,8 +54,85 @@ class RememberedMounts:
         return [e for e in self.entries() if e[1] != str(path)]
 
     def _write(self, entries: list[Entry]) -> None:
-        tmp = self.path.with_name(FILE_NAME + ".tmp")
-        flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC
-        with os.fdopen(os.open(tmp, flags, 0o600), "wb") as f:
-            f.write(msgpack.packb(entries))
-        tmp.rename(self.path)
+        _replace(self.path, entries)
+
+
+def _read(path: Path) -> list[object]:
+    """The list in *path*; empty if the file is missing, unreadable or not a list."""
+    try:
+        entries = msgpack.unpackb(path.read_bytes())
+    except (OSError, ValueError, msgpack.UnpackException):
+        return []
+    return entries if isinstance(entries, list) else []
+
+
+def _replace(path: Path, entries: Sequence[object]) -> None:
+    """Write *entries* to *path* whole: a reader sees the old list or the new one."""
+    tmp = path.with_name(path.name + ".tmp")
+    flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC
+    with os.fdopen(os.open(tmp, flags, 0o600), "wb") as f:
+        f.write(msgpack.packb(entries))
+    tmp.rename(path)
+
+
+class Claim(NamedTuple):
+    """One Docker ``Mount`` of a volume that has not been unmounted yet."""
+
+    name: str  #: the volume
+    mount_id: str  #: the id Docker gave the ``Mount``: one per container mount, not per container
+    since: float  #: when it was made (time.time())
+    replaced: bool  #: the volume's mount was replaced (a worker healed) while this held it
+
+
+class ContainerClaims:
+    """The Docker mounts that hold each volume, as the daemon of *run_dir* remembers them.
+
+    A volume with claims stays mounted for Docker; `remove` of the last one lets it go.
+    """
+
+    def __init__(self, run_dir: Path) -> None:
+        self.path = run_dir / CLAIMS_FILE
+
+    def all(self) -> list[Claim]:
+        """Every claim; malformed entries (a hand-edited or truncated file) are dropped."""
+        claims = []
+        for entry in _read(self.path):
+            if not (isinstance(entry, list) and len(entry) == 4):
+                continue
+            name, mount_id, since, replaced = entry
+            if isinstance(name, str) and isinstance(mount_id, str) and isinstance(since, float):
+                claims.append(Claim(name, mount_id, since, bool(replaced)))
+        return claims
+
+    def of(self, name: str) -> list[Claim]:
+        """The claims on volume *name*, oldest first."""
+        return [c for c in self.all() if c.name == name]
+
+    def add(self, name: str, mount_id: str) -> None:
+        self._write([*self.all(), Claim(name, mount_id, time.time(), False)])
+
+    def remove(self, name: str, mount_id: str) -> bool:
+        """Drop one claim of *mount_id* on *name*; whether there was one."""
+        claims = self.all()
+        for i, claim in enumerate(claims):
+            if claim.name == name and claim.mount_id == mount_id:
+                del claims[i]
+                self._write(claims)
+                return True
+        return False
+
+    def drop(self, name: str) -> list[Claim]:
+        """Drop every claim on *name*; the claims dropped."""
+        claims = self.all()
+        self._write([c for c in claims if c.name != name])
+        return [c for c in claims if c.name == name]
+
+    def mark_replaced(self, name: str) -> int:
+        """Note that *name*'s mount was replaced under its claims; how many there are."""
+        claims = self.all()
+        marked = [c._replace(replaced=True) if c.name == name else c for c in claims]
+        self._write(marked)
+        return sum(c.name == name for c in claims)
+
+    def _write(self, claims: list[Claim]) -> None:
+        _replace(self.path, [list(c) for c in claims])

@@ -14,6 +14,7 @@ a mount point is never exposed while a volume heals.
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -105,7 +106,8 @@ class Served:
             return False
         return top.device == self.device or (top.source == self.name and target.is_dead())
 
-    def describe(self) -> dict[str, object]:
+    def describe(self, more_problems: Sequence[str] = ()) -> dict[str, object]:
+        """What `status` shows of the volume; *more_problems*: what the supervisor knows."""
         return {
             "name": self.name,
             "status": self.status,
@@ -114,5 +116,5 @@ class Served:
             "adopted": self.adopted,
             "mounts": [p.describe() for p in sorted(self.paths.values(), key=lambda p: p.path)],
             "problems": [*self.problems, *(f"{p.path}: {p.problem}" for p in self.paths.values()
-                                           if p.problem)],
+                                           if p.problem), *more_problems],
         }  # fmt: skip

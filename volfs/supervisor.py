@@ -32,7 +32,7 @@ from volfs.catalog import describe
 from volfs.config import DaemonConfig
 from volfs.errors import ErrorCode, VolfsError
 from volfs.mountpoint import PRESENT, normalize, open_mountpoint, prepare
-from volfs.remembered import RememberedMounts
+from volfs.remembered import ContainerClaims, RememberedMounts
 from volfs.served import DEAD, MOUNTED, REFUSED, MountPath, Served
 from volfs.spawn import start_worker
 from volfs.store.root import StoreRoot, check_name
@@ -62,6 +62,8 @@ class Supervisor:
         #: Volumes unmounted whose worker has not ended yet (files open on a lazy unmount).
         self.stopping: dict[str, Served] = {}
         self.remembered = RememberedMounts(run_dir)
+        #: The Docker container mounts that hold each volume (docker_driver.py).
+        self.claims = ContainerClaims(run_dir)
         self._admin = trio.Lock()  # one change of mounts at a time
         self._nursery = nursery
         self._started = time.time()
@@ -156,8 +158,19 @@ class Supervisor:
                 "socket": str(self.run_dir / control.SOCKET_NAME),
                 "store": str(self.root.path),
             },
-            "volumes": [self.served[n].describe() for n in sorted(self.served)],
+            "volumes": [self.served[n].describe(self.problems(n)) for n in sorted(self.served)],
         }
+
+    def problems(self, name: str) -> list[str]:
+        """What is wrong with volume *name* that its served record does not say: container
+        mounts that hold a mount of it which a worker restart replaced."""
+        replaced = [c for c in self.claims.of(name) if c.replaced]
+        if not replaced:
+            return []
+        return [
+            f"its mount was replaced (its worker restarted) while {len(replaced)} container "
+            "mount(s) held it; those containers see ENOTCONN until they are restarted"
+        ]
 
     async def mount(self, request: requests.MountRequest) -> VolumeInfo:
         name = request.name
@@ -251,6 +264,7 @@ class Supervisor:
                     f"volume {name} is being served by another process", ErrorCode.ALREADY_SERVED
                 )
             self.root.remove_volume(name)
+            self.claims.drop(name)
         return {"name": name}
 
     async def resize(self, request: requests.ResizeRequest) -> VolumeInfo:
@@ -378,6 +392,12 @@ class Supervisor:
                         else:
                             mount_path.state = MOUNTED
                 served.restarts += 1
+                if self.claims.mark_replaced(served.name):
+                    log.error(
+                        "volume %s: its Docker containers keep the dead mount until they "
+                        "are restarted (Docker binds volumes privately)",
+                        served.name,
+                    )
                 log.info("volume %s is back at %s", served.name,
                          ", ".join(str(p) for p, m in served.paths.items()
                                    if m.state == MOUNTED))  # fmt: skip

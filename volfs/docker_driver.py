@@ -1,0 +1,203 @@
+"""Docker's volume-driver verbs in volfs's terms: the rules behind the plugin's endpoints.
+
+Docker asks a volume driver to create, list and remove volumes and to mount one for each
+container that uses it (docker_plugin.py speaks the protocol).  Every verb here is a call of
+the supervisor with a typed request, so a Docker volume follows the rules of a volume made
+with the CLI: the same names, sizes, owners and in-use checks, and `docker volume ls` lists
+the volumes `volfsd create` made too.
+
+A volume Docker mounts is mounted once, at ``RUN_DIR/docker/NAME``: a bind of its staging
+mount like any other path of it, which Docker then binds into each container.  Each ``Mount``
+is a *claim* (remembered.py's `ContainerClaims`, kept in the runtime directory so that a
+restarted daemon knows them); the last ``Unmount`` lets the path go.  Docker gives each
+container mount an id of its own, not the container's, so a claim whose container vanished
+without an ``Unmount`` (dockerd killed, a container's shim gone) cannot be matched to a
+container.  Instead, `reconcile` drops the claims on a volume that nothing outside volfs has
+held for :data:`CLAIM_GRACE` seconds: no process with a file or directory on it and no mount
+namespace (a container) with a mount of it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from volfs import requests, users
+from volfs.catalog import parse_labels
+from volfs.errors import ErrorCode, VolfsError
+from volfs.store.root import check_name
+from volfs.supervisor import Supervisor
+
+log = logging.getLogger(__name__)
+
+#: The options of ``docker volume create -d volfs --opt KEY=VALUE``: the `volfsd create` flags
+#: of the same names (``labels`` is ``KEY=VALUE,KEY=VALUE``; Docker's own ``--label`` stays
+#: Docker's).
+CREATE_OPTIONS = ("size", "uid", "gid", "mode", "inodes", "labels")
+#: How long a claim counts whatever holds the volume: Docker mounts before it starts the
+#: container, which only then holds the mount.
+CLAIM_GRACE = 120.0
+#: How often claims are reconciled while there are any.
+RECONCILE_EVERY = 60.0
+
+
+class DockerDriver:
+    """The volume-driver verbs over *supervisor*'s volumes."""
+
+    def __init__(self, supervisor: Supervisor) -> None:
+        self.supervisor = supervisor
+        self.claims = supervisor.claims
+        self.mount_dir = supervisor.run_dir / "docker"
+        # One verb at a time: a Mount racing the last Unmount of the same volume must not
+        # find the path mounted and then see it unmounted under it.
+        self._lock = trio.Lock()
+
+    def mountpoint(self, name: str) -> Path:
+        return self.mount_dir / name
+
+    # -- the verbs ------------------------------------------------------------------------
+
+    async def create(self, name: str, options: dict[str, Any]) -> None:
+        """Create volume *name* with *options* (``--opt``); nothing if it exists alike."""
+        unknown = sorted(set(options) - set(CREATE_OPTIONS))
+        if unknown:
+            raise VolfsError(
+                f"unknown option {unknown[0][:40]!r}: volfs volumes take "
+                f"{', '.join(CREATE_OPTIONS)} (e.g. --opt size=10G --opt uid=33)",
+                ErrorCode.INVALID,
+            )
+        args: dict[str, object] = {"name": name, **options}
+        if "labels" in options:
+            labels = options["labels"]
+            if not isinstance(labels, str):
+                raise VolfsError("labels must be KEY=VALUE,KEY=VALUE", ErrorCode.INVALID)
+            args["labels"] = parse_labels([item for item in labels.split(",") if item])
+        request = requests.decode(requests.DAEMON_COMMANDS, "create", args)
+        assert isinstance(request, requests.CreateRequest)
+        async with self._lock:
+            await self.supervisor.create(request)
+
+    async def remove(self, name: str) -> None:
+        """Destroy volume *name*: refused while a container (or anything else) uses it."""
+        name = check_name(name)
+        async with self._lock:
+            await self._reconcile(name)
+            held = self.claims.of(name)
+            if held:
+                raise VolfsError(
+                    f"volume {name} is in use by {len(held)} container mount(s): stop and "
+                    "remove those containers first",
+                    ErrorCode.BUSY,
+                )
+            await self.supervisor.rm(requests.RmRequest(name))
+
+    async def mount(self, name: str, mount_id: str) -> Path:
+        """Mount volume *name* for the container mount *mount_id*; where it is mounted."""
+        name = check_name(name)
+        path = self.mountpoint(name)
+        async with self._lock:
+            if not self.supervisor.root.exists(name):
+                raise VolfsError(f"no such volume: {name}", ErrorCode.NOT_FOUND)
+            # Claimed first: a daemon killed between the two leaves a claim that reconcile
+            # clears, never a mount that nothing claims and nothing would unmount.
+            self.claims.add(name, mount_id)
+            try:
+                self.mount_dir.mkdir(mode=0o700, exist_ok=True)
+                await self.supervisor.mount(requests.MountRequest(name, path))
+            except BaseException:
+                self.claims.remove(name, mount_id)
+                raise
+        log.info("volume %s: mounted for Docker (mount id %.12s)", name, mount_id)
+        return path
+
+    async def unmount(self, name: str, mount_id: str) -> None:
+        """End the container mount *mount_id* of *name*; the last one unmounts the volume."""
+        name = check_name(name)
+        async with self._lock:
+            if not self.claims.remove(name, mount_id):
+                # Dropped by reconcile, or a daemon of before a reboot: nothing to undo.
+                log.warning("volume %s: Docker unmounted mount id %.12s, which held nothing",
+                            name, mount_id)  # fmt: skip
+            if not self.claims.of(name):
+                await self._release(name)
+
+    def path(self, name: str) -> str:
+        """Where Docker mounted volume *name*: "" while it has not."""
+        served = self.supervisor.served.get(check_name(name))
+        path = self.mountpoint(name)
+        return str(path) if served is not None and path in served.paths else ""
+
+    def get(self, name: str) -> dict[str, Any]:
+        """What ``docker volume inspect`` shows of volume *name*."""
+        name = check_name(name)
+        if not self.supervisor.root.exists(name):
+            raise VolfsError(f"no such volume: {name}", ErrorCode.NOT_FOUND)
+        info = self.supervisor.describe(name)
+        problems = list(self.supervisor.problems(name))
+        status = {
+            "size": info["size"],
+            "used": info["used"],
+            "inodes": info["inodes"],
+            "mounts": info["mounts"],
+            "containers": len(self.claims.of(name)),
+            "created": info["created"],
+            "status": info["status"],
+            "labels": info["labels"],
+            **({"problems": problems} if problems else {}),
+        }
+        return {**self._entry(name, info), "Status": status}
+
+    def list(self) -> list[dict[str, Any]]:
+        """Every volume of the store, as ``docker volume ls`` lists them."""
+        return [self._entry(name, self.supervisor.describe(name))
+                for name in self.supervisor.root.names()]  # fmt: skip
+
+    def _entry(self, name: str, info: dict[str, Any]) -> dict[str, Any]:
+        return {"Name": name, "Mountpoint": self.path(name), "CreatedAt": info["created"]}
+
+    # -- claims without containers --------------------------------------------------------
+
+    async def reconcile_forever(self) -> None:
+        """Reconcile at start and every :data:`RECONCILE_EVERY` seconds while claims exist."""
+        while True:
+            for name in sorted({c.name for c in self.claims.all()}):
+                async with self._lock:
+                    await self._reconcile(name)
+            await trio.sleep(RECONCILE_EVERY)
+
+    async def _reconcile(self, name: str) -> None:
+        """Drop the claims on *name* if nothing outside volfs holds it (past the grace), and
+        let its Docker mount go."""
+        held = self.claims.of(name)
+        if not held or time.time() - max(c.since for c in held) < CLAIM_GRACE:
+            return
+        served = self.supervisor.served.get(name)
+        if served is not None and served.device:
+            exclude = {os.getpid()} | ({served.worker.pid} if served.worker is not None else set())
+            using = await trio.to_thread.run_sync(users.users_of, served.device, exclude)
+            if using:
+                return
+        self.claims.drop(name)
+        log.warning(
+            "volume %s: dropped %d Docker mount claim(s) that no container holds any more "
+            "(their containers ended without an Unmount)", name, len(held),
+        )  # fmt: skip
+        await self._release(name)
+
+    async def _release(self, name: str) -> None:
+        """Unmount Docker's path of *name*, if it is mounted there."""
+        path = self.mountpoint(name)
+        served = self.supervisor.served.get(name)
+        if served is None or path not in served.paths:
+            return
+        # Lazily: Docker unmounts once the container is gone, and a file a process of it may
+        # still hold open must not make the unmount fail (Docker would keep the claim).
+        await self.supervisor.umount(requests.UmountRequest(path, lazy=True))
+        with contextlib.suppress(OSError):
+            path.rmdir()  # in the daemon's 0700 run dir: no one else can have put it there
