@@ -116,6 +116,8 @@ def test_cli_volumes_are_listed_and_mountable(plugin):
         ({"Name": "v", "Opts": {"inodes": "-1"}}, 400, ("inode limit",)),
         ({"Name": "v", "Opts": {"labels": "novalue"}}, 400, ("KEY=VALUE",)),
         ({"Name": "v", "Opts": ["size=1G"]}, 400, ("Opts must be",)),
+        ({"Name": "v", "Opts": {"mode": "rwx"}}, 400, ("mode",)),
+        ({"Name": "v", "Opts": {"gid": "-1"}}, 400, ("gid",)),
     ],
 )
 def test_create_refuses_bad_names_and_options(plugin, body, status, words):

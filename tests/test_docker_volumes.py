@@ -56,6 +56,24 @@ def test_create_with_options_and_inspect(docker_plugin: Plugin, engine: DockerEn
     assert refused.returncode != 0 and "invalid volume name" in refused.stderr, refused
 
 
+def test_owner_options_for_a_non_root_container(docker_plugin: Plugin, engine: DockerEngine):
+    """WordPress runs as uid 33: a volume created for it takes its uploads at once."""
+    plugin = docker_plugin
+    create(engine, plugin, "uploads", "uid=33", "gid=33", "mode=0750")
+    status = inspect(engine, "uploads")["Status"]
+    assert (status["uid"], status["gid"], status["mode"]) == (33, 33, "0750")
+    target = "/var/www/html/wp-content/uploads"
+    web = engine.run_container("-v", f"uploads:{target}", "--user", "33:33", engine.image, *IDLE)
+    engine.exec(web, "sh", "-c", f"echo jpeg > {target}/a.jpg")
+    assert engine.exec(web, "stat", "-c", "%u:%g %a", target).stdout == "33:33 750\n"
+    denied = engine.run("-v", "uploads:/p", "--user", "1000:1000", engine.image, "ls", "/p",
+                        check=False)  # fmt: skip
+    assert denied.returncode != 0 and "Permission denied" in denied.stderr, denied
+    refused = engine.docker("volume", "create", "-d", plugin.name, "--opt", "uid=www-data", "x",
+                            check=False)  # fmt: skip
+    assert refused.returncode != 0 and "id -u www-data" in refused.stderr, refused
+
+
 def test_two_containers_share_files_and_locks(docker_plugin: Plugin, engine: DockerEngine):
     plugin = docker_plugin
     create(engine, plugin, "shared")

@@ -149,6 +149,9 @@ class DockerDriver:
             "created": info["created"],
             "status": info["status"],
             "labels": info["labels"],
+            "uid": info["uid"],
+            "gid": info["gid"],
+            "mode": info["mode"],
             **({"problems": problems} if problems else {}),
         }
         return {**self._entry(name, info), "Status": status}
