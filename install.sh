@@ -45,5 +45,8 @@ else
     /opt/volfs/bin/pip install -q --upgrade pip
     /opt/volfs/bin/pip install -q .
     ln -sf /opt/volfs/bin/volfsd /usr/local/bin/volfsd
-    echo "install.sh: volfsd installed in /usr/local/bin/volfsd"
+    # mount(8) looks for its helpers in /sbin only. Not in --dev: the host's mount(8) would
+    # run a checkout's code for good; the tests install a helper of their own for their run.
+    ln -sf /opt/volfs/bin/mount.volfs /sbin/mount.volfs
+    echo "install.sh: volfsd installed in /usr/local/bin/volfsd, mount(8)'s helper in /sbin/mount.volfs"
 fi
