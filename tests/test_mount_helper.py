@@ -240,3 +240,32 @@ def test_arguments_as_mount_gives_them():
         with pytest.raises(VolfsError) as info:
             mount_helper.parse_args(argv)
         assert mount_helper.exit_status(info.value) == 1, argv
+
+
+GENERATOR = Path("/lib/systemd/system-generators/systemd-fstab-generator")
+
+
+@pytest.mark.skipif(not GENERATOR.exists(), reason="no systemd-fstab-generator")
+def test_readme_fstab_example(tmp_path):
+    """README's fstab lines: options the helper accepts, and mount units that systemd orders
+    after volfsd.service, under remote-fs.target (not local-fs.target, which volfsd.service
+    starts after)."""
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    block = readme.split("In `/etc/fstab`", 1)[1].split("```", 2)[1]
+    lines = [line for line in block.splitlines() if line.split() and line[0] != "#"]
+    assert len(lines) == 2, block
+    for line in lines:
+        name, where, fstype, options = line.split()[:4]
+        assert fstype == "volfs"
+        mount_helper.apply_options(mount_helper.Invocation(name, Path(where)), options.split(","))
+    fstab = tmp_path / "fstab"
+    fstab.write_text("\n".join(lines) + "\n")
+    out = tmp_path / "units"
+    out.mkdir()
+    env = {**os.environ, "SYSTEMD_FSTAB": str(fstab), "SYSTEMD_PROC_CMDLINE": ""}
+    subprocess.run([GENERATOR, out, out, out], env=env, check=True, timeout=60)
+    for line in lines:
+        unit = line.split()[1].strip("/").replace("/", "-")  # plain paths: no escapes
+        text = (out / f"{unit}.mount").read_text()
+        assert "After=volfsd.service" in text and "local-fs.target" not in text, text
+    assert (out / "remote-fs.target.wants" / "srv-photos.mount").exists()
