@@ -15,6 +15,7 @@ quiet host never wakes up; each change of the host's mounts costs one read of th
 
 from __future__ import annotations
 
+import logging
 import os
 import select
 from collections.abc import Callable, Iterable, Iterator
@@ -25,6 +26,8 @@ import trio
 from volfs import mounts
 from volfs.served import DEAD, MOUNTED, Served
 
+log = logging.getLogger(__name__)
+
 MOUNTINFO = "/proc/self/mountinfo"
 
 
@@ -32,7 +35,12 @@ async def watch_mount_table(lock: trio.Lock, on_change: Callable[[], None]) -> N
     """Call *on_change*, holding *lock*, once now and then after each change of this
     process's mount table, until cancelled.  Changes that come while it waits for the lock or
     runs are coalesced into one more call."""
-    fd = os.open(MOUNTINFO, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        fd = os.open(MOUNTINFO, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError as exc:  # no /proc: the daemon serves on, blind to unmounts by others
+        log.error("cannot watch the mount table (%s): a path unmounted by umount(8) stays "
+                  "the daemon's until `volfsd umount PATH`", exc)  # fmt: skip
+        return
     changes = select.epoll()
     try:
         changes.register(fd, select.EPOLLPRI)
@@ -40,7 +48,10 @@ async def watch_mount_table(lock: trio.Lock, on_change: Callable[[], None]) -> N
             # A change after the open is marked until the next poll, so one that comes while
             # on_change reads the table wakes the wait below: none is missed.
             async with lock:
-                on_change()
+                try:
+                    on_change()
+                except OSError as exc:  # (the remembered mounts' file) not the daemon's end
+                    log.error("after a change of the mount table: %s", exc)
             await trio.lowlevel.wait_readable(changes.fileno())
             changes.poll(0)  # clears the mark (trio's own check of the set may have already)
     finally:

@@ -464,6 +464,8 @@ class Supervisor:
         umount2() by any program): the user's unmounts, not to be healed or brought back.
         Call it holding `_admin`, under which the daemon's own mounts and unmounts are made,
         so that none of those is mistaken for one."""
+        if not any(served.paths for served in self.served.values()):
+            return  # nothing to lose: the table need not be read
         table = mounts.mount_table()
         for served, path in list(unmounted_paths(self.served.values(), table, self._bind)):
             self._forget_path(served, path, "by umount(8) or another program")
