@@ -181,7 +181,8 @@ def test_refusals_are_one_line(mount_host, tmp_path):
 @needs_root("bind mounts need root")
 def test_healing_is_not_an_unmount(mount_host, tmp_path):
     """A killed worker's dead binds and the swap beneath them are no unmount: both paths come
-    back, stay remembered, and come back after a daemon restart too."""
+    back, stay remembered, and come back after a daemon restart too; a path unmounted by
+    umount(8) does not come back at the next heal."""
     host, a, b = mount_host, tmp_path / "a", tmp_path / "b"
     a.mkdir(), b.mkdir()
     ok(host, "mount", "-t", "volfs", "heal", str(a))
@@ -197,6 +198,14 @@ def test_healing_is_not_an_unmount(mount_host, tmp_path):
     restart_daemon(host, tmp_path)
     assert paths(host, "heal") == [str(a), str(b)]
     assert (a / "f").read_bytes() == b"acknowledged"
+
+    ok(host, "umount", str(b))  # and a path unmounted by umount(8) is not healed back
+    wait_until(lambda: paths(host, "heal") == [str(a)], "the daemon to let go of b")
+    os.kill(host.worker_pid("heal"), signal.SIGKILL)
+    wait_until(lambda: host.status()["by_name"]["heal"]["restarts"] == 1
+               and (a / "f").read_bytes() == b"acknowledged",
+               "the adopted volume healed", timeout=60, ignore=(OSError, KeyError))  # fmt: skip
+    assert mounts.find_mount(b) is None and paths(host, "heal") == [str(a)]
 
 
 @needs_root("bind mounts need root")
