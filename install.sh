@@ -45,5 +45,9 @@ else
     /opt/volfs/bin/pip install -q --upgrade pip
     /opt/volfs/bin/pip install -q .
     ln -sf /opt/volfs/bin/volfsd /usr/local/bin/volfsd
-    echo "install.sh: volfsd installed in /usr/local/bin/volfsd"
+    # mount(8) runs helpers from /sbin, /sbin/fs.d and /sbin/fs only (libmount's fixed path).
+    # Not in --dev: the host's mount(8) would run a checkout's code for good; the tests put a
+    # helper there for their own run.
+    ln -sf /opt/volfs/bin/mount.volfs /sbin/mount.volfs
+    echo "install.sh: volfsd installed in /usr/local/bin/volfsd, mount(8)'s helper in /sbin/mount.volfs"
 fi

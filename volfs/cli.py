@@ -233,11 +233,16 @@ def cmd_mount(args: argparse.Namespace) -> None:
     if args.foreground:
         _mount_foreground(root, name, mountpoint, args.ro, size, inodes)
         return
-    request = requests.MountRequest(name, mountpoint, args.ro, size, inodes)
+    mount_through_daemon(requests.MountRequest(name, mountpoint, args.ro, size, inodes))
+
+
+def mount_through_daemon(request: requests.MountRequest) -> None:
+    """Ask the daemon for *request*, starting it first if none runs; return once the mount
+    is there (`volfsd mount`, and mount(8) through mount_helper.py)."""
     try:
         _call(request)
     except control.DaemonNotRunning:
-        _start_daemon(root)
+        _start_daemon(_root())
         _call(request)
 
 

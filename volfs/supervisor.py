@@ -31,6 +31,7 @@ from volfs import __version__, adoption, control, mounts, requests, sysmount, us
 from volfs.catalog import describe
 from volfs.config import DaemonConfig
 from volfs.errors import ErrorCode, VolfsError
+from volfs.mount_watch import unmounted_paths, watch_mount_table
 from volfs.mountpoint import PRESENT, normalize, open_mountpoint, prepare
 from volfs.remembered import ContainerClaims, RememberedMounts
 from volfs.served import DEAD, MOUNTED, REFUSED, MountPath, Served
@@ -79,6 +80,7 @@ class Supervisor:
         if config is not None:
             await self._mount_declared(config)
         await self._mount_remembered()
+        self._nursery.start_soon(watch_mount_table, self._admin, self._forget_unmounted)
 
     def _adopt(self, served: Served) -> None:
         """Serve *served*, an adopted worker's volume (adoption.py), from now on."""
@@ -110,6 +112,17 @@ class Supervisor:
                         served = adoption.silent_worker(self.root, self.run_dir, name)
                         if served is not None:
                             self._adopt(served)
+                    adopted = self.served.get(name)
+                    if (
+                        adopted is not None
+                        and adopted.adopted
+                        and adopted.device
+                        and normalize(path) not in adopted.paths
+                    ):
+                        # Its worker served on (its binds were found by its device), so
+                        # nothing but a user took this one away.
+                        self._forget_path(adopted, normalize(path), "while no daemon ran")
+                        continue
                     await self._mount(check_name(name), normalize(path), bool(read_only))
                 except (VolfsError, TypeError) as exc:
                     # Kept (and shown by `status`): the mount point may come right again, and
@@ -175,6 +188,7 @@ class Supervisor:
     async def mount(self, request: requests.MountRequest) -> VolumeInfo:
         name = request.name
         async with self._admin:
+            self._forget_unmounted()  # a path just unmounted by umount(8) is mounted again
             if self.root.exists(name):
                 self._check_limits_match(request)
             else:
@@ -466,6 +480,28 @@ class Supervisor:
             log.warning("volume %s: %s", served.name, exc)
         del served.paths[path]
         log.info("volume %s unmounted from %s", served.name, path)
+
+    def _forget_unmounted(self) -> None:
+        """Forget the paths unmounted behind the daemon's back (umount(8), ``umount -l``,
+        umount2() by any program): the user's unmounts, not to be healed or brought back.
+        Call it holding `_admin`, under which the daemon's own mounts and unmounts are made,
+        so that none of those is mistaken for one."""
+        if not any(served.paths for served in self.served.values()):
+            return  # nothing to lose: the table need not be read
+        table = mounts.mount_table()
+        for served, path in list(unmounted_paths(self.served.values(), table, self._bind)):
+            self._forget_path(served, path, "by umount(8) or another program")
+
+    def _forget_path(self, served: Served, path: Path, how: str) -> None:
+        """Forget *path*, unmounted *how*; a volume left without paths is let go."""
+        log.info("volume %s: %s was unmounted behind volfsd's back (%s): forgotten",
+                 served.name, path, how)  # fmt: skip
+        served.paths.pop(path, None)
+        self.remembered.forget(path)
+        if not served.paths:
+            self._detach_volume(served)
+            # Another namespace (a container) may still hold the volume: as after --lazy.
+            self._nursery.start_soon(self._wait_stopped, served, math.inf)
 
     def _detach_volume(self, served: Served) -> None:
         """Detach the staging mount of a volume whose paths are gone, so that its worker ends.
