@@ -5,12 +5,14 @@ directory on the host's own file system (the model), and requires the same outco
 the same return value, or an OSError with the same errno.  After every step the two trees must
 be equal: names, types, permission bits, owners, sizes, contents, symlink targets, which names
 share an inode, link counts and user.* xattrs.  A "remount" step unmounts and mounts the volume
-again at a new path; the tree must survive it unchanged, modification times (ns) included.
+again at the same path; the tree must survive it unchanged, modification times (ns) included.
 
 Paths are drawn from a tiny alphabet a few levels deep, mostly among the names that exist, so
 that operations collide: renames over existing names, rmdir of non-empty directories, links onto
-taken names.  Symlink targets are relative: the model directory and the mount point are siblings,
-so following a link resolves to the same place (or the same absence) from both.
+taken names.  Symlink targets are relative, and may lead out of the root (a link moved up by a
+rename): each root sits at the bottom of its own chain of directories, named alike in both
+(`twin_root`), so a link that leads out reaches a private twin place from each root, never one
+place both write.  The one absolute target names a path under a directory that does not exist.
 """
 
 from __future__ import annotations
@@ -94,12 +96,17 @@ paths = st.one_of(existing_paths, existing_paths, existing_paths, free_paths, fr
 file_paths = st.one_of(st.runner().flatmap(_file), st.runner().flatmap(_file), paths)
 #: For the name an operation creates: mostly a free one, sometimes a taken one.
 new_paths = st.one_of(free_paths, free_paths, existing_paths, fresh)
-#: Relative symlink targets.  The model and the mount point are siblings, so even a target that
-#: climbs out of the tree resolves to the same (absent) place from both.
+#: An absolute symlink target that stays absent: under a directory that does not exist, which
+#: nothing the machine does can create (its names are a-d), so opening it with O_CREAT fails
+#: alike for both trees.  A target that could be created would be ONE file on the host for both
+#: trees: the model's O_CREAT|O_APPEND write through it made it, volfs's then wrote after it.
+ABSENT_TARGET = "/nonexistent-volfs-model/a"
+#: Symlink targets.  Those that climb out of the tree lead to each root's twin surroundings
+#: (`twin_root`).
 targets = st.one_of(
     fresh,
     st.builds("../{}".format, fresh),
-    st.sampled_from([".", "..", "a/.", "../../b", "/nonexistent-volfs-model"]),
+    st.sampled_from([".", "..", "a/.", "../../b", ABSENT_TARGET]),
 )
 #: Offsets and sizes: small ones, block edges, and the edges of volfs's 1 MiB extent chunks
 #: (a write of up to 300 KB at MIB - 3 straddles one), up to sparse files of a few MiB.
@@ -179,6 +186,28 @@ def outcome(fn, root: Path):
 def short(value, limit: int = 200) -> str:
     text = repr(value)
     return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} chars)"
+
+
+# -- where the two roots are ----------------------------------------------------------------
+
+#: How many directories above each root belong to it alone.  A symlink's ".." climbs at most two
+#: levels from where it is, and a link that leads out can only be reached, or made outside, by a
+#: path through another such link, so leaving all of these takes a chain of links made for it.
+PRIVATE_LEVELS = 4
+
+
+def twin_root(top: Path) -> Path:
+    """A new empty directory at the bottom of a chain of PRIVATE_LEVELS - 1 directories in *top*.
+
+    The model's root and the mount point are each made so, in a *top* of their own, with the same
+    names: a path that leads out of either root climbs into directories that look alike (same
+    names, modes, link counts) and are not shared.  When the model root and the mount point were
+    siblings, or merely at different depths, the model's write through a link leading out and
+    volfs's landed in one file outside both, and a listing of ".." from the two roots differed.
+    """
+    root = top.joinpath(*["out"] * (PRIVATE_LEVELS - 1), "root")
+    root.mkdir(parents=True)
+    return root
 
 
 # -- snapshots of whole trees ---------------------------------------------------------------
@@ -275,11 +304,10 @@ class VolfsModel(RuleBasedStateMachine):
     def __init__(self) -> None:
         super().__init__()
         self.work = Path(tempfile.mkdtemp(prefix="example-", dir=self.base_dir))
-        # Not beside the mount points: a symlink that leads out of the root (the base tree's
-        # "../c", once renamed to the top) must reach different files from the two roots,
-        # or the model's write through it and volfs's would land in one file.
-        self.model = self.work / "model" / "native"
-        self.model.mkdir(parents=True)
+        # Twins: a symlink that leads out of the root (the base tree's "../c", once renamed to
+        # the top) must reach different but alike places from the two roots.
+        self.model = twin_root(self.work / "model")
+        self.mount_point = twin_root(self.work / "volfs")
         self.volume = Volume(self.work / "store", "model", self.work)
         self.mnt: Path | None = None
         self.remounts = 0
@@ -296,7 +324,7 @@ class VolfsModel(RuleBasedStateMachine):
         """
         if small_segments:
             StoreRoot(self.volume.root).create_volume(self.volume.name, segment_size=4096)
-        self.mnt = self.volume.mount()
+        self.mnt = self.volume.mount(self.mount_point)
         # The roots themselves must agree on what the model compares: same mode and owner.
         os.chmod(self.model, stat.S_IMODE(os.stat(self.mnt).st_mode))
         for op in BASE_TREE:
@@ -570,7 +598,9 @@ class VolfsModel(RuleBasedStateMachine):
     def remount(self):
         self.remounts += 1
         before = snapshot(self.mnt, with_mtime=True)
-        self.mnt = self.volume.remount()
+        # At the same path: what a link leading out of the root made stays in its surroundings.
+        self.volume.unmount()
+        self.mnt = self.volume.mount(self.mount_point)
         after = snapshot(self.mnt, with_mtime=True)
         diffs = differences(after, before, "after remount vs before")
         assert not diffs, "the tree changed across a remount:\n" + "\n".join(diffs)
@@ -608,6 +638,45 @@ def test_model_long(tmp_path: Path) -> None:
             suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
         ),
     )
+
+
+@pytest.mark.parametrize(
+    "steps",
+    [
+        # The slow run's failure, shrunk: the model's append created the absolute target on the
+        # host, and volfs's appended to that same file, so their sizes differed by one append.
+        [("symlink", {"to": ABSENT_TARGET, "path": "d"})]
+        + [("append", {"path": "d", "data": b"x", "create": True, "pwrite_at": None})] * 2,
+        # Two levels out from the mount point was one level out from the model root.
+        [
+            ("symlink", {"to": "../b", "path": "d"}),
+            ("append", {"path": "d", "data": b"x", "create": True, "pwrite_at": None}),
+            ("unlink", {"path": "d"}),
+            ("symlink", {"to": "../../b", "path": "d"}),
+            ("append", {"path": "d", "data": b"x", "create": True, "pwrite_at": None}),
+        ],
+        # ".." from each root: the directory that holds it, named alike.
+        [
+            ("symlink", {"to": "..", "path": "d"}),
+            ("listdir", {"path": "d"}),
+            ("stat", {"path": "d", "follow": True}),
+            ("mkdir", {"path": "d/a", "mode": 0o755}),
+            ("listdir", {"path": "d"}),
+        ],
+    ],
+    ids=["absolute target", "two levels out", "parent listing"],
+)
+def test_links_out_of_the_roots(tmp_path: Path, steps: list[tuple[str, dict]]) -> None:
+    """Symlinks that lead out of the trees reach twin places from the model root and the mount
+    point, never one file both write: the state machine's steps, run by hand (volfs was right)."""
+    machine = machine_for(tmp_path, max_remounts=0)()
+    try:
+        machine.mount(entries=[], small_segments=False)
+        for rule_name, arguments in steps:
+            getattr(machine, rule_name)(**arguments)
+            machine.trees_match()
+    finally:
+        machine.teardown()
 
 
 def test_xattr_names_like_linux(mnt: Path, tmp_path: Path) -> None:
