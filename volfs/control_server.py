@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +48,24 @@ async def listen(path: Path) -> trio.socket.SocketType:
     return listener
 
 
+async def serve_connections(
+    listener: trio.socket.SocketType,
+    handle: Callable[[trio.socket.SocketType], Awaitable[None]],
+    what: str,
+) -> None:
+    """Accept connections on *listener* until cancelled, each handled by *handle* in a task
+    of its own: the accept loop of every front end of the daemon (*what* names it in logs)."""
+    async with trio.open_nursery() as nursery:
+        while True:
+            try:
+                conn, _ = await listener.accept()
+            except OSError as exc:  # out of file descriptors, say: wait, do not die
+                log.error("%s: cannot accept a connection: %s", what, exc)
+                await trio.sleep(0.5)
+                continue
+            nursery.start_soon(handle, conn)
+
+
 class ControlServer:
     """Answers requests on a listening socket by calling *supervisor*."""
 
@@ -55,15 +74,7 @@ class ControlServer:
 
     async def serve(self, listener: trio.socket.SocketType) -> None:
         """Accept connections until cancelled; each is answered in a task of its own."""
-        async with trio.open_nursery() as nursery:
-            while True:
-                try:
-                    conn, _ = await listener.accept()
-                except OSError as exc:  # out of file descriptors, say: wait, do not die
-                    log.error("cannot accept a connection: %s", exc)
-                    await trio.sleep(0.5)
-                    continue
-                nursery.start_soon(self._serve_connection, conn)
+        await serve_connections(listener, self._serve_connection, "control socket")
 
     async def _serve_connection(self, conn: trio.socket.SocketType) -> None:
         """Answer one request; nothing a client sends or does may take the daemon down."""

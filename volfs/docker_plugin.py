@@ -33,6 +33,7 @@ import h11
 import trio
 
 from volfs import control
+from volfs.control_server import serve_connections
 from volfs.docker_driver import DockerDriver
 from volfs.errors import ErrorCode, VolfsError
 
@@ -202,15 +203,7 @@ class PluginServer:
 
     async def serve(self, listener: trio.socket.SocketType) -> None:
         """Accept connections until cancelled; each is served in a task of its own."""
-        async with trio.open_nursery() as nursery:
-            while True:
-                try:
-                    conn, _ = await listener.accept()
-                except OSError as exc:  # out of file descriptors, say: wait, do not die
-                    log.error("Docker plugin: cannot accept a connection: %s", exc)
-                    await trio.sleep(0.5)
-                    continue
-                nursery.start_soon(self._serve_connection, conn)
+        await serve_connections(listener, self._serve_connection, "Docker plugin")
 
     async def _serve_connection(self, conn: trio.socket.SocketType) -> None:
         """Answer the requests of one connection (kept alive, as Docker's client does)."""
