@@ -120,7 +120,7 @@ def test_the_wire_names_stay():
         "ls": [],
         "inspect": ["names"],
         "status": [],
-        "mount": ["name", "mountpoint", "read_only", "size", "inodes"],
+        "mount": ["name", "mountpoint", "read_only", "size", "inodes", "create"],
         "umount": ["mountpoint", "lazy"],
         "umount_all": [],
         "rm": ["name", "force"],

@@ -9,22 +9,24 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import stat
 import subprocess
-import time
 from pathlib import Path
 
 import msgpack
 import pytest
 
 from volfs import mounts
+from volfs.config import PLUGIN_ENV
 from volfs.docker_plugin import MAX_BODY, socket_path
-from volfs.remembered import CLAIMS_FILE
+from volfs.remembered import CLAIMS_FILE, boot_clock
 
 import plugin_client
 from conftest import Plugin
-from helpers import alive, needs_root, wait_until
+from helpers import VOLFSD, alive, needs_root, wait_until
+from hosts import Host
 
 pytestmark = needs_root("the plugin's socket lives in /run/docker/plugins and it bind-mounts")
 
@@ -223,7 +225,7 @@ def test_claims_nothing_holds_are_dropped(plugin):
     claims = host.run / CLAIMS_FILE
     entries = msgpack.unpackb(claims.read_bytes())
     assert [e[:2] for e in entries] == [["orphan", "m1"]]
-    claims.write_bytes(msgpack.packb([[*e[:2], time.time() - 3600, e[3]] for e in entries]))
+    claims.write_bytes(msgpack.packb([[*e[:2], boot_clock() - 3600, e[3]] for e in entries]))
     host.serve("--docker-plugin", plugin.name)
     wait_until(lambda: mounts.find_mount(path) is None, "the orphaned claim to go", timeout=30)
     assert (
@@ -292,3 +294,154 @@ def test_plugin_off_bad_names_and_the_config_key(host):
     host.cleanup()
     host.serve("--config", str(config), "--docker-plugin", "off")
     assert not served.socket.exists()
+
+
+# -- found in review: claims through heals, errors, propagation, the default name ----
+
+
+def age_claims(host: Host) -> None:
+    """Make every claim older than the grace, as if its Mount came an hour ago."""
+    claims = host.run / CLAIMS_FILE
+    entries = msgpack.unpackb(claims.read_bytes())
+    claims.write_bytes(msgpack.packb([[*e[:2], boot_clock() - 3600, e[3]] for e in entries]))
+
+
+def restart_daemon(plugin: Plugin) -> None:
+    """A hand-off (SIGTERM, then serve again): the new daemon reconciles claims at start."""
+    daemon = plugin.host.daemon_pid()
+    os.kill(daemon, signal.SIGTERM)
+    wait_until(lambda: not alive(daemon), "the daemon to stop", timeout=60)
+    plugin.host.serve("--docker-plugin", plugin.name)
+
+
+def containers(plugin: Plugin, name: str) -> int:
+    return plugin.call("VolumeDriver.Get", {"Name": name})[1]["Volume"]["Status"]["containers"]
+
+
+@pytest.mark.expect_log(r"its worker exited", r"keep the dead mount")
+def test_claims_held_through_a_replaced_mount_are_kept(plugin):
+    """After a heal, a container holds the *old* (dead) mount: reconcile must look for holders
+    of that device too, or it drops the claims, `status` and `docker volume inspect` stop
+    naming the containers that see ENOTCONN, and Docker's path goes."""
+    host = plugin.host
+    plugin.call("VolumeDriver.Create", {"Name": "healed"})
+    path = Path(plugin.call("VolumeDriver.Mount", {"Name": "healed", "ID": "m1"})[1]["Mountpoint"])
+    # A container, by stand-in: a mount namespace of its own with a private copy of the
+    # volume's mount (Docker binds volumes rprivate), which a heal leaves holding the dead one.
+    holder = subprocess.Popen(["unshare", "-m", "--propagation", "private", "sleep", "600"])
+    ours = os.readlink("/proc/self/ns/mnt")
+    try:
+        wait_until(lambda: os.readlink(f"/proc/{holder.pid}/ns/mnt") != ours
+                   and Path(f"/proc/{holder.pid}/comm").read_text().strip() == "sleep",
+                   "the stand-in's namespace", ignore=(OSError,))  # fmt: skip
+        age_claims(host)  # a container that has run for an hour
+        assert containers(plugin, "healed") == 1
+        worker = host.worker_pid("healed")
+        os.kill(worker, signal.SIGKILL)
+        wait_until(lambda: host.status()["by_name"]["healed"]["status"] == "mounted"
+                   and host.worker_pid("healed") != worker, "the volume to heal")  # fmt: skip
+        assert any("replaced" in p for p in host.status()["by_name"]["healed"]["problems"])
+        # Reconcile runs at a daemon's start (and every minute): a verb that takes the
+        # driver's lock after it is answered once that reconcile is done.
+        restart_daemon(plugin)
+        assert plugin.call("VolumeDriver.Create", {"Name": "other"})[0] == 200
+        assert containers(plugin, "healed") == 1, "the claim of a running container was dropped"
+        problems = host.status()["by_name"]["healed"]["problems"]
+        assert any("replaced" in p for p in problems), problems
+        assert mounts.find_mount(path) is not None
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+@pytest.mark.expect_log(r"reconciling Docker's mount claims failed")
+def test_an_error_in_reconcile_does_not_end_the_daemon(plugin):
+    """Reconcile runs in the daemon's nursery: an exception there (here an OSError writing
+    the claims file, as a full /run gives) is logged and tried again later; the daemon, its
+    control socket and its plugin serve on."""
+    host = plugin.host
+    plugin.call("VolumeDriver.Create", {"Name": "orphan"})
+    plugin.call("VolumeDriver.Mount", {"Name": "orphan", "ID": "m1"})
+    daemon = host.daemon_pid()
+    os.kill(daemon, signal.SIGTERM)
+    wait_until(lambda: not alive(daemon), "the daemon to stop", timeout=60)
+    age_claims(host)  # orphaned: its container went without an Unmount
+    # The next write of the claims file fails (EISDIR here; ENOSPC on a full /run).
+    blocker = host.run / (CLAIMS_FILE + ".tmp")
+    blocker.mkdir()
+    try:
+        try:
+            host.serve("--docker-plugin", plugin.name)
+        except AssertionError as exc:  # it ended at once: reconcile runs at start
+            pytest.fail(f"reconcile's OSError ended the daemon: {str(exc)[-300:]}")
+        daemon = host.daemon_pid()
+        try:
+            status = plugin.call("VolumeDriver.Create", {"Name": "other"})[0]
+        except OSError as exc:  # the daemon went while answering
+            status = f"no answer: {exc!r}"
+        assert status == 200
+        assert alive(daemon), "reconcile's OSError ended the daemon"
+    finally:
+        blocker.rmdir()
+
+
+def test_a_cli_started_daemon_of_another_store_does_not_need_the_default_driver(
+    plugin_host: Host, host: Host, tmp_path: Path
+):
+    """Any root daemon serves driver `volfs` unless told otherwise, the one `volfsd mount`
+    starts for another store too: with the system's daemon serving `volfs`, a root user's
+    `volfsd mount` on a scratch store fails (and its message names a flag of `serve` the user
+    never ran).  Had the scratch daemon started first (say during `systemctl restart
+    volfsd`), it would have taken Docker's driver name, and the system's daemon would fail."""
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    env = dict(host.env)
+    env.pop(PLUGIN_ENV, None)  # as a root shell has it: unset
+    done = subprocess.run([*VOLFSD, "mount", "scratch", str(mnt)], env=env,
+                          capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+
+
+@pytest.fixture
+def plugin_host(tmp_path: Path) -> Host:
+    """A daemon of a store of its own serving the default driver name, as volfsd.service."""
+    system = Host(tmp_path / "system")
+    (tmp_path / "system").mkdir()
+    if Path("/run/docker/plugins/volfs.sock").exists():
+        pytest.skip("a volfs driver is served on this machine")
+    system.serve("--docker-plugin", "volfs")
+    try:
+        yield system
+    finally:
+        system.cleanup()
+
+
+def test_a_namespace_the_host_propagates_to_does_not_pin_claims(tmp_path: Path):
+    """On a systemd host every mount is shared, and each service with PrivateTmp,
+    ProtectSystem, ... runs in a mount namespace that is a slave of the host's: the bind at
+    RUN_DIR/docker/NAME propagates into it.  users_of counts such a namespace as one holding
+    the volume (as a container would), so an orphaned claim is never dropped: the volume
+    stays mounted and `docker volume rm` is refused for good.  Here a tmpfs made shared
+    stands in for systemd's /run, and `unshare --propagation slave` for a service."""
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64m", "review", str(shared)], check=True)
+    try:
+        subprocess.run(["mount", "--make-shared", str(shared)], check=True)
+        service = subprocess.Popen(["unshare", "-m", "--propagation", "slave", "sleep", "600"])
+        host = Host(shared)
+        try:
+            plugin = Plugin(host)
+            host.serve("--docker-plugin", plugin.name)
+            plugin.call("VolumeDriver.Create", {"Name": "pinned"})
+            plugin.call("VolumeDriver.Mount", {"Name": "pinned", "ID": "m1"})
+            age_claims(host)  # dockerd died an hour ago: no Unmount will come
+            restart_daemon(plugin)  # reconciles at start
+            assert plugin.call("VolumeDriver.Create", {"Name": "other"})[0] == 200
+            assert containers(plugin, "pinned") == 0, "a service's namespace pins the claim"
+        finally:
+            service.kill()
+            service.wait()
+            host.cleanup()
+    finally:
+        subprocess.run(["umount", "-l", str(shared)], check=False)

@@ -131,6 +131,11 @@ def parse_labels(value: object) -> dict[str, str]:
     return dict(value)
 
 
+def created_at(header: dict[str, Any]) -> str:
+    """When the volume of *header* was created, as `ls` shows it: RFC 3339, UTC, seconds."""
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(header.get("created_ns", 0) / 1e9))
+
+
 def describe(
     root: StoreRoot,
     name: str,
@@ -181,7 +186,7 @@ def describe(
         status = ("mounted" if paths else "busy") if served else "unmounted"
     # A header that cannot be read says nothing of the root: no guessed default shown for it.
     uid, gid, mode = root_attrs(header) if header else (None, None, None)
-    created = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(header.get("created_ns", 0) / 1e9))
+    created = created_at(header)
     return {
         "name": name,
         "size": header.get("size", 0),

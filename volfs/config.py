@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from volfs.catalog import parse_gid, parse_inodes, parse_labels, parse_mode, parse_size, parse_uid
+from volfs.control import SYSTEM_RUN_DIR
 from volfs.errors import VolfsError
 from volfs.mountpoint import normalize
 from volfs.store.root import check_name
@@ -98,14 +99,17 @@ def _flag(value: object) -> bool:
 PLUGIN_ENV = "VOLFS_DOCKER_PLUGIN"
 
 
-def docker_plugin_name(flag: str | None, config: DaemonConfig | None) -> str:
-    """The Docker driver the daemon serves: ``--docker-plugin``, else the config's
-    ``docker_plugin``, else $VOLFS_DOCKER_PLUGIN, else "volfs" for root and "off" for other
-    users (who cannot make sockets in /run/docker/plugins)."""
+def docker_plugin_name(flag: str | None, config: DaemonConfig | None, run_dir: Path) -> str:
+    """The Docker driver the daemon of *run_dir* serves: ``--docker-plugin``, else the
+    config's ``docker_plugin``, else $VOLFS_DOCKER_PLUGIN, else "volfs" for the system's
+    daemon (root's, in /run/volfs) and "off" for any other: a daemon that `volfsd mount`
+    started for a store of its own must neither take the host's driver name nor fail
+    because the system's daemon has it."""
     for value in (flag, config and config.docker_plugin, os.environ.get(PLUGIN_ENV)):
         if value:
             return parse_plugin_name(value)
-    return DEFAULT_PLUGIN if os.geteuid() == 0 else PLUGIN_OFF
+    system = os.geteuid() == 0 and run_dir == SYSTEM_RUN_DIR
+    return DEFAULT_PLUGIN if system else PLUGIN_OFF
 
 
 #: The keys of a ``[volumes.NAME]`` table, each with its parser (the CLI flag's, where there

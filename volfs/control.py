@@ -44,12 +44,16 @@ class DaemonNotRunning(VolfsError):
     default_code = ErrorCode.UNAVAILABLE
 
 
+#: Root's runtime directory: the system's daemon's (volfsd.service's).
+SYSTEM_RUN_DIR = Path("/run/volfs")
+
+
 def default_run_dir() -> Path:
     """``$VOLFS_RUN_DIR``, else /run/volfs for root, else ``$XDG_RUNTIME_DIR/volfs``."""
     if env := os.environ.get("VOLFS_RUN_DIR"):
         return Path(env)
     if os.geteuid() == 0:
-        return Path("/run/volfs")
+        return SYSTEM_RUN_DIR
     runtime = os.environ.get("XDG_RUNTIME_DIR") or f"/tmp/volfs-{os.getuid()}"
     return Path(runtime) / "volfs"
 

@@ -125,5 +125,6 @@ def serve(config_path: Path | None, docker_plugin: str | None = None) -> None:
         config_path = DEFAULT_PATH
     # A bad config is refused before anything is taken.
     config = load_config(config_path) if config_path is not None else None
-    plugin = docker_plugin_name(docker_plugin, config)
-    trio.run(run, root, control.default_run_dir(), config, plugin)
+    run_dir = control.default_run_dir()
+    plugin = docker_plugin_name(docker_plugin, config, run_dir)
+    trio.run(run, root, run_dir, config, plugin)

@@ -20,17 +20,18 @@ namespace (a container) with a mount of it.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
-import time
 from pathlib import Path
 from typing import Any
 
 import trio
 
 from volfs import requests, users
-from volfs.catalog import parse_labels
+from volfs.catalog import created_at, parse_labels
 from volfs.errors import ErrorCode, VolfsError
+from volfs.remembered import boot_clock
 from volfs.store.root import check_name
 from volfs.supervisor import Supervisor
 
@@ -95,6 +96,14 @@ class DockerDriver:
                     "remove those containers first",
                     ErrorCode.BUSY,
                 )
+            served = self.supervisor.served.get(name)
+            others = sorted(str(p) for p in served.paths) if served is not None else []
+            if others:  # `rm`'s own message would point at its --force, which Docker has not
+                raise VolfsError(
+                    f"volume {name} is mounted by volfsd at {', '.join(others)}: unmount it "
+                    "there first (volfsd umount PATH)",
+                    ErrorCode.BUSY,
+                )
             await self.supervisor.rm(requests.RmRequest(name))
 
     async def mount(self, name: str, mount_id: str) -> Path:
@@ -102,14 +111,14 @@ class DockerDriver:
         name = check_name(name)
         path = self.mountpoint(name)
         async with self._lock:
-            if not self.supervisor.root.exists(name):
-                raise VolfsError(f"no such volume: {name}", ErrorCode.NOT_FOUND)
             # Claimed first: a daemon killed between the two leaves a claim that reconcile
             # clears, never a mount that nothing claims and nothing would unmount.
             self.claims.add(name, mount_id)
             try:
                 self.mount_dir.mkdir(mode=0o700, exist_ok=True)
-                await self.supervisor.mount(requests.MountRequest(name, path))
+                # create=False: checked under the supervisor's lock, so an `rm` racing this
+                # Mount makes it fail, never mount a new empty volume of the same name.
+                await self.supervisor.mount(requests.MountRequest(name, path, create=False))
             except BaseException:
                 self.claims.remove(name, mount_id)
                 raise
@@ -154,36 +163,62 @@ class DockerDriver:
             "mode": info["mode"],
             **({"problems": problems} if problems else {}),
         }
-        return {**self._entry(name, info), "Status": status}
+        return {**self._entry(name, info["created"]), "Status": status}
 
     def list(self) -> list[dict[str, Any]]:
-        """Every volume of the store, as ``docker volume ls`` lists them."""
-        return [self._entry(name, self.supervisor.describe(name))
-                for name in self.supervisor.root.names()]  # fmt: skip
+        """Every volume of the store, as ``docker volume ls`` lists them: from the headers
+        alone (Docker asks at every ``docker volume ls``; `get` describes one in full)."""
+        entries = []
+        for name in self.supervisor.root.names():
+            try:
+                created = created_at(self.supervisor.root.header(name))
+            except VolfsError:  # damaged: listed all the same, as `volfsd ls` does
+                created = ""
+            entries.append(self._entry(name, created))
+        return entries
 
-    def _entry(self, name: str, info: dict[str, Any]) -> dict[str, Any]:
-        return {"Name": name, "Mountpoint": self.path(name), "CreatedAt": info["created"]}
+    def _entry(self, name: str, created: str) -> dict[str, Any]:
+        return {"Name": name, "Mountpoint": self.path(name), "CreatedAt": created}
 
     # -- claims without containers --------------------------------------------------------
 
     async def reconcile_forever(self) -> None:
-        """Reconcile at start and every :data:`RECONCILE_EVERY` seconds while claims exist."""
+        """Reconcile at start and every :data:`RECONCILE_EVERY` seconds while claims exist;
+        a round that fails is logged, and the next one tries again."""
         while True:
-            for name in sorted({c.name for c in self.claims.all()}):
-                async with self._lock:
-                    await self._reconcile(name)
+            try:
+                for name in sorted({c.name for c in self.claims.all()}):
+                    async with self._lock:
+                        await self._reconcile(name)
+            except Exception:  # a full /run, say: the daemon must serve on
+                log.exception("reconciling Docker's mount claims failed; trying again later")
             await trio.sleep(RECONCILE_EVERY)
 
     async def _reconcile(self, name: str) -> None:
         """Drop the claims on *name* if nothing outside volfs holds it (past the grace), and
-        let its Docker mount go."""
+        let its Docker mount go.
+
+        Held means: a process with something on the volume's mount, or a mount namespace
+        with a bind of it of its own (a container's; copies that mount propagation made, as
+        in a systemd service's private namespace, do not count).  The mounts a heal replaced
+        count too: their containers still hold them, dead, until they restart.
+        """
         held = self.claims.of(name)
-        if not held or time.time() - max(c.since for c in held) < CLAIM_GRACE:
+        if not held or boot_clock() - max(c.since for c in held) < CLAIM_GRACE:
             return
+        if any(c.replaced == "?" for c in held):
+            return  # a replaced mount of unknown device: only Docker's Unmount ends it
         served = self.supervisor.served.get(name)
+        devices = {c.replaced for c in held if c.replaced}
         if served is not None and served.device:
-            exclude = {os.getpid()} | ({served.worker.pid} if served.worker is not None else set())
-            using = await trio.to_thread.run_sync(users.users_of, served.device, exclude)
+            devices.add(served.device)
+        exclude = {os.getpid()}
+        if served is not None and served.worker is not None:
+            exclude.add(served.worker.pid)
+        for device in sorted(devices):
+            using = await trio.to_thread.run_sync(
+                functools.partial(users.users_of, device, exclude, propagated=False)
+            )
             if using:
                 return
         self.claims.drop(name)

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
 import json
 import logging
 import os
@@ -109,18 +110,26 @@ def _listen(path: Path) -> socket.socket:
             "or use --docker-plugin off",
             ErrorCode.PERMISSION,
         ) from None
-    _remove_stale(path)
-    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-    old_umask = os.umask(0o177)
+    # Two daemons starting at once could each find the socket stale, and the second unlink
+    # the first's new one: the check, the unlink and the bind go under a lock on the
+    # directory (flock: Docker takes none there).
+    dir_fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
-        listener.bind(str(path))
-    except OSError as exc:
-        listener.close()
-        raise VolfsError(f"cannot serve the Docker plugin at {path}: {exc.strerror}") from None
+        fcntl.flock(dir_fd, fcntl.LOCK_EX)
+        _remove_stale(path)
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        old_umask = os.umask(0o177)
+        try:
+            listener.bind(str(path))
+        except OSError as exc:
+            listener.close()
+            raise VolfsError(f"cannot serve the Docker plugin at {path}: {exc.strerror}") from None
+        finally:
+            os.umask(old_umask)
+        listener.listen(64)
+        return listener
     finally:
-        os.umask(old_umask)
-    listener.listen(64)
-    return listener
+        os.close(dir_fd)  # and the lock with it
 
 
 def _remove_stale(path: Path) -> None:
@@ -149,7 +158,8 @@ def _remove_stale(path: Path) -> None:
         probe.close()
     raise VolfsError(
         f"the Docker plugin socket {path} is served by {_listener_of(path)}: stop it, or "
-        "use --docker-plugin NAME to serve another driver name (or off)",
+        "serve another driver name (volfsd serve --docker-plugin NAME, or off; for the daemon "
+        "volfsd mount starts, VOLFS_DOCKER_PLUGIN=NAME or off)",
         ErrorCode.ALREADY_SERVED,
     )
 

@@ -22,6 +22,9 @@ class MountEntry(NamedTuple):
     options: str  #: the per-mount options (field 6): "rw" or "ro" first
     mount_id: int = 0
     parent_id: int = 0
+    #: A slave of another mount (mountinfo's ``master:N``): a copy that propagation made,
+    #: as in the mount namespace of a systemd service with PrivateTmp, not a bind of its own.
+    propagated: bool = False
 
     @property
     def read_only(self) -> bool:
@@ -53,6 +56,7 @@ def parse_mountinfo(text: str) -> list[MountEntry]:
                 fields[5],
                 int(fields[0]),
                 int(fields[1]),
+                any(f.startswith("master:") for f in fields[6:sep]),
             )
         )
     return entries

@@ -7,7 +7,8 @@
 * The Docker mounts that hold each volume (`ContainerClaims`): Docker calls the plugin's
   ``Mount`` once per container mount and ``Unmount`` when it ends, and the last ``Unmount``
   unmounts.  ``RUN_DIR/docker-claims.msgpack``: a list of ``[name, mount_id, since, replaced]``,
-  one per ``Mount`` not yet unmounted (a multiset: Docker may repeat an id).
+  one per ``Mount`` not yet unmounted (a multiset: Docker may repeat an id); *since* is on
+  `boot_clock`, *replaced* the device of the mount a heal replaced under it ("" if none).
 
 A reboot clears /run and both with it, as it ends every mount and container they describe.
 Each file is replaced whole (written to a temporary file, then renamed over it).
@@ -75,13 +76,22 @@ def _replace(path: Path, entries: Sequence[object]) -> None:
     tmp.rename(path)
 
 
+def boot_clock() -> float:
+    """Seconds since boot, suspend included: steps of the wall clock (NTP at boot, when Docker
+    restarts its containers) do not age a claim, and /run, where claims live, ends with the
+    boot."""
+    return time.clock_gettime(time.CLOCK_BOOTTIME)
+
+
 class Claim(NamedTuple):
     """One Docker ``Mount`` of a volume that has not been unmounted yet."""
 
     name: str  #: the volume
     mount_id: str  #: the id Docker gave the ``Mount``: one per container mount, not per container
-    since: float  #: when it was made (time.time())
-    replaced: bool  #: the volume's mount was replaced (a worker healed) while this held it
+    since: float  #: when it was made, on `boot_clock`
+    #: The device ("major:minor") of the mount that a worker's heal replaced while this claim
+    #: held it: its container still holds that dead mount.  "" if none; "?" if not known.
+    replaced: str
 
 
 class ContainerClaims:
@@ -101,7 +111,9 @@ class ContainerClaims:
                 continue
             name, mount_id, since, replaced = entry
             if isinstance(name, str) and isinstance(mount_id, str) and isinstance(since, float):
-                claims.append(Claim(name, mount_id, since, bool(replaced)))
+                if not isinstance(replaced, str):
+                    replaced = "?" if replaced else ""  # not a device: known only to be set
+                claims.append(Claim(name, mount_id, since, replaced))
         return claims
 
     def of(self, name: str) -> list[Claim]:
@@ -109,7 +121,7 @@ class ContainerClaims:
         return [c for c in self.all() if c.name == name]
 
     def add(self, name: str, mount_id: str) -> None:
-        self._write([*self.all(), Claim(name, mount_id, time.time(), False)])
+        self._write([*self.all(), Claim(name, mount_id, boot_clock(), "")])
 
     def remove(self, name: str, mount_id: str) -> bool:
         """Drop one claim of *mount_id* on *name*; whether there was one."""
@@ -127,10 +139,12 @@ class ContainerClaims:
         self._write([c for c in claims if c.name != name])
         return [c for c in claims if c.name == name]
 
-    def mark_replaced(self, name: str) -> int:
-        """Note that *name*'s mount was replaced under its claims; how many there are."""
+    def mark_replaced(self, name: str, device: str) -> int:
+        """Note that *name*'s mount of *device* was replaced under its claims (those not
+        marked already: their containers hold an older dead mount); how many claims it has."""
         claims = self.all()
-        marked = [c._replace(replaced=True) if c.name == name else c for c in claims]
+        marked = [c._replace(replaced=device) if c.name == name and not c.replaced else c
+                  for c in claims]  # fmt: skip
         self._write(marked)
         return sum(c.name == name for c in claims)
 

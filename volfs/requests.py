@@ -109,7 +109,8 @@ class StatusRequest:
 
 @dataclasses.dataclass(frozen=True)
 class MountRequest:
-    """Serve *name* at *mountpoint*, creating the volume (with *size*, *inodes*) if it is new."""
+    """Serve *name* at *mountpoint*, creating the volume (with *size*, *inodes*) if it is new;
+    with *create* False a volume that does not exist is refused (NOT_FOUND) instead."""
 
     command: ClassVar[str] = "mount"
     name: str = field(metadata=_NAME)
@@ -117,6 +118,7 @@ class MountRequest:
     read_only: bool = False
     size: int = field(default=0, metadata=_parsed(_size_or_none, str | int))
     inodes: int = field(default=0, metadata=_parsed(_inodes_or_none, str | int))
+    create: bool = True
 
 
 @dataclasses.dataclass(frozen=True)

@@ -118,9 +118,11 @@ class Supervisor:
                         and adopted.adopted
                         and adopted.device
                         and normalize(path) not in adopted.paths
+                        and not _holds_mount_of(normalize(path), name)
                     ):
-                        # Its worker served on (its binds were found by its device), so
-                        # nothing but a user took this one away.
+                        # Its worker served on (its binds were found by its device), and no
+                        # mount of the volume is left there (a dead one: a heal the last
+                        # daemon did not finish), so nothing but a user took this one away.
                         self._forget_path(adopted, normalize(path), "while no daemon ran")
                         continue
                     await self._mount(check_name(name), normalize(path), bool(read_only))
@@ -191,6 +193,8 @@ class Supervisor:
             self._forget_unmounted()  # a path just unmounted by umount(8) is mounted again
             if self.root.exists(name):
                 self._check_limits_match(request)
+            elif not request.create:
+                raise VolfsError(f"no such volume: {name}", ErrorCode.NOT_FOUND)
             else:
                 self.root.create_volume(name, size=request.size, inodes=request.inodes)
             await self._mount(name, request.mountpoint, request.read_only, create=True)
@@ -348,8 +352,8 @@ class Supervisor:
                 await leaving.worker.wait()
             if leaving.worker.running:
                 raise VolfsError(
-                    f"volume {name} is still being unmounted: files are open on a path "
-                    "unmounted with --lazy; close them and try again",
+                    f"volume {name} is still being unmounted: something still holds it (files "
+                    "open on a path unmounted lazily, or a container); close them and try again",
                     ErrorCode.BUSY,
                 )
         if self.root.is_served(name):
@@ -386,6 +390,7 @@ class Supervisor:
         under the mount); each is replaced from beneath (served.py).
         """
         served.status = "healing"
+        dead_device = served.device  # what containers that bound the volume still hold
         for mount_path in served.paths.values():
             if mount_path.state == MOUNTED:
                 mount_path.state = DEAD
@@ -406,12 +411,7 @@ class Supervisor:
                         else:
                             mount_path.state = MOUNTED
                 served.restarts += 1
-                if self.claims.mark_replaced(served.name):
-                    log.error(
-                        "volume %s: its Docker containers keep the dead mount until they "
-                        "are restarted (Docker binds volumes privately)",
-                        served.name,
-                    )
+                self._mark_claims_replaced(served.name, dead_device)
                 log.info("volume %s is back at %s", served.name,
                          ", ".join(str(p) for p, m in served.paths.items()
                                    if m.state == MOUNTED))  # fmt: skip
@@ -423,6 +423,19 @@ class Supervisor:
                     "volume %s: restart failed: %s; retrying in %s s", served.name, exc, delay
                 )
                 await trio.sleep(delay)
+
+    def _mark_claims_replaced(self, name: str, dead_device: str) -> None:
+        """Note on the Docker claims of *name* that their containers keep the dead mount of
+        *dead_device*; a claims file that cannot be written is logged (the heal is done)."""
+        try:
+            held = self.claims.mark_replaced(name, dead_device or "?")
+        except OSError as exc:
+            log.error("volume %s: cannot note its replaced mount in %s: %s",
+                      name, self.claims.path, exc)  # fmt: skip
+            return
+        if held:
+            log.error("volume %s: its Docker containers keep the dead mount until they are "
+                      "restarted (Docker binds volumes privately)", name)  # fmt: skip
 
     # -- unmounting -----------------------------------------------------------------------------
 
@@ -546,3 +559,9 @@ class Supervisor:
 
 def _limit(value: int, what: str) -> str:
     return f"{what} limit {value}" if value else f"no {what} limit"
+
+
+def _holds_mount_of(path: Path, name: str) -> bool:
+    """Whether the topmost mount at *path* is a volfs mount of volume *name* (live or dead)."""
+    entry = mounts.find_mount(path)
+    return entry is not None and entry.fstype == mounts.FSTYPE and entry.source == name

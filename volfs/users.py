@@ -59,7 +59,10 @@ class User(NamedTuple):
 
 
 def users_of(
-    device: str, exclude_pids: Iterable[int] = (), through: set[int] | None = None
+    device: str,
+    exclude_pids: Iterable[int] = (),
+    through: set[int] | None = None,
+    propagated: bool = True,
 ) -> list[User]:
     """Every use of the mount(s) of *device* ("major:minor") by processes not in
     *exclude_pids*, ordered by pid: one `User` per process and kind of use, and one per mount
@@ -68,7 +71,9 @@ def users_of(
 
     With *through* (mount ids of our namespace: one bind of several), only files and
     directories opened through those mounts count, and no namespace does; maps name no mount,
-    so they count whatever mount they came through."""
+    so they count whatever mount they came through.  With *propagated* False, a namespace
+    whose mounts of the device are all slaves (copies propagation made, as in a systemd
+    service's private namespace; a container's binds are private) does not count."""
     major, minor = (int(part) for part in device.split(":"))
     excluded = set(exclude_pids)
     ours = _namespace("self")
@@ -84,10 +89,10 @@ def users_of(
     mount_ids: set[int] = set()
     for ns, members in namespaces.items() if through is None else ():
         for pid in members:
-            ids = _mount_ids(pid, device)
-            if ids is not None:
-                mount_ids |= ids
-                if ids:
+            copies = _device_mounts(pid, device)
+            if copies is not None:
+                mount_ids |= {e.mount_id for e in copies}
+                if any(propagated or not e.propagated for e in copies):
                     holding.add(ns)
                 break
     if through is not None:
@@ -175,12 +180,12 @@ def _container(pid: int) -> str | None:
     return container_id(text) if text else None
 
 
-def _mount_ids(pid: int, device: str) -> set[int] | None:
-    """Ids of the mounts of *device* in the mount namespace of *pid* (None: unreadable)."""
+def _device_mounts(pid: int, device: str) -> list[mounts.MountEntry] | None:
+    """The mounts of *device* in the mount namespace of *pid* (None: unreadable)."""
     text = _read(f"/proc/{pid}/mountinfo")
     if text is None:
         return None
-    return {e.mount_id for e in mounts.parse_mountinfo(text) if e.device == device}
+    return [e for e in mounts.parse_mountinfo(text) if e.device == device]
 
 
 def _dir_mount(pid: int, which: str) -> int | None:

@@ -202,7 +202,11 @@ def serve(
             "read_only": read_only,
         }
         if ready_fd is not None:
-            os.write(ready_fd, f"ok {device}\n".encode())
+            try:
+                os.write(ready_fd, f"ok {device}\n".encode())
+            except BrokenPipeError:  # the daemon that started us stopped meanwhile
+                log.warning("volume %s: the daemon that started this worker is gone; serving "
+                            "on (the next daemon adopts the worker)", name)  # fmt: skip
             os.close(ready_fd)
             ready_fd = None
         trio.run(_serve, volume, control, status)
