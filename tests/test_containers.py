@@ -261,8 +261,10 @@ def test_a_container_writer_sees_no_error_across_daemon_restarts(
         "n=0; while [ ! -e /p/stop ]; do echo $n >> /p/lines || exit 3; n=$((n+1)); done",
     )  # fmt: skip
     worker = volume.pid
+    # `docker run -d` returns before the container's first write (seconds, on a busy host).
+    wait_until((mnt / "lines").exists, "the writer to start")
     for signum in (signal.SIGKILL, signal.SIGTERM):
-        size = (mnt / "lines").stat().st_size if (mnt / "lines").exists() else 0
+        size = (mnt / "lines").stat().st_size
         os.kill(_daemon_pid(volume), signum)
         wait_until(lambda size=size: (mnt / "lines").stat().st_size > size + 100, "more lines")
         volfsd("ls", root=volume.root)
