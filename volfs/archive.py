@@ -259,14 +259,29 @@ def member_of(info: tarfile.TarInfo) -> Member:
 
 def members(archive: tarfile.TarFile) -> Iterator[tuple[Member, ReadData]]:
     """Each member of *archive* with a reader of its data, in archive order."""
-    for info in archive:
+    infos = iter(archive)
+    while True:
+        try:
+            info = next(infos, None)
+        except (tarfile.TarError, EOFError) as exc:
+            raise ArchiveError(
+                f"archive is damaged or truncated after its last member: {exc}"
+            ) from None
+        if info is None:
+            return
         member = member_of(info)
-        data = archive.extractfile(info) if member.kind == "file" else None
+        extracted = archive.extractfile(info) if member.kind == "file" else None
+        # Its unbuffered reader: seeking that only sets a position (holes read as zeros), so a
+        # stream read front to back (stdin) works too, as members' regions come in order.
+        data = getattr(extracted, "raw", None)
 
         def read(offset: int, length: int, data: IO[bytes] | None = data) -> bytes:
             assert data is not None
-            data.seek(offset)
-            return data.read(length)
+            try:
+                data.seek(offset)
+                return data.read(length)
+            except (tarfile.TarError, EOFError) as exc:
+                raise ArchiveError(f"archive is damaged or truncated: {exc}") from None
 
         yield member, read
 
@@ -276,5 +291,7 @@ def open_archive(source: BinaryIO, stream: bool) -> tarfile.TarFile:
     *stream* for a pipe, read once front to back."""
     try:
         return tarfile.open(fileobj=source, mode="r|*" if stream else "r:*")
-    except (tarfile.TarError, EOFError) as exc:
-        raise ArchiveError(f"not a tar archive, or a damaged one: {exc}") from None
+    except (tarfile.TarError, EOFError):
+        raise ArchiveError(
+            "not a tar archive (plain, gzip, bzip2 or xz), or a damaged one"
+        ) from None

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import stat
 import sys
@@ -25,7 +26,7 @@ from tqdm import tqdm
 
 from volfs.archive import Member, PaxWriter
 from volfs.errors import DataDamaged, ErrorCode, VolfsError
-from volfs.store import pidlock, snapshot
+from volfs.store import pidlock, snapshot, state
 from volfs.store.root import check_name
 from volfs.store.state import ROOT_INO, Inode
 
@@ -163,6 +164,9 @@ def export(store: Path, name: str, path: Path | None) -> None:
     if not (volume_dir / "volume").is_file():
         raise VolfsError(f"no such volume: {name}", ErrorCode.NOT_FOUND)
     lock_fd = _lock(volume_dir, name)
+    # Reads log each damaged block; the export names the damaged paths itself, once.
+    read_log = logging.getLogger(state.__name__)
+    read_log.disabled = True
     try:
         loaded = snapshot.open_snapshot(volume_dir, name)
         try:
@@ -173,6 +177,7 @@ def export(store: Path, name: str, path: Path | None) -> None:
         finally:
             loaded.close()
     finally:
+        read_log.disabled = False
         os.close(lock_fd)
 
 

@@ -234,7 +234,7 @@ def _tree(dir_fd: int, name: bytes | None, path: bytes,
     elif kind in ("char", "block"):
         member.rdev = (os.major(st.st_rdev), os.minor(st.st_rdev))
     if kind in ("file", "dir"):
-        fd = os.open(name if name is not None else ".", flags, dir_fd=dir_fd)
+        fd = _open_noatime(name if name is not None else ".", flags, dir_fd)
         try:
             if kind == "file":
                 member.size, member.regions = st.st_size, _file_regions(fd, st.st_size)
@@ -247,6 +247,15 @@ def _tree(dir_fd: int, name: bytes | None, path: bytes,
             os.close(fd)
         return
     yield member, _no_data
+
+
+def _open_noatime(name: str | bytes, flags: int, dir_fd: int) -> int:
+    """Open without touching the access time the member carries (the owner's and root's
+    privilege: others read with the time updated, if the mount's atime rules say so)."""
+    try:
+        return os.open(name, flags | os.O_NOATIME, dir_fd=dir_fd)
+    except PermissionError:
+        return os.open(name, flags, dir_fd=dir_fd)
 
 
 def _join(path: bytes, name: bytes) -> bytes:
