@@ -427,6 +427,21 @@ def cmd_serve(args: argparse.Namespace) -> None:
     daemon.serve(Path(args.config) if args.config else None, args.docker_plugin)
 
 
+def _add_backup_parsers(sub: argparse._SubParsersAction[_Parser]) -> None:
+    """``export`` and ``import``."""
+    exports = sub.add_parser("export", help="write an unmounted volume as a pax tar")
+    exports.add_argument("name", metavar="NAME")
+    exports.add_argument("-o", "--output", metavar="FILE", help="write FILE (default: stdout)")
+    exports.set_defaults(func=cmd_export)
+
+    imports = sub.add_parser("import", help="a new volume from a tar (FILE, - for stdin) or DIR")
+    imports.add_argument("name", metavar="NAME")
+    imports.add_argument("source", metavar="FILE|-|DIR")
+    imports.add_argument("--size", help="most data it may hold (default: the archive's)")
+    imports.add_argument("--label", action="append", default=[], metavar="KEY=VALUE")
+    imports.set_defaults(func=cmd_import)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="volfsd", description="Named, persistent, shared volumes over FUSE.")
     parser.add_argument("--version", action="version", version=f"volfsd {volfs.__version__}")
@@ -492,17 +507,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="read at most this fast (default 50; 0: no limit)")  # fmt: skip
     scrubs.set_defaults(func=cmd_scrub)
 
-    exports = sub.add_parser("export", help="write an unmounted volume as a pax tar")
-    exports.add_argument("name", metavar="NAME")
-    exports.add_argument("-o", "--output", metavar="FILE", help="write FILE (default: stdout)")
-    exports.set_defaults(func=cmd_export)
-
-    imports = sub.add_parser("import", help="a new volume from a tar (FILE, - for stdin) or DIR")
-    imports.add_argument("name", metavar="NAME")
-    imports.add_argument("source", metavar="FILE|-|DIR")
-    imports.add_argument("--size", help="most data it may hold (default: the archive's)")
-    imports.add_argument("--label", action="append", default=[], metavar="KEY=VALUE")
-    imports.set_defaults(func=cmd_import)
+    _add_backup_parsers(sub)
 
     status = sub.add_parser("status", help="show the daemon's state")
     status.add_argument("--format", choices=["table", "json"], default="table")
