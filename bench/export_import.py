@@ -85,14 +85,14 @@ def main() -> None:
             ),
             "import DIR": timed(
                 [*VOLFSD, "import", "v", str(tree)], env, args.runs, no_volume("v")
-            ),  # fmt: skip
+            ),
             "export": timed([*VOLFSD, "export", "v", "-o", str(work / "v.tar")], env, args.runs),
             "tar -x (native)": timed(
                 [*sh, f"tar -xf {native_tar} -C {out} && sync -f {out}"], env, args.runs, fresh_out
             ),
             "import TAR": timed(
                 [*VOLFSD, "import", "w", str(native_tar)], env, args.runs, no_volume("w")
-            ),  # fmt: skip
+            ),
         }
         mb = data / 1e6
         for what, seconds in results.items():
