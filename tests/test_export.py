@@ -253,3 +253,14 @@ def test_killed_import_leaves_no_volume(store_root, tmp_path):
     # the next import clears what the killed one left, and succeeds
     assert _run(store_root, "import", "big", "-", data=_tar(("file", "f", b"1"))).returncode == 0
     assert sorted(p.name for p in (store_root / "volumes").iterdir()) == ["big"]
+
+
+def test_truncated_and_deep_archives(store_root):
+    whole = _tar(("file", "f", b"z" * 100_000))
+    done = _run(store_root, "import", "cut", "-", data=whole[:20_000])
+    assert_one_line_error(done, "truncated")
+    assert "cut" not in volfsd("ls", root=store_root).stdout
+    deep = "/".join(["d"] * 1500) + "/f"  # deeper than Python's recursion limit
+    assert _run(store_root, "import", "deep", "-", data=_tar(("file", deep, b"1"))).returncode == 0
+    done = volfsd("fsck", "deep", root=store_root)
+    assert "1502 inodes" in done.stdout

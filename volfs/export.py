@@ -122,6 +122,9 @@ class Exporter:
 def _output(path: Path | None) -> tuple[BinaryIO, Path | None]:
     """Where the archive is written: stdout, or a new hidden file beside *path*."""
     if path is None:
+        if sys.stdout.isatty():
+            raise VolfsError("export writes the archive to stdout, a terminal: give -o FILE "
+                             "or pipe it", ErrorCode.INVALID)  # fmt: skip
         return open(sys.stdout.fileno(), "wb", buffering=PIECE, closefd=False), None
     aside = path.with_name(f".{path.name}.partial-{os.getpid()}")
     fd = os.open(aside, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)

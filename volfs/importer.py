@@ -78,6 +78,7 @@ class Builder:
 
     def add(self, member: Member, read: ReadData) -> None:
         path = clean_path(member.path)
+        _check_numbers(path, member)
         if path == b".":
             self._set_dir(path, self.volume.inodes[ROOT_INO], member)
             return
@@ -99,18 +100,24 @@ class Builder:
         found = self._dirs.get(path)
         if found is not None:
             return found[0]
-        parent_path, _, name = path.rpartition(b"/")
-        parent = self._directory(parent_path or b".", wanted_by)
-        assert parent.entries is not None
-        ino = parent.entries.get(name)
-        if ino is not None:  # not a directory, or it would be in _dirs
-            raise ArchiveError(f"archive member {_shown(wanted_by)!r} lies beneath "
-                               f"{_shown(path)!r}, which is not a directory: refused")  # fmt: skip
-        inode = self.volume.new_inode(stat.S_IFDIR | IMPLIED_DIR_MODE, 0, 0, 0, self.now)
-        self.volume.create(parent, name, inode, self.now)
-        inode = self.volume.inodes[inode.ino]  # the state's own, made from the record
-        self._dirs[path] = (inode, None)
-        return inode
+        parent, at = self.volume.inodes[ROOT_INO], b""
+        for name in path.split(b"/"):  # a loop, not recursion: a name may have 2,000 parts
+            at = _join(at or b".", name)
+            found = self._dirs.get(at)
+            if found is not None:
+                parent = found[0]
+                continue
+            assert parent.entries is not None
+            if name in parent.entries:  # not a directory, or it would be in _dirs
+                raise ArchiveError(
+                    f"archive member {_shown(wanted_by)!r} lies beneath "
+                    f"{_shown(at)!r}, which is not a directory: refused"
+                )
+            inode = self.volume.new_inode(stat.S_IFDIR | IMPLIED_DIR_MODE, 0, 0, 0, self.now)
+            self.volume.create(parent, name, inode, self.now)
+            parent = self.volume.inodes[inode.ino]  # the state's own, made from the record
+            self._dirs[at] = (parent, None)
+        return parent
 
     def _link(self, parent: Inode, name: bytes, path: bytes, member: Member) -> None:
         target = clean_path(member.target)
@@ -190,6 +197,17 @@ class Builder:
             mtime = self.now if member is None else member.mtime_ns
             atime = self.now if member is None else member.atime_ns
             self.volume.set_attrs(inode, atime_ns=atime, mtime_ns=mtime, ctime_ns=self.now)
+
+
+def _check_numbers(path: bytes, member: Member) -> None:
+    """Refuse ids, times and device numbers the store cannot hold (a hostile archive's)."""
+    ids = (member.uid, member.gid, *member.rdev)
+    times = (member.mtime_ns, member.atime_ns)
+    if not all(0 <= n < 2**32 for n in ids) or not all(-(2**63) <= t < 2**63 for t in times):
+        raise ArchiveError(f"archive member {_shown(path)!r}: owner, device number or time "
+                           "out of range: refused")  # fmt: skip
+    if member.size < 0 or any(o < 0 or n < 0 for o, n in member.regions):
+        raise ArchiveError(f"archive member {_shown(path)!r}: negative size: refused")
 
 
 def _shown(path: bytes) -> str:
@@ -335,9 +353,13 @@ def import_volume(store_path: Path, name: str, source: str, size: str | None,
     if source != "-" and Path(source).is_dir():
         _build(store, name, {}, size, labels, directory_members(Path(source)))
         return
+    if source == "-" and sys.stdin.isatty():
+        raise VolfsError("import reads the archive from stdin, a terminal: give FILE or pipe "
+                         "the archive in", ErrorCode.INVALID)  # fmt: skip
     with contextlib.ExitStack() as stack:
         raw = sys.stdin.buffer if source == "-" else stack.enter_context(open(source, "rb"))
-        tar = stack.enter_context(archive.open_archive(raw, stream=source == "-"))
+        stream = not stat.S_ISREG(os.fstat(raw.fileno()).st_mode)  # a pipe, a FIFO: read once
+        tar = stack.enter_context(archive.open_archive(raw, stream=stream))
         _build(store, name, archive.settings(tar), size, labels, archive.members(tar))
 
 
