@@ -14,7 +14,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from test_damage import _flip, _pattern
+from test_damage import _pattern
+from test_fsck import damage_victim
 
 from conftest import EXPECTED_LOG, Volume, _passed
 from helpers import VOLFSD, assert_one_line_error, cli_env, volfsd, wait_until
@@ -201,13 +202,7 @@ def test_device_nodes_and_implied_directories_are_kept(volume, copy, tmp_path, s
 
 @pytest.mark.store_damaged("a data byte flipped on purpose")
 def test_damaged_data_fails_the_export_naming_the_path(volume, mnt, tmp_path):
-    data = _pattern(2 << 20)
-    (mnt / "dir").mkdir()
-    (mnt / "dir" / "victim").write_bytes(data)
-    (mnt / "fine").write_bytes(b"ok" * 1000)
-    volume.unmount()
-    seg = max(volume.store.glob("seg-*.log"))
-    _flip(seg, seg.read_bytes().index(data[1 << 20 : (1 << 20) + 64]) + 10)
+    damage_victim(volume, mnt)
     out = tmp_path / "out.tar"
     done = volfsd("export", volume.name, "-o", str(out), root=volume.root, check=False)
     assert_one_line_error(done, "/dir/victim", "fails its checksum")
