@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import io
 import os
+import pty
 import signal
 import stat
+import struct
 import subprocess
 import tarfile
+import termios
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -259,3 +264,30 @@ def test_truncated_and_deep_archives(store_root):
     assert _run(store_root, "import", "deep", "-", data=_tar(("file", deep, b"1"))).returncode == 0
     done = volfsd("fsck", "deep", root=store_root)
     assert "1502 inodes" in done.stdout
+
+
+def test_progress_bar_only_on_a_terminal(store_root, tmp_path):
+    volfsd("create", "fresh", "--uid", "5", root=store_root)
+    master, slave = pty.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 100, 0, 0))  # a real width
+    try:
+        done = subprocess.run([*VOLFSD, "export", "fresh", "-o", str(tmp_path / "a.tar")],
+                              env=cli_env(store_root), stderr=slave, timeout=60)  # fmt: skip
+        os.close(slave)
+        slave = -1
+        assert done.returncode == 0
+        shown = b""
+        with contextlib.suppress(OSError):  # EIO once the terminal's writers are gone
+            while chunk := os.read(master, 4096):
+                shown += chunk
+        assert b"export fresh" in shown
+    finally:
+        os.close(master)
+        if slave >= 0:
+            os.close(slave)
+    quiet = volfsd("export", "fresh", "-o", str(tmp_path / "b.tar"), root=store_root)
+    assert quiet.stderr == ""
+    with tarfile.open(tmp_path / "b.tar") as tar:
+        root = tar.getmember(".")
+        assert root.uid == 5 and root.mtime > 1_700_000_000  # the creation time, not 1970
+        assert tar.pax_headers["volfs.uid"] == "5"

@@ -91,6 +91,8 @@ class Exporter:
         kind = _KIND[stat.S_IFMT(inode.mode)]
         member = Member(path, kind, stat.S_IMODE(inode.mode), inode.uid, inode.gid,
                         inode.mtime_ns, inode.atime_ns)  # fmt: skip
+        if inode.ino == ROOT_INO and not inode.ctime_ns:  # never mounted: no times recorded
+            member.mtime_ns = member.atime_ns = int(self.loaded.header.get("created_ns") or 0)
         member.xattrs = dict(inode.xattrs or {})
         if kind in ("char", "block"):
             member.rdev = (os.major(inode.rdev), os.minor(inode.rdev))
@@ -188,7 +190,7 @@ def _write(loaded: snapshot.Snapshot, name: str, path: Path | None) -> None:
     out, aside = _output(path)
     done = False
     try:
-        with tqdm(total=loaded.data_bytes(), unit="B", unit_scale=True, desc=f"export {name}",
+        with tqdm(total=loaded.data_bytes() or None, unit="B", unit_scale=True, desc=f"export {name}",
                   disable=not sys.stderr.isatty(), file=sys.stderr) as progress:  # fmt: skip
             exporter = Exporter(loaded, PaxWriter(out), progress)
             exporter.run()
