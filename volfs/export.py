@@ -190,7 +190,8 @@ def _write(loaded: snapshot.Snapshot, name: str, path: Path | None) -> None:
     out, aside = _output(path)
     done = False
     try:
-        with tqdm(total=loaded.data_bytes() or None, unit="B", unit_scale=True, desc=f"export {name}",
+        total = loaded.data_bytes() or None  # 0 would draw an empty bar
+        with tqdm(total=total, unit="B", unit_scale=True, desc=f"export {name}",
                   disable=not sys.stderr.isatty(), file=sys.stderr) as progress:  # fmt: skip
             exporter = Exporter(loaded, PaxWriter(out), progress)
             exporter.run()
