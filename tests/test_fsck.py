@@ -29,8 +29,9 @@ def test_fsck_refuses_a_mounted_volume(volume, mnt):
     assert done.returncode == 2 and "mounted" in done.stderr and done.stderr.count("\n") == 1
 
 
-@pytest.mark.store_damaged("a data byte flipped on purpose")
-def test_fsck_names_damaged_file(volume, mnt):
+def damage_victim(volume, mnt) -> None:
+    """Files /dir/victim (2 MiB, a byte of its second MiB flipped in the store) and /fine; the
+    volume left unmounted."""
     data = _pattern(2 << 20)
     (mnt / "dir").mkdir()
     (mnt / "dir" / "victim").write_bytes(data)
@@ -38,6 +39,11 @@ def test_fsck_names_damaged_file(volume, mnt):
     volume.unmount()
     seg = max(volume.store.glob("seg-*.log"))
     _flip(seg, seg.read_bytes().index(data[1 << 20 : (1 << 20) + 64]) + 10)
+
+
+@pytest.mark.store_damaged("a data byte flipped on purpose")
+def test_fsck_names_damaged_file(volume, mnt):
+    damage_victim(volume, mnt)
     done = volfsd("fsck", volume.name, root=volume.root, check=False)
     assert done.returncode == 1, done.stdout + done.stderr
     assert "/dir/victim: damaged data in bytes 1048576-1114112 (inode" in done.stdout

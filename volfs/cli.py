@@ -396,6 +396,20 @@ def cmd_scrub(args: argparse.Namespace) -> int:
     return checking.scrub(default_root(), args.name, args.rate)
 
 
+def cmd_export(args: argparse.Namespace) -> None:
+    from volfs import export  # tqdm and the archive writer: only for this command
+
+    export.export(default_root(), args.name, Path(args.output) if args.output else None)
+
+
+def cmd_import(args: argparse.Namespace) -> None:
+    from volfs import importer
+
+    labels = parse_labels(args.label)
+    importer.import_volume(default_root(), args.name, args.source, args.size, labels)
+    print(args.name)
+
+
 def _rate(text: str) -> float:
     try:
         rate = float(text)
@@ -411,6 +425,21 @@ def cmd_serve(args: argparse.Namespace) -> None:
 
     logging.getLogger().setLevel(logging.INFO)
     daemon.serve(Path(args.config) if args.config else None, args.docker_plugin)
+
+
+def _add_backup_parsers(sub: argparse._SubParsersAction[_Parser]) -> None:
+    """``export`` and ``import``."""
+    exports = sub.add_parser("export", help="write an unmounted volume as a pax tar")
+    exports.add_argument("name", metavar="NAME")
+    exports.add_argument("-o", "--output", metavar="FILE", help="write FILE (default: stdout)")
+    exports.set_defaults(func=cmd_export)
+
+    imports = sub.add_parser("import", help="a new volume from a tar (FILE, - for stdin) or DIR")
+    imports.add_argument("name", metavar="NAME")
+    imports.add_argument("source", metavar="FILE|-|DIR")
+    imports.add_argument("--size", help="most data it may hold (default: the archive's)")
+    imports.add_argument("--label", action="append", default=[], metavar="KEY=VALUE")
+    imports.set_defaults(func=cmd_import)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -477,6 +506,8 @@ def build_parser() -> argparse.ArgumentParser:
     scrubs.add_argument("--rate", type=_rate, default=checking.DEFAULT_RATE, metavar="MB/s",
                         help="read at most this fast (default 50; 0: no limit)")  # fmt: skip
     scrubs.set_defaults(func=cmd_scrub)
+
+    _add_backup_parsers(sub)
 
     status = sub.add_parser("status", help="show the daemon's state")
     status.add_argument("--format", choices=["table", "json"], default="table")
