@@ -153,14 +153,11 @@ def fsck(root: Path, name: str, repair: bool = False) -> int:
     """Check volume *name*, which must not be served; with *repair*, fix what needs no guess."""
     try:
         volume_dir = _volume_dir(root, name)
-        dir_fd = os.open(volume_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
         try:
-            lock_fd = pidlock.take("lock", dir_fd)  # nobody may serve it while it is checked
+            lock_fd = pidlock.take_in(volume_dir, "lock")  # nobody may serve it meanwhile
         except pidlock.LockHeld:
             raise VolfsError(f"volume {name} is mounted: unmount it before checking it, "
                              "or scrub it", ErrorCode.BUSY) from None  # fmt: skip
-        finally:
-            os.close(dir_fd)
         try:
             report = _examine(volume_dir, name, "fsck")
         finally:

@@ -41,6 +41,9 @@ log = logging.getLogger(__name__)
 #: of the same names (``labels`` is ``KEY=VALUE,KEY=VALUE``; Docker's own ``--label`` stays
 #: Docker's).
 CREATE_OPTIONS = ("size", "uid", "gid", "mode", "inodes", "labels")
+#: What ``docker volume inspect`` shows under Status, of what `ls` shows of a volume.
+STATUS_KEYS = ("size", "used", "inodes", "mounts", "created", "status", "labels", "uid", "gid",
+               "mode")  # fmt: skip
 #: How long a claim counts whatever holds the volume: Docker mounts before it starts the
 #: container, which only then holds the mount.
 CLAIM_GRACE = 120.0
@@ -96,6 +99,7 @@ class DockerDriver:
                     "remove those containers first",
                     ErrorCode.BUSY,
                 )
+            await self._release(name)  # Docker's own path, should claims have gone without it
             served = self.supervisor.served.get(name)
             others = sorted(str(p) for p in served.paths) if served is not None else []
             if others:  # `rm`'s own message would point at its --force, which Docker has not
@@ -149,20 +153,10 @@ class DockerDriver:
             raise VolfsError(f"no such volume: {name}", ErrorCode.NOT_FOUND)
         info = self.supervisor.describe(name)
         problems = list(self.supervisor.problems(name))
-        status = {
-            "size": info["size"],
-            "used": info["used"],
-            "inodes": info["inodes"],
-            "mounts": info["mounts"],
-            "containers": len(self.claims.of(name)),
-            "created": info["created"],
-            "status": info["status"],
-            "labels": info["labels"],
-            "uid": info["uid"],
-            "gid": info["gid"],
-            "mode": info["mode"],
-            **({"problems": problems} if problems else {}),
-        }
+        status = {key: info[key] for key in STATUS_KEYS}
+        status["containers"] = len(self.claims.of(name))
+        if problems:
+            status["problems"] = problems
         return {**self._entry(name, info["created"]), "Status": status}
 
     def list(self) -> list[dict[str, Any]]:

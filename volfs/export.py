@@ -148,19 +148,15 @@ def _publish(out: BinaryIO, aside: Path, path: Path) -> None:
 def _lock(volume_dir: Path, name: str) -> int:
     """The volume's lock, so that no worker serves it while it is exported."""
     try:
-        dir_fd = os.open(volume_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        return pidlock.take_in(volume_dir, "lock")
     except FileNotFoundError:
         raise VolfsError(f"no such volume: {name}", ErrorCode.NOT_FOUND) from None
-    try:
-        return pidlock.take("lock", dir_fd)
     except pidlock.LockHeld:
         raise VolfsError(
             f"volume {name} is mounted: unmount it to export it (exporting a mounted volume "
             "needs volume snapshots, which volfs does not have yet)",
             ErrorCode.BUSY,
         ) from None
-    finally:
-        os.close(dir_fd)
 
 
 def export(store: Path, name: str, path: Path | None) -> None:

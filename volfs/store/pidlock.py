@@ -96,6 +96,16 @@ def take(name: str, dir_fd: int) -> int:
     return fd
 
 
+def take_in(directory: str | os.PathLike[str], name: str) -> int:
+    """`take` lock file *name* in *directory*, which must not be a symlink (a volume's own
+    directory: fsck and export hold its lock so that no worker serves it meanwhile)."""
+    dir_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        return take(name, dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
 def is_held(path: str | os.PathLike[str], dir_fd: int | None = None) -> bool:
     """Whether some process holds the lock file at *path* (in *dir_fd*, if given) right now."""
     try:
