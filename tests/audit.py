@@ -4,7 +4,7 @@ The errno guard at the FUSE edge turns any bug into EIO plus a log line, so a te
 assertions hold can still have broken the store or hit a traceback. After each such test:
 
 * every volume of the store root is checked as ``volfsd fsck`` checks it (the library check
-  on a read-only snapshot), once nothing serves it any more: no problem may be found;
+  loaded read-only), once nothing serves it any more: no problem may be found;
 * the store's logs (``logs/*.log``: each worker's and the daemon's) hold no traceback and no
   ERROR (or CRITICAL) record but those the test declared with ``@pytest.mark.expect_log``;
 * the worker's open descriptors did not grow between the mount and the unmount (`FdWatch`).
@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from volfs.store import check, snapshot
+from volfs.store import check, readonly
 
 MARKERS = (
     "expect_log(*patterns): ERROR lines or tracebacks matching one of these regexes are expected",
@@ -70,7 +70,7 @@ def store_problems(root: Path) -> list[str]:
     for volume_dir in volume_dirs(root):
         name = volume_dir.name
         try:
-            loaded = snapshot.open_snapshot(volume_dir, name)
+            loaded = readonly.open_readonly(volume_dir, name)
         except Exception as exc:  # the check itself failed: as much a finding as a problem
             found.append(f"volume {name}: cannot be checked: {exc!r}")
             continue

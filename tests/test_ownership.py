@@ -19,8 +19,8 @@ import pytest
 from volfs import mounts
 from volfs.errors import ErrorCode, VolfsError
 from volfs.store import frame, headers
+from volfs.store.readonly import open_readonly
 from volfs.store.root import StoreRoot
-from volfs.store.snapshot import open_snapshot
 from volfs.store.state import ROOT_INO
 
 from helpers import as_nobody, as_user, needs_root, wait_until
@@ -128,7 +128,7 @@ def test_a_never_mounted_volume_is_checked_with_its_root_as_created(tmp_path):
     """fsck and scrub load a volume nobody mounted yet with the root it will get."""
     root = StoreRoot(tmp_path / "store")
     root.create_volume("new", uid=WWW_DATA, gid=7, mode=0o700)
-    snapshot = open_snapshot(root.volume_path("new"), "new")
+    snapshot = open_readonly(root.volume_path("new"), "new")
     try:
         made = snapshot.inodes[ROOT_INO]
         assert (made.uid, made.gid, made.mode) == (WWW_DATA, 7, stat.S_IFDIR | 0o700)

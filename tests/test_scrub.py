@@ -21,8 +21,7 @@ from test_crash import use_segment_size
 from test_damage import _flip, _pattern
 
 from volfs.checking import Progress, Throttle
-from volfs.store import check
-from volfs.store import snapshot as snapshot_module
+from volfs.store import check, readonly
 from volfs.store.check import Problem, ProblemKind
 from volfs.store.root import StoreRoot
 from volfs.store.state import ROOT_INO
@@ -279,7 +278,7 @@ def test_snapshot_skips_data_compaction_moved_away(tmp_path):
             volume.write(keep, i * 1000, os.urandom(1000), 2)
             volume.write(junk, 0, os.urandom(30_000), 2)
         volume.checkpoint()
-        snapshot = snapshot_module.open_snapshot(root.volume_path("v"), "v")
+        snapshot = readonly.open_readonly(root.volume_path("v"), "v")
         try:
             assert volume.live_ranges()[min(volume.log.segments)]  # keep's data is spread out
             for seg in list(volume.log.segments[:-1]):  # what the worker's compaction does
@@ -317,7 +316,7 @@ def test_snapshot_loads_again_when_the_checkpoint_is_replaced(tmp_path):
                 volume.checkpoint()  # between the snapshot's checkpoint read and its replay
             calls.append(nbytes)
 
-        snapshot = snapshot_module.open_snapshot(root.volume_path("v"), "v", pace)
+        snapshot = readonly.open_readonly(root.volume_path("v"), "v", pace)
         try:
             assert snapshot.checkpoint_at == volume.checkpoint_at  # the new one
             report = check.examine(snapshot)
@@ -349,7 +348,7 @@ def test_missing_segments_are_damage(tmp_path):
     volume.close(checkpoint=False)
     for seg in segs:
         (root.volume_path("v") / f"seg-{seg:08d}.log").unlink()
-    snapshot = snapshot_module.open_snapshot(root.volume_path("v"), "v")
+    snapshot = readonly.open_readonly(root.volume_path("v"), "v")
     try:
         report = check.examine(snapshot)
     finally:
@@ -378,16 +377,16 @@ def test_snapshot_settles_for_a_prefix_when_the_checkpoint_keeps_changing(tmp_pa
             volume.sync()
 
         churn()
-        loaded = snapshot_module.Snapshot._load_checkpoint
+        loaded = readonly.ReadOnlyState._load_checkpoint
 
         def load_checkpoint(self):
             start = loaded(self)
             churn()  # every time, between the snapshot's checkpoint read and its replay
             return start
 
-        monkeypatch.setattr(snapshot_module.Snapshot, "_load_checkpoint", load_checkpoint)
-        monkeypatch.setattr(snapshot_module, "SNAPSHOT_ATTEMPTS", 2)
-        snapshot = snapshot_module.open_snapshot(root.volume_path("v"), "v")
+        monkeypatch.setattr(readonly.ReadOnlyState, "_load_checkpoint", load_checkpoint)
+        monkeypatch.setattr(readonly, "LOAD_ATTEMPTS", 2)
+        snapshot = readonly.open_readonly(root.volume_path("v"), "v")
         try:
             report = check.examine(snapshot)
         finally:
@@ -412,7 +411,7 @@ def test_snapshot_goes_on_after_a_damaged_log_frame(tmp_path):
     seg, at = find_once(root.volume_path("v"), b"X" * 64)
     _flip(seg, at + 3)
     before = store_digest(root.volume_path("v"))
-    snapshot = snapshot_module.open_snapshot(root.volume_path("v"), "v")
+    snapshot = readonly.open_readonly(root.volume_path("v"), "v")
     try:
         report = check.examine(snapshot)
         assert snapshot.read(snapshot.inodes[later.ino], 0, 5000) == b"2" * 5000
@@ -489,7 +488,7 @@ def test_a_snapshot_has_no_writing_method():
     from volfs.store.state import VolumeState
     from volfs.store.volume import Volume
 
-    snapshot_class, log_class = snapshot_module.Snapshot, snapshot_module.ReadOnlyLog
+    snapshot_class, log_class = readonly.ReadOnlyState, readonly.ReadOnlyLog
     assert issubclass(snapshot_class, VolumeState) and not issubclass(snapshot_class, Volume)
     assert issubclass(log_class, SegmentReader) and not issubclass(log_class, SegmentLog)
     # What the writing classes add to the readers (minus names both define for themselves,

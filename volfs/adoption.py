@@ -16,7 +16,8 @@ from pathlib import Path
 from volfs import mounts, requests, workerctl
 from volfs.errors import VolfsError
 from volfs.served import MountPath, Served
-from volfs.store.root import StoreRoot, check_name
+from volfs.store.headers import check_name
+from volfs.store.root import StoreRoot
 from volfs.workerctl import WorkerProcess
 
 log = logging.getLogger(__name__)

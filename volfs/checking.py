@@ -1,7 +1,7 @@
 """`volfsd fsck` and `volfsd scrub`: verify a volume's store and name what is damaged, by path.
 
 This is the command-line driver; the checks themselves are in `volfs.store.check`.  Both load a
-read-only snapshot of the volume (`volfs.store.snapshot`) and verify every checksum in it: the
+read-only snapshot of the volume (`volfs.store.readonly`) and verify every checksum in it: the
 checkpoint's and the log's frames as they replay, then every block of live data.
 
 * fsck holds the volume's lock, so the volume must not be served; it reads at full speed and can
@@ -24,8 +24,9 @@ from pathlib import Path
 from typing import TextIO
 
 from volfs.errors import ErrorCode, VolfsError
-from volfs.store import check, pidlock, snapshot
-from volfs.store.root import StoreRoot, check_name
+from volfs.store import check, pidlock, readonly
+from volfs.store.headers import check_name
+from volfs.store.root import StoreRoot
 
 CLEAN, DAMAGED, UNCHECKED = 0, 1, 2
 #: scrub's default rate, in MB/s (10^6 bytes a second)
@@ -109,10 +110,10 @@ def _volume_dir(root: Path, name: str) -> Path:
 
 
 def _examine(
-    volume_dir: Path, name: str, label: str, pace: snapshot.Pace | None = None
+    volume_dir: Path, name: str, label: str, pace: readonly.Pace | None = None
 ) -> check.Report:
     """Check a snapshot of the volume, print the report, and return it."""
-    loaded = snapshot.open_snapshot(volume_dir, name, pace)
+    loaded = readonly.open_readonly(volume_dir, name, pace)
     try:
         progress = Progress(f"{label} {name}", loaded.data_bytes(), sys.stderr)
         report = check.examine(loaded, progress.update)

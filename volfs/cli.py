@@ -33,7 +33,8 @@ from volfs.config import DEFAULT_PATH, parse_plugin_name
 from volfs.errors import ErrorCode, VolfsError
 from volfs.mountpoint import REPLACE, normalize, open_mountpoint, prepare
 from volfs.store import pidlock
-from volfs.store.root import StoreRoot, check_name, default_root, open_log
+from volfs.store.headers import check_name
+from volfs.store.root import StoreRoot, default_root, open_log
 from volfs.users import describe_users, users_of
 
 #: How long `mount` waits for a daemon it started to listen.

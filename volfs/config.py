@@ -28,7 +28,7 @@ from volfs.catalog import parse_gid, parse_inodes, parse_labels, parse_mode, par
 from volfs.control import SYSTEM_RUN_DIR
 from volfs.errors import VolfsError
 from volfs.mountpoint import normalize
-from volfs.store.root import check_name
+from volfs.store.headers import check_name
 
 DEFAULT_PATH = Path("/etc/volfs/volumes.toml")
 

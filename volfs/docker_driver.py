@@ -32,7 +32,7 @@ from volfs import requests, users
 from volfs.catalog import created_at, parse_labels
 from volfs.errors import ErrorCode, VolfsError
 from volfs.remembered import boot_clock
-from volfs.store.root import check_name
+from volfs.store.headers import check_name
 from volfs.supervisor import Supervisor
 
 log = logging.getLogger(__name__)

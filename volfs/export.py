@@ -1,6 +1,6 @@
 """`volfsd export`: a volume that is not mounted, as a POSIX pax tar (`volfs.archive`).
 
-The volume is read as fsck reads it: a read-only snapshot of its store (`open_snapshot`), with
+The volume is read as fsck reads it: a read-only snapshot of its store (`open_readonly`), with
 the volume's lock held meanwhile so that no worker starts serving it halfway through.  A mounted
 volume is refused: a consistent export of a live volume needs snapshots of the volume (issue 13,
 item 1), which volfs does not have yet.
@@ -26,8 +26,8 @@ from tqdm import tqdm
 
 from volfs.archive import Member, PaxWriter
 from volfs.errors import DataDamaged, ErrorCode, VolfsError
-from volfs.store import pidlock, snapshot, state
-from volfs.store.root import check_name
+from volfs.store import pidlock, readonly, state
+from volfs.store.headers import check_name
 from volfs.store.state import ROOT_INO, Inode
 
 #: Bytes read from the store at a time.
@@ -67,7 +67,9 @@ def settings_of(header: dict[str, object], root: Inode) -> dict[str, str]:
 class Exporter:
     """Writes the tree of a loaded snapshot to a `PaxWriter`, noting damaged paths."""
 
-    def __init__(self, loaded: snapshot.Snapshot, writer: PaxWriter, progress: tqdm[Never]) -> None:
+    def __init__(
+        self, loaded: readonly.ReadOnlyState, writer: PaxWriter, progress: tqdm[Never]
+    ) -> None:
         self.loaded = loaded
         self.writer = writer
         self.progress = progress
@@ -169,7 +171,7 @@ def export(store: Path, name: str, path: Path | None) -> None:
     read_log = logging.getLogger(state.__name__)
     read_log.disabled = True
     try:
-        loaded = snapshot.open_snapshot(volume_dir, name)
+        loaded = readonly.open_readonly(volume_dir, name)
         try:
             if loaded.damage or loaded.unfit or not loaded.replayed:
                 raise VolfsError(f"volume {name} has damaged metadata: run 'volfsd fsck {name}' "
@@ -182,7 +184,7 @@ def export(store: Path, name: str, path: Path | None) -> None:
         os.close(lock_fd)
 
 
-def _write(loaded: snapshot.Snapshot, name: str, path: Path | None) -> None:
+def _write(loaded: readonly.ReadOnlyState, name: str, path: Path | None) -> None:
     out, aside = _output(path)
     done = False
     try:

@@ -40,7 +40,8 @@ from volfs.errors import ErrorCode, NoSpace, VolfsError
 from volfs.posix import NAME_MAX, PATH_MAX, XATTR_SIZE_MAX, check_xattr_name
 from volfs.store import pidlock
 from volfs.store.extents import CHUNK_SIZE
-from volfs.store.root import StoreRoot, check_name
+from volfs.store.headers import check_name
+from volfs.store.root import StoreRoot
 from volfs.store.state import ROOT_INO, Inode
 from volfs.store.volume import Volume
 

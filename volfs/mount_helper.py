@@ -23,7 +23,7 @@ from volfs import cli, requests
 from volfs.catalog import parse_inodes, parse_size
 from volfs.errors import ErrorCode, VolfsError
 from volfs.mountpoint import normalize
-from volfs.store.root import check_name
+from volfs.store.headers import check_name
 
 PROG = "mount.volfs"
 

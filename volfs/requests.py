@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 from volfs.catalog import parse_gid, parse_inodes, parse_labels, parse_mode, parse_size, parse_uid
 from volfs.errors import ErrorCode, VolfsError
 from volfs.mountpoint import normalize
-from volfs.store.root import check_name
+from volfs.store.headers import check_name
 
 if TYPE_CHECKING:
     from _typeshed import DataclassInstance

@@ -36,7 +36,8 @@ from volfs.mountpoint import PRESENT, normalize, open_mountpoint, prepare
 from volfs.remembered import ContainerClaims, RememberedMounts
 from volfs.served import DEAD, MOUNTED, REFUSED, MountPath, Served
 from volfs.spawn import start_worker
-from volfs.store.root import StoreRoot, check_name
+from volfs.store.headers import check_name
+from volfs.store.root import StoreRoot
 
 log = logging.getLogger(__name__)
 

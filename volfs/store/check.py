@@ -1,6 +1,6 @@
 """Checking a volume: the problems `volfsd fsck` and `volfsd scrub` report, and repair.
 
-The checks run on a `Snapshot` (`volfs.store.snapshot`) or on a served `Volume` (tests).  Each
+The checks run on a `ReadOnlyState` (`volfs.store.readonly`) or on a served `Volume` (tests).  Each
 problem has a kind (`ProblemKind`), which `--repair` and programs decide on, and the inode it
 concerns; its text is for people.  The damage found while the snapshot loaded comes first, each
 named by the files the damaged frame seems to concern; then every block of live data is
@@ -20,7 +20,7 @@ from typing import NamedTuple
 from volfs.store import frame
 from volfs.store.extents import Extent
 from volfs.store.log import LogDamage
-from volfs.store.snapshot import SegmentGone, Snapshot, concerned_inodes
+from volfs.store.readonly import ReadOnlyState, SegmentGone, concerned_inodes
 from volfs.store.state import ROOT_INO, VolumeState, dir_entries
 from volfs.store.volume import Volume
 
@@ -79,7 +79,7 @@ def paths_of(volume: VolumeState) -> dict[int, str]:
     return paths
 
 
-def _damage_problems(volume: Snapshot, paths: dict[int, str]) -> list[Problem]:
+def _damage_problems(volume: ReadOnlyState, paths: dict[int, str]) -> list[Problem]:
     """The damage found while loading, each named by the files it concerns where possible."""
     abouts = [concerned_inodes(d.records) for d in volume.damage]
     links = dict(volume.lost_links)
@@ -209,13 +209,13 @@ def _ranges(where: str, ino: int, bad: list[tuple[int, int, int, int]]) -> Itera
 
 
 def check(volume: VolumeState, progress: Callable[[int], None] | None = None) -> list[Problem]:
-    """Every problem found in *volume*, a served `Volume` or a `Snapshot`."""
+    """Every problem found in *volume*, a served `Volume` or a `ReadOnlyState`."""
     return examine(volume, progress).problems
 
 
 def examine(volume: VolumeState, progress: Callable[[int], None] | None = None) -> Report:
     """Check *volume*; *progress* gets the bytes of data done so far."""
-    snapshot = volume if isinstance(volume, Snapshot) else None
+    snapshot = volume if isinstance(volume, ReadOnlyState) else None
     paths = paths_of(volume)
     problems = _damage_problems(snapshot, paths) if snapshot is not None else []
     notes = []

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import errno
 import os
+import re
 import stat
 from collections.abc import Mapping
 from pathlib import Path
@@ -21,6 +22,8 @@ from volfs.store import frame
 from volfs.store.records import FORMAT
 
 HEADER_FILE = "volume"
+#: Names of volumes (and of snapshots): what a directory of the store may be called.
+NAME_PATTERN = re.compile(r"[a-z0-9][a-z0-9_.-]{0,62}")
 VOLUME_KIND = "volfs-volume"
 #: File in the volume directory with the figures `volfsd ls` shows for the volume.
 USAGE_FILE = "usage"
@@ -35,6 +38,16 @@ DEFAULT_ROOT_MODE = 0o755
 MAX_ID = (1 << 32) - 2
 #: The keys of the header's ``root``, each with its largest value.
 _ROOT_LIMITS = {"uid": MAX_ID, "gid": MAX_ID, "mode": 0o7777}
+
+
+def check_name(name: str) -> str:
+    if not NAME_PATTERN.fullmatch(name):
+        raise StoreError(
+            f"invalid volume name {name[:80]!r}: use 1-63 characters of a-z, 0-9, '_', '.', '-', "
+            "starting with a letter or digit",
+            ErrorCode.INVALID,
+        )
+    return name
 
 
 def fd_path(fd: int) -> Path:
@@ -64,7 +77,7 @@ def describe_mode(mode: int) -> str:
     return "a device node"
 
 
-def _one_frame(raw: bytes) -> object:
+def one_frame(raw: bytes) -> object:
     meta_len, _, _ = frame.decode_header(raw)
     return frame.decode_meta(raw[: frame.HEADER.size], raw[frame.HEADER.size :][:meta_len])
 
@@ -90,7 +103,7 @@ def read_header(name: str, dir_fd: int) -> dict[str, Any]:
             raise StoreError(f"volume {name}: its header {path} is {describe_mode(mode)}")
         raw = src.read(_MAX_SMALL_FILE)
     try:
-        header = _one_frame(raw)
+        header = one_frame(raw)
     except frame.FrameError as exc:
         raise StoreError(
             f"volume {name}: its header file is damaged ({exc})", ErrorCode.DAMAGED
@@ -207,7 +220,7 @@ def read_usage(dir_fd: int) -> dict[str, int]:
             if not stat.S_ISREG(os.fstat(src.fileno()).st_mode):
                 return {}
             raw = src.read(_MAX_SMALL_FILE)
-        usage = _one_frame(raw)
+        usage = one_frame(raw)
     except (OSError, frame.FrameError):
         return {}
     if not isinstance(usage, dict):

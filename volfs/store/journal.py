@@ -7,6 +7,7 @@ layout is specified in ARCHITECTURE.md, "Records" and "Checkpoint"), written to
 
 from __future__ import annotations
 
+import ctypes
 import os
 from collections.abc import Iterable, Iterator
 
@@ -17,6 +18,15 @@ CHECKPOINT_FILE = "checkpoint"
 _CHECKPOINT_TMP = "checkpoint.tmp"
 #: Records per checkpoint frame: big enough to amortise the header, small enough to decode.
 RECORDS_PER_FRAME = 4096
+_RENAME_NOREPLACE = 1
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.renameat2.argtypes = [
+    ctypes.c_int,
+    ctypes.c_char_p,
+    ctypes.c_int,
+    ctypes.c_char_p,
+    ctypes.c_uint,
+]
 
 
 class CheckpointDamage(Exception):
@@ -66,6 +76,14 @@ def write_durably(dir_fd: int, name: str, data: bytes) -> None:
         os.close(fd)
     os.rename(tmp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
     os.fsync(dir_fd)
+
+
+def rename_noreplace(dir_fd: int, old: str, new: str) -> None:
+    """Rename *old* to *new* in *dir_fd*, refused with FileExistsError if *new* exists
+    (rename(2) would replace an empty directory there)."""
+    if _libc.renameat2(dir_fd, old.encode(), dir_fd, new.encode(), _RENAME_NOREPLACE) != 0:
+        code = ctypes.get_errno()
+        raise OSError(code, os.strerror(code), new)
 
 
 def read_checkpoint(dir_fd: int) -> Iterator[RawRecord] | None:

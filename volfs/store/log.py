@@ -246,6 +246,8 @@ class SegmentLog(SegmentReader):
         self._dir_dirty = True
         if at.seg == 0:
             self._new_segment(1)
+        elif at.seg not in self.segments:  # a clone's or a rolled-back volume's first segment
+            self._new_segment(at.seg)
         elif at.pos == 0:
             end = self._write(self._fd(at.seg), self._segment_header(at.seg), 0)
             self.head = Position(at.seg, end)
@@ -382,6 +384,12 @@ class SegmentLog(SegmentReader):
             if seg not in sizes and seg != self.head.seg:
                 sizes[seg] = os.fstat(self._fd(seg)).st_size  # sealed: it never changes again
         return {seg: self.head.pos if seg == self.head.seg else sizes[seg] for seg in self.segments}
+
+    def shared(self, seg: int) -> bool:
+        """Whether segment *seg* has other names than this log's: a snapshot's or a clone's
+        (`volfs.store.history`).  Its blocks are theirs too, so it is never punched and
+        compacting it would free nothing."""
+        return os.fstat(self._fds.get(seg) or self._fd(seg)).st_nlink > 1
 
     def punch(self, seg: int, start: int, end: int) -> int:
         """Give the disk blocks under [start, end) of segment *seg* back to the file system.

@@ -17,7 +17,9 @@ from collections.abc import Iterable
 from typing import Any, NamedTuple, TypeAlias, TypeVar
 
 #: The format of a volume: of its header, its records and its checkpoint (ARCHITECTURE.md).
-FORMAT = 1
+#: Format 2 adds that a segment may be shared with snapshots and clones (hard links), which
+#: a reader of format 1 would punch; its records are those of format 1.
+FORMAT = 2
 
 INODE = 1
 LINK = 2

@@ -32,9 +32,9 @@ from typing import Any, BinaryIO
 import msgpack
 
 from volfs.errors import ErrorCode, StoreError
-from volfs.store import frame, headers, journal, pidlock
+from volfs.store import frame, headers, journal, pidlock, snapshots
 from volfs.store.headers import FILE_FLAGS as _FILE_FLAGS
-from volfs.store.headers import VOLUME_KIND
+from volfs.store.headers import NAME_PATTERN, VOLUME_KIND, check_name
 from volfs.store.headers import describe_mode as _kind
 from volfs.store.records import FORMAT
 from volfs.store.space import segment_size_for
@@ -49,7 +49,6 @@ MAX_LABELS = 32 * 1024
 #: In a volume directory: the device of the FUSE mount serving it (`served_device`).
 DEVICE_FILE = "device"
 _DEVICE = re.compile(r"([0-9]{1,10}:[0-9]{1,10})\n?")
-NAME_PATTERN = re.compile(r"[a-z0-9][a-z0-9_.-]{0,62}")
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
@@ -61,16 +60,6 @@ def default_root() -> Path:
         return Path("/var/lib/volfs")
     data_home = os.environ.get("XDG_DATA_HOME") or os.path.expanduser("~/.local/share")
     return Path(data_home) / "volfs"
-
-
-def check_name(name: str) -> str:
-    if not NAME_PATTERN.fullmatch(name):
-        raise StoreError(
-            f"invalid volume name {name[:80]!r}: use 1-63 characters of a-z, 0-9, '_', '.', '-', "
-            "starting with a letter or digit",
-            ErrorCode.INVALID,
-        )
-    return name
 
 
 class StoreRoot:
@@ -257,7 +246,7 @@ class StoreRoot:
             _fsync_dir(path.parent)  # the new volume's name must survive a power cut too
         except FileExistsError:
             made = False
-        dir_fd = self._open_dir(name)
+        dir_fd = self.open_dir(name)
         try:
             try:
                 header = headers.read_header(name, dir_fd)
@@ -293,7 +282,7 @@ class StoreRoot:
 
     def header(self, name: str) -> dict[str, Any]:
         """The header of volume *name* (no lock needed: it is replaced atomically)."""
-        dir_fd = self._open_dir(name)
+        dir_fd = self.open_dir(name)
         try:
             return headers.read_header(name, dir_fd)
         except FileNotFoundError:
@@ -301,7 +290,7 @@ class StoreRoot:
         finally:
             os.close(dir_fd)
 
-    def _open_dir(self, name: str) -> int:
+    def open_dir(self, name: str) -> int:
         path = self.volume_path(name)
         try:
             return os.open(path, _DIR_FLAGS)
@@ -320,7 +309,7 @@ class StoreRoot:
 
         Advisory, so anything wrong with the file (missing, damaged, not a file) gives {}."""
         try:
-            dir_fd = self._open_dir(name)
+            dir_fd = self.open_dir(name)
         except StoreError:
             return {}
         try:
@@ -334,7 +323,7 @@ class StoreRoot:
         False if volumes/NAME is no directory (nobody can serve that); `pidlock.NotALockFile`
         if the lock file is not a regular file."""
         try:
-            dir_fd = self._open_dir(name)
+            dir_fd = self.open_dir(name)
         except StoreError:
             return False
         try:
@@ -351,7 +340,7 @@ class StoreRoot:
         once a mount is gone, so a caller checks `is_served` first.
         """
         try:
-            dir_fd = self._open_dir(name)
+            dir_fd = self.open_dir(name)
         except StoreError:
             return None
         try:
@@ -370,7 +359,7 @@ class StoreRoot:
     def record_device(self, name: str, device: str | None) -> None:
         """Write (or, with None, remove) ``volumes/NAME/device`` for `served_device`; only the
         holder of the volume's lock calls this.  Not synced: it means nothing after a crash."""
-        dir_fd = self._open_dir(name)
+        dir_fd = self.open_dir(name)
         try:
             if device is None:
                 with contextlib.suppress(FileNotFoundError):
@@ -389,17 +378,23 @@ class StoreRoot:
 
     def lock_holder(self, name: str) -> str:
         """The pid the volume's lock file names (for messages; "unknown" if none)."""
-        dir_fd = self._open_dir(name)
+        dir_fd = self.open_dir(name)
         try:
             return pidlock.holder("lock", dir_fd)
         finally:
             os.close(dir_fd)
 
-    def remove_volume(self, name: str) -> None:
-        """Destroy volume *name* and its data; refused while it is served."""
-        dir_fd = self._open_dir(name)
+    def remove_volume(self, name: str, recursive: bool = False) -> None:
+        """Destroy volume *name* and its data; refused while it is served, and while it has
+        snapshots unless *recursive* (then they go too, refused while one is in use)."""
+        dir_fd = self.open_dir(name)
         try:
             lock_fd = self._lock(name, dir_fd)  # nobody may start serving it meanwhile
+            try:
+                snapshots.check_removable(name, dir_fd, recursive)
+            except BaseException:
+                os.close(lock_fd)
+                raise
         finally:
             os.close(dir_fd)
         try:
@@ -420,7 +415,7 @@ class StoreRoot:
         """
         if create:
             self.create_volume(name, segment_size=segment_size)
-        dir_fd = self._open_dir(name)
+        dir_fd = self.open_dir(name)
         lock_fd = -1
         try:
             lock_fd = self._lock(name, dir_fd)

@@ -63,6 +63,9 @@ class Space:
         self._volume = volume
         self._unmovable: set[int] = set()  # segments holding damaged live data
         self._punched: dict[int, int] = {}  # segment -> its dead bytes when last punched
+        #: Dead bytes of segments shared with snapshots or clones (`refresh_shared`): theirs
+        #: to keep, so outside the bound of a sized volume's log.
+        self.exempt = 0
 
     def forget_segment(self, seg: int) -> None:
         """Segment *seg* was removed from the log."""
@@ -77,15 +80,32 @@ class Space:
         so compaction costs at most one extra write of each live byte per such growth.
         """
         volume = self._volume
-        sizes = volume.log.sizes()
+        sizes = self._own_sizes()
         if volume.quota:  # keeps housekeeping well ahead of `log_limit`
             live = volume.live_cost
             min_garbage = min(min_garbage, volume.log.segment_size)
         else:
             live = volume.used
-        if sum(sizes.values()) - live < max(min_garbage, live):
+        own_live = sum(volume.live.get(seg, 0) for seg in sizes)
+        if sum(sizes.values()) - own_live < max(min_garbage, live):
             return None
         return self._victim(sizes)
+
+    def _own_sizes(self) -> dict[int, int]:
+        """`SegmentLog.sizes` of the segments only this log names (`SegmentLog.shared`)."""
+        log = self._volume.log
+        return {seg: size for seg, size in log.sizes().items() if not log.shared(seg)}
+
+    def refresh_shared(self) -> None:
+        """Count anew the dead bytes of shared segments (`exempt`): snapshots come and go,
+        and files using data a snapshot shares are deleted."""
+        volume = self._volume
+        log = volume.log
+        self.exempt = sum(
+            max(0, size - volume.live.get(seg, 0))
+            for seg, size in log.sizes().items()
+            if log.shared(seg)
+        )
 
     def _victim(self, sizes: dict[int, int]) -> int | None:
         """The sealed segment whose live data is the smallest part of it, if at most half.
@@ -96,7 +116,12 @@ class Space:
         """
         volume = self._volume
         candidates = [
-            s for s in sizes if s != volume.log.head.seg and s not in self._unmovable and sizes[s]
+            s
+            for s in sizes
+            if s != volume.log.head.seg
+            and s not in self._unmovable
+            and sizes[s]
+            and not volume.log.shared(s)
         ]
         if not candidates:
             return None
@@ -178,7 +203,8 @@ class Space:
         given back.
         """
         volume = self._volume
-        while volume.log.total + length > self.log_limit:
+        self.refresh_shared()
+        while volume.log.total - self.exempt + length > self.log_limit:
             volume.log.seal()  # a full head segment: sealed now rather than at the next append
             seg = self._victim(volume.log.sizes())
             if seg is None:
@@ -191,16 +217,16 @@ class Space:
             for ino, start, length_ in self.live_ranges()[seg]:
                 self.relocate(ino, start, length_, seg)
             volume.checkpoint()  # deletes the segment, unless damaged data had to stay in it
+            self.refresh_shared()
 
     # -- giving space back -------------------------------------------------------------------
 
     def reclaimable(self) -> int:
         """Bytes of dead data in the log that still take disk space (not yet punched)."""
         volume = self._volume
-        sizes = volume.log.sizes()
         return sum(
             max(0, size - volume.live.get(seg, 0) - self._punched.get(seg, 0))
-            for seg, size in sizes.items()
+            for seg, size in self._own_sizes().items()
         )
 
     @property
@@ -233,6 +259,8 @@ class Space:
         sizes = volume.log.sizes()
         freed = 0
         for seg in [s for s in volume.log.segments if s <= end.seg]:
+            if volume.log.shared(seg):  # its blocks are a snapshot's or a clone's too
+                continue
             limit = end.pos if seg == end.seg else sizes[seg]
             starts = [(e.frame.pos + e.skip, e.length) for _, e in live.get(seg, ())]
             used = sorted((first, first + length) for first, length in starts)

@@ -1,11 +1,11 @@
 """A volume's state as replay builds it: inodes, directories, extent maps and the accounting.
 
 `VolumeState` is what both a served volume (`volfs.store.volume.Volume`, which adds the
-journaled writing methods) and a read-only snapshot for checking (`volfs.store.check.Snapshot`)
-are built on.  It has no method that writes to the store: it reads the checkpoint and the log
-through a `SegmentReader`, applies their records to memory, and reads verified file data.
-Anything that appends, syncs, cuts or deletes lives in the writing volume, so a snapshot cannot
-reach it.
+journaled writing methods) and a read-only load for checking
+(`volfs.store.readonly.ReadOnlyState`) are built on.  It has no method that writes to the
+store: it reads the checkpoint and the log through a `SegmentReader`, applies their records to
+memory, and reads verified file data.  Anything that appends, syncs, cuts or deletes lives in
+the writing volume, so a read-only load cannot reach it.
 
 Each record kind is applied by a function of its own (`_APPLY`), the same code for replay and
 for a served volume's own changes: the state after a crash is exactly the state built from

@@ -138,7 +138,7 @@ class Volume(VolumeState):
         buffers = frame.encode(records.encode_all(items), data)
         if self.quota and not compacting:
             length = sum(map(len, buffers))
-            if self.log.total + length > self.space.log_limit:
+            if self.log.total - self.space.exempt + length > self.space.log_limit:
                 self.space.make_room(length, charge > 0 or bool(data))
         try:
             at, data_pos = self.log.append_frame(buffers)

@@ -1,16 +1,16 @@
-"""A snapshot of a volume: its state loaded read-only from its store directory, for checking.
+"""A volume's state loaded read-only from its store directory, for checking and exporting.
 
-A snapshot is loaded without the volume's lock, so a served volume can be checked too
-(`volfsd scrub`).  It never writes, truncates or cuts anything, by construction: `Snapshot` is
+A read-only state is loaded without the volume's lock, so a served volume can be checked too
+(`volfsd scrub`).  It never writes, truncates or cuts anything, by construction: `ReadOnlyState` is
 a `VolumeState` (no writing method) over a `ReadOnlyLog` (a `SegmentReader` opening segments
-read-only); where a mount would cut a torn tail, a snapshot stops replaying and notes it.
+read-only); where a mount would cut a torn tail, a read-only load stops replaying and notes it.
 
-Log segments are append-only and never rewritten, so what a snapshot has read stays valid while
-the server appends.  What the server may do meanwhile is write a new checkpoint and then delete
-the segments compaction emptied.  A snapshot keeps the checkpoint file it loaded open and so can
-tell that apart from damage: a segment that vanishes once a newer checkpoint has replaced the
-loaded one was compacted away (the compactor verified its live data as it moved it); a segment
-that vanishes while the checkpoint stays is missing.
+Log segments are append-only and never rewritten, so what such a load has read stays valid
+while the server appends.  What the server may do meanwhile is write a new checkpoint and then
+delete the segments compaction emptied.  A read-only load keeps the checkpoint file it loaded
+open and so can tell that apart from damage: a segment that vanishes once a newer checkpoint
+has replaced the loaded one was compacted away (the compactor verified its live data as it
+moved it); a segment that vanishes while the checkpoint stays is missing.
 
 Loading verifies every checkpoint and log frame it replays.  Damage there is recorded with its
 place (`Damage`), and with its meta part read without its checksum (to name files, never to
@@ -42,9 +42,9 @@ from volfs.store.log import (
 from volfs.store.records import CheckpointRecord, LinkRecord
 from volfs.store.state import ROOT_INO, VolumeState, new_root
 
-#: Loads tried while the server keeps replacing the checkpoint under a loading snapshot
+#: Loads tried while the server keeps replacing the checkpoint under a read-only load
 #: (the last one keeps the part of the log it could replay).
-SNAPSHOT_ATTEMPTS = 8
+LOAD_ATTEMPTS = 8
 Pace = Callable[[int], None]
 #: For each record kind that concerns one inode, the field that names it (a directory, for
 #: UNLINK, RENAME and EXCHANGE).  LINK names two and is read apart.
@@ -60,7 +60,7 @@ _ABOUT_INODE = {
 
 
 class Damage(NamedTuple):
-    """Metadata that failed its checks while a snapshot loaded: a frame, or a whole segment."""
+    """Metadata that failed its checks while loading read-only: a frame, or a whole segment."""
 
     what: str  #: where it is and why it is damaged
     records: object  #: its meta part read without its checksum; None if unreadable
@@ -74,7 +74,7 @@ class SegmentGone(Exception):
 
 
 class CheckpointMoved(Exception):
-    """The server replaced the checkpoint while a snapshot loaded from it: load again."""
+    """The server replaced the checkpoint while a read-only state loaded from it: load again."""
 
 
 def _open_ro(name: str, dir_fd: int) -> int:
@@ -117,7 +117,7 @@ def _salvage(fd: int, pos: int) -> tuple[int | None, object]:
 
 
 class ReadOnlyLog(SegmentReader):
-    """A volume's log as a snapshot reads it: segments opened read-only, nothing written or cut.
+    """A volume's log as a read-only load reads it: segments opened read-only, nothing cut.
 
     Replay records damage before the durable mark and goes on after it; at damage beyond the
     mark (a frame still being written, or a torn tail) it stops, as a mount would, but cuts
@@ -131,7 +131,7 @@ class ReadOnlyLog(SegmentReader):
         self.mark = Position(0, 0)
         self.damage: list[Damage] = []
         self.tail: tuple[Position, str] | None = None  #: where replay stopped short, and why
-        self.retry = True  #: whether a replaced checkpoint makes the snapshot load again
+        self.retry = True  #: whether a replaced checkpoint makes the load start again
         self.listed_current = False  #: whether the checkpoint was current when listing ended
 
     def _fd(self, seg: int) -> int:
@@ -188,7 +188,7 @@ class ReadOnlyLog(SegmentReader):
                 at = Position(gone.seg + 1, 0)
             except LogDamage as damage:
                 if damage.at >= proven:
-                    raise  # unsynced: `_replay` stops there (`Snapshot._cut_tail` notes it)
+                    raise  # unsynced: `_replay` stops there (`ReadOnlyState._cut_tail` notes it)
                 seg, pos = damage.at
                 after, records = _salvage(self._fd(seg), pos)
                 what = f"log frame at segment {seg} offset {pos} fails its checks ({damage.reason})"
@@ -214,11 +214,11 @@ def _no_pace(_nbytes: int) -> None:
     pass
 
 
-class Snapshot(VolumeState):
+class ReadOnlyState(VolumeState):
     """A volume's state loaded read-only, without its lock, for checking.
 
     Built on `VolumeState`, which has no writing method, over a `ReadOnlyLog`, which opens
-    segments read-only: nothing reachable from a snapshot writes to the store."""
+    segments read-only: nothing reachable from a read-only state writes to the store."""
 
     log: ReadOnlyLog
 
@@ -300,7 +300,7 @@ class Snapshot(VolumeState):
         self.log.tail = (at, reason)  # noted, never cut: the server may be writing there
 
     def moved(self) -> bool:
-        """Whether the checkpoint this snapshot loaded has been replaced since."""
+        """Whether the checkpoint this state was loaded from has been replaced since."""
         try:
             now = os.stat(journal.CHECKPOINT_FILE, dir_fd=self.dir_fd, follow_symlinks=False)
         except FileNotFoundError:
@@ -331,16 +331,16 @@ class Snapshot(VolumeState):
             self._checkpoint_fd = None
 
 
-def open_snapshot(volume_dir: Path, name: str, pace: Pace | None = None) -> Snapshot:
-    """Load a snapshot of the volume in *volume_dir*; retried while the checkpoint changes."""
-    for attempt in range(SNAPSHOT_ATTEMPTS):
+def open_readonly(volume_dir: Path, name: str, pace: Pace | None = None) -> ReadOnlyState:
+    """Load the state of the volume in *volume_dir*; retried while the checkpoint changes."""
+    for attempt in range(LOAD_ATTEMPTS):
         try:
             dir_fd = os.open(volume_dir, os.O_RDONLY | os.O_DIRECTORY | OPEN_FLAGS)
         except FileNotFoundError:
             raise StoreError(f"no such volume: {name}", ErrorCode.NOT_FOUND) from None
         try:
-            snapshot = Snapshot(name, dir_fd, headers.read_header(name, dir_fd), pace)
-            snapshot.log.retry = attempt < SNAPSHOT_ATTEMPTS - 1
+            loaded = ReadOnlyState(name, dir_fd, headers.read_header(name, dir_fd), pace)
+            loaded.log.retry = attempt < LOAD_ATTEMPTS - 1
         except FileNotFoundError:
             os.close(dir_fd)
             raise StoreError(f"no such volume: {name}", ErrorCode.NOT_FOUND) from None
@@ -348,13 +348,13 @@ def open_snapshot(volume_dir: Path, name: str, pace: Pace | None = None) -> Snap
             os.close(dir_fd)
             raise
         try:
-            snapshot.load()
-            return snapshot
+            loaded.load()
+            return loaded
         except CheckpointMoved:
-            snapshot.close()
+            loaded.close()
             time.sleep(0.02 * 2**attempt)
         except BaseException:
-            snapshot.close()
+            loaded.close()
             raise
     raise AssertionError("the last attempt settles for what it could load")
 
