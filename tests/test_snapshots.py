@@ -113,9 +113,7 @@ def test_snapshot_is_one_instant_while_writers_run(host, tmp_path):
         host.cli("mount", f"busy@s{i}", str(old))
         for w in range(3):
             seen = sorted(
-                int(line)
-                for f in range(4)
-                for line in (old / f"w{w}-{f}").read_bytes().split()
+                int(line) for f in range(4) for line in (old / f"w{w}-{f}").read_bytes().split()
             )
             assert seen == list(range(len(seen))), f"writer {w} in snapshot s{i} has a gap"
         host.cli("umount", str(old))
