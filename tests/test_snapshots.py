@@ -9,6 +9,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import signal
 import subprocess
 import sys
 import textwrap
@@ -286,3 +287,28 @@ def test_a_thousand_snapshots(host, tmp_path):
     host.cli("umount", str(tmp_path / "old"))
     host.cli("umount", str(live))
     host.cli("rm", "-r", "many")
+
+
+@pytest.mark.expect_log(r"its worker exited \(pid \d+, ")
+def test_a_snapshot_mount_is_adopted_and_healed_like_a_volume(host, tmp_path):
+    live, old = tmp_path / "live", tmp_path / "old"
+    host.cli("mount", "kept", str(live))
+    (live / "f").write_bytes(b"then")
+    host.cli("snapshot", "kept@s")
+    (live / "f").write_bytes(b"now")
+    host.cli("mount", "kept@s", str(old))
+    worker = host.status()["by_name"]["kept@s"]["worker_pid"]
+    os.kill(host.daemon_pid(), signal.SIGKILL)
+    assert (old / "f").read_bytes() == b"then"  # the data plane needs no daemon
+    host.cli("mount", "kept", str(tmp_path / "again"))  # starts the next daemon
+    seen = host.status()["by_name"]["kept@s"]
+    assert seen["adopted"] is True and seen["worker_pid"] == worker
+    os.kill(worker, signal.SIGKILL)  # healed at its path, read-only as before
+    wait_until(lambda: host.status()["by_name"]["kept@s"]["restarts"] == 1, "the heal",
+               timeout=60)  # fmt: skip
+    wait_until(lambda: (old / "f").read_bytes() == b"then", "the healed snapshot mount",
+               ignore=(OSError,))  # fmt: skip
+    with pytest.raises(OSError) as raised:
+        (old / "g").write_bytes(b"no")
+    assert raised.value.errno == errno.EROFS
+    host.cli("umount", "--all")
