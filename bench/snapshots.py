@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import gc
 import json
 import os
 import shutil
@@ -149,6 +150,7 @@ def du(path: Path) -> int:
 
 
 def rss_kib() -> int:
+    gc.collect()
     return vm_status(os.getpid()).get("VmRSS", 0)
 
 
@@ -226,11 +228,14 @@ def mounted_snapshots(work: Path, repeats: int, log: Callable[[str], None]) -> d
 
 
 def served(work: Path) -> dict[str, Any]:
-    """The volume mounted by a daemon's worker: mount time, the worker's memory."""
+    """The volume mounted by a daemon's worker: mount time (the daemon's start included),
+    the worker's and the daemon's memory."""
     target = VolfsTarget(work, volume=NAME, store="store")
     try:
         seconds = timed(target.setup)
-        return {"mount_s": seconds, "worker_vm_kib": vm_status(target.worker_pid())}
+        daemon = int((target.run_dir / "volfsd.pid").read_text().split()[0])
+        return {"mount_s": seconds, "worker_vm_kib": vm_status(target.worker_pid()),
+                "daemon_vm_kib": vm_status(daemon)}  # fmt: skip
     finally:
         if not target.teardown():
             raise RuntimeError(f"could not unmount {target.mountpoint}")
@@ -304,15 +309,15 @@ def print_tables(report: dict[str, Any]) -> None:
           f"inode once; {many['log_written_bytes'] / n / 1024:.1f} KiB of it the writes), "
           f"own files {d['own_files'] / n / 1024:.1f} KiB")  # fmt: skip
     rss = many["rss_kib"]
-    print(
-        f"  memory per snapshot    {(rss['after'] - rss['before']) / n:.2f} KiB "
-        "(resident, the process holding the volume)"
-    )
     without, with_ = many["served_without"], many["served_with"]
-    print(f"  mount, worker RSS      {without['mount_s'] * 1000:.0f} ms, "
-          f"{without['worker_vm_kib'].get('VmRSS', 0) / 1024:.1f} MiB with none; "
-          f"{with_['mount_s'] * 1000:.0f} ms, {with_['worker_vm_kib'].get('VmRSS', 0) / 1024:.1f}"
-          f" MiB with {n}")  # fmt: skip
+    worker = [m["worker_vm_kib"].get("VmRSS", 0) for m in (without, with_)]
+    daemon = [m["daemon_vm_kib"].get("VmRSS", 0) for m in (without, with_)]
+    print(f"  memory per snapshot    {(worker[1] - worker[0]) / n:.2f} KiB of the worker's RSS "
+          f"({worker[0] / 1024:.1f} MiB with none, {worker[1] / 1024:.1f} with {n}); daemon "
+          f"{daemon[0] / 1024:.1f} / {daemon[1] / 1024:.1f} MiB; the process taking them "
+          f"{rss['before'] / 1024:.1f} MiB before, {rss['after'] / 1024:.1f} after")  # fmt: skip
+    print(f"  mount (daemon start included)  {without['mount_s'] * 1000:.0f} ms with none, "
+          f"{with_['mount_s'] * 1000:.0f} ms with {n}")  # fmt: skip
     print(
         f"  list them {many['describe_s'] * 1000:.0f} ms; remove all {many['remove_all_s']:.2f} s"
     )
