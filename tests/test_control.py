@@ -75,6 +75,11 @@ def test_malformed_requests_are_one_line_invalid(cmd, args, words):
         ("create", {"name": "y", "gid": -1}, "invalid gid"),
         ("create", {"name": "y", "mode": 0o17777}, "invalid mode 0o17777"),
         ("create", {"name": "y", "mode": "rwx"}, "invalid mode 'rwx'"),
+        ("snapshot", {"snapshot": "x"}, "names no snapshot"),
+        ("snapshot", {"snapshot": "x@../y"}, "invalid snapshot name"),
+        ("clone", {"snapshot": "x@s", "name": "a@b"}, "invalid volume name"),
+        ("rollback", {"snapshot": "X@s"}, "invalid volume name"),
+        ("inspect", {"names": ["a@"]}, "invalid snapshot name"),
     ],
 )
 def test_values_are_parsed_by_the_cli_parsers(cmd, args, words):
@@ -96,6 +101,15 @@ def test_every_request_encodes_to_what_decodes_to_it():
         requests.UmountAllRequest(),
         requests.RmRequest("a", force=True),
         requests.ResizeRequest("a", 4096, None),
+        requests.LsRequest(snapshots=True),
+        requests.InspectRequest(["a", "a@s"]),
+        requests.MountRequest("a@s", Path("/m"), True),
+        requests.RmRequest("a@s"),
+        requests.RmRequest("a", recursive=True),
+        requests.SnapshotRequest("a@s"),
+        requests.CloneRequest("a@s", "b", 1 << 20),
+        requests.CloneRequest("a@s", "b"),
+        requests.RollbackRequest("a@s"),
     ]
     assert {type(s) for s in samples} == set(requests.DAEMON_COMMANDS.values())
     for sample in samples:
@@ -117,16 +131,19 @@ def test_the_wire_names_stay():
     }
     assert names == {
         "create": ["name", "size", "labels", "inodes", "uid", "gid", "mode"],
-        "ls": [],
+        "ls": ["snapshots"],
         "inspect": ["names"],
         "status": [],
         "mount": ["name", "mountpoint", "read_only", "size", "inodes", "create"],
         "umount": ["mountpoint", "lazy"],
         "umount_all": [],
-        "rm": ["name", "force"],
+        "rm": ["name", "force", "recursive"],
         "resize": ["name", "size", "inodes"],
+        "snapshot": ["snapshot"],
+        "clone": ["snapshot", "name", "size"],
+        "rollback": ["snapshot"],
     }
-    assert sorted(requests.WORKER_COMMANDS) == ["set_limits", "status"]
+    assert sorted(requests.WORKER_COMMANDS) == ["set_limits", "status", "take_snapshot"]
 
 
 # -- codes in replies, end to end ------------------------------------------------------------

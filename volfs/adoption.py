@@ -16,8 +16,8 @@ from pathlib import Path
 from volfs import mounts, requests, workerctl
 from volfs.errors import VolfsError
 from volfs.served import MountPath, Served
-from volfs.store.headers import check_name
 from volfs.store.root import StoreRoot
+from volfs.store.snapshots import check_target
 from volfs.workerctl import WorkerProcess
 
 log = logging.getLogger(__name__)
@@ -31,7 +31,7 @@ async def running_workers(root: StoreRoot, run_dir: Path) -> list[Served]:
     for sock in sorted((run_dir / workerctl.WORKERS_DIR).glob("*.sock")):
         name = sock.name.removesuffix(".sock")
         try:
-            check_name(name)
+            check_target(name)
             status = await workerctl.call(sock, requests.WorkerStatusRequest())
         except VolfsError:
             continue

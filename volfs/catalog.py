@@ -15,8 +15,10 @@ from typing import Any
 
 from volfs import mounts
 from volfs.errors import VolfsError
+from volfs.store import history
 from volfs.store.headers import MAX_ID, root_attrs
 from volfs.store.root import StoreRoot
+from volfs.store.snapshots import parse_name
 
 log = logging.getLogger(__name__)
 
@@ -204,4 +206,46 @@ def describe(
         "gid": gid,
         "mode": None if mode is None else f"{mode:04o}",
         "store": str(root.volume_path(name)),
+        **_history_of(root, name, header),
+    }
+
+
+def _history_of(root: StoreRoot, name: str, header: dict[str, Any]) -> dict[str, Any]:
+    """A volume's snapshots (how many, the disk bytes only they hold) and the snapshot it
+    was cloned from (None: not a clone)."""
+    origin = header.get("origin")
+    made_from = (
+        f"{origin.get('volume')}@{origin.get('snapshot')}" if isinstance(origin, dict) else None
+    )
+    try:
+        count, held = history.count(root, name), history.snapshot_bytes(root, name)
+    except (VolfsError, OSError):
+        count, held = 0, 0
+    return {"snapshots": count, "snapshot_bytes": held, "origin": made_from}
+
+
+def describe_snapshot(
+    root: StoreRoot,
+    label: str,
+    status: str | None = None,
+    staging: Path | None = None,
+    read_only: Iterable[Path] = (),
+    device: str | None = None,
+) -> dict[str, Any]:
+    """What `ls --snapshots` and `inspect` show of snapshot *label* (NAME@SNAP): created, the
+    volume's used bytes and inodes then, the bytes only it keeps alive (``held``), and its
+    mounts (those of *device* if the daemon serves it, else volfs mounts named *label*)."""
+    name, snap = parse_name(label)
+    (row,) = history.describe(root, name, only=snap)
+    found = [
+        e for e in mounts.volfs_mounts() if (e.device == device if device else e.source == label)
+    ]
+    paths = sorted(e.mountpoint for e in found if e.mountpoint != str(staging))
+    return {
+        **row,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(row.get("created_ns", 0) / 1e9)),
+        "mounts": paths,
+        "read_only": paths,  # every mount of a snapshot is read-only
+        "status": status or ("mounted" if paths else "unmounted"),
+        "store": str(history.snapshot_path(root, name, snap)),
     }

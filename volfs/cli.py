@@ -16,10 +16,10 @@ import sys
 import time
 import traceback
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any
 
 import volfs
-from volfs import checking, control, mounts, requests
+from volfs import checking, cli_history, control, mounts, requests
 from volfs.catalog import (
     describe,
     parse_gid,
@@ -29,12 +29,14 @@ from volfs.catalog import (
     parse_size,
     parse_uid,
 )
+from volfs.cli_base import CliError, Parser, call, print_rows, print_table, store
 from volfs.config import DEFAULT_PATH, parse_plugin_name
 from volfs.errors import ErrorCode, VolfsError
 from volfs.mountpoint import REPLACE, normalize, open_mountpoint, prepare
-from volfs.store import pidlock
+from volfs.store import history, pidlock
 from volfs.store.headers import check_name
 from volfs.store.root import StoreRoot, default_root, open_log
+from volfs.store.snapshots import check_target, parse_name
 from volfs.users import describe_users, users_of
 
 #: How long `mount` waits for a daemon it started to listen.
@@ -46,33 +48,6 @@ UMOUNT_TIMEOUT = 120.0
 CLI_LOG = "_cli.log"
 #: Commands whose exit status 1 means "damage found": their failures exit 2 ("not checked").
 CHECKS = {"fsck": checking.UNCHECKED, "scrub": checking.UNCHECKED}
-
-
-class CliError(VolfsError):
-    pass
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> NoReturn:  # one line, not argparse's usage block
-        raise CliError(f"{message} (see '{self.prog} --help')")
-
-
-def _root() -> StoreRoot:
-    return StoreRoot(default_root())
-
-
-def _call(request: requests.DaemonRequest) -> Any:
-    run_dir = control.default_run_dir()
-    try:
-        return control.call(run_dir, request)
-    except VolfsError as exc:
-        if exc.code != ErrorCode.INTERNAL:
-            raise
-        # Name the log the traceback went to: the daemon's stderr, found through /proc.
-        raise CliError(
-            f"internal error in volfsd; the traceback is in {control.daemon_log(run_dir)}",
-            ErrorCode.INTERNAL,
-        ) from None
 
 
 def _start_daemon(root: StoreRoot) -> None:
@@ -89,7 +64,7 @@ def _start_daemon(root: StoreRoot) -> None:
     pid_file = control.default_run_dir() / control.PID_FILE
     while time.monotonic() < deadline:
         try:
-            _call(requests.StatusRequest())
+            call(requests.StatusRequest())
             return
         except control.DaemonNotRunning:
             # Ours exited while another daemon holds the run dir: we lost a race with another
@@ -100,45 +75,6 @@ def _start_daemon(root: StoreRoot) -> None:
                 raise CliError(f"the daemon failed to start: {last}") from None
             time.sleep(0.05)
     raise CliError(f"the daemon did not start within {DAEMON_START_TIMEOUT:.0f} s")
-
-
-# -- output ----------------------------------------------------------------------------------
-
-
-def human_size(n: int) -> str:
-    if not n:
-        return "0"
-    value = float(n)
-    for unit in ("", "K", "M", "G", "T"):
-        if value < 1024 or unit == "T":
-            return f"{value:.0f}{unit}" if unit == "" or value >= 10 else f"{value:.1f}{unit}"
-        value /= 1024
-    return str(value)
-
-
-def print_table(rows: list[dict[str, Any]]) -> None:
-    header = ["NAME", "SIZE", "USED", "MOUNTS", "STATUS", "CREATED"]
-    table = [
-        [
-            r["name"],
-            human_size(r["size"]) if r["size"] else "-",
-            human_size(r["used"]),
-            ",".join(f"{m} (ro)" if m in r.get("read_only", ()) else m for m in r["mounts"]) or "-",
-            r["status"],
-            r["created"],
-        ]
-        for r in rows
-    ]
-    _print_rows(header, table)
-
-
-def _print_rows(header: list[str], rows: list[list[str]]) -> None:
-    table = [header, *rows]
-    widths = [max(len(row[i]) for row in table) for i in range(len(header))]
-    for row in table:
-        print(
-            "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip()
-        )
 
 
 # -- commands --------------------------------------------------------------------------------
@@ -153,9 +89,9 @@ def cmd_create(args: argparse.Namespace) -> None:
     gid = None if args.gid is None else parse_gid(args.gid)
     mode = None if args.mode is None else parse_mode(args.mode)
     try:
-        _call(requests.CreateRequest(check_name(args.name), size, labels, inodes, uid, gid, mode))
+        call(requests.CreateRequest(check_name(args.name), size, labels, inodes, uid, gid, mode))
     except control.DaemonNotRunning:
-        root = _root()
+        root = store()
         root.create_volume(args.name, size, labels, inodes=inodes, uid=uid, gid=gid, mode=mode)
         describe(root, args.name)
     print(args.name)
@@ -169,26 +105,28 @@ def _inodes(args: argparse.Namespace) -> int:
 def _volumes(names: list[str] | None) -> list[dict[str, Any]]:
     try:
         if names is None:
-            return list(_call(requests.LsRequest()))
-        return list(_call(requests.InspectRequest(names)))
+            return list(call(requests.LsRequest()))
+        return list(call(requests.InspectRequest(names)))
     except control.DaemonNotRunning:
-        root = _root()
+        root = store()
         if names is None:
             names = root.names()
         for name in names:
-            if not root.exists(check_name(name)):
+            if "@" not in name and not root.exists(check_name(name)):
                 raise CliError(f"no such volume: {name}", ErrorCode.NOT_FOUND) from None
-        return [describe(root, name) for name in names]
+        return [cli_history.describe_target(name) for name in names]
 
 
 def cmd_ls(args: argparse.Namespace) -> None:
-    rows = _volumes(None)
+    rows = cli_history.snapshot_rows() if args.snapshots else _volumes(None)
     if args.quiet:
         for row in rows:
             print(row["name"])
     elif args.format == "json":
         for row in rows:
             print(json.dumps(row, sort_keys=True))
+    elif args.snapshots:
+        cli_history.print_snapshots(rows)
     else:
         print_table(rows)
 
@@ -199,7 +137,7 @@ def cmd_inspect(args: argparse.Namespace) -> None:
 
 def cmd_status(args: argparse.Namespace) -> None:
     try:
-        status = _call(requests.StatusRequest())
+        status = call(requests.StatusRequest())
     except control.DaemonNotRunning as exc:
         raise CliError(f"volfsd is not running ({exc})") from None
     if args.format == "json":
@@ -219,18 +157,18 @@ def cmd_status(args: argparse.Namespace) -> None:
         rows.append([volume["name"], volume["status"], str(worker or "-"),
                      str(volume["restarts"]), "yes" if volume["adopted"] else "no",
                      ", ".join(paths) or "-"])  # fmt: skip
-    _print_rows(["VOLUME", "STATUS", "WORKER", "RESTARTS", "ADOPTED", "MOUNTS"], rows)
+    print_rows(["VOLUME", "STATUS", "WORKER", "RESTARTS", "ADOPTED", "MOUNTS"], rows)
     for volume in status["volumes"]:
         for problem in volume["problems"]:
             print(f"{volume['name']}: {problem}")
 
 
 def cmd_mount(args: argparse.Namespace) -> None:
-    name = check_name(args.name)
+    name = check_target(args.name)
     mountpoint = normalize(args.mountpoint)
     size = parse_size(args.size) if args.size is not None else 0
     inodes = _inodes(args)
-    root = _root()
+    root = store()
     if args.foreground:
         _mount_foreground(root, name, mountpoint, args.ro, size, inodes)
         return
@@ -241,10 +179,10 @@ def mount_through_daemon(request: requests.MountRequest) -> None:
     """Ask the daemon for *request*, starting it first if none runs; return once the mount
     is there (`volfsd mount`, and mount(8) through mount_helper.py)."""
     try:
-        _call(request)
+        call(request)
     except control.DaemonNotRunning:
-        _start_daemon(_root())
-        _call(request)
+        _start_daemon(store())
+        call(request)
 
 
 def _mount_foreground(
@@ -253,7 +191,9 @@ def _mount_foreground(
     """Serve one volume in this process, without the daemon (debugging, simple units)."""
     from volfs import worker  # the FUSE machinery loads only where it is needed
 
-    if not root.exists(name):
+    if "@" in name:  # a snapshot: read-only, never created (the worker checks it exists)
+        history.check_exists(root, name)
+    elif not root.exists(name):
         root.create_volume(name, size, inodes=inodes)
     if root.is_served(name):
         raise CliError(
@@ -281,7 +221,7 @@ def cmd_umount(args: argparse.Namespace) -> None:
     mountpoint = normalize(args.mountpoint)
     entry = mounts.find_mount(mountpoint)
     try:  # the daemon also lets go of a path of its that was unmounted behind its back
-        _call(requests.UmountRequest(mountpoint, args.lazy))
+        call(requests.UmountRequest(mountpoint, args.lazy))
         return
     except control.DaemonNotRunning:
         pass
@@ -316,7 +256,7 @@ def _check_foreground_mount(mountpoint: Path, entry: mounts.MountEntry) -> None:
         raise CliError(
             f"{mountpoint} is the daemon's own staging mount: unmount the volume's paths instead"
         )
-    root = _root()
+    root = store()
     name = entry.source
     ours = root.exists(name) and root.is_served(name) and root.served_device(name) == entry.device
     if not ours:
@@ -339,11 +279,11 @@ def _check_foreground_mount(mountpoint: Path, entry: mounts.MountEntry) -> None:
 
 def _umount_all() -> None:
     try:
-        done = _call(requests.UmountAllRequest())
+        done = call(requests.UmountAllRequest())
     except control.DaemonNotRunning:
         # Workers outlive their daemon: one started now adopts them, then stops them.
-        _start_daemon(_root())
-        done = _call(requests.UmountAllRequest())
+        _start_daemon(store())
+        done = call(requests.UmountAllRequest())
     assert isinstance(done, dict)
     print(f"unmounted {len(done['volumes'])} volume(s) in {done['seconds']:.1f} s")
 
@@ -359,18 +299,22 @@ def _wait_released(root: Path, name: str) -> None:
 
 def cmd_rm(args: argparse.Namespace) -> None:
     for name in args.names:
-        check_name(name)
+        check_target(name)
         try:
-            _call(requests.RmRequest(name, args.force))
+            call(requests.RmRequest(name, args.force, args.recursive))
         except control.DaemonNotRunning:
-            root = _root()
+            root = store()
+            if "@" in name:
+                history.remove(root, *parse_name(name))
+                print(name)
+                continue
             if not root.exists(name):
                 raise CliError(f"no such volume: {name}", ErrorCode.NOT_FOUND) from None
             if root.is_served(name):
                 raise CliError(
                     f"volume {name} is mounted: unmount it first", ErrorCode.BUSY
                 ) from None
-            root.remove_volume(name)
+            root.remove_volume(name, args.recursive)
         print(name)
 
 
@@ -380,9 +324,9 @@ def cmd_resize(args: argparse.Namespace) -> None:
     size = parse_size(args.size)
     inodes = _inodes(args) or None  # None: keep the inode limit it has
     try:
-        _call(requests.ResizeRequest(name, size, inodes))
+        call(requests.ResizeRequest(name, size, inodes))
     except control.DaemonNotRunning:
-        root = _root()
+        root = store()
         if not root.exists(name):
             raise CliError(f"no such volume: {name}", ErrorCode.NOT_FOUND) from None
         root.resize(name, size, inodes)
@@ -428,7 +372,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
     daemon.serve(Path(args.config) if args.config else None, args.docker_plugin)
 
 
-def _add_backup_parsers(sub: argparse._SubParsersAction[_Parser]) -> None:
+def _add_backup_parsers(sub: argparse._SubParsersAction[Parser]) -> None:
     """``export`` and ``import``."""
     exports = sub.add_parser("export", help="write an unmounted volume as a pax tar")
     exports.add_argument("name", metavar="NAME")
@@ -444,9 +388,9 @@ def _add_backup_parsers(sub: argparse._SubParsersAction[_Parser]) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="volfsd", description="Named, persistent, shared volumes over FUSE.")
+    parser = Parser(prog="volfsd", description="Named, persistent, shared volumes over FUSE.")
     parser.add_argument("--version", action="version", version=f"volfsd {volfs.__version__}")
-    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
 
     create = sub.add_parser("create", help="create volume NAME (no-op if it exists alike)")
     create.add_argument("name", metavar="NAME")
@@ -461,6 +405,7 @@ def build_parser() -> argparse.ArgumentParser:
     ls = sub.add_parser("ls", help="list volumes")
     ls.add_argument("-q", "--quiet", action="store_true", help="names only")
     ls.add_argument("--format", choices=["table", "json"], default="table")
+    ls.add_argument("--snapshots", action="store_true", help="list snapshots (NAME@SNAP)")
     ls.set_defaults(func=cmd_ls)
 
     inspect = sub.add_parser("inspect", help="show volumes as a JSON array")
@@ -489,7 +434,9 @@ def build_parser() -> argparse.ArgumentParser:
     rm = sub.add_parser("rm", help="destroy volumes and their data")
     rm.add_argument("names", nargs="+", metavar="NAME")
     rm.add_argument("-f", "--force", action="store_true", help="unmount first if mounted")
+    rm.add_argument("-r", "--recursive", action="store_true", help="remove its snapshots too")
     rm.set_defaults(func=cmd_rm)
+    cli_history.add_parsers(sub)
 
     resize = sub.add_parser("resize", help="give an unmounted volume a new size")
     resize.add_argument("name", metavar="NAME")

@@ -21,6 +21,7 @@ import trio
 
 from volfs import control, requests
 from volfs.errors import ErrorCode, VolfsError
+from volfs.history_commands import HistoryCommands
 from volfs.supervisor import Supervisor
 
 log = logging.getLogger(__name__)
@@ -71,6 +72,7 @@ class ControlServer:
 
     def __init__(self, supervisor: Supervisor) -> None:
         self.supervisor = supervisor
+        self.history = HistoryCommands(supervisor)
 
     async def serve(self, listener: trio.socket.SocketType) -> None:
         """Accept connections until cancelled; each is answered in a task of its own."""
@@ -120,6 +122,8 @@ class ControlServer:
         match request:
             case requests.CreateRequest():
                 return await supervisor.create(request)
+            case requests.LsRequest(snapshots=True):
+                return await self.history.snapshots(self.supervisor.root.names())
             case requests.LsRequest():
                 return await supervisor.ls(request)
             case requests.InspectRequest():
@@ -136,3 +140,9 @@ class ControlServer:
                 return await supervisor.rm(request)
             case requests.ResizeRequest():
                 return await supervisor.resize(request)
+            case requests.SnapshotRequest():
+                return await self.history.snapshot(request)
+            case requests.CloneRequest():
+                return await self.history.clone(request)
+            case requests.RollbackRequest():
+                return await self.history.rollback(request)

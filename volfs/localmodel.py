@@ -12,11 +12,13 @@ Only the volume's public names are used (the ones `volfs.model.VolumeView` docum
 
 from __future__ import annotations
 
+import errno
 import os
 from collections.abc import Callable
-from typing import TYPE_CHECKING, TypeVar, cast
+from typing import TYPE_CHECKING, NoReturn, TypeVar, cast
 
 from volfs.store.dirents import Listing
+from volfs.store.readonly import ReadOnlyState
 from volfs.store.volume import Inode, Volume
 
 if TYPE_CHECKING:
@@ -97,15 +99,56 @@ class LocalView:
         return self.volume.disk_stats()
 
 
-class LocalModel:
-    """`VolumeModel` of a volume served by this process alone."""
+def _read_only(*_args: object, **_kwargs: object) -> NoReturn:
+    raise OSError(errno.EROFS, "a snapshot is read-only")
 
-    def __init__(self, volume: Volume) -> None:
+
+def _keep(_inode: Inode) -> None:
+    """A snapshot's `forget`: it frees nothing (nothing in it is ever unlinked)."""
+
+
+def _durable() -> None:
+    """A snapshot's `sync`: it is durable already."""
+
+
+class SnapshotView(LocalView):
+    """`VolumeView` of a snapshot loaded read-only: its lookups, and changes that fail with
+    EROFS (the rules refuse them first: the mount is read-only)."""
+
+    def __init__(self, state: ReadOnlyState) -> None:  # not LocalView's: no Volume to bind
+        self.volume = cast(Volume, state)  # only the figures below are read of it
+        self.name = state.name
+        self._inodes = state.inodes
+        self.new_inode = self.create = self.link = self.unlink = _read_only
+        self.rename = self.exchange = self.set_attrs = self.set_xattr = _read_only
+        self.write = _read_only
+        self.read = state.read
+        self.forget = _keep  # type: ignore[assignment]  # (mypy reads the slot as unbound)
+        self.sync = _durable
+        self.inode = state.inodes.get
+
+    @property
+    def quota(self) -> int:
+        return 0
+
+    @property
+    def inode_limit(self) -> int:
+        return 0
+
+    def disk_stats(self) -> os.statvfs_result:
+        return os.statvfs(self.volume.dir_fd)
+
+
+class LocalModel:
+    """`VolumeModel` of a volume (or a snapshot) served by this process alone."""
+
+    def __init__(self, volume: Volume | ReadOnlyState) -> None:
         self.volume = volume
         self.name = volume.name
         # Its change methods take the store's own `Inode`s, which are the only nodes it hands
         # out: so it is a `VolumeView`, though not by the letter of parameter variance.
-        self.view = cast("VolumeView", LocalView(volume))
+        view = LocalView(volume) if isinstance(volume, Volume) else SnapshotView(volume)
+        self.view = cast("VolumeView", view)
 
     async def run(self, step: Callable[[VolumeView], T]) -> T:
         """Run *step* at once: it does not await, so nothing else runs until it returns."""

@@ -28,6 +28,7 @@ from volfs.catalog import parse_gid, parse_inodes, parse_labels, parse_mode, par
 from volfs.errors import ErrorCode, VolfsError
 from volfs.mountpoint import normalize
 from volfs.store.headers import check_name
+from volfs.store.snapshots import check_target, parse_name
 
 if TYPE_CHECKING:
     from _typeshed import DataclassInstance
@@ -62,6 +63,8 @@ def _or_none(parse: Callable[[str | int], int]) -> Callable[[str | int | None], 
 
 
 _NAME = _parsed(check_name, str)
+_TARGET = _parsed(check_target, str)  # a volume, or a snapshot of one (NAME@SNAP)
+_SNAPSHOT = _parsed(lambda text: parse_name(text) and text, str)  # NAME@SNAP only
 _MOUNTPOINT = _parsed(normalize, str)
 
 
@@ -87,17 +90,19 @@ class CreateRequest:
 
 @dataclasses.dataclass(frozen=True)
 class LsRequest:
-    """Every volume of the store, as `ls` shows them."""
+    """Every volume of the store, as `ls` shows them; with *snapshots*, every snapshot."""
 
     command: ClassVar[str] = "ls"
+    snapshots: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
 class InspectRequest:
-    """The volumes *names*, in that order."""
+    """The volumes and snapshots (NAME@SNAP) *names*, in that order."""
 
     command: ClassVar[str] = "inspect"
-    names: list[str]
+    names: list[str] = field(metadata=_parsed(lambda names: [check_target(n) for n in names],
+                                              list[str]))  # fmt: skip
 
 
 @dataclasses.dataclass(frozen=True)
@@ -110,10 +115,11 @@ class StatusRequest:
 @dataclasses.dataclass(frozen=True)
 class MountRequest:
     """Serve *name* at *mountpoint*, creating the volume (with *size*, *inodes*) if it is new;
-    with *create* False a volume that does not exist is refused (NOT_FOUND) instead."""
+    with *create* False a volume that does not exist is refused (NOT_FOUND) instead.  A
+    snapshot (NAME@SNAP) is always mounted read-only and never created."""
 
     command: ClassVar[str] = "mount"
-    name: str = field(metadata=_NAME)
+    name: str = field(metadata=_TARGET)
     mountpoint: Path = field(metadata=_MOUNTPOINT)
     read_only: bool = False
     size: int = field(default=0, metadata=_parsed(_size_or_none, str | int))
@@ -139,11 +145,13 @@ class UmountAllRequest:
 
 @dataclasses.dataclass(frozen=True)
 class RmRequest:
-    """Destroy volume *name*; *force*: unmount it first."""
+    """Destroy volume (or snapshot, NAME@SNAP) *name*; *force*: unmount it first; *recursive*:
+    a volume's snapshots go with it (without, a volume that has some is refused)."""
 
     command: ClassVar[str] = "rm"
-    name: str = field(metadata=_NAME)
+    name: str = field(metadata=_TARGET)
     force: bool = False
+    recursive: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -156,6 +164,33 @@ class ResizeRequest:
     inodes: int | None = field(default=None, metadata=_parsed(_inodes_or_keep, str | int | None))
 
 
+@dataclasses.dataclass(frozen=True)
+class SnapshotRequest:
+    """Snapshot *name*, now, mounted or not; *snapshot* is NAME@SNAP."""
+
+    command: ClassVar[str] = "snapshot"
+    snapshot: str = field(metadata=_SNAPSHOT)
+
+
+@dataclasses.dataclass(frozen=True)
+class CloneRequest:
+    """Make volume *name* from snapshot *snapshot* (NAME@SNAP), with *size* (None: the
+    origin's)."""
+
+    command: ClassVar[str] = "clone"
+    snapshot: str = field(metadata=_SNAPSHOT)
+    name: str = field(metadata=_NAME)
+    size: int | None = field(default=None, metadata=_parsed(_or_none(parse_size), str | int | None))
+
+
+@dataclasses.dataclass(frozen=True)
+class RollbackRequest:
+    """Return the unmounted volume of *snapshot* (NAME@SNAP) to that snapshot."""
+
+    command: ClassVar[str] = "rollback"
+    snapshot: str = field(metadata=_SNAPSHOT)
+
+
 DaemonRequest = (
     CreateRequest
     | LsRequest
@@ -166,6 +201,9 @@ DaemonRequest = (
     | UmountAllRequest
     | RmRequest
     | ResizeRequest
+    | SnapshotRequest
+    | CloneRequest
+    | RollbackRequest
 )
 
 # -- a worker's commands (workerctl.py) --------------------------------------------------------
@@ -188,17 +226,27 @@ class SetLimitsRequest:
     # workers of before requests.py need
 
 
-WorkerRequest = WorkerStatusRequest | SetLimitsRequest
+@dataclasses.dataclass(frozen=True)
+class TakeSnapshotRequest:
+    """Snapshot the served volume as *snapshot* (SNAP: its name without the volume's) between
+    two requests; the reply is the snapshot's header."""
+
+    command: ClassVar[str] = "take_snapshot"
+    snapshot: str = field(metadata=_parsed(check_name, str))
+
+
+WorkerRequest = WorkerStatusRequest | SetLimitsRequest | TakeSnapshotRequest
 
 DAEMON_COMMANDS: dict[str, type[DaemonRequest]] = {
     cls.command: cls
     for cls in (
         CreateRequest, LsRequest, InspectRequest, StatusRequest, MountRequest,
-        UmountRequest, UmountAllRequest, RmRequest, ResizeRequest,
+        UmountRequest, UmountAllRequest, RmRequest, ResizeRequest, SnapshotRequest,
+        CloneRequest, RollbackRequest,
     )
 }  # fmt: skip
 WORKER_COMMANDS: dict[str, type[WorkerRequest]] = {
-    cls.command: cls for cls in (WorkerStatusRequest, SetLimitsRequest)
+    cls.command: cls for cls in (WorkerStatusRequest, SetLimitsRequest, TakeSnapshotRequest)
 }
 
 

@@ -22,13 +22,15 @@ import math
 import os
 import signal
 import time
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import trio
 
 from volfs import __version__, adoption, control, mounts, requests, sysmount, users, workerctl
-from volfs.catalog import describe
+from volfs.catalog import describe, describe_snapshot
 from volfs.config import DaemonConfig
 from volfs.errors import ErrorCode, VolfsError
 from volfs.mount_watch import unmounted_paths, watch_mount_table
@@ -36,8 +38,10 @@ from volfs.mountpoint import PRESENT, normalize, open_mountpoint, prepare
 from volfs.remembered import ContainerClaims, RememberedMounts
 from volfs.served import DEAD, MOUNTED, REFUSED, MountPath, Served
 from volfs.spawn import start_worker
+from volfs.store import history
 from volfs.store.headers import check_name
 from volfs.store.root import StoreRoot
+from volfs.store.snapshots import check_target, parse_name
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +53,7 @@ RESTART_DELAYS = (0.5, 1, 2, 5, 10, 30)
 
 #: What `ls` and `inspect` show of one volume (catalog.describe).
 VolumeInfo = dict[str, Any]
+T = TypeVar("T")
 
 
 class Supervisor:
@@ -109,7 +114,7 @@ class Supervisor:
                 try:
                     if not isinstance(name, str):
                         raise TypeError("a volume name that is not a string")
-                    if name not in self.served and self.root.is_served(check_name(name)):
+                    if name not in self.served and self.root.is_served(check_target(name)):
                         served = adoption.silent_worker(self.root, self.run_dir, name)
                         if served is not None:
                             self._adopt(served)
@@ -126,7 +131,7 @@ class Supervisor:
                         # daemon did not finish), so nothing but a user took this one away.
                         self._forget_path(adopted, normalize(path), "while no daemon ran")
                         continue
-                    await self._mount(check_name(name), normalize(path), bool(read_only))
+                    await self._mount(check_target(name), normalize(path), bool(read_only))
                 except (VolfsError, TypeError) as exc:
                     # Kept (and shown by `status`): the mount point may come right again, and
                     # forgetting it would leave it bare for good.
@@ -142,11 +147,12 @@ class Supervisor:
     def describe(self, name: str) -> VolumeInfo:
         """What `ls` and `inspect` show of volume *name*, with what the supervisor knows."""
         served = self.served.get(name)
+        describer = describe_snapshot if "@" in name else describe
         if served is None:
-            return describe(self.root, name)
+            return describer(self.root, name)
         staging = served.staging if self._bind else None
-        return describe(self.root, name, served.status, staging, served.read_only,
-                        device=served.device or None)  # fmt: skip
+        return describer(self.root, name, served.status, staging, served.read_only,
+                         device=served.device or None)  # fmt: skip
 
     async def create(self, request: requests.CreateRequest) -> VolumeInfo:
         self.root.create_volume(request.name, request.size, request.labels,
@@ -160,8 +166,7 @@ class Supervisor:
     async def inspect(self, request: requests.InspectRequest) -> list[VolumeInfo]:
         result = []
         for name in request.names:
-            if not self.root.exists(check_name(name)):
-                raise VolfsError(f"no such volume: {name[:80]}", ErrorCode.NOT_FOUND)
+            self._check_exists(name)
             result.append(self.describe(name))
         return result
 
@@ -188,18 +193,28 @@ class Supervisor:
             "mount(s) held it; those containers see ENOTCONN until they are restarted"
         ]
 
+    def _check_exists(self, name: str) -> None:
+        """NOT_FOUND unless volume *name*, or snapshot NAME@SNAP, exists."""
+        if "@" in name:
+            history.check_exists(self.root, name)
+        elif not self.root.exists(check_name(name)):
+            raise VolfsError(f"no such volume: {name[:80]}", ErrorCode.NOT_FOUND)
+
     async def mount(self, request: requests.MountRequest) -> VolumeInfo:
-        name = request.name
+        name, read_only = request.name, request.read_only
         async with self._admin:
             self._forget_unmounted()  # a path just unmounted by umount(8) is mounted again
-            if self.root.exists(name):
+            if "@" in name:  # a snapshot: never created, never written
+                self._check_exists(name)
+                read_only = True
+            elif self.root.exists(name):
                 self._check_limits_match(request)
             elif not request.create:
                 raise VolfsError(f"no such volume: {name}", ErrorCode.NOT_FOUND)
             else:
                 self.root.create_volume(name, size=request.size, inodes=request.inodes)
-            await self._mount(name, request.mountpoint, request.read_only, create=True)
-            self.remembered.remember(name, request.mountpoint, request.read_only)
+            await self._mount(name, request.mountpoint, read_only, create=True)
+            self.remembered.remember(name, request.mountpoint, read_only)
         return self.describe(name)
 
     def _check_limits_match(self, request: requests.MountRequest) -> None:
@@ -261,14 +276,16 @@ class Supervisor:
     async def rm(self, request: requests.RmRequest) -> dict[str, str]:
         name = request.name
         async with self._admin:
-            if not self.root.exists(name):
-                raise VolfsError(f"no such volume: {name}", ErrorCode.NOT_FOUND)
+            self._check_exists(name)
+            if "@" not in name and not request.recursive:
+                history.refuse_if_snapshotted(self.root, name)  # before --force unmounts it
             served = self.served.get(name)
             if served is not None:
                 if not request.force:
                     mounted = ", ".join(str(p) for p in served.paths) or str(served.staging)
                     raise VolfsError(
-                        f"volume {name} is mounted at {mounted}: unmount it first or use --force",
+                        f"{_kind(name)} {name} is mounted at {mounted}: unmount it first or "
+                        "use --force",
                         ErrorCode.BUSY,
                     )
                 self._refuse_if_in_use(served, None)
@@ -282,37 +299,52 @@ class Supervisor:
                 raise VolfsError(
                     f"volume {name} is being served by another process", ErrorCode.ALREADY_SERVED
                 )
-            self.root.remove_volume(name)
-            self.claims.drop(name)
+            if "@" in name:
+                history.remove(self.root, *parse_name(name))
+            else:
+                self.root.remove_volume(name, request.recursive)
+                self.claims.drop(name)
         return {"name": name}
 
     async def resize(self, request: requests.ResizeRequest) -> VolumeInfo:
         """New limits: a mounted volume's through its worker (at once), else in the store."""
-        name = request.name
+        limits = requests.SetLimitsRequest(size=request.size, inodes=request.inodes)
+        resize = partial(self.root.resize, request.name, request.size, request.inodes)
+        await self.change(request.name, "resized", limits, resize)
+        return self.describe(request.name)
+
+    async def change(
+        self,
+        name: str,
+        what: str,
+        request: requests.WorkerRequest,
+        unserved: Callable[[], T],
+        timeout: float = workerctl.CALL_TIMEOUT,
+    ) -> dict[str, Any] | T:
+        """Change volume *name* (*what* it is then: "resized") by *request* to its worker if
+        this daemon serves it, else by *unserved* in a thread (it loads the volume, which may
+        take seconds); BUSY if another process serves it or it is still being unmounted."""
         async with self._admin:
             if not self.root.exists(name):
                 raise VolfsError(f"no such volume: {name}", ErrorCode.NOT_FOUND)
             served = self.served.get(name)
             if served is not None and served.worker is not None and served.worker.running:
                 sock = workerctl.socket_path(self.run_dir, name)
-                limits = requests.SetLimitsRequest(size=request.size, inodes=request.inodes)
                 try:
-                    await workerctl.call(sock, limits)
+                    return await workerctl.call(sock, request, timeout)
                 except workerctl.WorkerUnreachable as exc:
                     raise VolfsError(
-                        f"volume {name}: its worker could not be resized ({exc}); unmount the "
-                        "volume and resize it then",
+                        f"volume {name}: its worker could not be reached ({exc}); unmount the "
+                        f"volume, and it can be {what} then",
                         ErrorCode.UNAVAILABLE,
                     ) from None
-            elif name in self.stopping or self.root.is_served(name):
+            if name in self.stopping or self.root.is_served(name):
                 raise VolfsError(
                     f"volume {name} is served by another process or still unmounting: "
                     "try again once it is unmounted",
                     ErrorCode.BUSY,
                 )
-            else:  # loading the volume (to know what it holds) may take seconds: not in the loop
-                await trio.to_thread.run_sync(self.root.resize, name, request.size, request.inodes)
-        return self.describe(name)
+            return await trio.to_thread.run_sync(unserved)
 
     # -- mounting -------------------------------------------------------------------------------
 
@@ -556,6 +588,10 @@ class Supervisor:
                 await worker.wait()
         if self.stopping.get(served.name) is served:
             del self.stopping[served.name]
+
+
+def _kind(name: str) -> str:
+    return "snapshot" if "@" in name else "volume"
 
 
 def _limit(value: int, what: str) -> str:

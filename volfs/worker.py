@@ -19,15 +19,18 @@ import os
 import signal
 import socket
 import sys
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import pyfuse3
 import trio
 
 from volfs import __version__, mounts, requests, workerctl
-from volfs.errors import VolfsError
+from volfs.errors import ErrorCode, StoreError, VolfsError
 from volfs.fsops import VolumeOperations
 from volfs.localmodel import LocalModel
+from volfs.store import history, snapshots
+from volfs.store.readonly import ReadOnlyState
 from volfs.store.root import StoreRoot
 from volfs.store.volume import Volume
 
@@ -128,25 +131,70 @@ async def _stop_on_signals() -> None:
             return
 
 
-async def _serve(volume: Volume, control: socket.socket | None, status: dict[str, object]) -> None:
+def _answer(
+    volume: Volume | None, status: dict[str, object]
+) -> Callable[[requests.WorkerRequest], Awaitable[dict[str, object]]]:
+    """The worker's answers to its control requests; *volume* None: it serves a snapshot."""
+
+    async def answer(request: requests.WorkerRequest) -> dict[str, object]:
+        if isinstance(request, requests.WorkerStatusRequest):
+            return status
+        if volume is None:
+            raise VolfsError(f"{status['name']} is a snapshot: it cannot be changed",
+                             ErrorCode.INVALID)  # fmt: skip
+        match request:
+            case requests.SetLimitsRequest(size=size, inodes=inodes):
+                volume.set_limits(size, volume.inode_limit if inodes is None else inodes)
+                return {"size": volume.quota, "inodes": volume.inode_limit}
+            case requests.TakeSnapshotRequest(snapshot=snap):
+                # Between two requests: the loop runs no handler until this returns.
+                try:
+                    header = snapshots.take(volume, snap)
+                    # Its ``live`` map has integer keys, which the control protocol's maps
+                    # cannot carry, and the daemon describes the snapshot itself.
+                    return {k: v for k, v in header.items() if k != "live"}
+                except OSError as exc:
+                    code = ErrorCode.NO_SPACE if exc.errno == errno.ENOSPC else ErrorCode.STORE
+                    raise StoreError(f"cannot snapshot {volume.name}: {exc.strerror}",
+                                     code) from None  # fmt: skip
+        raise AssertionError(f"unhandled worker request {request!r}")
+
+    return answer
+
+
+async def _serve(
+    volume: Volume | None, control: socket.socket | None, status: dict[str, object]
+) -> None:
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(_housekeeping, volume)
+        if volume is not None:
+            nursery.start_soon(_housekeeping, volume)
         nursery.start_soon(_stop_on_signals)
         if control is not None:
-
-            async def answer(request: requests.WorkerRequest) -> dict[str, object]:
-                match request:
-                    case requests.WorkerStatusRequest():
-                        return status
-                    case requests.SetLimitsRequest(size=size, inodes=inodes):
-                        volume.set_limits(size, volume.inode_limit if inodes is None else inodes)
-                        return {"size": volume.quota, "inodes": volume.inode_limit}
-
-            nursery.start_soon(workerctl.serve, control, answer)
+            nursery.start_soon(workerctl.serve, control, _answer(volume, status))
         # One reading task: handlers never await, so a second task could not overlap with
         # the first; it would only cost a lock hand-off between the two on every request.
         await pyfuse3.main(min_tasks=1, max_tasks=1)
         nursery.cancel_scope.cancel()
+
+
+class _Opened:
+    """What a worker serves: a volume (locked, loaded, writable) or a snapshot of one
+    (NAME@SNAP: loaded read-only, its shared lock held so it is not removed meanwhile)."""
+
+    def __init__(self, store: StoreRoot, name: str) -> None:
+        self.volume: Volume | None = None
+        self._held = -1
+        if "@" in name:
+            self.state: Volume | ReadOnlyState
+            self.state, self._held = history.load(store, *snapshots.parse_name(name))
+        else:
+            self.state = self.volume = store.open_volume(name)
+
+    def close(self) -> None:
+        self.state.close()
+        if self._held >= 0:
+            os.close(self._held)
+            self._held = -1
 
 
 def serve(
@@ -169,15 +217,16 @@ def serve(
     gc.disable()
     try:
         store = StoreRoot(root)
-        volume = store.open_volume(name)
+        served = _Opened(store, name)
     finally:
         gc.enable()
     gc.freeze()
-    operations = VolumeOperations(LocalModel(volume), read_only=read_only)
+    read_only = read_only or served.volume is None
+    operations = VolumeOperations(LocalModel(served.state), read_only=read_only)
     try:
         pyfuse3.init(operations, str(mountpoint), mount_options(name, read_only))
     except RuntimeError as exc:
-        volume.close()
+        served.close()
         raise VolfsError(f"cannot mount {name} at {mountpoint}: {exc}") from None
     clean = False
     control_path = None if run_dir is None else workerctl.socket_path(run_dir, name)
@@ -187,8 +236,8 @@ def serve(
             control = workerctl.listen(control_path)
         entry = mounts.find_mount(mountpoint)
         device = entry.device if entry is not None else ""
-        if device:  # what `ls` matches mounts by, and `umount` checks a mount against
-            store.record_device(name, device)
+        if device and served.volume is not None:  # what `ls` matches mounts by, and
+            store.record_device(name, device)  # `umount` checks a mount against
         _raise_read_ahead(device)
         log.info("volume %s mounted at %s (pid %d)", name, mountpoint, os.getpid())
         status: dict[str, object] = {
@@ -209,7 +258,7 @@ def serve(
                             "on (the next daemon adopts the worker)", name)  # fmt: skip
             os.close(ready_fd)
             ready_fd = None
-        trio.run(_serve, volume, control, status)
+        trio.run(_serve, served.volume, control, status)
         clean = True
     finally:
         if control_path is not None:
@@ -219,9 +268,10 @@ def serve(
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
         # unmount=True detaches the mount if the kernel still has it (signal, error).
         pyfuse3.close(unmount=True)
-        with contextlib.suppress(OSError, VolfsError):
-            store.record_device(name, None)
-        volume.close()
+        if served.volume is not None:
+            with contextlib.suppress(OSError, VolfsError):
+                store.record_device(name, None)
+        served.close()
         log.info("volume %s at %s: %s", name, mountpoint, "unmounted" if clean else "stopped")
 
 

@@ -71,11 +71,13 @@ async def serve(sock: socket.socket, answer: Answer) -> None:
         conn, _ = await listener.accept()
         stream = trio.SocketStream(conn)
         try:
+            # The answer itself is not timed: a snapshot of a large volume takes seconds, and
+            # a step that does not await cannot be cut short anyway.
+            reply = await _reply(conn, stream, answer)
             with trio.move_on_after(CALL_TIMEOUT):
-                reply = await _reply(conn, stream, answer)
                 await stream.send_all(control.encode(reply))
-        except (OSError, trio.BrokenResourceError, trio.ClosedResourceError):
-            pass  # the daemon went away mid-request
+        except (OSError, trio.TooSlowError, trio.BrokenResourceError, trio.ClosedResourceError):
+            pass  # the daemon went away mid-request, or never sent one whole
         finally:
             await stream.aclose()
 
@@ -86,7 +88,8 @@ async def _reply(
     if control.peer_uid(conn) not in (0, os.geteuid()):
         return control.error_reply(VolfsError("permission denied", ErrorCode.PERMISSION))
     try:
-        frame = await control.receive_frame(stream)
+        with trio.fail_after(CALL_TIMEOUT):
+            frame = await control.receive_frame(stream)
         request = requests.decode(requests.WORKER_COMMANDS, frame.get("cmd"), frame.get("args", {}))
         return control.ok_reply(await answer(request))
     except control.ProtocolError as exc:

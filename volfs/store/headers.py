@@ -212,8 +212,7 @@ def check_alike(name: str, header: dict[str, Any], wanted: dict[str, Any]) -> No
         )
 
 
-def read_usage(dir_fd: int) -> dict[str, int]:
-    """The usage figures in the volume directory open at *dir_fd*; {} if anything is wrong."""
+def _usage_frame(dir_fd: int) -> dict[Any, Any]:
     try:
         fd = os.open(USAGE_FILE, os.O_RDONLY | FILE_FLAGS, dir_fd=dir_fd)
         with os.fdopen(fd, "rb") as src:
@@ -223,12 +222,41 @@ def read_usage(dir_fd: int) -> dict[str, int]:
         usage = one_frame(raw)
     except (OSError, frame.FrameError):
         return {}
-    if not isinstance(usage, dict):
-        return {}
+    return usage if isinstance(usage, dict) else {}
+
+
+def read_usage(dir_fd: int) -> dict[str, int]:
+    """The usage figures in the volume directory open at *dir_fd*; {} if anything is wrong."""
+    usage = _usage_frame(dir_fd)
     return {k: v for k, v in usage.items() if k in ("used", "inodes") and count(v)}
 
 
-def write_usage(dir_fd: int, figures: dict[str, int]) -> None:
+def read_live(dir_fd: int) -> dict[int, int] | None:
+    """The bytes of each segment the volume's files used when its server last wrote the usage
+    file (`live_map`); None if it gave none."""
+    return live_map(_usage_frame(dir_fd).get("live"))
+
+
+#: Most segments a ``live`` map lists: the small files it is kept in are read in 64 KiB.
+MAX_LIVE_SEGMENTS = 4096
+
+
+def live_map(value: object) -> dict[int, int] | None:
+    """*value* if it is a map of segment numbers to bytes (the usage file's and a snapshot
+    header's ``live``), else None."""
+    if isinstance(value, dict) and all(count(k) and count(v) for k, v in value.items()):
+        return dict(value)
+    return None
+
+
+def live_of(live: Mapping[int, int]) -> dict[int, int] | None:
+    """What a usage file or snapshot header keeps of *live* (segment -> bytes in use): the
+    segments in use, or None where there are too many for its small file."""
+    used = {seg: n for seg, n in live.items() if n}
+    return used if len(used) <= MAX_LIVE_SEGMENTS else None
+
+
+def write_usage(dir_fd: int, figures: Mapping[str, object]) -> None:
     """Replace the usage file by *figures* (atomically; no fsync: advisory)."""
     tmp = USAGE_FILE + ".tmp"
     flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC

@@ -69,6 +69,15 @@ class _Opened:
         os.close(self.volume_fd)
 
 
+def check_exists(store: StoreRoot, label: str) -> None:
+    """NOT_FOUND unless snapshot *label* (NAME@SNAP) exists."""
+    name, snap = snapshots.parse_name(label)
+    if not store.exists(name):
+        raise StoreError(f"no such volume: {name}", ErrorCode.NOT_FOUND)
+    with _Opened(store, name) as opened:
+        os.close(opened.snapshot(snap))
+
+
 def take_unserved(store: StoreRoot, name: str, snap: str) -> dict[str, Any]:
     """Snapshot volume *name*, which nobody serves (its lock is taken meanwhile)."""
     volume = store.open_volume(name, create=False)
@@ -78,46 +87,57 @@ def take_unserved(store: StoreRoot, name: str, snap: str) -> dict[str, Any]:
         volume.close()
 
 
-def describe(store: StoreRoot, name: str) -> list[dict[str, Any]]:
+def describe(store: StoreRoot, name: str, only: str | None = None) -> list[dict[str, Any]]:
     """The snapshots of volume *name* as `ls --snapshots` and `inspect` show them, oldest first:
     name (NAME@SNAP), snapshot_of, created_ns, used, inodes, and held: the disk bytes only that
-    snapshot keeps alive (what removing it gives back)."""
+    snapshot keeps alive (what removing it gives back).  *only*: that snapshot alone."""
     rows: list[dict[str, Any]] = []
     with _Opened(store, name) as opened:
-        for snap in opened.names():
-            label = f"{name}@{snap}"
-            snap_fd = opened.snapshot(snap)
-            try:
-                header = snapshots.read_header(snap_fd, label)
-                held = snapshots.held_bytes([snap_fd])[snap_fd]
-            except StoreError as exc:
-                rows.append({"name": label, "snapshot_of": name, "problem": str(exc)})
-                continue
-            finally:
-                os.close(snap_fd)
-            rows.append(
-                {
-                    "name": label,
-                    "snapshot_of": name,
-                    "created_ns": header.get("created_ns", 0),
-                    "used": header.get("used", 0),
-                    "inodes": header.get("inodes", 0),
-                    "held": held,
-                }
-            )
+        fds = {}
+        try:
+            for snap in opened.names() if only is None else [only]:
+                fds[snap] = opened.snapshot(snap)
+            held = snapshots.held_bytes(opened.volume_fd, fds)
+            for snap, fd in fds.items():
+                label = f"{name}@{snap}"
+                try:
+                    header = snapshots.read_header(fd, label)
+                except StoreError as exc:
+                    rows.append({"name": label, "snapshot_of": name, "problem": str(exc)})
+                    continue
+                rows.append(
+                    {
+                        "name": label,
+                        "snapshot_of": name,
+                        "created_ns": header.get("created_ns", 0),
+                        "used": header.get("used", 0),
+                        "inodes": header.get("inodes", 0),
+                        "held": held[snap],
+                    }
+                )
+        finally:
+            for fd in fds.values():
+                os.close(fd)
     rows.sort(key=lambda row: (row.get("created_ns", 0), row["name"]))
     return rows
 
 
 def snapshot_bytes(store: StoreRoot, name: str) -> int:
-    """Disk bytes of volume *name* that only its snapshots hold (not it, not a clone)."""
+    """Bytes of volume *name* that only its snapshots keep alive (not it, not a clone)."""
     with _Opened(store, name) as opened:
-        fds = [opened.snapshot(snap) for snap in opened.names()]
+        fds = {snap: opened.snapshot(snap) for snap in opened.names()}
         try:
-            return snapshots.only_in_snapshots(fds)
+            return snapshots.only_in_snapshots(opened.volume_fd, fds) if fds else 0
         finally:
-            for fd in fds:
+            for fd in fds.values():
                 os.close(fd)
+
+
+def refuse_if_snapshotted(store: StoreRoot, name: str) -> None:
+    """BUSY if volume *name* has snapshots (`remove_volume` checks again, under its lock)."""
+    with _Opened(store, name) as opened:
+        if opened.snaps_fd is not None:
+            snapshots.check_removable(name, opened.volume_fd, recursive=False)
 
 
 def count(store: StoreRoot, name: str) -> int:

@@ -33,7 +33,7 @@ import stat
 import time
 import uuid
 from collections.abc import Iterator
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from volfs.errors import ErrorCode, StoreError
 from volfs.store import frame, headers, journal
@@ -69,6 +69,14 @@ def parse_name(text: str) -> tuple[str, str]:
             ErrorCode.INVALID,
         )
     return name, snap
+
+
+def check_target(text: str) -> str:
+    """*text* if it names a volume (NAME) or a snapshot of one (NAME@SNAP) by the name rules."""
+    if "@" in text:
+        parse_name(text)
+        return text
+    return check_name(text)
 
 
 def open_dir(volume_fd: int, create: bool = False) -> int | None:
@@ -229,6 +237,9 @@ def take(volume: Volume, snap: str, now_ns: int | None = None) -> dict[str, Any]
                 "used": volume.used_by_files,
                 "inodes": volume.inodes_used,
             }
+            live = headers.live_of(volume.live)
+            if live is not None:  # what `ls` tells the bytes only it keeps alive by
+                header["live"] = live
             journal.write_durably(staging_fd, SNAPSHOT_FILE, b"".join(frame.encode(header)))
         except BaseException:
             os.close(staging_fd)
@@ -303,32 +314,94 @@ def check_removable(name: str, volume_fd: int, recursive: bool) -> None:
         os.close(snaps_fd)
 
 
-def held_bytes(dir_fds: list[int]) -> dict[int, int]:
-    """For each directory of *dir_fds* (snapshots of one volume), the disk bytes only it
-    keeps alive: segments no other name holds, and its checkpoint."""
-    held: dict[int, int] = {}
-    for fd in dir_fds:
-        total = 0
-        for _, st in segments(fd):
+class _Holder(NamedTuple):
+    """One name of a volume's segment files: the volume's own directory, or a snapshot's."""
+
+    segments: dict[int, os.stat_result]  #: number -> its file
+    live: dict[int, int] | None  #: number -> bytes in use then (None: not known)
+    extra: int  #: disk bytes of its own besides segments (a snapshot's checkpoint)
+
+
+def _holders(volume_fd: int, snap_fds: dict[str, int]) -> tuple[_Holder, dict[str, _Holder]]:
+    own = _Holder(dict(segments(volume_fd)), headers.read_live(volume_fd), 0)
+    taken = {}
+    for snap, fd in snap_fds.items():
+        try:
+            live = headers.live_map(read_header(fd, snap).get("live"))
+        except StoreError:
+            live = None
+        extra = 0
+        with contextlib.suppress(FileNotFoundError):
+            extra = os.stat(journal.CHECKPOINT_FILE, dir_fd=fd).st_blocks * 512
+        taken[snap] = _Holder(dict(segments(fd)), live, extra)
+    return own, taken
+
+
+def _names(own: _Holder, taken: dict[str, _Holder]) -> dict[int, int]:
+    """For each segment file (by inode), how many of these holders name it."""
+    names: dict[int, int] = {}
+    for holder in (own, *taken.values()):
+        for st in holder.segments.values():
+            names[st.st_ino] = names.get(st.st_ino, 0) + 1
+    return names
+
+
+def held_bytes(volume_fd: int, snap_fds: dict[str, int]) -> dict[str, int]:
+    """For each snapshot *snap_fds* (name -> its directory) of the volume in *volume_fd*, the
+    bytes only it keeps alive: what removing it gives back, at once or by compaction.
+
+    A segment file only it names counts whole.  Of one it shares with the volume or with
+    other snapshots, the bytes it used beyond what the others use: in a sealed segment the
+    data in use only ever shrinks, so the holders' data there nest (the older the more) and
+    the difference is exact; in the segment that was the log's head it may count short.  A
+    segment a clone names too counts nothing: what the clone uses of it is not known here.
+    """
+    own, taken = _holders(volume_fd, snap_fds)
+    names = _names(own, taken)
+    held = {}
+    for snap, holder in taken.items():
+        total = holder.extra
+        for seg, st in holder.segments.items():
             if st.st_nlink == 1:
                 total += st.st_blocks * 512
-        with contextlib.suppress(FileNotFoundError):
-            total += os.stat(journal.CHECKPOINT_FILE, dir_fd=fd).st_blocks * 512
-        held[fd] = total
+                continue
+            if st.st_nlink > names[st.st_ino] or holder.live is None:
+                continue  # a clone's too, or what it used is not known
+            others = [
+                other.live.get(seg, 0) if other.live is not None else None
+                for other in (own, *taken.values())
+                if other is not holder and seg in other.segments
+                and other.segments[seg].st_ino == st.st_ino
+            ]  # fmt: skip
+            if None not in others:
+                rest = max((n for n in others if n is not None), default=0)
+                total += max(0, holder.live.get(seg, 0) - rest)
+        held[snap] = total
     return held
 
 
-def only_in_snapshots(dir_fds: list[int]) -> int:
-    """Disk bytes of segments that the snapshots *dir_fds* of a volume hold and nothing else
-    does (not the volume, not a clone: their names count in st_nlink), with the snapshots'
-    checkpoints."""
-    names: dict[int, int] = {}  # inode -> names found in these snapshots
-    sizes: dict[int, os.stat_result] = {}
-    total = 0
-    for fd in dir_fds:
-        for _, st in segments(fd):
-            names[st.st_ino] = names.get(st.st_ino, 0) + 1
-            sizes[st.st_ino] = st
-        with contextlib.suppress(FileNotFoundError):
-            total += os.stat(journal.CHECKPOINT_FILE, dir_fd=fd).st_blocks * 512
-    return total + sum(st.st_blocks * 512 for ino, st in sizes.items() if st.st_nlink == names[ino])
+def only_in_snapshots(volume_fd: int, snap_fds: dict[str, int]) -> int:
+    """The bytes of the volume in *volume_fd* that only its snapshots keep alive (not the
+    volume itself, not a clone), their checkpoints included; counted as `held_bytes` does."""
+    own, taken = _holders(volume_fd, snap_fds)
+    names = _names(own, taken)
+    total = sum(holder.extra for holder in taken.values())
+    seen: set[int] = set()
+    for holder in taken.values():
+        for seg, st in holder.segments.items():
+            if st.st_ino in seen or st.st_nlink > names[st.st_ino]:
+                continue  # counted, or a clone's too
+            seen.add(st.st_ino)
+            mine = own.segments.get(seg)
+            if mine is None or mine.st_ino != st.st_ino:
+                total += st.st_blocks * 512  # the volume let it go: the snapshots' alone
+                continue
+            lives = [
+                other.live.get(seg, 0)
+                for other in taken.values()
+                if other.live is not None and seg in other.segments
+                and other.segments[seg].st_ino == st.st_ino
+            ]  # fmt: skip
+            if own.live is not None and lives:
+                total += max(0, max(lives) - own.live.get(seg, 0))
+    return total

@@ -88,7 +88,7 @@ class Volume(VolumeState):
         self.quota = 0  #: most bytes the volume may hold, metadata included; 0: no limit
         self.inode_limit = 0  #: most inodes it may have, the root included; 0: no limit
         self.header: dict[str, object] = {}  #: its header file, as `StoreRoot.open_volume` read it
-        self._saved_usage: dict[str, int] | None = None
+        self._saved_usage: dict[str, object] | None = None
 
     def load(self, now_ns: int) -> None:
         """Rebuild the state from the checkpoint and the log after it; create a new volume."""
@@ -393,7 +393,11 @@ class Volume(VolumeState):
 
     def save_usage(self) -> None:
         """Write the usage figures for `volfsd ls` if they changed (no fsync: advisory)."""
-        figures = {"used": self.used_by_files, "inodes": self.inodes_used}
+        # With the bytes in use of each segment, by which `ls` tells what snapshots alone hold.
+        figures: dict[str, object] = {"used": self.used_by_files, "inodes": self.inodes_used}
+        live = headers.live_of(self.live)
+        if live is not None:
+            figures["live"] = live
         if figures != self._saved_usage:
             headers.write_usage(self.dir_fd, figures)
             self._saved_usage = figures
