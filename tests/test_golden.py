@@ -108,8 +108,9 @@ def _snapshot_shows(root: Path, label: str, want: list[dict[str, object]], scrip
 def test_golden_history_mounts_loads_exact_and_checks_clean(
     golden: Path, store_root: Path, tmp_path: Path
 ):
-    """The volume and its clone mount side by side (sharing segments) and show their
-    manifests, each snapshot loads as its manifest says; all again after today's unmounts."""
+    """The volume and its clone mount side by side (sharing segments), each snapshot mounts
+    read-only beside them and loads read-only, and all show their manifests; all again after
+    today's unmounts."""
     want = json.loads((golden / "manifest.json").read_text())
     script = _script(golden)
     _extract_store(golden, store_root)
@@ -120,12 +121,12 @@ def test_golden_history_mounts_loads_exact_and_checks_clean(
     for round in range(2):  # the second reads what today's unmounts wrote
         mounted = []
         try:
-            for name in volumes:
-                mnt = tmp_path / f"{name}-{round}"
-                volfsd("mount", name, str(mnt), root=store_root)
+            for label in [*volumes, *sorted(want.keys() - volumes)]:  # volumes first
+                mnt = tmp_path / f"{label}-{round}"
+                volfsd("mount", label, str(mnt), root=store_root)
                 mounted.append(mnt)
-                _same(_manifest_of(mnt), want[name])
-            for label in sorted(want.keys() - volumes):  # their volume is served meanwhile
+                _same(_manifest_of(mnt), want[label])
+            for label in sorted(want.keys() - volumes):
                 _snapshot_shows(store_root, label, want[label], script)
         finally:
             for mnt in mounted:

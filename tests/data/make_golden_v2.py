@@ -21,14 +21,14 @@ The history, each step on a mount of its own (``volfsd mount -f``) or on the unm
 1. golden, mount 1: make_golden_v1's first state, and ``/history`` (``doomed.bin``, written in
    segment-sized pieces so that whole segments hold nothing else, and ``kept.bin``); a clean
    unmount (a checkpoint).
-2. ``golden@first`` (`history.take_unserved`).
-3. golden, mount 2: ``doomed.bin`` deleted, ``kept.bin`` overwritten in part, a new file;
+2. ``volfsd snapshot golden@first`` with no daemon: taken in the store (unmounted).
+3. golden, mount 2, by a daemon: ``doomed.bin`` deleted, ``kept.bin`` overwritten in part, a
+   new file; then ``volfsd snapshot golden@second``, taken by the worker between two requests;
    a clean unmount: golden's checkpoint drops its names of the segments only doomed.bin used.
-4. ``golden@second``.
-5. ``golden-clone`` from ``golden@first`` (`history.clone`). Mount 1: it deletes its
-   doomed.bin too (so that only ``golden@first`` keeps that data), writes into an inherited
-   file, adds its own; a clean unmount. Mount 2: a durable log tail of its own, then SIGKILL.
-6. golden, mount 3: make_golden_v1's log tail (every log record kind), fsync, SIGKILL.
+4. ``volfsd clone golden@first golden-clone``. Mount 1: it deletes its doomed.bin too (so that
+   only ``golden@first`` keeps that data), writes into an inherited file, adds its own; a clean
+   unmount. Mount 2: a durable log tail of its own, then SIGKILL.
+5. golden, mount 3: make_golden_v1's log tail (every log record kind), fsync, SIGKILL.
 
 So a mount of golden replays a checkpoint and a tail, a mount of the clone the same over
 segments it shares with the snapshot, and a load of each snapshot replays nothing. The script
@@ -46,12 +46,14 @@ import json
 import os
 import random
 import shutil
+import signal
 import stat
 import struct
 import subprocess
 import sys
 import tarfile
 import tempfile
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -74,7 +76,7 @@ SEGMENT = 16 << 10
 #: The store files of a volume (runtime files, lock, device and reserve, are left out).
 KEEP = ("volume", "usage", "durable", "checkpoint")
 SNAPSHOT_KEYS = {"kind", "format", "name", "volume", "volume_id", "id", "created_ns", "used",
-                 "inodes"}  # fmt: skip
+                 "inodes", "live"}  # fmt: skip
 T_SECOND = v1.T0 + 3600 * 10**9
 T_CLONE = v1.T0 + 7200 * 10**9
 Listing = list[dict[str, object]]
@@ -146,16 +148,49 @@ def mounted(
     return listing
 
 
+def volfsd(root: Path, *args: str) -> None:
+    """The CLI on the store at *root*, with the run dir `v1.Mount` uses."""
+    env = {**os.environ, "VOLFS_ROOT": str(root), "VOLFS_RUN_DIR": str(root.parent / "run")}
+    done = subprocess.run([sys.executable, "-m", "volfs", *args], env=env, capture_output=True,
+                          text=True, timeout=120, check=False)  # fmt: skip
+    if done.returncode != 0:
+        raise SystemExit(f"make_golden_v2: volfsd {' '.join(args)}: {done.stderr.strip()}")
+
+
+def snapshot_by_worker(root: Path, mnt: Path, rng: random.Random) -> Listing:
+    """Golden mounted by a daemon, changed, snapshotted as SECOND by its worker, unmounted."""
+    volfsd(root, "mount", NAME, str(mnt))
+    pid_file = root.parent / "run" / "volfsd.pid"
+    try:
+        after_first(mnt, rng)
+        listing = v1.manifest(mnt)
+        volfsd(root, "snapshot", f"{NAME}@{SECOND}")
+    finally:
+        volfsd(root, "umount", "--all")  # a clean unmount: the worker checkpoints
+        pid = int(pid_file.read_text().split()[0])
+        os.kill(pid, signal.SIGTERM)
+        while not _ended(pid):
+            time.sleep(0.05)
+    return listing
+
+
+def _ended(pid: int) -> bool:
+    """Whether process *pid* (not our child) has ended; a zombie has."""
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii") as f:
+            return f.read().rsplit(") ", 1)[1].startswith("Z")
+    except OSError:
+        return True
+
+
 def build(root: Path, mnt: Path) -> dict[str, Listing]:
     """The store's whole history (module docstring); what each volume and snapshot shows."""
     rng = random.Random(20261202)
-    store = StoreRoot(root)
-    store.create_volume(NAME, size=SIZE, segment_size=SEGMENT)
+    StoreRoot(root).create_volume(NAME, size=SIZE, segment_size=SEGMENT)
     want = {f"{NAME}@{FIRST}": mounted(root, mnt, NAME, before_first, rng, clean=True)}
-    history.take_unserved(store, NAME, FIRST)
-    want[f"{NAME}@{SECOND}"] = mounted(root, mnt, NAME, after_first, rng, clean=True)
-    history.take_unserved(store, NAME, SECOND)
-    history.clone(store, NAME, FIRST, CLONE)
+    volfsd(root, "snapshot", f"{NAME}@{FIRST}")  # no daemon runs: taken in the store
+    want[f"{NAME}@{SECOND}"] = snapshot_by_worker(root, mnt, rng)
+    volfsd(root, "clone", f"{NAME}@{FIRST}", CLONE)
     mounted(root, mnt, CLONE, clone_first_mount, rng, clean=True)
     want[CLONE] = mounted(root, mnt, CLONE, clone_tail, rng, clean=False)
     want[NAME] = mounted(root, mnt, NAME, v1.after_checkpoint, rng, clean=False)
@@ -223,7 +258,7 @@ def header_of(path: Path) -> dict[str, object]:
     u32 meta_len, u32 data_len, u64 checksum, then the msgpack meta part (a map)."""
     raw = path.read_bytes()
     (meta_len,) = struct.unpack_from("<I", raw, 0)
-    header = msgpack.unpackb(raw[16 : 16 + meta_len], raw=False)
+    header = msgpack.unpackb(raw[16 : 16 + meta_len], raw=False, strict_map_key=False)
     assert isinstance(header, dict), path
     return header
 
@@ -264,6 +299,8 @@ def check_layout(root: Path) -> list[str]:
         where = volumes / NAME / "snapshots" / snap
         header = taken[snap] = header_of(where / "snapshot")
         need(set(header) == SNAPSHOT_KEYS, f"{snap}: header keys {sorted(header)}")
+        used = header.get("live") or {}  # segment -> bytes its files used: each one it links
+        need(set(used) == set(segment_files(where)), f"{snap}: live {used}")
         need(header.get("kind") == "volfs-snapshot" and header.get("format") == 2
              and header.get("name") == snap and header.get("volume") == NAME
              and header.get("volume_id") == golden["id"], f"{snap}: header {header}")  # fmt: skip
