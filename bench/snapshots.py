@@ -15,7 +15,8 @@ checkpoint), then timed, median of ``--repeats``:
   between two requests (sync, links, checkpoint, header, rename, each fsynced);
 * ``load``: opening the volume (lock, checkpoint, replay): the rest of the unmounted case;
 * ``snapshot, mounted``: ``volfsd snapshot NAME@SNAP`` typed against the daemon while the
-  volume is mounted, only when the CLI has that verb;
+  volume is mounted (a CLI process each: Python's start is most of it), and ``the request
+  alone``, the same request sent from here (daemon, worker, the snapshot between two requests);
 * ``clone``: `history.clone` of the first snapshot into a new volume;
 * ``rollback``: `history.rollback` to the first snapshot, after a 4 KiB write and a clean
   close of the volume;
@@ -23,9 +24,10 @@ checkpoint), then timed, median of ``--repeats``:
 
 Part 2, ``--count`` snapshots of one 10 MiB volume, each after a 4 KiB overwrite, on the
 volume loaded once (the worker's case): time per snapshot (median, 90th percentile, first and
-last hundred), disk per snapshot, the memory of the process holding the volume, and then the
-volume served by a daemon's worker (``volfsd mount``): mount time and the worker's resident
-memory with no snapshot and with ``--count``. Disk is counted by ``du -s -B1``, which counts
+last hundred) and disk per snapshot; then the volume served by a daemon's worker (``volfsd
+mount``), ``--count`` more snapshots through the daemon, each after a 4 KiB write through the
+mount: their time, and the worker's and the daemon's resident memory before and after; and
+the mount time with no snapshot and with ``--count``. Disk is counted by ``du -s -B1``, which counts
 each inode once however many names it has: a segment the volume and its snapshots share counts
 once, so the growth of the volume directory is what the snapshots (and the writes between
 them) added. The JSON has every sample.
@@ -53,6 +55,7 @@ from run import machine_facts
 from scale import vm_status
 from targets import TargetMissing, VolfsTarget
 
+from volfs import control, requests
 from volfs.store import history, snapshots
 from volfs.store.root import StoreRoot
 from volfs.store.state import ROOT_INO, Inode
@@ -65,6 +68,7 @@ NAME = "snap"
 PIECE = MIB
 #: The change made between two snapshots, and before a rollback.
 CHANGE = 4096
+VOLFSD = [sys.executable, "-m", "volfs"]
 FILES_PER_DIR = 1000
 
 
@@ -154,13 +158,6 @@ def rss_kib() -> int:
     return vm_status(os.getpid()).get("VmRSS", 0)
 
 
-def has_verb(target: VolfsTarget, verb: str) -> bool:
-    """Whether this checkout's CLI has *verb* (the mounted snapshot is being wired)."""
-    done = subprocess.run([*target._command(), verb, "--help"], env=target.env(),
-                          capture_output=True, timeout=60, check=False)  # fmt: skip
-    return done.returncode == 0
-
-
 # -- part 1: each verb at each size ------------------------------------------------------------
 
 
@@ -201,24 +198,28 @@ def measure_case(work: Path, case: Case, repeats: int, log: Callable[[str], None
     result["rm_snapshot_s"] = stats(
         [timed(lambda i=i: history.remove(store, NAME, f"w{i}")) for i in range(repeats)]
     )
-    result["snapshot_mounted_s"] = mounted_snapshots(work, repeats, log)
+    mounted = mounted_snapshots(work, repeats, log)
+    result["snapshot_mounted_cli"] = mounted["cli"]
+    result["snapshot_mounted_request"] = mounted["request"]
+    result["mounted_memory"] = mounted["memory"]
     return result
 
 
-def mounted_snapshots(work: Path, repeats: int, log: Callable[[str], None]) -> dict | None:
-    """``volfsd snapshot`` of the volume mounted by the daemon, as a user types it (None
-    while the CLI has no such verb)."""
+def mounted_snapshots(work: Path, repeats: int, log: Callable[[str], None]) -> dict[str, Any]:
+    """Snapshots of the volume mounted by the daemon: ``volfsd snapshot NAME@SNAP`` as a user
+    types it (a CLI process each), and the same request sent from here (no process start)."""
     target = VolfsTarget(work, volume=NAME, store="store")
-    if not has_verb(target, "snapshot"):
-        return None
-    log("  volfsd snapshot of the mounted volume")
+    log("  snapshots of the volume mounted by the daemon")
     try:
         target.setup()
-        argv = [*target._command(), "snapshot"]
-        samples = [timed(lambda i=i: subprocess.run([*argv, f"{NAME}@m{i}"], env=target.env(),
-                                                    check=True, capture_output=True))
+        cli = [timed(lambda i=i: subprocess.run([*VOLFSD, "snapshot", f"{NAME}@cli{i}"],
+                                                env=target.env(), check=True,
+                                                capture_output=True))
+               for i in range(repeats)]  # fmt: skip
+        request = [timed(lambda i=i: control.call(
+                       target.run_dir, requests.SnapshotRequest(f"{NAME}@req{i}")))
                    for i in range(repeats)]  # fmt: skip
-        return {**stats(samples), "worker_vm": vm_status(target.worker_pid())}
+        return {"cli": stats(cli), "request": stats(request), "memory": memory(target)}
     finally:
         if not target.teardown():
             raise RuntimeError(f"could not unmount {target.mountpoint}")
@@ -227,27 +228,55 @@ def mounted_snapshots(work: Path, repeats: int, log: Callable[[str], None]) -> d
 # -- part 2: many snapshots of one volume ------------------------------------------------------
 
 
-def served(work: Path) -> dict[str, Any]:
-    """The volume mounted by a daemon's worker: mount time (the daemon's start included),
-    the worker's and the daemon's memory."""
+def daemon_pid(target: VolfsTarget) -> int:
+    return int((target.run_dir / "volfsd.pid").read_text().split()[0])
+
+
+def memory(target: VolfsTarget) -> dict[str, dict[str, int]]:
+    """VmHWM and VmRSS (KiB) of the worker serving *target* and of its daemon."""
+    return {"worker": vm_status(target.worker_pid()), "daemon": vm_status(daemon_pid(target))}
+
+
+def served(work: Path, count: int, start: int) -> dict[str, Any]:
+    """The volume mounted by a daemon's worker: its mount time (the daemon's start included)
+    and memory; then *count* snapshots through the daemon, each after a 4 KiB write through
+    the mount (the request ``volfsd snapshot`` sends, without starting a CLI each time)."""
     target = VolfsTarget(work, volume=NAME, store="store")
     try:
-        seconds = timed(target.setup)
-        daemon = int((target.run_dir / "volfsd.pid").read_text().split()[0])
-        return {"mount_s": seconds, "worker_vm_kib": vm_status(target.worker_pid()),
-                "daemon_vm_kib": vm_status(daemon)}  # fmt: skip
+        result: dict[str, Any] = {"mount_s": timed(target.setup), "before": memory(target)}
+        path = target.mountpoint / "d0000" / "f000000"
+        size = path.stat().st_size
+        takes = []
+        fd = os.open(path, os.O_WRONLY)
+        try:
+            for i in range(start, start + count):
+                os.pwrite(fd, os.urandom(CHANGE), (i * CHANGE) % (size - CHANGE))
+                request = requests.SnapshotRequest(f"{NAME}@m{i:05d}")
+                takes.append(timed(lambda r=request: control.call(target.run_dir, r)))
+        finally:
+            os.close(fd)
+        result["after"] = memory(target)
+        result["take_s"] = series(takes) if takes else None
+        return result
     finally:
         if not target.teardown():
             raise RuntimeError(f"could not unmount {target.mountpoint}")
 
 
+def series(takes: list[float]) -> dict[str, Any]:
+    return {**stats(takes), "p90": statistics.quantiles(takes, n=10)[-1],
+            "first_100_median": statistics.median(takes[:100]),
+            "last_100_median": statistics.median(takes[-100:])}  # fmt: skip
+
+
 def many_snapshots(work: Path, count: int, log: Callable[[str], None]) -> dict[str, Any]:
+    """*count* snapshots of one volume on the store API, then *count* more through a mount."""
     work.mkdir()
     store = StoreRoot(work / "store")
     fill(store, Case("10 MiB", 1, 10 * MIB))
     volume_dir = store.volume_path(NAME)
     log(f"{count} snapshots: serving the volume with none")
-    result: dict[str, Any] = {"count": count, "served_without": served(work)}
+    result: dict[str, Any] = {"count": count, "served_without": served(work, 0, 0)}
     du_before = du(volume_dir)
     volume = store.open_volume(NAME, create=False)
     try:
@@ -260,16 +289,14 @@ def many_snapshots(work: Path, count: int, log: Callable[[str], None]) -> dict[s
         result["log_written_bytes"] = volume.log.total - log_before
     finally:
         volume.close()
-    result["take_s"] = {**stats(takes), "p90": statistics.quantiles(takes, n=10)[-1],
-                        "first_100_median": statistics.median(takes[:100]),
-                        "last_100_median": statistics.median(takes[-100:])}  # fmt: skip
+    result["take_s"] = series(takes)
     snaps_dir = volume_dir / snapshots.SNAPSHOTS_DIR
     own = [p.stat().st_blocks * 512 for p in snaps_dir.glob("*/*") if not p.name.startswith("seg-")]
     result["du"] = {"volume_before": du_before, "volume_after": du(volume_dir),
                     "snapshots_dir": du(snaps_dir), "own_files": sum(own)}  # fmt: skip
     result["describe_s"] = timed(lambda: history.describe(store, NAME))
-    log(f"{count} snapshots: serving the volume with them")
-    result["served_with"] = served(work)
+    log(f"{count} snapshots: serving the volume with them, {count} more through the daemon")
+    result["served_with"] = served(work, count, count)
     result["remove_all_s"] = timed(lambda: history.remove_all(store, NAME))
     return result
 
@@ -284,7 +311,8 @@ def ms(figure: dict[str, Any] | None) -> str:
 def print_tables(report: dict[str, Any]) -> None:
     rows = [("snapshot, unmounted ms", "snapshot_unmounted_s"),
             ("snapshot, loaded ms", "snapshot_loaded_s"), ("load ms", "load_s"),
-            ("snapshot, mounted ms", "snapshot_mounted_s"), ("clone ms", "clone_s"),
+            ("snapshot, mounted ms", "snapshot_mounted_cli"),
+            ("  the request alone ms", "snapshot_mounted_request"), ("clone ms", "clone_s"),
             ("rollback ms", "rollback_s"), ("rm snapshot ms", "rm_snapshot_s")]  # fmt: skip
     cases = report["cases"]
     print(f"{'median of ' + str(report['config']['repeats']):24s}"
@@ -310,12 +338,20 @@ def print_tables(report: dict[str, Any]) -> None:
           f"own files {d['own_files'] / n / 1024:.1f} KiB")  # fmt: skip
     rss = many["rss_kib"]
     without, with_ = many["served_without"], many["served_with"]
-    worker = [m["worker_vm_kib"].get("VmRSS", 0) for m in (without, with_)]
-    daemon = [m["daemon_vm_kib"].get("VmRSS", 0) for m in (without, with_)]
-    print(f"  memory per snapshot    {(worker[1] - worker[0]) / n:.2f} KiB of the worker's RSS "
-          f"({worker[0] / 1024:.1f} MiB with none, {worker[1] / 1024:.1f} with {n}); daemon "
-          f"{daemon[0] / 1024:.1f} / {daemon[1] / 1024:.1f} MiB; the process taking them "
-          f"{rss['before'] / 1024:.1f} MiB before, {rss['after'] / 1024:.1f} after")  # fmt: skip
+    mounted = with_["take_s"]
+    print(f"  through the daemon     median {mounted['median'] * 1000:.1f} ms, p90 "
+          f"{mounted['p90'] * 1000:.1f} ms, first 100 {mounted['first_100_median'] * 1000:.1f}"
+          f" ms, last 100 {mounted['last_100_median'] * 1000:.1f} ms ({n} more, mounted, "
+          "a 4 KiB pwrite through the mount before each)")  # fmt: skip
+    before, after = with_["before"], with_["after"]
+    grown = after["worker"].get("VmRSS", 0) - before["worker"].get("VmRSS", 0)
+    print(f"  memory per snapshot    {grown / n:.2f} KiB of the worker's RSS over those {n} "
+          f"({before['worker'].get('VmRSS', 0) / 1024:.1f} -> "
+          f"{after['worker'].get('VmRSS', 0) / 1024:.1f} MiB; "
+          f"{without['before']['worker'].get('VmRSS', 0) / 1024:.1f} MiB with none); daemon "
+          f"{before['daemon'].get('VmRSS', 0) / 1024:.1f} -> "
+          f"{after['daemon'].get('VmRSS', 0) / 1024:.1f} MiB; the process taking the first {n}"
+          f" {rss['before'] / 1024:.1f} -> {rss['after'] / 1024:.1f} MiB")  # fmt: skip
     print(f"  mount (daemon start included)  {without['mount_s'] * 1000:.0f} ms with none, "
           f"{with_['mount_s'] * 1000:.0f} ms with {n}")  # fmt: skip
     print(

@@ -134,7 +134,8 @@ def test_snapshots_bench_smoke(tmp_path):
     assert [c["label"] for c in results["cases"]] == ["1 MiB", "4 MiB", "1000 files"]
     for case in results["cases"]:
         for key in ("snapshot_unmounted_s", "snapshot_loaded_s", "load_s", "clone_s",
-                    "rollback_s", "rm_snapshot_s"):  # fmt: skip
+                    "rollback_s", "rm_snapshot_s", "snapshot_mounted_cli",
+                    "snapshot_mounted_request"):  # fmt: skip
             assert len(case[key]["samples"]) == results["config"]["repeats"] or key == "load_s"
             assert case[key]["median"] > 0, (case["label"], key)
         assert case["snapshot_checkpoint_bytes"] > 0 and case["snapshot_segments"] >= 1
@@ -142,5 +143,8 @@ def test_snapshots_bench_smoke(tmp_path):
     assert many["count"] == 12 and len(many["take_s"]["samples"]) == 12
     assert many["du"]["volume_after"] > many["du"]["volume_before"] > 0
     for served in ("served_without", "served_with"):
-        assert many[served]["mount_s"] > 0 and many[served]["worker_vm_kib"]["VmRSS"] > 0
+        assert many[served]["mount_s"] > 0
+        assert many[served]["before"]["worker"]["VmRSS"] > 0
+        assert many[served]["after"]["daemon"]["VmRSS"] > 0
+    assert len(many["served_with"]["take_s"]["samples"]) == 12
     assert "snapshot, unmounted ms" in done.stdout and "disk per snapshot" in done.stdout
