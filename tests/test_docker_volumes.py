@@ -56,6 +56,32 @@ def test_create_with_options_and_inspect(docker_plugin: Plugin, engine: DockerEn
     assert refused.returncode != 0 and "invalid volume name" in refused.stderr, refused
 
 
+def test_a_volume_cloned_from_a_snapshot(docker_plugin: Plugin, engine: DockerEngine, tmp_path):
+    """`--opt from=NAME@SNAP`: a test copy of production data, as a Docker volume."""
+    plugin, host = docker_plugin, docker_plugin.host
+    create(engine, plugin, "prod")
+    engine.run("-v", "prod:/data", engine.image, "sh", "-c", "echo orders > /data/db")
+    host.cli("snapshot", "prod@nightly")
+    engine.run("-v", "prod:/data", engine.image, "sh", "-c", "echo later > /data/db")
+    create(engine, plugin, "staging", "from=prod@nightly", "size=32M")
+    create(engine, plugin, "staging", "from=prod@nightly")  # Docker asks again: a no-op
+    seen = engine.run("-v", "staging:/data", engine.image, "cat", "/data/db").stdout
+    assert seen == "orders\n"
+    engine.run("-v", "staging:/data", engine.image, "sh", "-c", "echo test > /data/db")
+    assert engine.run("-v", "prod:/data", engine.image, "cat", "/data/db").stdout == "later\n"
+    row = volfs_row(plugin, "staging")
+    assert row["origin"] == "prod@nightly" and row["size"] == 32 << 20
+    for opts, words in ((("from=prod@none",), "no such snapshot"),
+                        (("from=prod@nightly", "uid=33"), "does not go with 'from'"),
+                        (("from=prod",), "names no snapshot")):  # fmt: skip
+        options = [word for opt in opts for word in ("--opt", opt)]
+        refused = engine.docker("volume", "create", "-d", plugin.name, *options, "other",
+                                check=False)  # fmt: skip
+        assert refused.returncode != 0 and words in refused.stderr, refused
+    engine.docker("volume", "rm", "staging")
+    host.cli("rm", "-r", "prod")
+
+
 def test_owner_options_for_a_non_root_container(docker_plugin: Plugin, engine: DockerEngine):
     """WordPress runs as uid 33: a volume created for it takes its uploads at once."""
     plugin = docker_plugin

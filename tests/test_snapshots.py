@@ -79,6 +79,12 @@ def test_snapshot_mount_read_only_beside_the_live_volume(host, tmp_path):
     host.cli("rm", "photos@before")
     assert _rows(host) == []
     assert tree_of(live) == after
+    # rm -r -f of a volume whose snapshot is mounted: both unmounted, both gone.
+    host.cli("snapshot", "photos@again")
+    host.cli("mount", "photos@again", str(old))
+    host.refused("rm", "-r", "photos", words=("mounted", "--force"))
+    host.cli("rm", "-r", "-f", "photos")
+    assert host.cli("ls", "-q").stdout == "" and _rows(host) == []
 
 
 def test_snapshot_is_one_instant_while_writers_run(host, tmp_path):
@@ -113,9 +119,7 @@ def test_snapshot_is_one_instant_while_writers_run(host, tmp_path):
         host.cli("mount", f"busy@s{i}", str(old))
         for w in range(3):
             seen = sorted(
-                int(line)
-                for f in range(4)
-                for line in (old / f"w{w}-{f}").read_bytes().split()
+                int(line) for f in range(4) for line in (old / f"w{w}-{f}").read_bytes().split()
             )
             assert seen == list(range(len(seen))), f"writer {w} in snapshot s{i} has a gap"
         host.cli("umount", str(old))

@@ -138,6 +138,26 @@ def created_at(header: dict[str, Any]) -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(header.get("created_ns", 0) / 1e9))
 
 
+def check_limits_match(name: str, header: dict[str, Any], size: int, inodes: int) -> None:
+    """Refuse a mount that asks existing volume *name* (its *header*) for other limits than it
+    has (0: none asked)."""
+    current = header.get("size", 0)
+    if size and current != size:
+        raise VolfsError(
+            f"volume {name} exists with {_limit(current, 'size')}: mount it without "
+            f"--size, or change it with `volfsd resize {name} SIZE`"
+        )
+    if inodes and header.get("inodes", 0) != inodes:
+        raise VolfsError(
+            f"volume {name} exists with {_limit(header.get('inodes', 0), 'inode')}: "
+            f"mount it without --inodes, or `volfsd resize {name} SIZE --inodes N`"
+        )
+
+
+def _limit(value: int, what: str) -> str:
+    return f"{what} limit {value}" if value else f"no {what} limit"
+
+
 def describe(
     root: StoreRoot,
     name: str,

@@ -387,6 +387,22 @@ def _add_backup_parsers(sub: argparse._SubParsersAction[Parser]) -> None:
     imports.set_defaults(func=cmd_import)
 
 
+def _add_removal_parsers(sub: argparse._SubParsersAction[Parser]) -> None:
+    """``rm``, ``resize``, and the history's (``snapshot``, ``clone``, ``rollback``)."""
+    rm = sub.add_parser("rm", help="destroy volumes and their data")
+    rm.add_argument("names", nargs="+", metavar="NAME")
+    rm.add_argument("-f", "--force", action="store_true", help="unmount first if mounted")
+    rm.add_argument("-r", "--recursive", action="store_true", help="remove its snapshots too")
+    rm.set_defaults(func=cmd_rm)
+    cli_history.add_parsers(sub)
+
+    resize = sub.add_parser("resize", help="give an unmounted volume a new size")
+    resize.add_argument("name", metavar="NAME")
+    resize.add_argument("size", metavar="SIZE", help="512M, 10G, 1T; not below what it holds")
+    resize.add_argument("--inodes", metavar="N", help="a new inode limit")
+    resize.set_defaults(func=cmd_resize)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = Parser(prog="volfsd", description="Named, persistent, shared volumes over FUSE.")
     parser.add_argument("--version", action="version", version=f"volfsd {volfs.__version__}")
@@ -431,18 +447,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     umount.set_defaults(func=cmd_umount)
 
-    rm = sub.add_parser("rm", help="destroy volumes and their data")
-    rm.add_argument("names", nargs="+", metavar="NAME")
-    rm.add_argument("-f", "--force", action="store_true", help="unmount first if mounted")
-    rm.add_argument("-r", "--recursive", action="store_true", help="remove its snapshots too")
-    rm.set_defaults(func=cmd_rm)
-    cli_history.add_parsers(sub)
-
-    resize = sub.add_parser("resize", help="give an unmounted volume a new size")
-    resize.add_argument("name", metavar="NAME")
-    resize.add_argument("size", metavar="SIZE", help="512M, 10G, 1T; not below what it holds")
-    resize.add_argument("--inodes", metavar="N", help="a new inode limit")
-    resize.set_defaults(func=cmd_resize)
+    _add_removal_parsers(sub)
 
     fsck = sub.add_parser("fsck", help="check an unmounted volume's store (exit 0/1/2)")
     fsck.add_argument("name", metavar="NAME")

@@ -31,6 +31,7 @@ import trio
 from volfs import requests, users
 from volfs.catalog import created_at, parse_labels
 from volfs.errors import ErrorCode, VolfsError
+from volfs.history_commands import HistoryCommands
 from volfs.remembered import boot_clock
 from volfs.store.headers import check_name
 from volfs.supervisor import Supervisor
@@ -40,10 +41,12 @@ log = logging.getLogger(__name__)
 #: The options of ``docker volume create -d volfs --opt KEY=VALUE``: the `volfsd create` flags
 #: of the same names (``labels`` is ``KEY=VALUE,KEY=VALUE``; Docker's own ``--label`` stays
 #: Docker's).
-CREATE_OPTIONS = ("size", "uid", "gid", "mode", "inodes", "labels")
+CREATE_OPTIONS = ("size", "uid", "gid", "mode", "inodes", "labels", "from")
+#: With ``from=NAME@SNAP`` (a clone of that snapshot) the rest comes from the origin.
+CLONE_OPTIONS = ("from", "size")
 #: What ``docker volume inspect`` shows under Status, of what `ls` shows of a volume.
 STATUS_KEYS = ("size", "used", "inodes", "mounts", "created", "status", "labels", "uid", "gid",
-               "mode")  # fmt: skip
+               "mode", "snapshots", "snapshot_bytes", "origin")  # fmt: skip
 #: How long a claim counts whatever holds the volume: Docker mounts before it starts the
 #: container, which only then holds the mount.
 CLAIM_GRACE = 120.0
@@ -56,6 +59,7 @@ class DockerDriver:
 
     def __init__(self, supervisor: Supervisor) -> None:
         self.supervisor = supervisor
+        self.history = HistoryCommands(supervisor)
         self.claims = supervisor.claims
         self.mount_dir = supervisor.run_dir / "docker"
         # One verb at a time: a Mount racing the last Unmount of the same volume must not
@@ -76,6 +80,9 @@ class DockerDriver:
                 f"{', '.join(CREATE_OPTIONS)} (e.g. --opt size=10G --opt uid=33)",
                 ErrorCode.INVALID,
             )
+        if "from" in options:
+            await self._clone(name, options)
+            return
         args: dict[str, object] = {"name": name, **options}
         if "labels" in options:
             labels = options["labels"]
@@ -86,6 +93,33 @@ class DockerDriver:
         assert isinstance(request, requests.CreateRequest)
         async with self._lock:
             await self.supervisor.create(request)
+
+    async def _clone(self, name: str, options: dict[str, Any]) -> None:
+        """Create volume *name* as a clone of ``--opt from=NAME@SNAP``; nothing if it is one
+        of that snapshot already (Docker asks to create a volume it knows again)."""
+        others = sorted(set(options) - set(CLONE_OPTIONS))
+        if others:
+            raise VolfsError(
+                f"option {others[0]!r} does not go with 'from': a clone has its origin's "
+                "settings (only --opt size=... may be given)",
+                ErrorCode.INVALID,
+            )
+        args = {"snapshot": options["from"], "name": name}
+        if "size" in options:
+            args["size"] = options["size"]
+        request = requests.decode(requests.DAEMON_COMMANDS, "clone", args)
+        assert isinstance(request, requests.CloneRequest)
+        async with self._lock:
+            root = self.supervisor.root
+            if root.exists(request.name):
+                origin = root.header(request.name).get("origin") or {}
+                if f"{origin.get('volume')}@{origin.get('snapshot')}" != request.snapshot:
+                    raise VolfsError(
+                        f"volume {name} exists, and is no clone of {request.snapshot}",
+                        ErrorCode.EXISTS,
+                    )
+                return
+            await self.history.clone(request)
 
     async def remove(self, name: str) -> None:
         """Destroy volume *name*: refused while a container (or anything else) uses it."""

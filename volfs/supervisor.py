@@ -30,7 +30,7 @@ from typing import Any, TypeVar
 import trio
 
 from volfs import __version__, adoption, control, mounts, requests, sysmount, users, workerctl
-from volfs.catalog import describe, describe_snapshot
+from volfs.catalog import check_limits_match, describe, describe_snapshot
 from volfs.config import DaemonConfig
 from volfs.errors import ErrorCode, VolfsError
 from volfs.mount_watch import unmounted_paths, watch_mount_table
@@ -208,7 +208,7 @@ class Supervisor:
                 self._check_exists(name)
                 read_only = True
             elif self.root.exists(name):
-                self._check_limits_match(request)
+                check_limits_match(name, self.root.header(name), request.size, request.inodes)
             elif not request.create:
                 raise VolfsError(f"no such volume: {name}", ErrorCode.NOT_FOUND)
             else:
@@ -216,21 +216,6 @@ class Supervisor:
             await self._mount(name, request.mountpoint, read_only, create=True)
             self.remembered.remember(name, request.mountpoint, read_only)
         return self.describe(name)
-
-    def _check_limits_match(self, request: requests.MountRequest) -> None:
-        """Refuse a mount that asks an existing volume for other limits than it has."""
-        name, header = request.name, self.root.header(request.name)
-        current = header.get("size", 0)
-        if request.size and current != request.size:
-            raise VolfsError(
-                f"volume {name} exists with {_limit(current, 'size')}: mount it without "
-                f"--size, or change it with `volfsd resize {name} SIZE`"
-            )
-        if request.inodes and header.get("inodes", 0) != request.inodes:
-            raise VolfsError(
-                f"volume {name} exists with {_limit(header.get('inodes', 0), 'inode')}: "
-                f"mount it without --inodes, or `volfsd resize {name} SIZE --inodes N`"
-            )
 
     async def umount(self, request: requests.UmountRequest) -> dict[str, str]:
         path, lazy = request.mountpoint, request.lazy
@@ -279,22 +264,10 @@ class Supervisor:
             self._check_exists(name)
             if "@" not in name and not request.recursive:
                 history.refuse_if_snapshotted(self.root, name)  # before --force unmounts it
-            served = self.served.get(name)
-            if served is not None:
-                if not request.force:
-                    mounted = ", ".join(str(p) for p in served.paths) or str(served.staging)
-                    raise VolfsError(
-                        f"{_kind(name)} {name} is mounted at {mounted}: unmount it first or "
-                        "use --force",
-                        ErrorCode.BUSY,
-                    )
-                self._refuse_if_in_use(served, None)
-                for path in list(served.paths):
-                    await self._unmount_path(served, path)
-                    self.remembered.forget(path)
-                self._detach_volume(served)
-            if name in self.stopping:
-                await self._wait_stopped(self.stopping[name], STOP_GRACE)
+            # A volume's snapshots mounted here go with it (-r), each unmounted like it.
+            labels = [n for n in self.served if request.recursive and n.startswith(f"{name}@")]
+            for label in [name, *labels]:
+                await self._unmount_for_rm(label, request.force)
             if self.root.is_served(name):
                 raise VolfsError(
                     f"volume {name} is being served by another process", ErrorCode.ALREADY_SERVED
@@ -305,6 +278,26 @@ class Supervisor:
                 self.root.remove_volume(name, request.recursive)
                 self.claims.drop(name)
         return {"name": name}
+
+    async def _unmount_for_rm(self, name: str, force: bool) -> None:
+        """Unmount volume or snapshot *name* if it is served, for `rm`: only with *force*,
+        never while in use; wait for its worker to end."""
+        served = self.served.get(name)
+        if served is not None:
+            if not force:
+                mounted = ", ".join(str(p) for p in served.paths) or str(served.staging)
+                raise VolfsError(
+                    f"{_kind(name)} {name} is mounted at {mounted}: unmount it first or "
+                    "use --force",
+                    ErrorCode.BUSY,
+                )
+            self._refuse_if_in_use(served, None)
+            for path in list(served.paths):
+                await self._unmount_path(served, path)
+                self.remembered.forget(path)
+            self._detach_volume(served)
+        if name in self.stopping:
+            await self._wait_stopped(self.stopping[name], STOP_GRACE)
 
     async def resize(self, request: requests.ResizeRequest) -> VolumeInfo:
         """New limits: a mounted volume's through its worker (at once), else in the store."""
@@ -592,10 +585,6 @@ class Supervisor:
 
 def _kind(name: str) -> str:
     return "snapshot" if "@" in name else "volume"
-
-
-def _limit(value: int, what: str) -> str:
-    return f"{what} limit {value}" if value else f"no {what} limit"
 
 
 def _holds_mount_of(path: Path, name: str) -> bool:
