@@ -311,20 +311,20 @@ def ms(figure: dict[str, Any] | None) -> str:
 def print_tables(report: dict[str, Any]) -> None:
     rows = [("snapshot, unmounted ms", "snapshot_unmounted_s"),
             ("snapshot, loaded ms", "snapshot_loaded_s"), ("load ms", "load_s"),
-            ("snapshot, mounted ms", "snapshot_mounted_cli"),
+            ("snapshot, mounted (CLI) ms", "snapshot_mounted_cli"),
             ("  the request alone ms", "snapshot_mounted_request"), ("clone ms", "clone_s"),
             ("rollback ms", "rollback_s"), ("rm snapshot ms", "rm_snapshot_s")]  # fmt: skip
     cases = report["cases"]
-    print(f"{'median of ' + str(report['config']['repeats']):24s}"
+    print(f"{'median of ' + str(report['config']['repeats']):27s}"
           + "".join(f" | {c['label']:>11s}" for c in cases))  # fmt: skip
-    print("-" * 24 + "".join("-+-" + "-" * 11 for _ in cases))
+    print("-" * 27 + "".join("-+-" + "-" * 11 for _ in cases))
     for title, key in rows:
-        print(f"{title:24s}" + "".join(f" | {ms(c[key]):>11s}" for c in cases))
+        print(f"{title:27s}" + "".join(f" | {ms(c[key]):>11s}" for c in cases))
     print(
-        f"{'checkpoint KiB':24s}"
+        f"{'checkpoint KiB':27s}"
         + "".join(f" | {c['snapshot_checkpoint_bytes'] / 1024:11.1f}" for c in cases)
     )
-    print(f"{'segments linked':24s}" + "".join(f" | {c['snapshot_segments']:11d}" for c in cases))
+    print(f"{'segments linked':27s}" + "".join(f" | {c['snapshot_segments']:11d}" for c in cases))
     many = report["many"]
     n, take, d = many["count"], many["take_s"], many["du"]
     print()
