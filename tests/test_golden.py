@@ -114,6 +114,8 @@ def test_golden_history_mounts_loads_exact_and_checks_clean(
     want = json.loads((golden / "manifest.json").read_text())
     script = _script(golden)
     _extract_store(golden, store_root)
+    shared = [p for p in store_root.rglob("seg-*.log") if p.stat().st_nlink > 1]
+    assert shared, "the extracted store lost its hard links"
     volumes = [label for label in want if "@" not in label]
     assert len(volumes) >= 2 and len(want) > len(volumes)
     for name in volumes:
