@@ -379,7 +379,9 @@ def write_archive(root: Path, out: Path) -> None:
 
 
 def links_of(root: Path) -> dict[str, tuple[int, int]]:
-    """Each store file's (link count, the first path of its inode's number among them)."""
+    """For each store file: its link count, and the index (in `store_paths` order) of the
+    first path that is the same file, so that two stores compare equal only when their names
+    are linked alike."""
     first: dict[int, int] = {}
     found = {}
     for i, path in enumerate(p for p in store_paths(root) if p.is_file()):
