@@ -1,4 +1,5 @@
-"""bench/run.py in smoke mode, so the benchmark never rots.  No timing is asserted."""
+"""bench/run.py and bench/snapshots.py in smoke mode, so the benchmarks never rot.  No timing is
+asserted."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from pathlib import Path
 import pytest
 
 BENCH = Path(__file__).resolve().parent.parent / "bench" / "run.py"
+SNAPSHOTS = BENCH.parent / "snapshots.py"
 
 WORKLOADS = [
     "seqwrite_nofsync",
@@ -29,7 +31,7 @@ WORKLOADS = [
     "sqlite_wal",
 ]
 
-pytestmark = pytest.mark.skipif(
+needs_fio = pytest.mark.skipif(
     shutil.which("fio") is None, reason="fio is not installed (install.sh --dev)"
 )
 
@@ -54,11 +56,11 @@ def _processes_mentioning(text: str) -> list[str]:
     return found
 
 
-def _bench(tmp_path: Path, *args: str, env: dict[str, str] | None = None):
+def _bench(tmp_path: Path, *args: str, env: dict[str, str] | None = None, script: Path = BENCH):
     out = tmp_path / "smoke.json"
     work = tmp_path / "work"
     done = subprocess.run(
-        [sys.executable, str(BENCH), "--smoke", "--workdir", str(work), "--json", str(out), *args],
+        [sys.executable, str(script), "--smoke", "--workdir", str(work), "--json", str(out), *args],
         capture_output=True,
         text=True,
         timeout=600,
@@ -69,6 +71,7 @@ def _bench(tmp_path: Path, *args: str, env: dict[str, str] | None = None):
     return done, json.loads(out.read_text())
 
 
+@needs_fio
 def test_bench_smoke(tmp_path):
     """Every workload on every target, and the scale part, with tiny sizes."""
     done, results = _bench(tmp_path)
@@ -102,6 +105,7 @@ def test_bench_smoke(tmp_path):
     assert "files in volume" in done.stdout and "peak RSS MiB" in done.stdout
 
 
+@needs_fio
 def test_bench_reports_missing_peers(tmp_path):
     """Without bindfs and rclone on PATH the run still completes and says they are missing."""
     bindir = tmp_path / "bin"
@@ -121,3 +125,26 @@ def test_bench_reports_missing_peers(tmp_path):
         assert "not installed" in results["targets"][target]["reason"]
         assert f"{target}: missing" in done.stdout
     assert [r["target"] for r in results["runs"]] == ["native"]
+
+
+def test_snapshots_bench_smoke(tmp_path):
+    """Each verb at each of three tiny sizes, and many snapshots of one volume, mounted too."""
+    done, results = _bench(tmp_path, "--count", "12", script=SNAPSHOTS)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert [c["label"] for c in results["cases"]] == ["1 MiB", "4 MiB", "1000 files"]
+    for case in results["cases"]:
+        for key in ("snapshot_unmounted_s", "snapshot_loaded_s", "load_s", "clone_s",
+                    "rollback_s", "rm_snapshot_s", "snapshot_mounted_cli",
+                    "snapshot_mounted_request"):  # fmt: skip
+            assert len(case[key]["samples"]) == results["config"]["repeats"] or key == "load_s"
+            assert case[key]["median"] > 0, (case["label"], key)
+        assert case["snapshot_checkpoint_bytes"] > 0 and case["snapshot_segments"] >= 1
+    many = results["many"]
+    assert many["count"] == 12 and len(many["take_s"]["samples"]) == 12
+    assert many["du"]["volume_after"] > many["du"]["volume_before"] > 0
+    for served in ("served_without", "served_with"):
+        assert many[served]["mount_s"] > 0
+        assert many[served]["before"]["worker"]["VmRSS"] > 0
+        assert many[served]["after"]["daemon"]["VmRSS"] > 0
+    assert len(many["served_with"]["take_s"]["samples"]) == 12
+    assert "snapshot, unmounted ms" in done.stdout and "disk per snapshot" in done.stdout

@@ -63,27 +63,27 @@ AT_FDCWD = -100
 
 
 class Mount:
-    """``volfsd mount -f`` of the golden volume in a private store root, at *path*."""
+    """``volfsd mount -f`` of volume *name* (the golden one) in a private store root, at *path*."""
 
-    def __init__(self, root: Path, path: Path) -> None:
+    def __init__(self, root: Path, path: Path, name: str = NAME) -> None:
         self.root, self.path = root, path
         env = {**os.environ, "VOLFS_ROOT": str(root), "VOLFS_RUN_DIR": str(root.parent / "run")}
-        args = [sys.executable, "-m", "volfs", "mount", "-f", NAME, str(path)]
-        if not (root / "volumes" / NAME).exists():
+        args = [sys.executable, "-m", "volfs", "mount", "-f", name, str(path)]
+        if not (root / "volumes" / name).exists():
             args[5:5] = ["--size", SIZE]
         self.proc = subprocess.Popen(args, env=env)
         deadline = time.monotonic() + 30
         while not os.path.ismount(path):
             if self.proc.poll() is not None or time.monotonic() > deadline:
                 self.kill()
-                raise SystemExit(f"make_golden_v1: the mount at {path} did not come up")
+                raise SystemExit(f"make_golden: the mount at {path} did not come up")
             time.sleep(0.05)
 
     def stop(self) -> None:
         """A clean unmount: the worker writes a checkpoint and exits."""
         self.proc.send_signal(signal.SIGTERM)
         if self.proc.wait(timeout=60) != 0:
-            raise SystemExit("make_golden_v1: the worker did not stop cleanly")
+            raise SystemExit("make_golden: the worker did not stop cleanly")
 
     def kill(self) -> None:
         """SIGKILL the worker (what was acknowledged stays in the log) and detach its mount."""
