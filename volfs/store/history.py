@@ -79,7 +79,19 @@ def check_exists(store: StoreRoot, label: str) -> None:
 
 
 def take_unserved(store: StoreRoot, name: str, snap: str) -> dict[str, Any]:
-    """Snapshot volume *name*, which nobody serves (its lock is taken meanwhile)."""
+    """Snapshot volume *name*, which nobody serves (its lock is taken meanwhile): from its
+    checkpoint if that covers its whole log (`snapshots.take_at_rest`), else loaded."""
+    volume_fd = store.open_dir(name)
+    try:
+        lock_fd = store.lock(name, volume_fd)
+        try:
+            taken = snapshots.take_at_rest(volume_fd, headers.read_header(name, volume_fd), snap)
+        finally:
+            os.close(lock_fd)
+    finally:
+        os.close(volume_fd)
+    if taken is not None:
+        return taken
     volume = store.open_volume(name, create=False)
     try:
         return snapshots.take(volume, snap)

@@ -389,7 +389,7 @@ class StoreRoot:
         snapshots unless *recursive* (then they go too, refused while one is in use)."""
         dir_fd = self.open_dir(name)
         try:
-            lock_fd = self._lock(name, dir_fd)  # nobody may start serving it meanwhile
+            lock_fd = self.lock(name, dir_fd)  # nobody may start serving it meanwhile
             try:
                 snapshots.check_removable(name, dir_fd, recursive)
             except BaseException:
@@ -418,7 +418,7 @@ class StoreRoot:
         dir_fd = self.open_dir(name)
         lock_fd = -1
         try:
-            lock_fd = self._lock(name, dir_fd)
+            lock_fd = self.lock(name, dir_fd)
             _make_volume_private(dir_fd, self.volume_path(name))
             try:
                 header = headers.read_header(name, dir_fd)
@@ -471,7 +471,7 @@ class StoreRoot:
             volume.close()
 
     @staticmethod
-    def _lock(name: str, dir_fd: int) -> int:
+    def lock(name: str, dir_fd: int) -> int:
         """Take the volume's lock; it lasts until the returned fd closes or the process ends."""
         try:
             return pidlock.take("lock", dir_fd)

@@ -202,7 +202,71 @@ def link_segments(src_fd: int, dst_fd: int, numbers: Iterator[int] | list[int]) 
         os.link(name, name, src_dir_fd=src_fd, dst_dir_fd=dst_fd, follow_symlinks=False)
 
 
-def take(volume: Volume, snap: str, now_ns: int | None = None) -> dict[str, Any]:
+class _Staging:
+    """A snapshot being made in ``snapshots/.taking-SNAP-*`` of the volume at *volume_fd*
+    (its lock held): `publish` makes it whole under its name; leaving the ``with`` block
+    without that removes what was made."""
+
+    def __init__(self, volume_fd: int, label: str, snap: str) -> None:
+        self.label, self.snap = label, snap
+        snaps_fd = open_dir(volume_fd, create=True)
+        assert snaps_fd is not None
+        self.snaps_fd = snaps_fd
+        self.fd = -1
+        try:
+            if _exists(snaps_fd, snap):
+                raise StoreError(f"snapshot {label} exists already", ErrorCode.EXISTS)
+            sweep(snaps_fd)
+            self.name = f"{TAKING_PREFIX}{snap}-{uuid.uuid4().hex[:8]}"
+            os.mkdir(self.name, 0o700, dir_fd=snaps_fd)
+            self.fd = os.open(self.name, _DIR_FLAGS, dir_fd=snaps_fd)
+        except BaseException:
+            self.close()
+            raise
+
+    def publish(self, header: dict[str, Any]) -> None:
+        """Write its header durably, then give it its name (and make that durable)."""
+        journal.write_durably(self.fd, SNAPSHOT_FILE, b"".join(frame.encode(header)))
+        journal.rename_noreplace(self.snaps_fd, self.name, self.snap)
+        os.fsync(self.snaps_fd)
+        self.name = ""
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+        if getattr(self, "name", ""):
+            _remove_tree(self.snaps_fd, self.name)
+        os.close(self.snaps_fd)
+
+    def __enter__(self) -> _Staging:
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self.close()
+
+
+def new_header(
+    volume: dict[str, Any], snap: str, used: int, inodes: int, live: dict[int, int] | None
+) -> dict[str, Any]:
+    """The ``snapshot`` file of snapshot *snap* of the volume whose header is *volume*."""
+    header = {
+        "kind": SNAPSHOT_KIND,
+        "format": FORMAT,
+        "name": snap,
+        "volume": volume["name"],
+        "volume_id": volume["id"],
+        "id": str(uuid.uuid4()),
+        "created_ns": time.time_ns(),
+        "used": used,
+        "inodes": inodes,
+    }
+    if live is not None:  # what `ls` tells the bytes only it keeps alive by
+        header["live"] = live
+    return header
+
+
+def take(volume: Volume, snap: str) -> dict[str, Any]:
     """Snapshot *volume* (loaded, its lock held) as *snap*, now; return the snapshot's header.
 
     Runs between two operations (the worker's loop runs nothing else meanwhile), so the
@@ -210,48 +274,49 @@ def take(volume: Volume, snap: str, now_ns: int | None = None) -> dict[str, Any]
     it points into is synced first, then its links, checkpoint and header, then its name.
     """
     label = f"{volume.name}@{snap}"
-    snaps_fd = open_dir(volume.dir_fd, create=True)
-    assert snaps_fd is not None
-    try:
-        if _exists(snaps_fd, snap):
-            raise StoreError(f"snapshot {label} exists already", ErrorCode.EXISTS)
-        sweep(snaps_fd)
+    with _Staging(volume.dir_fd, label, snap) as staging:
         volume.sync()  # the data it names must be durable before it is
         upgrade_format(volume)
-        staging = f"{TAKING_PREFIX}{snap}-{uuid.uuid4().hex[:8]}"
-        os.mkdir(staging, 0o700, dir_fd=snaps_fd)
-        staging_fd = os.open(staging, _DIR_FLAGS, dir_fd=snaps_fd)
-        try:
-            link_segments(volume.dir_fd, staging_fd, sorted(s for s, n in volume.live.items() if n))
-            journal.write_checkpoint(
-                staging_fd, state_records(volume, Position(volume.log.head.seg + 1, 0))
-            )
-            header = {
-                "kind": SNAPSHOT_KIND,
-                "format": FORMAT,
-                "name": snap,
-                "volume": volume.name,
-                "volume_id": volume.header["id"],
-                "id": str(uuid.uuid4()),
-                "created_ns": time.time_ns() if now_ns is None else now_ns,
-                "used": volume.used_by_files,
-                "inodes": volume.inodes_used,
-            }
-            live = headers.live_of(volume.live)
-            if live is not None:  # what `ls` tells the bytes only it keeps alive by
-                header["live"] = live
-            journal.write_durably(staging_fd, SNAPSHOT_FILE, b"".join(frame.encode(header)))
-        except BaseException:
-            os.close(staging_fd)
-            _remove_tree(snaps_fd, staging)
-            raise
-        os.close(staging_fd)
-        journal.rename_noreplace(snaps_fd, staging, snap)
-        os.fsync(snaps_fd)
-    finally:
-        os.close(snaps_fd)
+        link_segments(volume.dir_fd, staging.fd, sorted(s for s, n in volume.live.items() if n))
+        journal.write_checkpoint(
+            staging.fd, state_records(volume, Position(volume.log.head.seg + 1, 0))
+        )
+        header = new_header(volume.header, snap, volume.used_by_files, volume.inodes_used,
+                            headers.live_of(volume.live))  # fmt: skip
+        staging.publish(header)
     volume.space.refresh_shared()
     return header
+
+
+def take_at_rest(volume_fd: int, header: dict[str, Any], snap: str) -> dict[str, Any] | None:
+    """Snapshot the volume at *volume_fd* (its lock held, nobody serving it) without loading
+    it, if its checkpoint covers its whole log (a clean unmount leaves it so) and its usage
+    file says which segments it uses; None if not (the caller loads it and calls `take`).
+
+    The snapshot's checkpoint is the volume's, its position moved past the log's last segment
+    (`journal.copy_checkpoint`: the first frame re-encoded, the rest copied as bytes), so it
+    costs a copy of the checkpoint, not a load of the volume."""
+    covers = journal.checkpoint_position(volume_fd)
+    usage, live = headers.read_usage(volume_fd), headers.read_live(volume_fd)
+    numbers = sorted(seg for seg, _ in segments(volume_fd))
+    if covers is None or live is None or "used" not in usage:
+        return None
+    if any(seg > covers.seg for seg in numbers) or not set(live) <= set(numbers):
+        return None
+    if covers.seg in numbers:
+        size = os.stat(segment_name(covers.seg), dir_fd=volume_fd).st_size
+        if size != covers.pos:
+            return None  # frames after the checkpoint: only a load knows where they end
+    label = f"{header['name']}@{snap}"
+    with _Staging(volume_fd, label, snap) as staging:
+        if header.get("format") != FORMAT:
+            header = {**header, "format": FORMAT}
+            journal.write_durably(volume_fd, headers.HEADER_FILE, b"".join(frame.encode(header)))
+        link_segments(volume_fd, staging.fd, sorted(live))
+        journal.copy_checkpoint(volume_fd, staging.fd, Position(max(numbers, default=0) + 1, 0))
+        taken = new_header(header, snap, usage["used"], usage.get("inodes", 0), live)
+        staging.publish(taken)
+    return taken
 
 
 def _exists(dir_fd: int, name: str) -> bool:
