@@ -30,7 +30,7 @@ from volfs.errors import ErrorCode, StoreError
 from volfs.store import frame, headers, journal, pidlock, records, snapshots
 from volfs.store.headers import check_name
 from volfs.store.log import OPEN_FLAGS, segment_name
-from volfs.store.readonly import ReadOnlyState
+from volfs.store.readonly import Pace, ReadOnlyState
 from volfs.store.records import FORMAT, CheckpointRecord
 from volfs.store.root import StoreRoot
 from volfs.store.space import segment_size_for
@@ -120,9 +120,14 @@ def snapshot_bytes(store: StoreRoot, name: str) -> int:
                 os.close(fd)
 
 
-def count(store: StoreRoot, name: str) -> int:
+def names(store: StoreRoot, name: str) -> list[str]:
+    """The names of volume *name*'s snapshots (SNAP, not NAME@SNAP), sorted."""
     with _Opened(store, name) as opened:
-        return len(opened.names())
+        return opened.names()
+
+
+def count(store: StoreRoot, name: str) -> int:
+    return len(names(store, name))
 
 
 def remove(store: StoreRoot, name: str, snap: str) -> None:
@@ -141,9 +146,12 @@ def remove_all(store: StoreRoot, name: str) -> None:
             snapshots.remove(opened.snaps_fd, name, snap)
 
 
-def load(store: StoreRoot, name: str, snap: str) -> tuple[ReadOnlyState, int]:
+def load(
+    store: StoreRoot, name: str, snap: str, pace: Pace | None = None
+) -> tuple[ReadOnlyState, int]:
     """Snapshot *name*@*snap* loaded read-only, and the fd holding its shared lock (closing
-    it lets the snapshot be removed again): for a mount of it, an export, fsck and scrub."""
+    it lets the snapshot be removed again): for a mount of it, an export, fsck and scrub.
+    *pace* is called with the bytes about to be read (scrub's rate)."""
     label = f"{name}@{snap}"
     with _Opened(store, name) as opened:
         snap_fd = opened.snapshot(snap)
@@ -151,7 +159,7 @@ def load(store: StoreRoot, name: str, snap: str) -> tuple[ReadOnlyState, int]:
         try:
             held = snapshots.hold(snap_fd, label)
             header = {**headers.read_header(name, opened.volume_fd), **_identity(snap_fd, label)}
-            state = ReadOnlyState(label, snap_fd, header)
+            state = ReadOnlyState(label, snap_fd, header, pace)
         except BaseException:
             os.close(snap_fd)
             if held >= 0:
