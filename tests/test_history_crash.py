@@ -1,0 +1,390 @@
+"""Crash safety of a volume's history: every operation killed right after each call that writes.
+
+The operations: a snapshot taken of a volume nobody serves (`history.take_unserved`) and of a
+loaded one, as a worker takes it between two requests (`snapshots.take`), a snapshot removed,
+a clone made, a volume rolled back.  Each runs in a forked child whose calls that change the
+store (the `os` calls in `WRITING_CALLS`, and `journal.rename_noreplace`) are counted; the
+child SIGKILLs itself right after the Nth (`run_killed`), for every N the operation reaches.
+Only the child is patched: the test's own volfs calls run unchanged.  After each kill:
+
+* ``volfsd fsck`` of every volume is clean, their snapshots included;
+* every volume, snapshot and clone, loaded read-only, reads back exactly as before the
+  operation or exactly as after it, all of them together (`Scene.picture`): never half;
+* the next operation of the same kind sweeps whatever the killed one left hidden
+  (``.taking-*``, ``.removing-*``, ``.cloning-*``), and every volume then opens as a mount
+  opens it and reads back as it did.
+
+A SIGKILL keeps what the page cache holds, so this is about the order of the steps; the last
+test is about power cuts: that each operation has made all it wrote durable when it returns.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import stat
+import traceback
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from powercut_work import Picture, difference, picture
+from test_powercut import fsck
+from test_scrub import _file
+
+from volfs.store import history, journal, readonly, snapshots
+from volfs.store.log import segment_name
+from volfs.store.root import StoreRoot
+from volfs.store.state import ROOT_INO
+from volfs.store.volume import Volume
+
+SEGMENT = 64 * 1024
+NAME = "v"
+#: The `os` calls that change a store (one step each); ``open`` only with O_CREAT.
+WRITING_CALLS = ("open", "write", "pwrite", "pwritev", "ftruncate", "posix_fallocate", "fsync",
+                 "fdatasync", "link", "rename", "replace", "mkdir", "rmdir", "unlink",
+                 "copy_file_range")  # fmt: skip
+#: Hidden entries an interrupted operation may leave, and the next one sweeps.
+HIDDEN = (snapshots.TAKING_PREFIX, snapshots.REMOVING_PREFIX, history.CLONING_PREFIX)
+
+
+# -- the killed child ---------------------------------------------------------------------------
+
+
+class _Counter:
+    """In the child only: counts the calls that write, reports each on a pipe, and kills the
+    process right after call number *kill_after* (never, if None)."""
+
+    def __init__(self, kill_after: int | None, report_fd: int) -> None:
+        self.kill_after = kill_after
+        self.report_fd = report_fd
+        self.counting = False
+        self.count = 0
+        self.write = os.write  # the real one: the reports are not steps
+
+    def wrap(self, name: str, call: Callable[..., object]) -> Callable[..., object]:
+        def counted(*args: object, **kwargs: object) -> object:
+            result = call(*args, **kwargs)
+            flags = args[1] if len(args) > 1 else kwargs.get("flags", 0)
+            if self.counting and (name != "open" or int(flags) & os.O_CREAT):  # type: ignore[call-overload]
+                self.step(name, args)
+            return result
+
+        return counted
+
+    def step(self, name: str, args: tuple[object, ...]) -> None:
+        self.count += 1
+        shown = ", ".join(repr(a)[:60] for a in args if not isinstance(a, (bytes, list)))
+        self.write(self.report_fd, f"{self.count} {name}({shown})\n".encode())
+        if self.count == self.kill_after:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    def begin(self) -> None:
+        """The steps to count begin (killed at once if *kill_after* is 0)."""
+        self.counting = True
+        if self.kill_after == 0:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    def install(self) -> None:
+        for name in WRITING_CALLS:
+            setattr(os, name, self.wrap(name, getattr(os, name)))
+        journal.rename_noreplace = self.wrap("rename_noreplace", journal.rename_noreplace)  # type: ignore[assignment]
+
+
+@dataclass
+class Run:
+    steps: list[str]  #: the calls that wrote, in order, as the child reported them
+    killed: bool  #: whether the child was killed (else it finished the operation)
+
+
+def run_killed(op: Callable[[Callable[[], None]], None], kill_after: int | None) -> Run:
+    """Run *op* in a forked child, killed right after its *kill_after*-th writing call.
+
+    *op* gets a function to call when the steps to count begin (what it does before, such as
+    loading the volume a worker would have loaded, is not counted; *kill_after* 0 kills it
+    there)."""
+    read_fd, write_fd = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: never returns into pytest
+        code = 1
+        try:
+            os.close(read_fd)
+            counter = _Counter(kill_after, write_fd)
+            counter.install()
+            op(counter.begin)
+            code = 0
+        except BaseException:
+            traceback.print_exc()
+        finally:
+            os._exit(code)
+    os.close(write_fd)
+    with os.fdopen(read_fd, "rb") as reports:
+        steps = reports.read().decode().splitlines()
+    _, status = os.waitpid(pid, 0)
+    killed = os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL
+    assert killed or os.WEXITSTATUS(status) == 0, f"the operation failed: status {status}"
+    return Run(steps, killed)
+
+
+# -- the store before each operation ------------------------------------------------------------
+
+
+def _write(volume: Volume, path: bytes, data: bytes, now: int) -> None:
+    parent = volume.inodes[ROOT_INO]
+    inode = volume.inodes.get(parent.entries.get(path)) if parent.entries.get(path) else None
+    if inode is None:
+        inode = _file(volume, parent, path)
+    volume.write(inode, 0, data, now)
+
+
+def _data(tag: int, size: int) -> bytes:
+    return bytes([tag]) * size
+
+
+def build(top: Path, clone_too: bool = True) -> StoreRoot:
+    """Volume v with snapshot s1, then changed (files rewritten and removed, so that some
+    segments only s1 keeps); a clone c0 of s1 (when *clone_too*).  The same every time."""
+    store = StoreRoot(top)
+    store.create_volume(NAME, segment_size=SEGMENT)
+    volume = store.open_volume(NAME, create=False)
+    try:
+        for i in range(6):
+            _write(volume, b"f%d" % i, _data(i + 1, 40_000), 10 + i)
+        folder = volume.new_inode(stat.S_IFDIR | 0o755, 0, 0, 0, 20)
+        volume.create(volume.inodes[ROOT_INO], b"dir", folder, 20)
+    finally:
+        volume.close()
+    history.take_unserved(store, NAME, "s1")
+    volume = store.open_volume(NAME, create=False)
+    try:
+        top_dir = volume.inodes[ROOT_INO]
+        for i in (0, 1):  # their segments: dead to v, kept by s1
+            volume.unlink(top_dir, b"f%d" % i, volume.inodes[top_dir.entries[b"f%d" % i]], 30)
+        _write(volume, b"f2", _data(99, 50_000), 31)
+        _write(volume, b"later", _data(77, 70_000), 32)
+    finally:
+        volume.close()
+    if clone_too:
+        history.clone(store, NAME, "s1", "c0")
+    return store
+
+
+def store_picture(top: Path) -> dict[str, Picture]:
+    """What every volume and snapshot of the store at *top* holds, loaded read-only."""
+    store = StoreRoot(top)
+    seen: dict[str, Picture] = {}
+    for name in store.names():
+        loaded = readonly.open_readonly(store.volume_path(name), name)
+        try:
+            seen[name] = picture(loaded)
+        finally:
+            loaded.close()
+        for snap in history.names(store, name):
+            state, held = history.load(store, name, snap)
+            try:
+                seen[f"{name}@{snap}"] = picture(state)
+            finally:
+                state.close()
+                os.close(held)
+    return seen
+
+
+def store_files(top: Path) -> set[str]:
+    """The files of the store at *top* (staging names, being random, as their prefix)."""
+    found = set()
+    for path in (top / "volumes").rglob("*"):
+        if path.is_file():
+            parts = [next((p for p in HIDDEN if part.startswith(p)), part)
+                     for part in path.relative_to(top).parts]  # fmt: skip
+            found.add("/".join(parts))
+    return found
+
+
+def hidden_entries(top: Path) -> list[str]:
+    """Entries of the store an interrupted operation left hidden."""
+    found = [p for p in (top / "volumes").iterdir() if p.name.startswith(HIDDEN)]
+    found += [p for p in (top / "volumes").glob("*/snapshots/*") if p.name.startswith(HIDDEN)]
+    return sorted(str(p.relative_to(top)) for p in found)
+
+
+# -- the operations ---------------------------------------------------------------------------
+
+
+def _take_unserved(top: Path) -> Callable[[Callable[[], None]], None]:
+    def op(begin: Callable[[], None]) -> None:
+        begin()
+        history.take_unserved(StoreRoot(top), NAME, "s2")
+
+    return op
+
+
+def _take_loaded(top: Path) -> Callable[[Callable[[], None]], None]:
+    """As a worker does: the volume loaded and changed (not synced), then snapshotted; the
+    worker is not closed after (it would go on serving)."""
+
+    def op(begin: Callable[[], None]) -> None:
+        volume = StoreRoot(top).open_volume(NAME, create=False)
+        _write(volume, b"unsynced", _data(55, 30_000), 40)
+        begin()
+        snapshots.take(volume, "s2")
+
+    return op
+
+
+def _remove(top: Path) -> Callable[[Callable[[], None]], None]:
+    def op(begin: Callable[[], None]) -> None:
+        begin()
+        history.remove(StoreRoot(top), NAME, "s1")
+
+    return op
+
+
+def _clone(top: Path) -> Callable[[Callable[[], None]], None]:
+    def op(begin: Callable[[], None]) -> None:
+        begin()
+        history.clone(StoreRoot(top), NAME, "s1", "c1")
+
+    return op
+
+
+def _rollback(top: Path) -> Callable[[Callable[[], None]], None]:
+    def op(begin: Callable[[], None]) -> None:
+        begin()
+        history.rollback(StoreRoot(top), NAME, "s1")
+
+    return op
+
+
+def _next_take(store: StoreRoot) -> None:
+    history.take_unserved(store, NAME, "next")  # sweeps snapshots/'s hidden entries
+
+
+def _next_clone(store: StoreRoot) -> None:
+    history.clone(store, NAME, "s1", "next")  # sweeps volumes/.cloning-*
+
+
+def _next_open(store: StoreRoot) -> None:
+    store.open_volume(NAME, create=False).close()
+
+
+#: name: (the operation, the next operation that sweeps what it leaves)
+OPERATIONS = {
+    "take-unserved": (_take_unserved, _next_take),
+    "take-loaded": (_take_loaded, _next_take),
+    "remove": (_remove, _next_take),
+    "clone": (_clone, _next_clone),
+    "rollback": (_rollback, _next_open),
+}
+
+
+# -- the checks -------------------------------------------------------------------------------
+
+
+class Scene:
+    """One operation on a store built by `build`, killed at each of its steps in turn."""
+
+    def __init__(self, tmp: Path, operation: str) -> None:
+        self.tmp = tmp
+        self.operation = operation
+        self.make_op, self.next_op = OPERATIONS[operation]
+        top = self.fresh("before")
+        assert run_killed(self.make_op(top), 0).killed
+        self.before = store_picture(top)  # with what the child did before the operation
+        self.next_op(StoreRoot(top))
+        self.files = {"before": store_files(top)}  #: what the store holds after the next op
+        top = self.fresh("whole")
+        whole = run_killed(self.make_op(top), None)
+        assert not whole.killed
+        self.steps = whole.steps
+        self.after = store_picture(top)
+        assert self.after != self.before, "the operation changed nothing"
+        self.next_op(StoreRoot(top))
+        self.after_next = store_picture(top)
+        self.files["after"] = store_files(top)
+        self.seen = {"before": 0, "after": 0, "hidden": 0}  #: what the kills left, how often
+
+    def fresh(self, label: str) -> Path:
+        top = self.tmp / f"{self.operation}-{label}"
+        build(top)
+        return top
+
+    def kill_at(self, n: int) -> None:
+        """Kill the operation right after its step *n*; check the store it leaves."""
+        top = self.fresh(f"kill{n}")
+        run = run_killed(self.make_op(top), n)
+        where = f"{self.operation} killed after step {run.steps[-1] if run.steps else 0}"
+        assert run.killed and _calls(run.steps) == _calls(self.steps[:n]), where
+        for name in StoreRoot(top).names():
+            code, out = fsck(top, name)
+            assert code == 0, f"{where}: fsck {name}:\n{out}"
+        got = store_picture(top)
+        if got != self.before and got != self.after:
+            raise AssertionError(f"{where}: the store is neither as before nor as after it:\n"
+                                 f"{_differences(got, self.before, self.after)}")  # fmt: skip
+        outcome = "before" if got == self.before else "after"
+        self.seen[outcome] += 1
+        self.seen["hidden"] += bool(hidden_entries(top))
+        store = StoreRoot(top)
+        self.next_op(store)
+        assert hidden_entries(top) == [], f"{where}: left hidden after the next operation"
+        left = store_files(top) - self.files[outcome]
+        assert not left, f"{where}: files left behind after the next operation: {sorted(left)}"
+        swept = store_picture(top)
+        for name in store.names():  # each opens as a mount opens it, and reads as it did
+            store.open_volume(name, create=False).close()
+        assert store_picture(top) == swept, f"{where}: a volume changed when it was opened"
+        if got == self.after:
+            assert swept == self.after_next, where
+
+
+def _calls(steps: list[str]) -> list[str]:
+    """The calls of reported steps without their arguments (which name random staging dirs)."""
+    return [step.partition("(")[0] for step in steps]
+
+
+def _differences(got: dict[str, Picture], *wanted: dict[str, Picture]) -> str:
+    lines = []
+    for want, which in zip(wanted, ("before", "after"), strict=True):
+        lines.append(f"against {which}:")
+        for label in sorted(got.keys() | want.keys()):
+            if label not in got or label not in want:
+                lines.append(f" {label}: only {'expected' if label in want else 'found'}")
+            elif got[label] != want[label]:
+                lines.append(f" {label}:\n{difference(got[label], want[label])}")
+    return "\n".join(lines)
+
+
+@pytest.mark.parametrize("operation", sorted(OPERATIONS))
+def test_killed_at_each_step(tmp_path, operation):
+    scene = Scene(tmp_path, operation)
+    assert len(scene.steps) >= 3, scene.steps
+    for n in range(len(scene.steps) + 1):  # 0: killed as it begins
+        scene.kill_at(n)
+    print(operation, len(scene.steps), scene.seen, *scene.steps, sep="\n  ")
+    assert scene.seen["before"] and scene.seen["after"], scene.seen
+    if operation != "rollback":  # which makes nothing hidden
+        assert scene.seen["hidden"], "no kill left a hidden entry for the next one to sweep"
+
+
+@contextlib.contextmanager
+def _nothing() -> Iterator[None]:
+    yield
+
+
+def test_the_kill_hook_counts_and_kills(tmp_path):
+    """`run_killed` itself: the steps it reports are the calls made, and the kill is real."""
+    target = tmp_path / "f"
+
+    def op(begin: Callable[[], None]) -> None:
+        target.write_bytes(b"not counted")  # before begin()
+        begin()
+        os.rename(target, tmp_path / "g")
+        os.link(tmp_path / "g", tmp_path / "h")
+        os.unlink(tmp_path / "g")
+
+    run = run_killed(op, 2)
+    assert run.killed and [s.split("(")[0] for s in run.steps] == ["1 rename", "2 link"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["g", "h"]
+    assert segment_name(1) == "seg-00000001.log"
