@@ -20,12 +20,11 @@ test is about power cuts: that each operation has made all it wrote durable when
 
 from __future__ import annotations
 
-import contextlib
 import os
 import signal
 import stat
 import traceback
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,7 +34,6 @@ from test_powercut import fsck
 from test_scrub import _file
 
 from volfs.store import history, journal, readonly, snapshots
-from volfs.store.log import segment_name
 from volfs.store.root import StoreRoot
 from volfs.store.state import ROOT_INO
 from volfs.store.volume import Volume
@@ -261,6 +259,10 @@ def _next_take(store: StoreRoot) -> None:
     history.take_unserved(store, NAME, "next")  # sweeps snapshots/'s hidden entries
 
 
+def _next_list(store: StoreRoot) -> None:
+    history.describe(store, NAME)  # sweeps what a removal left in snapshots/
+
+
 def _next_clone(store: StoreRoot) -> None:
     history.clone(store, NAME, "s1", "next")  # sweeps volumes/.cloning-*
 
@@ -273,7 +275,7 @@ def _next_open(store: StoreRoot) -> None:
 OPERATIONS = {
     "take-unserved": (_take_unserved, _next_take),
     "take-loaded": (_take_loaded, _next_take),
-    "remove": (_remove, _next_take),
+    "remove": (_remove, _next_list),
     "clone": (_clone, _next_clone),
     "rollback": (_rollback, _next_open),
 }
@@ -362,15 +364,9 @@ def test_killed_at_each_step(tmp_path, operation):
     assert len(scene.steps) >= 3, scene.steps
     for n in range(len(scene.steps) + 1):  # 0: killed as it begins
         scene.kill_at(n)
-    print(operation, len(scene.steps), scene.seen, *scene.steps, sep="\n  ")
     assert scene.seen["before"] and scene.seen["after"], scene.seen
     if operation != "rollback":  # which makes nothing hidden
         assert scene.seen["hidden"], "no kill left a hidden entry for the next one to sweep"
-
-
-@contextlib.contextmanager
-def _nothing() -> Iterator[None]:
-    yield
 
 
 def test_the_kill_hook_counts_and_kills(tmp_path):
@@ -387,4 +383,72 @@ def test_the_kill_hook_counts_and_kills(tmp_path):
     run = run_killed(op, 2)
     assert run.killed and [s.split("(")[0] for s in run.steps] == ["1 rename", "2 link"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["g", "h"]
-    assert segment_name(1) == "seg-00000001.log"
+
+
+# -- a snapshot removed while another process opens it ------------------------------------------
+
+
+def _in_child(work: Callable[[], str]) -> str:
+    """What *work* returns, run in a forked child (which may patch what it likes)."""
+    read_fd, write_fd = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        try:
+            os.close(read_fd)
+            answer = work()
+        except BaseException as exc:
+            answer = f"raised {exc!r}"
+        finally:
+            os.write(write_fd, answer.encode())  # type: ignore[possibly-undefined]
+            os._exit(0)
+    os.close(write_fd)
+    with os.fdopen(read_fd, "rb") as answers:
+        answer = answers.read().decode()
+    os.waitpid(pid, 0)
+    return answer
+
+
+@pytest.mark.parametrize("how", ["removed", "renamed"])
+@pytest.mark.parametrize("reader", ["load", "clone", "rollback"])
+def test_a_snapshot_removed_as_it_is_opened_is_not_found_never_half(tmp_path, reader, how):
+    """A removal that renames the snapshot away (and drops its lock) after a reader opened
+    its directory, and before the reader takes its shared lock: the reader finds no snapshot,
+    never the files the removal has not deleted yet ("renamed": a removal that has deleted
+    none yet), nor the snapshot taken under the same name since."""
+    top = tmp_path / "store"
+    build(top, clone_too=False)
+    snaps = top / "volumes" / NAME / "snapshots"
+
+    def work() -> str:
+        real_hold = snapshots.hold
+
+        def hold_after_removal(snap_fd: int, label: str, exclusive: bool = False) -> int:
+            if exclusive:  # the removal's own
+                return real_hold(snap_fd, label, exclusive)
+            if how == "renamed":  # what a removal does first, with its lock, before deleting
+                os.rename(snaps / "s1", snaps / f"{snapshots.REMOVING_PREFIX}s1-0")
+            else:
+                history.remove(StoreRoot(top), NAME, "s1")
+                if reader != "rollback":  # which holds the volume's lock
+                    history.take_unserved(StoreRoot(top), NAME, "s1")  # another of that name
+            return real_hold(snap_fd, label, exclusive)
+
+        snapshots.hold = hold_after_removal  # type: ignore[assignment]
+        store = StoreRoot(top)
+        try:
+            if reader == "load":
+                history.load(store, NAME, "s1")
+            elif reader == "clone":
+                history.clone(store, NAME, "s1", "c1")
+            else:
+                history.rollback(store, NAME, "s1")
+        except history.StoreError as exc:
+            return f"{exc.code}: {exc}"
+        return "done"
+
+    assert _in_child(work) == f"{history.ErrorCode.NOT_FOUND}: no such snapshot: v@s1"
+    store = StoreRoot(top)
+    history.describe(store, NAME)  # a listing sweeps what a removal left
+    assert store.names() == [NAME] and hidden_entries(top) == []
+    assert history.names(store, NAME) == ([] if how == "renamed" or reader == "rollback"
+                                          else ["s1"])  # fmt: skip

@@ -57,6 +57,12 @@ class _Opened:
             raise StoreError(f"no such snapshot: {self.name}@{snap}", ErrorCode.NOT_FOUND)
         return snapshots.open_snapshot(self.snaps_fd, self.name, snap)
 
+    def held(self, snap: str) -> tuple[int, int]:
+        """The snapshot's directory and the fd of its shared lock (`snapshots.open_held`)."""
+        if self.snaps_fd is None:
+            raise StoreError(f"no such snapshot: {self.name}@{snap}", ErrorCode.NOT_FOUND)
+        return snapshots.open_held(self.snaps_fd, self.name, snap)
+
     def names(self) -> list[str]:
         return [] if self.snaps_fd is None else snapshots.names(self.snaps_fd)
 
@@ -84,6 +90,8 @@ def describe(store: StoreRoot, name: str) -> list[dict[str, Any]]:
     snapshot keeps alive (what removing it gives back)."""
     rows: list[dict[str, Any]] = []
     with _Opened(store, name) as opened:
+        if opened.snaps_fd is not None:  # what a killed removal left holds segments alive
+            snapshots.sweep(opened.snaps_fd, taking=False)
         for snap in opened.names():
             label = f"{name}@{snap}"
             snap_fd = opened.snapshot(snap)
@@ -154,16 +162,13 @@ def load(
     *pace* is called with the bytes about to be read (scrub's rate)."""
     label = f"{name}@{snap}"
     with _Opened(store, name) as opened:
-        snap_fd = opened.snapshot(snap)
-        held = -1
+        snap_fd, held = opened.held(snap)
         try:
-            held = snapshots.hold(snap_fd, label)
             header = {**headers.read_header(name, opened.volume_fd), **_identity(snap_fd, label)}
             state = ReadOnlyState(label, snap_fd, header, pace)
         except BaseException:
             os.close(snap_fd)
-            if held >= 0:
-                os.close(held)
+            os.close(held)
             raise
     try:
         state.log.retry = False  # nobody replaces a snapshot's checkpoint
@@ -194,16 +199,13 @@ def clone(
         raise StoreError(f"volume {new} exists: clone into a new name", ErrorCode.EXISTS)
     sweep_clones(store)
     with _Opened(store, name) as opened:
-        snap_fd = opened.snapshot(snap)
+        snap_fd, held = opened.held(snap)
         try:
-            held = snapshots.hold(snap_fd, label)
-            try:
-                origin = headers.read_header(name, opened.volume_fd)
-                taken = snapshots.read_header(snap_fd, label)
-                return _build_clone(store, origin, taken, snap_fd, new, size)
-            finally:
-                os.close(held)
+            origin = headers.read_header(name, opened.volume_fd)
+            taken = snapshots.read_header(snap_fd, label)
+            return _build_clone(store, origin, taken, snap_fd, new, size)
         finally:
+            os.close(held)
             os.close(snap_fd)
 
 
@@ -310,15 +312,12 @@ def rollback(store: StoreRoot, name: str, snap: str) -> dict[str, Any]:
                 ErrorCode.BUSY,
             ) from None
         try:
-            snap_fd = opened.snapshot(snap)
+            snap_fd, held = opened.held(snap)
             try:
-                held = snapshots.hold(snap_fd, label)
-                try:
-                    taken = snapshots.read_header(snap_fd, label)
-                    _roll_back(opened, snap_fd, label)
-                finally:
-                    os.close(held)
+                taken = snapshots.read_header(snap_fd, label)
+                _roll_back(opened, snap_fd, label)
             finally:
+                os.close(held)
                 os.close(snap_fd)
         finally:
             os.close(lock_fd)
