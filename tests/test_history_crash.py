@@ -30,6 +30,7 @@ from pathlib import Path
 
 import pytest
 from powercut_work import Picture, difference, picture
+from test_golden import GOLDEN, _copy_store
 from test_powercut import fsck
 from test_scrub import _file
 
@@ -44,6 +45,7 @@ NAME = "v"
 WRITING_CALLS = ("open", "write", "pwrite", "pwritev", "ftruncate", "posix_fallocate", "fsync",
                  "fdatasync", "link", "rename", "replace", "mkdir", "rmdir", "unlink",
                  "copy_file_range")  # fmt: skip
+GOLDEN_V1 = GOLDEN[0]
 #: Hidden entries an interrupted operation may leave, and the next one sweeps.
 HIDDEN = (snapshots.TAKING_PREFIX, snapshots.REMOVING_PREFIX, history.CLONING_PREFIX)
 
@@ -141,32 +143,49 @@ def _data(tag: int, size: int) -> bytes:
     return bytes([tag]) * size
 
 
-def build(top: Path, clone_too: bool = True) -> StoreRoot:
-    """Volume v with snapshot s1, then changed (files rewritten and removed, so that some
-    segments only s1 keeps); a clone c0 of s1 (when *clone_too*).  The same every time."""
+def _change(store: StoreRoot, step: int, files: int) -> None:
+    """Remove, rewrite and add files of v (*step* 1, 2, ...): what snapshots before it keep,
+    the volume no longer has, and some segments only those snapshots still name."""
+    volume = store.open_volume(NAME, create=False)
+    try:
+        top_dir = volume.inodes[ROOT_INO]
+        now = 100 * step
+        for i in range(step - 1, files, 3):
+            name = b"f%d" % i
+            if name in top_dir.entries:
+                volume.unlink(top_dir, name, volume.inodes[top_dir.entries[name]], now)
+        _write(volume, b"f%d" % (files - step), _data(90 + step, 50_000), now + 1)
+        _write(volume, b"later%d" % step, _data(70 + step, 70_000), now + 2)
+    finally:
+        volume.close()
+
+
+def build(top: Path, clone_too: bool = True, files: int = 6) -> StoreRoot:
+    """Volume v of *files* files (and a directory), then snapshot s1, changes, snapshot s2,
+    more changes; a clone c0 of s1 (when *clone_too*).  The same every time."""
     store = StoreRoot(top)
     store.create_volume(NAME, segment_size=SEGMENT)
     volume = store.open_volume(NAME, create=False)
     try:
-        for i in range(6):
-            _write(volume, b"f%d" % i, _data(i + 1, 40_000), 10 + i)
+        for i in range(files):
+            _write(volume, b"f%d" % i, _data(i + 1, 40_000 + 1000 * (i % 7)), 10 + i)
         folder = volume.new_inode(stat.S_IFDIR | 0o755, 0, 0, 0, 20)
         volume.create(volume.inodes[ROOT_INO], b"dir", folder, 20)
     finally:
         volume.close()
-    history.take_unserved(store, NAME, "s1")
-    volume = store.open_volume(NAME, create=False)
-    try:
-        top_dir = volume.inodes[ROOT_INO]
-        for i in (0, 1):  # their segments: dead to v, kept by s1
-            volume.unlink(top_dir, b"f%d" % i, volume.inodes[top_dir.entries[b"f%d" % i]], 30)
-        _write(volume, b"f2", _data(99, 50_000), 31)
-        _write(volume, b"later", _data(77, 70_000), 32)
-    finally:
-        volume.close()
+    for step, snap in enumerate(("s1", "s2"), 1):
+        history.take_unserved(store, NAME, snap)
+        _change(store, step, files)
     if clone_too:
         history.clone(store, NAME, "s1", "c0")
     return store
+
+
+def build_golden(top: Path) -> StoreRoot:
+    """The golden store of format 1 (tests/data), never snapshotted: the first take makes
+    ``snapshots/`` and gives the volume format 2."""
+    _copy_store(GOLDEN_V1, top)
+    return StoreRoot(top)
 
 
 def store_picture(top: Path) -> dict[str, Picture]:
@@ -210,75 +229,84 @@ def hidden_entries(top: Path) -> list[str]:
 # -- the operations ---------------------------------------------------------------------------
 
 
-def _take_unserved(top: Path) -> Callable[[Callable[[], None]], None]:
+Op = Callable[[Callable[[], None]], None]  #: an operation as `run_killed` runs it
+
+
+def _take_unserved(top: Path, name: str) -> Op:
     def op(begin: Callable[[], None]) -> None:
         begin()
-        history.take_unserved(StoreRoot(top), NAME, "s2")
+        history.take_unserved(StoreRoot(top), name, "new")
 
     return op
 
 
-def _take_loaded(top: Path) -> Callable[[Callable[[], None]], None]:
+def _take_loaded(top: Path, name: str) -> Op:
     """As a worker does: the volume loaded and changed (not synced), then snapshotted; the
     worker is not closed after (it would go on serving)."""
 
     def op(begin: Callable[[], None]) -> None:
-        volume = StoreRoot(top).open_volume(NAME, create=False)
+        volume = StoreRoot(top).open_volume(name, create=False)
         _write(volume, b"unsynced", _data(55, 30_000), 40)
         begin()
-        snapshots.take(volume, "s2")
+        snapshots.take(volume, "new")
 
     return op
 
 
-def _remove(top: Path) -> Callable[[Callable[[], None]], None]:
+def _remove(top: Path, name: str) -> Op:
     def op(begin: Callable[[], None]) -> None:
         begin()
-        history.remove(StoreRoot(top), NAME, "s1")
+        history.remove(StoreRoot(top), name, "s1")
 
     return op
 
 
-def _clone(top: Path) -> Callable[[Callable[[], None]], None]:
+def _clone(top: Path, name: str) -> Op:
     def op(begin: Callable[[], None]) -> None:
         begin()
-        history.clone(StoreRoot(top), NAME, "s1", "c1")
+        history.clone(StoreRoot(top), name, "s1", "c1")
 
     return op
 
 
-def _rollback(top: Path) -> Callable[[Callable[[], None]], None]:
+def _rollback(top: Path, name: str) -> Op:
     def op(begin: Callable[[], None]) -> None:
         begin()
-        history.rollback(StoreRoot(top), NAME, "s1")
+        history.rollback(StoreRoot(top), name, "s1")
 
     return op
 
 
-def _next_take(store: StoreRoot) -> None:
-    history.take_unserved(store, NAME, "next")  # sweeps snapshots/'s hidden entries
+def _next_take(store: StoreRoot, name: str) -> None:
+    history.take_unserved(store, name, "next")  # sweeps snapshots/'s hidden entries
 
 
-def _next_list(store: StoreRoot) -> None:
-    history.describe(store, NAME)  # sweeps what a removal left in snapshots/
+def _next_list(store: StoreRoot, name: str) -> None:
+    history.describe(store, name)  # sweeps what a removal left in snapshots/
 
 
-def _next_clone(store: StoreRoot) -> None:
-    history.clone(store, NAME, "s1", "next")  # sweeps volumes/.cloning-*
+def _next_rollback(store: StoreRoot, name: str) -> None:
+    """Write after the rollback, then roll back to the snapshot taken after s1: the numbers
+    of the segments written since never clash with those s2 names."""
+    _change(store, 3, 6)
+    history.rollback(store, name, "s2")
 
 
-def _next_open(store: StoreRoot) -> None:
-    store.open_volume(NAME, create=False).close()
+def _next_clone(store: StoreRoot, name: str) -> None:
+    history.clone(store, name, "s1", "next")  # sweeps volumes/.cloning-*
 
 
 #: name: (the operation, the next operation that sweeps what it leaves)
-OPERATIONS = {
+OPERATIONS: dict[str, tuple[Callable[[Path, str], Op], Callable[[StoreRoot, str], None]]] = {
     "take-unserved": (_take_unserved, _next_take),
     "take-loaded": (_take_loaded, _next_take),
+    "take-first": (_take_unserved, _next_take),
     "remove": (_remove, _next_list),
     "clone": (_clone, _next_clone),
-    "rollback": (_rollback, _next_open),
+    "rollback": (_rollback, _next_rollback),
 }
+#: How the store is made before an operation, and the volume's name (`build`'s, unless here).
+BUILDS = {"take-first": (build_golden, "golden")}
 
 
 # -- the checks -------------------------------------------------------------------------------
@@ -291,31 +319,32 @@ class Scene:
         self.tmp = tmp
         self.operation = operation
         self.make_op, self.next_op = OPERATIONS[operation]
+        self.build, self.name = BUILDS.get(operation, (build, NAME))
         top = self.fresh("before")
-        assert run_killed(self.make_op(top), 0).killed
+        assert run_killed(self.make_op(top, self.name), 0).killed
         self.before = store_picture(top)  # with what the child did before the operation
-        self.next_op(StoreRoot(top))
+        self.next_op(StoreRoot(top), self.name)
         self.files = {"before": store_files(top)}  #: what the store holds after the next op
         top = self.fresh("whole")
-        whole = run_killed(self.make_op(top), None)
+        whole = run_killed(self.make_op(top, self.name), None)
         assert not whole.killed
         self.steps = whole.steps
         self.after = store_picture(top)
         assert self.after != self.before, "the operation changed nothing"
-        self.next_op(StoreRoot(top))
+        self.next_op(StoreRoot(top), self.name)
         self.after_next = store_picture(top)
         self.files["after"] = store_files(top)
         self.seen = {"before": 0, "after": 0, "hidden": 0}  #: what the kills left, how often
 
     def fresh(self, label: str) -> Path:
         top = self.tmp / f"{self.operation}-{label}"
-        build(top)
+        self.build(top)
         return top
 
     def kill_at(self, n: int) -> None:
         """Kill the operation right after its step *n*; check the store it leaves."""
         top = self.fresh(f"kill{n}")
-        run = run_killed(self.make_op(top), n)
+        run = run_killed(self.make_op(top, self.name), n)
         where = f"{self.operation} killed after step {run.steps[-1] if run.steps else 0}"
         assert run.killed and _calls(run.steps) == _calls(self.steps[:n]), where
         for name in StoreRoot(top).names():
@@ -329,7 +358,7 @@ class Scene:
         self.seen[outcome] += 1
         self.seen["hidden"] += bool(hidden_entries(top))
         store = StoreRoot(top)
-        self.next_op(store)
+        self.next_op(store, self.name)
         assert hidden_entries(top) == [], f"{where}: left hidden after the next operation"
         left = store_files(top) - self.files[outcome]
         assert not left, f"{where}: files left behind after the next operation: {sorted(left)}"
@@ -450,5 +479,5 @@ def test_a_snapshot_removed_as_it_is_opened_is_not_found_never_half(tmp_path, re
     store = StoreRoot(top)
     history.describe(store, NAME)  # a listing sweeps what a removal left
     assert store.names() == [NAME] and hidden_entries(top) == []
-    assert history.names(store, NAME) == ([] if how == "renamed" or reader == "rollback"
-                                          else ["s1"])  # fmt: skip
+    assert history.names(store, NAME) == (["s2"] if how == "renamed" or reader == "rollback"
+                                          else ["s1", "s2"])  # fmt: skip
