@@ -20,6 +20,7 @@ test is about power cuts: that each operation has made all it wrote durable when
 
 from __future__ import annotations
 
+import functools
 import os
 import signal
 import stat
@@ -395,11 +396,12 @@ BUILDS = {"take-first": (build_golden, "golden")}
 class Scene:
     """One operation on a store built by `build`, killed at each of its steps in turn."""
 
-    def __init__(self, tmp: Path, operation: str) -> None:
+    def __init__(self, tmp: Path, operation: str, files: int = 6) -> None:
         self.tmp = tmp
         self.operation = operation
         self.make_op, self.next_op = OPERATIONS[operation]
-        self.build, self.name = BUILDS.get(operation, (build, NAME))
+        made, self.name = BUILDS.get(operation, (build, NAME))
+        self.build = functools.partial(build, files=files) if made is build else made
         top = self.fresh("before")
         assert run_killed(self.make_op(top, self.name), 0).killed
         self.before = store_picture(top)  # with what the child did before the operation
@@ -481,7 +483,18 @@ def test_an_operation_that_returned_survives_a_power_cut(tmp_path, operation):
 
 @pytest.mark.parametrize("operation", sorted(OPERATIONS))
 def test_killed_at_each_step(tmp_path, operation):
-    scene = Scene(tmp_path, operation)
+    _kill_at_each_step(Scene(tmp_path, operation))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("operation", sorted(set(OPERATIONS) - set(BUILDS)))
+def test_killed_at_each_step_of_a_larger_volume(tmp_path, operation):
+    """60 files over ~40 segments: links, unlinks and lacking segments by the dozen."""
+    _kill_at_each_step(Scene(tmp_path, operation, files=60))
+
+
+def _kill_at_each_step(scene: Scene) -> None:
+    operation = scene.operation
     assert len(scene.steps) >= 3, scene.steps
     for n in range(len(scene.steps) + 1):  # 0: killed as it begins
         scene.kill_at(n)
