@@ -15,7 +15,6 @@ import subprocess
 import tarfile
 import termios
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -26,7 +25,7 @@ from volfs.errors import ErrorCode, VolfsError
 from volfs.store import history
 from volfs.store.root import StoreRoot
 
-from conftest import EXPECTED_LOG, Volume, _passed
+from conftest import Volume
 from helpers import VOLFSD, assert_one_line_error, cli_env, volfsd, wait_until
 
 #: Times with nanoseconds that a float would round, and one before 1970.
@@ -83,17 +82,6 @@ def picture(top: Path) -> dict[str, tuple]:
                       st.st_mtime_ns, None if stat.S_ISDIR(st.st_mode) else st.st_size,
                       content, target, xattrs)  # fmt: skip
     return seen
-
-
-@pytest.fixture
-def copy(tmp_path: Path, volume: Volume, request: pytest.FixtureRequest) -> Iterator[Volume]:
-    """Volume "copy" in the same store: what import makes, unmounted after the test."""
-    vol = Volume(volume.root, "copy", tmp_path / "copy", request.node.stash[EXPECTED_LOG])
-    (tmp_path / "copy").mkdir()
-    try:
-        yield vol
-    finally:
-        vol.cleanup(_passed(request.node))
 
 
 def _run(root: Path, *args: str, data: bytes) -> subprocess.CompletedProcess[bytes]:

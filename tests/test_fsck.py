@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 import stat
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -17,7 +16,7 @@ from volfs.store import headers, history
 from volfs.store.root import StoreRoot
 from volfs.store.state import ROOT_INO
 
-from conftest import EXPECTED_LOG, Volume, _passed
+from conftest import Volume
 from helpers import assert_one_line_error, volfsd
 
 
@@ -25,17 +24,6 @@ def take(volume: Volume, snap: str) -> dict:
     """Snapshot *volume*, unmounted, as *snap* (what ``volfsd snapshot`` does for a volume
     nobody serves)."""
     return history.take_unserved(StoreRoot(volume.root), volume.name, snap)
-
-
-@pytest.fixture
-def twin(tmp_path: Path, volume: Volume, request: pytest.FixtureRequest) -> Iterator[Volume]:
-    """Volume "twin" in the store of ``volume``: a clone, made by the test; unmounted after."""
-    vol = Volume(volume.root, "twin", tmp_path / "twin", request.node.stash[EXPECTED_LOG])
-    (tmp_path / "twin").mkdir()
-    try:
-        yield vol
-    finally:
-        vol.cleanup(_passed(request.node))
 
 
 def test_fsck_clean_volume(volume, mnt):
@@ -193,28 +181,28 @@ def _segment_owner(path: Path) -> str:
         return headers.one_frame(f.read(4096))[1]
 
 
-def test_a_clone_is_fsck_clean_before_and_after_it_is_mounted(volume, mnt, twin):
+def test_a_clone_is_fsck_clean_before_and_after_it_is_mounted(volume, mnt, copy):
     populate(mnt)
     volume.unmount()
     take(volume, "base")
     store = StoreRoot(volume.root)
-    made = history.clone(store, volume.name, "base", "twin")
+    made = history.clone(store, volume.name, "base", "copy")
     origin_id = store.header(volume.name)["id"]
-    inherited = sorted(twin.store.glob("seg-*.log"))
+    inherited = sorted(copy.store.glob("seg-*.log"))
     assert inherited and all(_segment_owner(p) == origin_id != made["id"] for p in inherited)
     for verb in ("fsck", "scrub"):  # never mounted: its checkpoint covers a log it lacks
-        done = volfsd(verb, "twin", root=volume.root, check=False)
+        done = volfsd(verb, "copy", root=volume.root, check=False)
         assert done.returncode == 0 and "0 problem(s)" in done.stdout, done.stdout + done.stderr
-    cloned = twin.mount()
+    cloned = copy.mount()
     assert (cloned / "a" / "small").read_bytes() == b"small file"
     (cloned / "a" / "small").write_bytes(b"the clone's own")
     (cloned / "new").write_bytes(os.urandom(100_000))
-    twin.unmount()
-    take(twin, "later")
+    copy.unmount()
+    take(copy, "later")
     history.remove(store, volume.name, "base")  # the clone keeps what it shares
-    for name in ("twin", "twin@later", volume.name):
+    for name in ("copy", "copy@later", volume.name):
         done = volfsd("fsck", name, root=volume.root, check=False)
         assert done.returncode == 0, done.stdout + done.stderr
-    done = volfsd("fsck", "twin", root=volume.root)
-    assert done.stdout.splitlines()[-1] == "fsck of twin and its 1 snapshot(s): clean"
-    assert (twin.mount() / "a" / "small").read_bytes() == b"the clone's own"
+    done = volfsd("fsck", "copy", root=volume.root)
+    assert done.stdout.splitlines()[-1] == "fsck of copy and its 1 snapshot(s): clean"
+    assert (copy.mount() / "a" / "small").read_bytes() == b"the clone's own"

@@ -313,12 +313,17 @@ def hidden_entries(top: Path) -> list[str]:
 Op = Callable[[Callable[[], None]], None]  #: an operation as `run_killed` runs it
 
 
-def _take_unserved(top: Path, name: str) -> Op:
-    def op(begin: Callable[[], None]) -> None:
-        begin()
-        history.take_unserved(StoreRoot(top), name, "new")
+def _history(call: Callable[..., object], *args: str) -> Callable[[Path, str], Op]:
+    """The operation ``call(store, volume, *args)`` of `volfs.store.history`."""
 
-    return op
+    def make(top: Path, name: str) -> Op:
+        def op(begin: Callable[[], None]) -> None:
+            begin()
+            call(StoreRoot(top), name, *args)
+
+        return op
+
+    return make
 
 
 def _take_loaded(top: Path, name: str) -> Op:
@@ -330,30 +335,6 @@ def _take_loaded(top: Path, name: str) -> Op:
         _write(volume, b"unsynced", _data(55, 30_000), 40)
         begin()
         snapshots.take(volume, "new")
-
-    return op
-
-
-def _remove(top: Path, name: str) -> Op:
-    def op(begin: Callable[[], None]) -> None:
-        begin()
-        history.remove(StoreRoot(top), name, "s1")
-
-    return op
-
-
-def _clone(top: Path, name: str) -> Op:
-    def op(begin: Callable[[], None]) -> None:
-        begin()
-        history.clone(StoreRoot(top), name, "s1", "c1")
-
-    return op
-
-
-def _rollback(top: Path, name: str) -> Op:
-    def op(begin: Callable[[], None]) -> None:
-        begin()
-        history.rollback(StoreRoot(top), name, "s1")
 
     return op
 
@@ -379,12 +360,12 @@ def _next_clone(store: StoreRoot, name: str) -> None:
 
 #: name: (the operation, the next operation that sweeps what it leaves)
 OPERATIONS: dict[str, tuple[Callable[[Path, str], Op], Callable[[StoreRoot, str], None]]] = {
-    "take-unserved": (_take_unserved, _next_take),
+    "take-unserved": (_history(history.take_unserved, "new"), _next_take),
     "take-loaded": (_take_loaded, _next_take),
-    "take-first": (_take_unserved, _next_take),
-    "remove": (_remove, _next_list),
-    "clone": (_clone, _next_clone),
-    "rollback": (_rollback, _next_rollback),
+    "take-first": (_history(history.take_unserved, "new"), _next_take),
+    "remove": (_history(history.remove, "s1"), _next_list),
+    "clone": (_history(history.clone, "s1", "c1"), _next_clone),
+    "rollback": (_history(history.rollback, "s1"), _next_rollback),
 }
 #: How the store is made before an operation, and the volume's name (`build`'s, unless here).
 BUILDS = {"take-first": (build_golden, "golden")}
