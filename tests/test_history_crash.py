@@ -9,13 +9,17 @@ Only the child is patched: the test's own volfs calls run unchanged.  After each
 
 * ``volfsd fsck`` of every volume is clean, their snapshots included;
 * every volume, snapshot and clone, loaded read-only, reads back exactly as before the
-  operation or exactly as after it, all of them together (`Scene.picture`): never half;
+  operation or exactly as after it, all of them together (`store_picture`): never half;
 * the next operation of the same kind sweeps whatever the killed one left hidden
-  (``.taking-*``, ``.removing-*``, ``.cloning-*``), and every volume then opens as a mount
-  opens it and reads back as it did.
+  (``.taking-*``, ``.removing-*``, ``.cloning-*``), leaves no file that neither a whole
+  operation nor none would have left, and every volume then opens as a mount opens it and
+  reads back as it did.
 
-A SIGKILL keeps what the page cache holds, so this is about the order of the steps; the last
-test is about power cuts: that each operation has made all it wrote durable when it returns.
+A SIGKILL keeps what the page cache holds, so this is about the order of the steps.  Power cuts
+(`test_an_operation_that_returned_survives_a_power_cut`): when an operation returns, all it
+wrote is durable, and it renamed nothing into place before that was (`_Durability`; the
+recorder of test_powercut.py models neither hard links nor new directories).  Last, a
+snapshot removed while a reader opens it (`test_a_snapshot_removed_as_it_is_opened_...`).
 """
 
 from __future__ import annotations
