@@ -27,7 +27,6 @@ from volfs import checking
 from volfs.errors import VolfsError
 from volfs.store import check, readonly
 from volfs.store.headers import NAME_PATTERN
-from volfs.store.root import StoreRoot
 
 MARKERS = (
     "expect_log(*patterns): ERROR lines or tracebacks matching one of these regexes are expected",
@@ -93,7 +92,7 @@ def snapshot_problems(root: Path, name: str) -> list[str]:
     """What a check of each snapshot of volume *name* finds (as `store_problems` words it)."""
     found = []
     try:
-        examined = list(checking.examine_snapshots(StoreRoot(root), name, "fsck", show=False))
+        examined = list(checking.examine_snapshots(root, name, "fsck", show=False))
     except (VolfsError, OSError) as exc:
         return [f"volume {name}: its snapshots cannot be listed: {exc!r}"]
     for label, outcome in examined:

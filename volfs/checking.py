@@ -157,11 +157,14 @@ def examine_snapshot(
 
 
 def examine_snapshots(
-    store: StoreRoot, name: str, action: str, pace: readonly.Pace | None = None,
+    root: Path, name: str, action: str, pace: readonly.Pace | None = None,
     show: bool = True,
 ) -> Iterator[tuple[str, check.Report | VolfsError]]:  # fmt: skip
     """Check each snapshot of volume *name*: (NAME@SNAP, its report, or why it could not be
     checked).  One removed while the others are checked is left out."""
+    if not (Path(root) / "volumes" / name / snapshots.SNAPSHOTS_DIR).exists():
+        return  # never snapshotted: the store root is not opened (`StoreRoot` repairs modes)
+    store = StoreRoot(root)
     for snap in history.names(store, name):
         label = f"{name}@{snap}"
         try:
@@ -182,13 +185,13 @@ def _fail(action: str, name: str, exc: BaseException) -> int:
     return UNCHECKED
 
 
-def _with_snapshots(store: StoreRoot, name: str, first: check.Report, action: str,
+def _with_snapshots(root: Path, name: str, first: check.Report, action: str,
                     pace: readonly.Pace | None = None) -> int:  # fmt: skip
     """Check the snapshots of volume *name*, whose own check gave *first*; the exit status of
     all: UNCHECKED if one could not be checked, else DAMAGED if any has a problem."""
     status = DAMAGED if first.problems else CLEAN
     damaged, checked = [name] if first.problems else [], 0
-    for label, outcome in examine_snapshots(store, name, action, pace):
+    for label, outcome in examine_snapshots(root, name, action, pace):
         checked += 1
         if isinstance(outcome, check.Report):
             if outcome.problems:
@@ -219,7 +222,7 @@ def scrub(root: Path, name: str, rate: float = DEFAULT_RATE) -> int:
             report = examine_snapshot(StoreRoot(root), volume, snap, "scrub", pace)
             return DAMAGED if report.problems else CLEAN
         report = _examine_volume(_volume_dir(root, name), name, "scrub", pace)
-        return _with_snapshots(StoreRoot(root), name, report, "scrub", pace)
+        return _with_snapshots(root, name, report, "scrub", pace)
     except (VolfsError, OSError) as exc:
         return _fail("scrub", name, exc)
 
@@ -250,7 +253,7 @@ def fsck(root: Path, name: str, repair: bool = False) -> int:
             os.close(lock_fd)
         if repair and report.problems:
             report = _repair(root, volume_dir, name, report)
-        return _with_snapshots(StoreRoot(root), name, report, "fsck")
+        return _with_snapshots(root, name, report, "fsck")
     except (VolfsError, OSError) as exc:
         return _fail("check", name, exc)
 
