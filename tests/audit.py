@@ -3,8 +3,9 @@
 The errno guard at the FUSE edge turns any bug into EIO plus a log line, so a test whose
 assertions hold can still have broken the store or hit a traceback. After each such test:
 
-* every volume of the store root is checked as ``volfsd fsck`` checks it (the library check
-  loaded read-only), once nothing serves it any more: no problem may be found;
+* every volume of the store root, and each of its snapshots, is checked as ``volfsd fsck``
+  checks it (the library check loaded read-only; snapshots by `checking.examine_snapshots`),
+  once nothing serves it any more: no problem may be found;
 * the store's logs (``logs/*.log``: each worker's and the daemon's) hold no traceback and no
   ERROR (or CRITICAL) record but those the test declared with ``@pytest.mark.expect_log``;
 * the worker's open descriptors did not grow between the mount and the unmount (`FdWatch`).
@@ -22,7 +23,10 @@ from pathlib import Path
 
 import pytest
 
+from volfs import checking
+from volfs.errors import VolfsError
 from volfs.store import check, readonly
+from volfs.store.headers import NAME_PATTERN
 
 MARKERS = (
     "expect_log(*patterns): ERROR lines or tracebacks matching one of these regexes are expected",
@@ -79,6 +83,23 @@ def store_problems(root: Path) -> list[str]:
         finally:
             loaded.close()
         found += [f"volume {name}: {problem.path}: {problem.what}" for problem in report.problems]
+        if NAME_PATTERN.fullmatch(name):  # not a hidden one being made or removed
+            found += snapshot_problems(root, name)
+    return found
+
+
+def snapshot_problems(root: Path, name: str) -> list[str]:
+    """What a check of each snapshot of volume *name* finds (as `store_problems` words it)."""
+    found = []
+    try:
+        examined = list(checking.examine_snapshots(root, name, "fsck", show=False))
+    except (VolfsError, OSError) as exc:
+        return [f"volume {name}: its snapshots cannot be listed: {exc!r}"]
+    for label, outcome in examined:
+        if isinstance(outcome, VolfsError):
+            found.append(f"snapshot {label}: cannot be checked: {outcome}")
+        else:
+            found += [f"snapshot {label}: {p.path}: {p.what}" for p in outcome.problems]
     return found
 
 

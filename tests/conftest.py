@@ -268,6 +268,18 @@ def mnt(volume: Volume) -> Path:
     return volume.mount()
 
 
+@pytest.fixture
+def copy(tmp_path: Path, volume: Volume, request: pytest.FixtureRequest) -> Iterator[Volume]:
+    """Volume "copy" in the store of ``volume``, which the test makes (an import, a clone);
+    everything it mounts is gone after the test."""
+    vol = Volume(volume.root, "copy", tmp_path / "copy", request.node.stash[EXPECTED_LOG])
+    (tmp_path / "copy").mkdir()
+    try:
+        yield vol
+    finally:
+        vol.cleanup(_passed(request.node))
+
+
 @pytest.fixture(scope="session")
 def docker_engine(tmp_path_factory):
     """A real Docker engine of the session's own, started on first use, stopped at the end.

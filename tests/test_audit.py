@@ -5,6 +5,9 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from test_damage import _flip
+from test_fsck import take
+
 import audit
 
 WORKER_LOG = """\
@@ -82,3 +85,20 @@ def test_a_damaged_store_is_found(volume, mnt):
     with open(segment, "r+b") as f:  # mended: the fixture's own check finds it clean
         f.seek(-1000, os.SEEK_END)
         f.write(byte)
+
+
+def test_a_damaged_snapshot_is_found(volume, mnt):
+    """Damage only a snapshot still reaches (the volume removed the file) is found, named."""
+    (mnt / "f").write_bytes(b"x" * 100_000)
+    volume.unmount()
+    take(volume, "old")
+    os.unlink(volume.mount() / "f")
+    volume.unmount()
+    assert audit.store_problems(volume.root) == []
+    segment = next((volume.store / "snapshots" / "old").glob("seg-*.log"))
+    with open(segment, "r+b") as f:
+        at = f.read().index(b"x" * 1000) + 10
+    _flip(segment, at)
+    problems = audit.store_problems(volume.root)
+    assert len(problems) == 1 and problems[0].startswith("snapshot testvol@old: /f: damaged data")
+    _flip(segment, at)  # mended: the fixture's own check finds it clean

@@ -15,14 +15,17 @@ import subprocess
 import tarfile
 import termios
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from test_damage import _pattern
-from test_fsck import damage_victim
+from test_fsck import damage_victim, take
 
-from conftest import EXPECTED_LOG, Volume, _passed
+from volfs.errors import ErrorCode, VolfsError
+from volfs.store import history
+from volfs.store.root import StoreRoot
+
+from conftest import Volume
 from helpers import VOLFSD, assert_one_line_error, cli_env, volfsd, wait_until
 
 #: Times with nanoseconds that a float would round, and one before 1970.
@@ -79,17 +82,6 @@ def picture(top: Path) -> dict[str, tuple]:
                       st.st_mtime_ns, None if stat.S_ISDIR(st.st_mode) else st.st_size,
                       content, target, xattrs)  # fmt: skip
     return seen
-
-
-@pytest.fixture
-def copy(tmp_path: Path, volume: Volume, request: pytest.FixtureRequest) -> Iterator[Volume]:
-    """Volume "copy" in the same store: what import makes, unmounted after the test."""
-    vol = Volume(volume.root, "copy", tmp_path / "copy", request.node.stash[EXPECTED_LOG])
-    (tmp_path / "copy").mkdir()
-    try:
-        yield vol
-    finally:
-        vol.cleanup(_passed(request.node))
 
 
 def _run(root: Path, *args: str, data: bytes) -> subprocess.CompletedProcess[bytes]:
@@ -291,3 +283,85 @@ def test_progress_bar_only_on_a_terminal(store_root, tmp_path):
         root = tar.getmember(".")
         assert root.uid == 5 and root.mtime > 1_700_000_000  # the creation time, not 1970
         assert tar.pax_headers["volfs.uid"] == "5"
+
+
+def _changed_after_the_snapshot(mnt: Path) -> None:
+    (mnt / "dir" / "small").write_bytes(b"changed\n")
+    os.unlink(mnt / "hard")
+    (mnt / "dir" / "sub" / "file").unlink()
+    (mnt / "new").write_bytes(b"made after the snapshot")
+    os.chmod(mnt, 0o700)
+
+
+def test_export_of_a_snapshot_has_its_contents_while_the_volume_changes(
+    volume, mnt, copy, tmp_path
+):
+    populate(mnt)
+    before = picture(mnt)
+    volume.unmount()
+    take(volume, "then")
+    mnt = volume.mount()
+    _changed_after_the_snapshot(mnt)
+    archive = tmp_path / "then.tar"
+    volfsd("export", "testvol@then", "-o", str(archive), root=volume.root)  # while mounted
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+    out = tmp_path / "extracted"
+    out.mkdir()
+    subprocess.run(["tar", "--xattrs", "--xattrs-include=*", "--numeric-owner", "-xpf",
+                    str(archive), "-C", str(out)], check=True)  # fmt: skip
+    assert picture(out) == before
+    assert (out / "sparse").stat().st_blocks * 512 <= 128 << 10
+    with tarfile.open(archive) as tar:  # the volume's settings header, as a volume export's
+        assert tar.pax_headers["volfs.name"] == "testvol"
+        assert tar.pax_headers["volfs.mode"] == "0751" and tar.pax_headers["volfs.uid"] == "1000"
+    volume.unmount()
+    volfsd("import", "copy", str(archive), root=volume.root)
+    assert picture(copy.mount()) == before
+
+
+def test_an_exported_snapshot_cannot_be_removed_meanwhile(volume, mnt, tmp_path):
+    (mnt / "big").write_bytes(_pattern(4 << 20))
+    volume.unmount()
+    take(volume, "held")
+    store = StoreRoot(volume.root)
+    header = volume.store / "snapshots" / "held" / "snapshot"
+
+    def shared_lock_taken() -> bool:
+        fd = os.open(header, os.O_RDONLY)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return False
+        except BlockingIOError:
+            return True
+        finally:
+            os.close(fd)
+
+    # Its stdout a pipe nobody reads yet: the export stops with the snapshot loaded.
+    proc = subprocess.Popen([*VOLFSD, "export", "testvol@held"], env=cli_env(volume.root),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)  # fmt: skip
+    try:
+        wait_until(shared_lock_taken, "the export to hold the snapshot")
+        with pytest.raises(VolfsError) as refused:
+            history.remove(store, volume.name, "held")
+        assert refused.value.code is ErrorCode.BUSY
+        archive, errors = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+        proc.wait()
+    assert proc.returncode == 0, errors
+    with tarfile.open(fileobj=io.BytesIO(archive)) as tar:
+        assert tar.extractfile("big").read() == _pattern(4 << 20)
+    history.remove(store, volume.name, "held")  # the export is done: it may go now
+    assert history.names(store, volume.name) == []
+
+
+def test_snapshot_export_refusals_are_one_line(volume, mnt, tmp_path):
+    volume.unmount()
+    done = volfsd("export", "testvol@nope", "-o", str(tmp_path / "a.tar"), root=volume.root,
+                  check=False)  # fmt: skip
+    assert_one_line_error(done, "no such snapshot: testvol@nope")
+    done = volfsd("export", "ghost@nope", root=volume.root, check=False)
+    assert_one_line_error(done, "no such volume: ghost")
+    done = volfsd("export", "testvol@", root=volume.root, check=False)
+    assert_one_line_error(done, "invalid snapshot name")
+    assert not list(tmp_path.glob("*.tar*"))

@@ -9,6 +9,11 @@ checkpoint's and the log's frames as they replay, then every block of live data.
 * scrub takes no lock and reads at a bounded rate (a token bucket), so it can run against a
   served volume without disturbing its server, or against one that is not served.
 
+Both then check each of the volume's snapshots, each loaded under its shared lock
+(`history.load`), and name the snapshot (``NAME@SNAP``) in each line about it; ``NAME@SNAP``
+checks that snapshot alone, whether the volume is served or not.  A snapshot is never
+repaired.  The exit status covers the volume and all its snapshots.
+
 Problems go to stdout, one line each, naming the file; progress goes to stderr, as a bar on a
 terminal and as a line every `LINE_INTERVAL` seconds otherwise.  Exit status: 0 clean, 1 damage
 found, 2 the volume could not be checked (one line on stderr).
@@ -19,12 +24,12 @@ from __future__ import annotations
 import os
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TextIO
 
 from volfs.errors import ErrorCode, VolfsError
-from volfs.store import check, pidlock, readonly
+from volfs.store import check, history, pidlock, readonly, snapshots
 from volfs.store.headers import check_name
 from volfs.store.root import StoreRoot
 
@@ -109,50 +114,133 @@ def _volume_dir(root: Path, name: str) -> Path:
     return path
 
 
-def _examine(
-    volume_dir: Path, name: str, label: str, pace: readonly.Pace | None = None
-) -> check.Report:
-    """Check a snapshot of the volume, print the report, and return it."""
+def _examine(loaded: readonly.ReadOnlyState, action: str, show: bool = True) -> check.Report:
+    """Check a loaded volume or snapshot (named ``NAME`` or ``NAME@SNAP``); with *show*, with
+    progress on stderr and the report on stdout, each line of a snapshot's naming it."""
+    if not show:
+        return check.examine(loaded)
+    label = loaded.name
+    progress = Progress(f"{action} {label}", loaded.data_bytes(), sys.stderr)
+    report = check.examine(loaded, progress.update)
+    progress.finish()
+    kind, prefix = ("snapshot", f"{label}: ") if "@" in label else ("volume", "")
+    print(f"{kind} {label}: {len(loaded.inodes)} inodes, {report.verified} bytes of data "
+          f"verified, {len(report.problems)} problem(s)")  # fmt: skip
+    for problem in report.problems:
+        print(f"  {prefix}{problem.path}: {problem.what}")
+    for note in report.notes:
+        print(f"note: {prefix}{note}")
+    return report
+
+
+def _examine_volume(volume_dir: Path, name: str, action: str, pace: readonly.Pace | None = None
+                    ) -> check.Report:  # fmt: skip
     loaded = readonly.open_readonly(volume_dir, name, pace)
     try:
-        progress = Progress(f"{label} {name}", loaded.data_bytes(), sys.stderr)
-        report = check.examine(loaded, progress.update)
-        progress.finish()
-        inodes = len(loaded.inodes)
+        return _examine(loaded, action)
     finally:
         loaded.close()
-    print(f"volume {name}: {inodes} inodes, {report.verified} bytes of data verified, "
-          f"{len(report.problems)} problem(s)")  # fmt: skip
-    for problem in report.problems:
-        print(f"  {problem.path}: {problem.what}")
-    for note in report.notes:
-        print(f"note: {note}")
-    return report
+
+
+def examine_snapshot(
+    store: StoreRoot, name: str, snap: str, action: str, pace: readonly.Pace | None = None,
+    show: bool = True,
+) -> check.Report:  # fmt: skip
+    """Check snapshot *name*@*snap*, loaded read-only under its shared lock (`history.load`),
+    so that it is not removed meanwhile; nothing in it is ever repaired."""
+    loaded, held = history.load(store, name, snap, pace)
+    try:
+        return _examine(loaded, action, show)
+    finally:
+        loaded.close()
+        os.close(held)
+
+
+def examine_snapshots(
+    root: Path, name: str, action: str, pace: readonly.Pace | None = None,
+    show: bool = True,
+) -> Iterator[tuple[str, check.Report | VolfsError]]:  # fmt: skip
+    """Check each snapshot of volume *name*: (NAME@SNAP, its report, or why it could not be
+    checked).  One removed while the others are checked is left out."""
+    if not (Path(root) / "volumes" / name / snapshots.SNAPSHOTS_DIR).exists():
+        return  # never snapshotted: the store root is not opened (`StoreRoot` repairs modes)
+    store = StoreRoot(root)
+    for snap in history.names(store, name):
+        label = f"{name}@{snap}"
+        try:
+            yield label, examine_snapshot(store, name, snap, action, pace, show)
+        except VolfsError as exc:
+            if exc.code is not ErrorCode.NOT_FOUND:  # else removed since it was listed
+                yield label, exc
 
 
 def _fail(action: str, name: str, exc: BaseException) -> int:
     if isinstance(exc, OSError):
         where = f": {exc.filename}" if exc.filename else ""
-        text = f"cannot {action} volume {name}: {exc.strerror or exc}{where}"
+        what = "snapshot" if "@" in name else "volume"
+        text = f"cannot {action} {what} {name}: {exc.strerror or exc}{where}"
     else:
         text = str(exc)
     print(f"volfsd: {text}", file=sys.stderr)
     return UNCHECKED
 
 
+def _with_snapshots(root: Path, name: str, first: check.Report, action: str,
+                    pace: readonly.Pace | None = None) -> int:  # fmt: skip
+    """Check the snapshots of volume *name*, whose own check gave *first*; the exit status of
+    all: UNCHECKED if one could not be checked, else DAMAGED if any has a problem."""
+    status = DAMAGED if first.problems else CLEAN
+    damaged, checked = [name] if first.problems else [], 0
+    for label, outcome in examine_snapshots(root, name, action, pace):
+        checked += 1
+        if isinstance(outcome, check.Report):
+            if outcome.problems:
+                damaged.append(label)
+                status = max(status, DAMAGED)
+        elif outcome.code is ErrorCode.DAMAGED:  # its header or checkpoint: that is a finding
+            print(f"snapshot {label}: not loaded, 1 problem(s)")
+            print(f"  {label}: {outcome}")
+            damaged.append(label)
+            status = max(status, DAMAGED)
+        else:
+            status = max(status, _fail("check", label, outcome))
+    if checked:
+        where = f": in {', '.join(damaged)}" if damaged else ""
+        print(f"{action} of {name} and its {checked} snapshot(s): "
+              f"{'damage found' if damaged else 'clean'}{where}")  # fmt: skip
+    return status
+
+
 def scrub(root: Path, name: str, rate: float = DEFAULT_RATE) -> int:
-    """Verify every checksum of volume *name*, served or not, at *rate* MB/s (0: no limit)."""
+    """Verify every checksum of volume *name*, served or not, then of each of its snapshots,
+    at *rate* MB/s (0: no limit); or of one snapshot (*name* ``NAME@SNAP``)."""
     try:
         pace = Throttle(rate * 1e6) if rate > 0 else None
-        report = _examine(_volume_dir(root, name), name, "scrub", pace)
+        if "@" in name:
+            volume, snap = snapshots.parse_name(name)
+            _volume_dir(root, volume)
+            report = examine_snapshot(StoreRoot(root), volume, snap, "scrub", pace)
+            return DAMAGED if report.problems else CLEAN
+        report = _examine_volume(_volume_dir(root, name), name, "scrub", pace)
+        return _with_snapshots(root, name, report, "scrub", pace)
     except (VolfsError, OSError) as exc:
         return _fail("scrub", name, exc)
-    return DAMAGED if report.problems else CLEAN
 
 
 def fsck(root: Path, name: str, repair: bool = False) -> int:
-    """Check volume *name*, which must not be served; with *repair*, fix what needs no guess."""
+    """Check volume *name*, which must not be served, then each of its snapshots; with
+    *repair*, fix what needs no guess in the volume.  *name* ``NAME@SNAP``: that snapshot
+    only (served or not; never repaired)."""
     try:
+        if "@" in name:
+            volume, snap = snapshots.parse_name(name)
+            if repair:
+                raise VolfsError(f"{name} is a snapshot, and a snapshot is never repaired: "
+                                 f"clone it (volfsd clone {name} NEW) and repair the clone",
+                                 ErrorCode.INVALID)  # fmt: skip
+            _volume_dir(root, volume)
+            report = examine_snapshot(StoreRoot(root), volume, snap, "fsck")
+            return DAMAGED if report.problems else CLEAN
         volume_dir = _volume_dir(root, name)
         try:
             lock_fd = pidlock.take_in(volume_dir, "lock")  # nobody may serve it meanwhile
@@ -160,14 +248,14 @@ def fsck(root: Path, name: str, repair: bool = False) -> int:
             raise VolfsError(f"volume {name} is mounted: unmount it before checking it, "
                              "or scrub it", ErrorCode.BUSY) from None  # fmt: skip
         try:
-            report = _examine(volume_dir, name, "fsck")
+            report = _examine_volume(volume_dir, name, "fsck")
         finally:
             os.close(lock_fd)
         if repair and report.problems:
             report = _repair(root, volume_dir, name, report)
+        return _with_snapshots(root, name, report, "fsck")
     except (VolfsError, OSError) as exc:
         return _fail("check", name, exc)
-    return DAMAGED if report.problems else CLEAN
 
 
 def _repair(root: Path, volume_dir: Path, name: str, report: check.Report) -> check.Report:
@@ -183,4 +271,4 @@ def _repair(root: Path, volume_dir: Path, name: str, report: check.Report) -> ch
     finally:
         volume.close()  # the checkpoint settles link counts and accounting
     print("after repair:")
-    return _examine(volume_dir, name, "fsck")
+    return _examine_volume(volume_dir, name, "fsck")

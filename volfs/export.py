@@ -1,9 +1,12 @@
-"""`volfsd export`: a volume that is not mounted, as a POSIX pax tar (`volfs.archive`).
+"""`volfsd export`: a volume that is not mounted, or a snapshot, as a POSIX pax tar
+(`volfs.archive`).
 
-The volume is read as fsck reads it: a read-only snapshot of its store (`open_readonly`), with
-the volume's lock held meanwhile so that no worker starts serving it halfway through.  A mounted
-volume is refused: a consistent export of a live volume needs snapshots of the volume (issue 13,
-item 1), which volfs does not have yet.
+The volume is read as fsck reads it: loaded read-only (`open_readonly`), with the volume's lock
+held meanwhile so that no worker starts serving it halfway through.  A mounted volume is
+refused.  A snapshot (``NAME@SNAP``) is loaded read-only under its shared lock (`history.load`),
+so that it cannot be removed meanwhile, whether its volume is mounted or not; the archive has
+the same members and the same settings header (the volume's settings now) as an export of the
+volume would have had when the snapshot was taken.
 
 The archive goes to stdout, or to FILE, which appears only complete: it is written beside FILE
 under a hidden name, fsynced, then renamed over it.  Data that fails its checksum fails the
@@ -26,8 +29,9 @@ from tqdm import tqdm
 
 from volfs.archive import Member, PaxWriter
 from volfs.errors import DataDamaged, ErrorCode, VolfsError
-from volfs.store import pidlock, readonly, state
+from volfs.store import history, pidlock, readonly, snapshots, state
 from volfs.store.headers import check_name
+from volfs.store.root import StoreRoot
 from volfs.store.state import ROOT_INO, Inode
 
 #: Bytes read from the store at a time.
@@ -162,26 +166,41 @@ def _lock(volume_dir: Path, name: str) -> int:
 
 
 def export(store: Path, name: str, path: Path | None) -> None:
-    """Write volume *name* of the store at *store* as a pax tar to *path* (None: stdout)."""
-    volume_dir = Path(store) / "volumes" / check_name(name)
+    """Write volume *name* (or snapshot ``NAME@SNAP``) of the store at *store* as a pax tar
+    to *path* (None: stdout)."""
+    volume, at, snap = name.partition("@")
+    if at:
+        volume, snap = snapshots.parse_name(name)
+    volume_dir = Path(store) / "volumes" / check_name(volume)
     if not (volume_dir / "volume").is_file():
-        raise VolfsError(f"no such volume: {name}", ErrorCode.NOT_FOUND)
-    lock_fd = _lock(volume_dir, name)
+        raise VolfsError(f"no such volume: {volume}", ErrorCode.NOT_FOUND)
     # Reads log each damaged block; the export names the damaged paths itself, once.
     read_log = logging.getLogger(state.__name__)
     read_log.disabled = True
     try:
-        loaded = readonly.open_readonly(volume_dir, name)
+        if at:
+            loaded, held = history.load(StoreRoot(store), volume, snap)
+        else:
+            held = _lock(volume_dir, name)
+            try:
+                loaded = readonly.open_readonly(volume_dir, name)
+            except BaseException:
+                os.close(held)
+                raise
         try:
             if loaded.damage or loaded.unfit or not loaded.replayed:
-                raise VolfsError(f"volume {name} has damaged metadata: run 'volfsd fsck {name}' "
+                raise VolfsError(f"{_what(name)} has damaged metadata: run 'volfsd fsck {name}' "
                                  "to see what", ErrorCode.DAMAGED)  # fmt: skip
             _write(loaded, name, path)
         finally:
             loaded.close()
+            os.close(held)
     finally:
         read_log.disabled = False
-        os.close(lock_fd)
+
+
+def _what(name: str) -> str:
+    return f"snapshot {name}" if "@" in name else f"volume {name}"
 
 
 def _write(loaded: readonly.ReadOnlyState, name: str, path: Path | None) -> None:
@@ -197,7 +216,7 @@ def _write(loaded: readonly.ReadOnlyState, name: str, path: Path | None) -> None
         if exporter.damaged:
             shown = ", ".join(exporter.damaged[:20])
             more = f" and {len(exporter.damaged) - 20} more" if len(exporter.damaged) > 20 else ""
-            raise VolfsError(f"volume {name}: data of {shown}{more} fails its checksum: export "
+            raise VolfsError(f"{_what(name)}: data of {shown}{more} fails its checksum: export "
                              f"failed (run 'volfsd fsck {name}')", ErrorCode.DAMAGED)  # fmt: skip
         if aside is not None and path is not None:
             _publish(out, aside, path)

@@ -30,7 +30,7 @@ from volfs.errors import ErrorCode, StoreError
 from volfs.store import frame, headers, journal, pidlock, records, snapshots
 from volfs.store.headers import check_name
 from volfs.store.log import OPEN_FLAGS, segment_name
-from volfs.store.readonly import ReadOnlyState
+from volfs.store.readonly import Pace, ReadOnlyState
 from volfs.store.records import FORMAT, CheckpointRecord
 from volfs.store.root import StoreRoot
 from volfs.store.space import segment_size_for
@@ -56,6 +56,12 @@ class _Opened:
         if self.snaps_fd is None:
             raise StoreError(f"no such snapshot: {self.name}@{snap}", ErrorCode.NOT_FOUND)
         return snapshots.open_snapshot(self.snaps_fd, self.name, snap)
+
+    def held(self, snap: str) -> tuple[int, int]:
+        """The snapshot's directory and the fd of its shared lock (`snapshots.open_held`)."""
+        if self.snaps_fd is None:
+            raise StoreError(f"no such snapshot: {self.name}@{snap}", ErrorCode.NOT_FOUND)
+        return snapshots.open_held(self.snaps_fd, self.name, snap)
 
     def names(self) -> list[str]:
         return [] if self.snaps_fd is None else snapshots.names(self.snaps_fd)
@@ -105,6 +111,8 @@ def describe(store: StoreRoot, name: str, only: str | None = None) -> list[dict[
     snapshot keeps alive (what removing it gives back).  *only*: that snapshot alone."""
     rows: list[dict[str, Any]] = []
     with _Opened(store, name) as opened:
+        if opened.snaps_fd is not None:  # what a killed removal left holds segments alive
+            snapshots.sweep(opened.snaps_fd, taking=False)
         fds = {}
         try:
             for snap in opened.names() if only is None else [only]:
@@ -152,9 +160,14 @@ def refuse_if_snapshotted(store: StoreRoot, name: str) -> None:
             snapshots.check_removable(name, opened.volume_fd, recursive=False)
 
 
-def count(store: StoreRoot, name: str) -> int:
+def names(store: StoreRoot, name: str) -> list[str]:
+    """The names of volume *name*'s snapshots (SNAP, not NAME@SNAP), sorted."""
     with _Opened(store, name) as opened:
-        return len(opened.names())
+        return opened.names()
+
+
+def count(store: StoreRoot, name: str) -> int:
+    return len(names(store, name))
 
 
 def remove(store: StoreRoot, name: str, snap: str) -> None:
@@ -173,21 +186,21 @@ def remove_all(store: StoreRoot, name: str) -> None:
             snapshots.remove(opened.snaps_fd, name, snap)
 
 
-def load(store: StoreRoot, name: str, snap: str) -> tuple[ReadOnlyState, int]:
+def load(
+    store: StoreRoot, name: str, snap: str, pace: Pace | None = None
+) -> tuple[ReadOnlyState, int]:
     """Snapshot *name*@*snap* loaded read-only, and the fd holding its shared lock (closing
-    it lets the snapshot be removed again): for a mount of it, an export, fsck and scrub."""
+    it lets the snapshot be removed again): for a mount of it, an export, fsck and scrub.
+    *pace* is called with the bytes about to be read (scrub's rate)."""
     label = f"{name}@{snap}"
     with _Opened(store, name) as opened:
-        snap_fd = opened.snapshot(snap)
-        held = -1
+        snap_fd, held = opened.held(snap)
         try:
-            held = snapshots.hold(snap_fd, label)
             header = {**headers.read_header(name, opened.volume_fd), **_identity(snap_fd, label)}
-            state = ReadOnlyState(label, snap_fd, header)
+            state = ReadOnlyState(label, snap_fd, header, pace)
         except BaseException:
             os.close(snap_fd)
-            if held >= 0:
-                os.close(held)
+            os.close(held)
             raise
     try:
         state.log.retry = False  # nobody replaces a snapshot's checkpoint
@@ -218,16 +231,13 @@ def clone(
         raise StoreError(f"volume {new} exists: clone into a new name", ErrorCode.EXISTS)
     sweep_clones(store)
     with _Opened(store, name) as opened:
-        snap_fd = opened.snapshot(snap)
+        snap_fd, held = opened.held(snap)
         try:
-            held = snapshots.hold(snap_fd, label)
-            try:
-                origin = headers.read_header(name, opened.volume_fd)
-                taken = snapshots.read_header(snap_fd, label)
-                return _build_clone(store, origin, taken, snap_fd, new, size)
-            finally:
-                os.close(held)
+            origin = headers.read_header(name, opened.volume_fd)
+            taken = snapshots.read_header(snap_fd, label)
+            return _build_clone(store, origin, taken, snap_fd, new, size)
         finally:
+            os.close(held)
             os.close(snap_fd)
 
 
@@ -334,15 +344,12 @@ def rollback(store: StoreRoot, name: str, snap: str) -> dict[str, Any]:
                 ErrorCode.BUSY,
             ) from None
         try:
-            snap_fd = opened.snapshot(snap)
+            snap_fd, held = opened.held(snap)
             try:
-                held = snapshots.hold(snap_fd, label)
-                try:
-                    taken = snapshots.read_header(snap_fd, label)
-                    _roll_back(opened, snap_fd, label)
-                finally:
-                    os.close(held)
+                taken = snapshots.read_header(snap_fd, label)
+                _roll_back(opened, snap_fd, label)
             finally:
+                os.close(held)
                 os.close(snap_fd)
         finally:
             os.close(lock_fd)

@@ -20,7 +20,9 @@ Readers of a snapshot (a mount of it, a clone or an export made from it) hold a 
 on its ``snapshot`` file; removing it needs the lock exclusively, so a snapshot in use is never
 removed.  A snapshot is made in ``snapshots/.taking-SNAP-XXXXXXXX`` and renamed into place once
 all of it is durable, and removed by renaming it to ``.removing-...`` first: a crash leaves a
-hidden directory, never a half snapshot, and the next take or list sweeps it.
+hidden directory, never a half snapshot.  The next take sweeps either kind; the next removal or
+listing sweeps what a removal left (a take under way is only the volume's lock holder's to
+sweep).
 """
 
 from __future__ import annotations
@@ -108,10 +110,14 @@ def names(snaps_fd: int) -> list[str]:
     return sorted(found)
 
 
-def sweep(snaps_fd: int) -> None:
-    """Remove what an interrupted take or removal left (only a volume's lock holder takes)."""
+def sweep(snaps_fd: int, taking: bool = True) -> None:
+    """Remove what an interrupted removal left and, with *taking*, what an interrupted take
+    left: only the volume's lock holder may (it alone takes snapshots), else a take under way
+    would lose its staging directory.  A removal's leftovers anyone may sweep: the snapshot is
+    gone already, and two sweepers only find each other's files gone."""
+    prefixes = (TAKING_PREFIX, REMOVING_PREFIX) if taking else (REMOVING_PREFIX,)
     with os.scandir(snaps_fd) as entries:
-        hidden = [e.name for e in entries if e.name.startswith((TAKING_PREFIX, REMOVING_PREFIX))]
+        hidden = [e.name for e in entries if e.name.startswith(prefixes)]
     for name in hidden:
         _remove_tree(snaps_fd, name)
 
@@ -184,6 +190,35 @@ def hold(snap_fd: int, label: str, exclusive: bool = False) -> int:
         os.close(fd)
         raise
     return fd
+
+
+def open_held(snaps_fd: int, volume: str, snap: str) -> tuple[int, int]:
+    """The directory of snapshot *snap* of *volume*, open, and an fd holding its shared lock
+    (`hold`); NOT_FOUND if there is none.
+
+    A removal renames the snapshot away before it lets its exclusive lock go, so a snapshot
+    still at its name once the shared lock is held is whole, and stays so until the lock is
+    let go; one renamed (or replaced) between the open and the lock is not found, and its
+    files, which the removal is deleting, are never read."""
+    label = f"{volume}@{snap}"
+    snap_fd = open_snapshot(snaps_fd, volume, snap)
+    try:
+        try:
+            held = hold(snap_fd, label)
+        except FileNotFoundError:  # its header already deleted by the removal
+            raise StoreError(f"no such snapshot: {label}", ErrorCode.NOT_FOUND) from None
+        try:
+            named = os.stat(snap, dir_fd=snaps_fd, follow_symlinks=False)
+        except FileNotFoundError:
+            named = None
+        opened = os.fstat(snap_fd)
+        if named is None or (named.st_dev, named.st_ino) != (opened.st_dev, opened.st_ino):
+            os.close(held)
+            raise StoreError(f"no such snapshot: {label}", ErrorCode.NOT_FOUND)
+    except BaseException:
+        os.close(snap_fd)
+        raise
+    return snap_fd, held
 
 
 def segments(snap_fd: int) -> Iterator[tuple[int, os.stat_result]]:
@@ -351,7 +386,7 @@ def remove(snaps_fd: int, volume: str, snap: str) -> None:
         os.fsync(snaps_fd)  # gone as a whole: what follows only gives the space back
     finally:
         os.close(held)
-    _remove_tree(snaps_fd, doomed)
+    sweep(snaps_fd, taking=False)  # this removal's directory, and any a killed one left
 
 
 def check_removable(name: str, volume_fd: int, recursive: bool) -> None:
