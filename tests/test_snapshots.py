@@ -358,3 +358,24 @@ def test_a_volume_at_rest_is_snapshotted_from_its_checkpoint(store_root):
         finally:
             state.close()
             os.close(held)
+
+
+def test_export_of_a_mounted_volume_is_one_instant(host, tmp_path):
+    """`export NAME` of a mounted volume exports a snapshot taken for it, then removes it."""
+    live, out = tmp_path / "live", tmp_path / "out"
+    host.cli("mount", "web", str(live))
+    _populate(live)
+    before = tree_of(live, times=False)
+    archive = tmp_path / "web.tar"
+    host.cli("export", "web", "-o", str(archive))
+    assert _rows(host) == []  # the export's snapshot is gone
+    out.mkdir()
+    subprocess.run(["tar", "--xattrs", "--xattrs-include=*", "--numeric-owner", "-xpf",
+                    str(archive), "-C", str(out)], check=True)  # fmt: skip
+    assert tree_of(out, times=False) == before
+    host.cli("snapshot", "web@keep")
+    (live / "d" / "f").write_bytes(b"later\n")
+    host.cli("export", "web@keep", "-o", str(tmp_path / "keep.tar"))
+    listed = subprocess.run(["tar", "-xOf", str(tmp_path / "keep.tar"), "d/f"],
+                            capture_output=True, check=True).stdout  # fmt: skip
+    assert listed == b"first version\n"

@@ -341,20 +341,6 @@ def cmd_scrub(args: argparse.Namespace) -> int:
     return checking.scrub(default_root(), args.name, args.rate)
 
 
-def cmd_export(args: argparse.Namespace) -> None:
-    from volfs import export  # tqdm and the archive writer: only for this command
-
-    export.export(default_root(), args.name, Path(args.output) if args.output else None)
-
-
-def cmd_import(args: argparse.Namespace) -> None:
-    from volfs import importer
-
-    labels = parse_labels(args.label)
-    importer.import_volume(default_root(), args.name, args.source, args.size, labels)
-    print(args.name)
-
-
 def _rate(text: str) -> float:
     try:
         rate = float(text)
@@ -370,21 +356,6 @@ def cmd_serve(args: argparse.Namespace) -> None:
 
     logging.getLogger().setLevel(logging.INFO)
     daemon.serve(Path(args.config) if args.config else None, args.docker_plugin)
-
-
-def _add_backup_parsers(sub: argparse._SubParsersAction[Parser]) -> None:
-    """``export`` and ``import``."""
-    exports = sub.add_parser("export", help="write an unmounted volume as a pax tar")
-    exports.add_argument("name", metavar="NAME")
-    exports.add_argument("-o", "--output", metavar="FILE", help="write FILE (default: stdout)")
-    exports.set_defaults(func=cmd_export)
-
-    imports = sub.add_parser("import", help="a new volume from a tar (FILE, - for stdin) or DIR")
-    imports.add_argument("name", metavar="NAME")
-    imports.add_argument("source", metavar="FILE|-|DIR")
-    imports.add_argument("--size", help="most data it may hold (default: the archive's)")
-    imports.add_argument("--label", action="append", default=[], metavar="KEY=VALUE")
-    imports.set_defaults(func=cmd_import)
 
 
 def _add_removal_parsers(sub: argparse._SubParsersAction[Parser]) -> None:
@@ -449,7 +420,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     _add_removal_parsers(sub)
 
-    fsck = sub.add_parser("fsck", help="check an unmounted volume's store (exit 0/1/2)")
+    fsck = sub.add_parser(
+        "fsck", help="check an unmounted volume (and its snapshots), or NAME@SNAP"
+    )
     fsck.add_argument("name", metavar="NAME")
     fsck.add_argument("--repair", action="store_true", help="fix what needs no guessing")
     fsck.set_defaults(func=cmd_fsck)
@@ -460,7 +433,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="read at most this fast (default 50; 0: no limit)")  # fmt: skip
     scrubs.set_defaults(func=cmd_scrub)
 
-    _add_backup_parsers(sub)
+    cli_history.add_backup_parsers(sub)
 
     status = sub.add_parser("status", help="show the daemon's state")
     status.add_argument("--format", choices=["table", "json"], default="table")

@@ -1,4 +1,5 @@
-"""``volfsd snapshot``, ``clone`` and ``rollback``, and the snapshot table of ``ls --snapshots``.
+"""``volfsd snapshot``, ``clone``, ``rollback``, ``export`` and ``import``, and the snapshot
+table of ``ls --snapshots``.
 
 Each asks the daemon if one runs (a mounted volume is snapshotted by its worker), else works on
 the store directly (`volfs.store.history`), as `create` and `rm` do.
@@ -7,14 +8,20 @@ the store directly (`volfs.store.history`), as `create` and `rm` do.
 from __future__ import annotations
 
 import argparse
+import os
+import sys
+import time
+from pathlib import Path
 from typing import Any
 
 from volfs import control, requests
-from volfs.catalog import describe, describe_snapshot, parse_size
-from volfs.cli_base import Parser, call, human_size, print_rows, store
+from volfs.catalog import describe, describe_snapshot, parse_labels, parse_size
+from volfs.cli_base import CliError, Parser, call, human_size, print_rows, store
+from volfs.errors import ErrorCode, VolfsError
 from volfs.store import history
 from volfs.store.headers import check_name
-from volfs.store.snapshots import parse_name
+from volfs.store.root import default_root
+from volfs.store.snapshots import check_target, parse_name
 
 
 def cmd_snapshot(args: argparse.Namespace) -> None:
@@ -44,6 +51,44 @@ def cmd_rollback(args: argparse.Namespace) -> None:
     except control.DaemonNotRunning:
         history.rollback(store(), name, snap)
     print(name)
+
+
+def cmd_export(args: argparse.Namespace) -> None:
+    """Export a volume at rest, a snapshot, or a mounted volume through a snapshot of it."""
+    from volfs import export  # tqdm and the archive writer: only for this command
+
+    path = Path(args.output) if args.output else None
+    name = check_target(args.name)
+    if "@" in name or not store().is_served(name):
+        export.export(default_root(), name, path)
+        return
+    # Mounted: one instant of it, from a snapshot taken for the export and removed after.
+    label = f"{name}@export-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
+    try:
+        call(requests.SnapshotRequest(label))
+    except control.DaemonNotRunning:
+        raise CliError(
+            f"volume {name} is mounted by a process without the daemon (volfsd mount -f): "
+            "unmount it to export it, or mount it through the daemon, which exports a "
+            "snapshot of it",
+            ErrorCode.BUSY,
+        ) from None
+    try:
+        export.export(default_root(), label, path)
+    finally:
+        try:
+            call(requests.RmRequest(label))
+        except (VolfsError, OSError) as exc:
+            print(f"volfsd: the export's snapshot {label} is left ({exc}): remove it with "
+                  f"'volfsd rm {label}'", file=sys.stderr)  # fmt: skip
+
+
+def cmd_import(args: argparse.Namespace) -> None:
+    from volfs import importer
+
+    labels = parse_labels(args.label)
+    importer.import_volume(default_root(), args.name, args.source, args.size, labels)
+    print(args.name)
 
 
 def snapshot_rows() -> list[dict[str, Any]]:
@@ -89,3 +134,18 @@ def add_parsers(sub: argparse._SubParsersAction[Parser]) -> None:
     rollback = sub.add_parser("rollback", help="return an unmounted volume to a snapshot")
     rollback.add_argument("snapshot", metavar="NAME@SNAP")
     rollback.set_defaults(func=cmd_rollback)
+
+
+def add_backup_parsers(sub: argparse._SubParsersAction[Parser]) -> None:
+    """``export`` and ``import``."""
+    exports = sub.add_parser("export", help="write a volume or snapshot (NAME@SNAP) as a pax tar")
+    exports.add_argument("name", metavar="NAME")
+    exports.add_argument("-o", "--output", metavar="FILE", help="write FILE (default: stdout)")
+    exports.set_defaults(func=cmd_export)
+
+    imports = sub.add_parser("import", help="a new volume from a tar (FILE, - for stdin) or DIR")
+    imports.add_argument("name", metavar="NAME")
+    imports.add_argument("source", metavar="FILE|-|DIR")
+    imports.add_argument("--size", help="most data it may hold (default: the archive's)")
+    imports.add_argument("--label", action="append", default=[], metavar="KEY=VALUE")
+    imports.set_defaults(func=cmd_import)

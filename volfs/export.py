@@ -159,8 +159,8 @@ def _lock(volume_dir: Path, name: str) -> int:
         raise VolfsError(f"no such volume: {name}", ErrorCode.NOT_FOUND) from None
     except pidlock.LockHeld:
         raise VolfsError(
-            f"volume {name} is mounted: unmount it to export it (exporting a mounted volume "
-            "needs volume snapshots, which volfs does not have yet)",
+            f"volume {name} is mounted: export it through the daemon (which exports a "
+            "snapshot of it), or unmount it",
             ErrorCode.BUSY,
         ) from None
 

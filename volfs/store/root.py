@@ -420,6 +420,12 @@ class StoreRoot:
         try:
             lock_fd = self.lock(name, dir_fd)
             _make_volume_private(dir_fd, self.volume_path(name))
+            snaps_fd = snapshots.open_dir(dir_fd)
+            if snaps_fd is not None:  # what a take killed halfway left: none runs now
+                try:
+                    snapshots.sweep(snaps_fd)
+                finally:
+                    os.close(snaps_fd)
             try:
                 header = headers.read_header(name, dir_fd)
             except FileNotFoundError:
