@@ -21,6 +21,7 @@ import socket
 import sys
 from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import Any
 
 import pyfuse3
 import trio
@@ -29,7 +30,7 @@ from volfs import __version__, mounts, requests, workerctl
 from volfs.errors import ErrorCode, StoreError, VolfsError
 from volfs.fsops import VolumeOperations
 from volfs.localmodel import LocalModel
-from volfs.store import history, snapshots
+from volfs.store import checkpoints, history, snapshots
 from volfs.store.readonly import ReadOnlyState
 from volfs.store.root import StoreRoot
 from volfs.store.volume import Volume
@@ -149,7 +150,7 @@ def _answer(
             case requests.TakeSnapshotRequest(snapshot=snap):
                 # Between two requests: the loop runs no handler until this returns.
                 try:
-                    header = snapshots.take(volume, snap)
+                    header = await _take_snapshot(volume, snap)
                     # Its ``live`` map has integer keys, which the control protocol's maps
                     # cannot carry, and the daemon describes the snapshot itself.
                     return {k: v for k, v in header.items() if k != "live"}
@@ -160,6 +161,46 @@ def _answer(
         raise AssertionError(f"unhandled worker request {request!r}")
 
     return answer
+
+
+async def _take_snapshot(volume: Volume, snap: str) -> dict[str, Any]:
+    """Snapshot *volume* as *snap*: the fast step here, between two requests (so the snapshot
+    is that instant), the checkpoint by a forked child (a copy-on-write image of the state
+    then) while requests go on being served; done once the child has made it durable."""
+    staging, header = snapshots.begin_take(volume, snap)
+    pid = 0
+    try:
+        parent = os.getpid()
+        pid = os.fork()
+        if pid == 0:  # the child: never returns
+            code = 1
+            try:
+                gc.disable()  # a collection would only copy pages the parent still shares
+                checkpoints.detach_from_parent(parent)
+                snapshots.write_taken(volume, staging, header)
+                code = 0
+            except BaseException:
+                log.exception("volume %s: writing snapshot %s failed", volume.name, snap)
+            finally:
+                os._exit(code)
+        pidfd = os.pidfd_open(pid)
+        try:
+            await trio.lowlevel.wait_readable(pidfd)
+        finally:
+            os.close(pidfd)
+        _, status = os.waitpid(pid, 0)
+        pid = 0
+        if os.waitstatus_to_exitcode(status) != 0:
+            raise StoreError(f"volume {volume.name}: writing snapshot {snap} failed; see the "
+                             "worker's log", ErrorCode.STORE)  # fmt: skip
+        staging.name = ""  # the child gave it its name
+    finally:
+        if pid:  # cancelled (the worker stops): the snapshot is not made
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+        staging.close()
+    volume.space.refresh_shared()
+    return header
 
 
 async def _serve(

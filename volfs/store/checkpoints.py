@@ -53,7 +53,7 @@ class CheckpointPlan(NamedTuple):
     parent: int  #: pid of the server
 
 
-def _detach_from_parent(parent: int) -> None:
+def detach_from_parent(parent: int) -> None:
     """Make a forked child independent of the server's signal handling, and have the kernel
     kill it when *parent*, its forking thread, ends."""
     # The server's handlers (trio's) and its wakeup fd would hand the child's signals to the
@@ -136,7 +136,7 @@ class Checkpointer:
         code = 1
         try:
             gc.disable()  # a collection would only copy pages the parent still shares
-            _detach_from_parent(plan.parent)
+            detach_from_parent(plan.parent)
             # The log the checkpoint points into must be durable before it is; flushing it
             # here spares the server a wait of up to CHECKPOINT_AFTER bytes of writeback.
             try:

@@ -27,11 +27,11 @@ from pathlib import Path
 from typing import Any
 
 from volfs.errors import ErrorCode, StoreError
-from volfs.store import frame, headers, journal, pidlock, records, snapshots
+from volfs.store import frame, headers, journal, pidlock, snapshots
 from volfs.store.headers import check_name
-from volfs.store.log import OPEN_FLAGS, segment_name
+from volfs.store.log import OPEN_FLAGS, Position, segment_name
 from volfs.store.readonly import Pace, ReadOnlyState
-from volfs.store.records import FORMAT, CheckpointRecord
+from volfs.store.records import FORMAT
 from volfs.store.root import StoreRoot
 from volfs.store.space import segment_size_for
 
@@ -381,27 +381,13 @@ def _roll_back(opened: _Opened, snap_fd: int, label: str) -> None:
             )
     snapshots.link_segments(snap_fd, volume_fd, lacking)
     os.fsync(volume_fd)
-    journal.write_checkpoint(volume_fd, _moved_to(snap_fd, label, start))
+    try:
+        journal.copy_checkpoint(snap_fd, volume_fd, Position(start, 0))
+    except journal.CheckpointDamage as exc:
+        raise StoreError(f"snapshot {label}: its checkpoint is damaged ({exc}); run fsck",
+                         ErrorCode.DAMAGED) from None  # fmt: skip
     taken = snapshots.read_header(snap_fd, label)
     headers.write_usage(volume_fd, {"used": taken.get("used", 0), "inodes": taken.get("inodes", 0)})
-
-
-def _moved_to(snap_fd: int, label: str, start: int) -> Any:
-    """The records of the snapshot's checkpoint, covering the log up to (*start*, 0)."""
-    stored = journal.read_checkpoint(snap_fd)
-    if stored is None:
-        raise StoreError(f"snapshot {label} has no checkpoint", ErrorCode.DAMAGED)
-    try:
-        for raw in stored:
-            if raw and raw[0] == records.CHECKPOINT:
-                covers = records.decode(raw)
-                assert type(covers) is CheckpointRecord
-                yield records.encode(covers._replace(segment=start, offset=0))
-            else:
-                yield raw
-    except journal.CheckpointDamage as exc:
-        raise StoreError(f"snapshot {label}: its checkpoint is damaged ({exc})",
-                         ErrorCode.DAMAGED) from None  # fmt: skip
 
 
 def snapshot_path(store: StoreRoot, name: str, snap: str) -> Path:

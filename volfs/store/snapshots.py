@@ -304,23 +304,45 @@ def new_header(
 def take(volume: Volume, snap: str) -> dict[str, Any]:
     """Snapshot *volume* (loaded, its lock held) as *snap*, now; return the snapshot's header.
 
-    Runs between two operations (the worker's loop runs nothing else meanwhile), so the
-    snapshot is one instant of the volume.  It returns once the snapshot is durable: the log
-    it points into is synced first, then its links, checkpoint and header, then its name.
+    Runs between two operations (nothing else changes the volume meanwhile), so the snapshot
+    is one instant of it.  It returns once the snapshot is durable: the log it points into is
+    synced first, then its links, checkpoint and header, then its name.  A worker runs the
+    same two steps with the second in a forked child (`begin_take`, `write_taken`).
     """
-    label = f"{volume.name}@{snap}"
-    with _Staging(volume.dir_fd, label, snap) as staging:
+    staging, header = begin_take(volume, snap)
+    try:
+        write_taken(volume, staging, header)
+    finally:
+        staging.close()
+    volume.space.refresh_shared()
+    return header
+
+
+def begin_take(volume: Volume, snap: str) -> tuple[_Staging, dict[str, Any]]:
+    """The first step of `take`, fast and in the serving process: the log synced, the
+    snapshot's directory made and its segments linked (from here on the volume never
+    punches or compacts them), and its header; the caller closes the staging."""
+    staging = _Staging(volume.dir_fd, f"{volume.name}@{snap}", snap)
+    try:
         volume.sync()  # the data it names must be durable before it is
         upgrade_format(volume)
         link_segments(volume.dir_fd, staging.fd, sorted(s for s, n in volume.live.items() if n))
-        journal.write_checkpoint(
-            staging.fd, state_records(volume, Position(volume.log.head.seg + 1, 0))
-        )
         header = new_header(volume.header, snap, volume.used_by_files, volume.inodes_used,
                             headers.live_of(volume.live))  # fmt: skip
-        staging.publish(header)
-    volume.space.refresh_shared()
-    return header
+    except BaseException:
+        staging.close()
+        raise
+    return staging, header
+
+
+def write_taken(volume: Volume, staging: _Staging, header: dict[str, Any]) -> None:
+    """The second step of `take`: the state as the snapshot's checkpoint, then its header
+    and name.  A forked child runs it on its copy-on-write image of the state, which is the
+    state at the fork, while the server goes on."""
+    journal.write_checkpoint(
+        staging.fd, state_records(volume, Position(volume.log.head.seg + 1, 0))
+    )
+    staging.publish(header)
 
 
 def take_at_rest(volume_fd: int, header: dict[str, Any], snap: str) -> dict[str, Any] | None:
