@@ -1166,7 +1166,7 @@ def _crash_cycles(volume, tmp: Path, cycles: int, seed: int, record_property) ->
 
 
 def test_repeated_kill_and_remount(volume, tmp_path, record_property):
-    _crash_cycles(volume, tmp_path, 10, 7, record_property)
+    _crash_cycles(volume, tmp_path, 6, 7, record_property)
 
 
 @pytest.mark.slow

@@ -82,7 +82,7 @@ def _peak_rss_mib(pid: int) -> float:
 
 
 @needs_root("a second mount path needs bind mounts (root)")
-@pytest.mark.parametrize("seconds", [8, pytest.param(180, marks=pytest.mark.slow)])
+@pytest.mark.parametrize("seconds", [4, pytest.param(180, marks=pytest.mark.slow)])
 def test_load_through_two_paths(volume, tmp_path, seconds):
     first = volume.mount(tmp_path / "one")
     second = volume.mount(tmp_path / "two")

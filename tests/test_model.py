@@ -619,7 +619,7 @@ def test_model(tmp_path: Path) -> None:
     run_state_machine_as_test(
         machine_for(tmp_path, max_remounts=1),
         settings=settings(
-            max_examples=25,
+            max_examples=12,
             stateful_step_count=30,
             deadline=None,
             suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
