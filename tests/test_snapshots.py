@@ -314,6 +314,19 @@ def test_a_snapshot_mount_is_adopted_and_healed_like_a_volume(host, tmp_path):
     host.cli("umount", "--all")
 
 
+def _at_rest(root: StoreRoot, name: str, snap: str) -> dict | None:
+    """`snapshots.take_at_rest` of volume *name*, its lock held meanwhile."""
+    fd = root.open_dir(name)
+    try:
+        lock = root.lock(name, fd)
+        try:
+            return snapshots.take_at_rest(fd, root.header(name), snap)
+        finally:
+            os.close(lock)
+    finally:
+        os.close(fd)
+
+
 def test_a_volume_at_rest_is_snapshotted_from_its_checkpoint(store_root):
     """A cleanly closed volume is snapshotted without loading it (its checkpoint copied, its
     position moved); one with a log tail after its checkpoint is loaded first."""
@@ -325,29 +338,13 @@ def test_a_volume_at_rest_is_snapshotted_from_its_checkpoint(store_root):
         volume.create(top, b"f%d" % i, inode, 1)
         volume.write(inode, 0, b"%d" % i * 20_000, 1)
     volume.close()  # a checkpoint covering the whole log, and the usage figures
-    fd = root.open_dir("v")
-    try:
-        lock = root.lock("v", fd)
-        try:
-            taken = snapshots.take_at_rest(fd, root.header("v"), "rest")
-        finally:
-            os.close(lock)
-    finally:
-        os.close(fd)
+    taken = _at_rest(root, "v", "rest")
     assert taken is not None and taken["used"] > 30 * 20_000
     volume = root.open_volume("v", create=False)
     inode = volume.new_inode(0o100644, 0, 0, 0, 1)
     volume.create(volume.inodes[1], b"late", inode, 2)
     volume.close(checkpoint=False)  # as if killed: the log goes on past the checkpoint
-    fd = root.open_dir("v")
-    try:
-        lock = root.lock("v", fd)
-        try:
-            assert snapshots.take_at_rest(fd, root.header("v"), "tail") is None
-        finally:
-            os.close(lock)
-    finally:
-        os.close(fd)
+    assert _at_rest(root, "v", "tail") is None
     history.take_unserved(root, "v", "tail")
     for snap, names in (("rest", 30), ("tail", 31)):
         state, held = history.load(root, "v", snap)

@@ -97,21 +97,26 @@ def read_header(name: str, dir_fd: int) -> dict[str, Any]:
                 "links in its store"
             ) from None
         raise StoreError(f"volume {name}: cannot read its header {path}: {exc.strerror}") from None
+    header = read_kind(fd, f"volume {name}: its header", f"{path}", VOLUME_KIND)
+    _check_header(name, header)
+    return header
+
+
+def read_kind(fd: int, what: str, path: str, kind: str) -> dict[str, Any]:
+    """The map in the one-frame file open at *fd* (closed here), whose ``kind`` must be
+    *kind*; *what* and *path* name it in errors ("volume v: its header", its path)."""
     with os.fdopen(fd, "rb") as src:
         mode = os.fstat(src.fileno()).st_mode
         if not stat.S_ISREG(mode):
-            raise StoreError(f"volume {name}: its header {path} is {describe_mode(mode)}")
+            raise StoreError(f"{what} {path} is {describe_mode(mode)}")
         raw = src.read(_MAX_SMALL_FILE)
     try:
-        header = one_frame(raw)
+        found = one_frame(raw)
     except frame.FrameError as exc:
-        raise StoreError(
-            f"volume {name}: its header file is damaged ({exc})", ErrorCode.DAMAGED
-        ) from None
-    if not isinstance(header, dict) or header.get("kind") != VOLUME_KIND:
-        raise StoreError(f"volume {name}: its header file is not a volfs volume header")
-    _check_header(name, header)
-    return header
+        raise StoreError(f"{what} file is damaged ({exc})", ErrorCode.DAMAGED) from None
+    if not isinstance(found, dict) or found.get("kind") != kind:
+        raise StoreError(f"{what} file is not a {kind} header")
+    return found
 
 
 def _check_header(name: str, header: dict[str, Any]) -> None:

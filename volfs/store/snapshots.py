@@ -31,7 +31,6 @@ import contextlib
 import errno
 import fcntl
 import os
-import stat
 import time
 import uuid
 from collections.abc import Iterator
@@ -158,19 +157,8 @@ def read_header(snap_fd: int, label: str) -> dict[str, Any]:
         fd = os.open(SNAPSHOT_FILE, os.O_RDONLY | FILE_FLAGS, dir_fd=snap_fd)
     except FileNotFoundError:
         raise StoreError(f"snapshot {label} has no header file", ErrorCode.DAMAGED) from None
-    with os.fdopen(fd, "rb") as src:
-        if not stat.S_ISREG(os.fstat(src.fileno()).st_mode):
-            raise StoreError(f"snapshot {label}: its header is not a regular file")
-        raw = src.read(1 << 16)
-    try:
-        header = headers.one_frame(raw)
-    except frame.FrameError as exc:
-        raise StoreError(
-            f"snapshot {label}: its header file is damaged ({exc})", ErrorCode.DAMAGED
-        ) from None
-    if not isinstance(header, dict) or header.get("kind") != SNAPSHOT_KIND:
-        raise StoreError(f"snapshot {label}: its header file is not a volfs snapshot header")
-    return header
+    path = str(headers.fd_path(snap_fd) / SNAPSHOT_FILE)
+    return headers.read_kind(fd, f"snapshot {label}: its header", path, SNAPSHOT_KIND)
 
 
 def hold(snap_fd: int, label: str, exclusive: bool = False) -> int:
