@@ -97,7 +97,12 @@ def snapshot_rows() -> list[dict[str, Any]]:
         return list(call(requests.LsRequest(snapshots=True)))
     except control.DaemonNotRunning:
         root = store()
-        labels = [row["name"] for name in root.names() for row in history.describe(root, name)]
+        labels = []
+        for name in root.names():
+            try:
+                labels += [row["name"] for row in history.describe(root, name)]
+            except VolfsError:
+                continue  # a damaged volume: `ls` shows it, without snapshots
         return [describe_snapshot(root, label) for label in labels]
 
 
