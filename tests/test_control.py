@@ -143,7 +143,7 @@ def test_the_wire_names_stay():
         "clone": ["snapshot", "name", "size"],
         "rollback": ["snapshot"],
     }
-    assert sorted(requests.WORKER_COMMANDS) == ["set_limits", "status", "take_snapshot"]
+    assert sorted(requests.WORKER_COMMANDS) == ["set_limits", "stats", "status", "take_snapshot"]
 
 
 # -- codes in replies, end to end ------------------------------------------------------------

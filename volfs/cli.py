@@ -30,7 +30,7 @@ from volfs.catalog import (
     parse_uid,
 )
 from volfs.cli_base import CliError, Parser, call, print_rows, print_table, store
-from volfs.config import DEFAULT_PATH, parse_plugin_name
+from volfs.config import DEFAULT_PATH, parse_metrics_address, parse_plugin_name
 from volfs.errors import ErrorCode, VolfsError
 from volfs.mountpoint import REPLACE, normalize, open_mountpoint, prepare
 from volfs.store import history, pidlock
@@ -355,7 +355,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
     from volfs import daemon
 
     logging.getLogger().setLevel(logging.INFO)
-    daemon.serve(Path(args.config) if args.config else None, args.docker_plugin)
+    daemon.serve(Path(args.config) if args.config else None, args.docker_plugin, args.metrics)
 
 
 def _add_removal_parsers(sub: argparse._SubParsersAction[Parser]) -> None:
@@ -443,6 +443,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--config", help=f"volumes to mount (default {DEFAULT_PATH})")
     serve.add_argument("--docker-plugin", metavar="NAME", type=parse_plugin_name,
                        help="serve Docker volume driver NAME (root: volfs), or off")  # fmt: skip
+    serve.add_argument("--metrics", metavar="HOST:PORT", type=parse_metrics_address,
+                       help="serve metrics there (root: 127.0.0.1:9567), or off")  # fmt: skip
     serve.set_defaults(func=cmd_serve)
     return parser
 

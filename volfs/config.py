@@ -1,7 +1,7 @@
 """The daemon's config file (``/etc/volfs/volumes.toml``): its schema, in one place.
 
-A TOML file of top-level daemon keys (:data:`DAEMON_KEYS`: ``docker_plugin``; later issues add
-``metrics``, ``scrub_every``) and tables: one
+A TOML file of top-level daemon keys (:data:`DAEMON_KEYS`: ``docker_plugin``, ``metrics``; a
+later issue adds ``scrub_every``) and tables: one
 ``[volumes.NAME]`` per declared volume, whose keys are the `create` flags (``size``,
 ``labels``, ``inodes``, ``uid``, ``gid``, ``mode``), parsed by the same parsers as those flags
 (catalog.py), plus where it is mounted (``paths``, ``read_only``).  So a config key and a CLI
@@ -56,6 +56,8 @@ class DaemonConfig:
     volumes: dict[str, VolumeConfig] = dataclasses.field(default_factory=dict)
     #: The Docker volume driver name to serve (`parse_plugin_name`); None: not set here.
     docker_plugin: str | None = None
+    #: Where to serve Prometheus metrics (`parse_metrics_address`): "HOST:PORT" or "off".
+    metrics: str | None = None
 
 
 #: `docker_plugin` (and ``--docker-plugin``) that serves no Docker plugin.
@@ -81,6 +83,36 @@ def parse_plugin_name(value: object) -> str:
             f"invalid Docker driver name {value[:40]!r}: use 1-63 of a-z 0-9 _ . - starting "
             "with a letter or digit, or off"
         ) from None
+
+
+#: The system daemon's metrics address when nothing says otherwise (loopback only).
+DEFAULT_METRICS = "127.0.0.1:9567"
+METRICS_ENV = "VOLFS_METRICS"
+
+
+def parse_metrics_address(value: object) -> str:
+    """``HOST:PORT`` (``[::1]:9567`` for IPv6) to serve metrics on, or "off"."""
+    if value == PLUGIN_OFF:
+        return PLUGIN_OFF
+    text = value if isinstance(value, str) else ""
+    host, sep, port = text.rpartition(":")
+    if not sep or not host.strip("[]") or not port.isdigit() or not 0 < int(port) < 65536:
+        raise VolfsError(
+            f"invalid metrics address {text[:80]!r}: give HOST:PORT (127.0.0.1:9567), or off"
+        )
+    return text
+
+
+def metrics_address(flag: str | None, config: DaemonConfig | None, run_dir: Path) -> str:
+    """Where the daemon of *run_dir* serves metrics: ``--metrics``, else the config's
+    ``metrics``, else $VOLFS_METRICS, else 127.0.0.1:9567 for the system's daemon and "off"
+    for any other (as `docker_plugin_name`: a daemon of a store of its own must not take the
+    host's port)."""
+    for value in (flag, config and config.metrics, os.environ.get(METRICS_ENV)):
+        if value:
+            return parse_metrics_address(value)
+    system = os.geteuid() == 0 and run_dir == SYSTEM_RUN_DIR
+    return DEFAULT_METRICS if system else PLUGIN_OFF
 
 
 def _paths(value: object) -> tuple[Path, ...]:
@@ -125,7 +157,10 @@ VOLUME_KEYS: dict[str, Callable[[Any], object]] = {
     "mode": parse_mode,
 }
 #: The top-level daemon keys, each with its parser.  Each is a field of DaemonConfig.
-DAEMON_KEYS: dict[str, Callable[[Any], object]] = {"docker_plugin": parse_plugin_name}
+DAEMON_KEYS: dict[str, Callable[[Any], object]] = {
+    "docker_plugin": parse_plugin_name,
+    "metrics": parse_metrics_address,
+}
 #: The tables of the file: ``[NAME.*]`` -> the keys of each of its sub-tables.
 TABLES: dict[str, dict[str, Callable[[Any], object]]] = {"volumes": VOLUME_KEYS}
 #: Tables that hold credentials: a file with one must not be readable by others.

@@ -19,8 +19,15 @@ from pathlib import Path
 
 import trio
 
-from volfs import control
-from volfs.config import DEFAULT_PATH, PLUGIN_OFF, DaemonConfig, docker_plugin_name, load_config
+from volfs import control, metrics
+from volfs.config import (
+    DEFAULT_PATH,
+    PLUGIN_OFF,
+    DaemonConfig,
+    docker_plugin_name,
+    load_config,
+    metrics_address,
+)
 from volfs.control_server import ControlServer, listen
 from volfs.docker_driver import DockerDriver
 from volfs.docker_plugin import PluginServer, PluginSocket, socket_path
@@ -65,11 +72,16 @@ def take_run_dir(run_dir: Path) -> int:
 
 
 async def run(
-    root: StoreRoot, run_dir: Path, config: DaemonConfig | None, plugin: str = PLUGIN_OFF
+    root: StoreRoot,
+    run_dir: Path,
+    config: DaemonConfig | None,
+    plugin: str = PLUGIN_OFF,
+    metrics_at: str = PLUGIN_OFF,
 ) -> None:
     """Serve until SIGTERM or SIGINT, then hand the workers over to the next daemon.
 
-    *plugin* is the Docker driver name to serve, or "off".
+    *plugin* is the Docker driver name to serve, or "off"; *metrics_at* the metrics
+    address (HOST:PORT), or "off".
     """
     # Not the directory we were started from: a daemon that stays there pins it (a
     # tmpfs it lies on could not be unmounted), and so would every worker it starts.
@@ -77,8 +89,11 @@ async def run(
     pid_fd = take_run_dir(run_dir)
     path = run_dir / control.SOCKET_NAME
     plugin_socket = None
+    metrics_socket = None
     try:
         listener = await listen(path)
+        if metrics_at != PLUGIN_OFF:  # an address in use is refused before anything is mounted
+            metrics_socket = metrics.listen(metrics.address_of(metrics_at))
         # Before anything is mounted: a driver name another process serves is refused first.
         if plugin != PLUGIN_OFF:
             plugin_socket = PluginSocket(socket_path(plugin))
@@ -93,6 +108,10 @@ async def run(
                     nursery.start_soon(PluginServer(driver).serve, plugin_listener)
                     nursery.start_soon(driver.reconcile_forever)
                     log.info("serving Docker volume driver %s at %s", plugin, plugin_socket.path)
+                if metrics_socket is not None:
+                    metrics_listener = trio.socket.from_stdlib_socket(metrics_socket)
+                    nursery.start_soon(metrics.MetricsServer(supervisor).serve, metrics_listener)
+                    log.info("serving metrics at http://%s/metrics", metrics_at)
                 log.info("volfsd ready: store %s, socket %s", root.path, path)
                 notify("READY=1")
                 async for signum in signals:
@@ -108,6 +127,8 @@ async def run(
                 )
                 nursery.cancel_scope.cancel()
     finally:
+        if metrics_socket is not None:
+            metrics_socket.close()
         if plugin_socket is not None:
             plugin_socket.close()
         with contextlib.suppress(OSError):
@@ -117,9 +138,12 @@ async def run(
         os.close(pid_fd)
 
 
-def serve(config_path: Path | None, docker_plugin: str | None = None) -> None:
+def serve(
+    config_path: Path | None, docker_plugin: str | None = None, metrics_flag: str | None = None
+) -> None:
     """Run the daemon in this process until SIGTERM or SIGINT; *docker_plugin* is the
-    ``--docker-plugin`` flag (config.docker_plugin_name says what else decides)."""
+    ``--docker-plugin`` flag (config.docker_plugin_name says what else decides), and
+    *metrics_flag* ``--metrics`` (config.metrics_address)."""
     root = StoreRoot(default_root())
     if config_path is None and DEFAULT_PATH.exists() and os.geteuid() == 0:
         config_path = DEFAULT_PATH
@@ -127,4 +151,4 @@ def serve(config_path: Path | None, docker_plugin: str | None = None) -> None:
     config = load_config(config_path) if config_path is not None else None
     run_dir = control.default_run_dir()
     plugin = docker_plugin_name(docker_plugin, config, run_dir)
-    trio.run(run, root, run_dir, config, plugin)
+    trio.run(run, root, run_dir, config, plugin, metrics_address(metrics_flag, config, run_dir))

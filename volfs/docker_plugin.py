@@ -37,6 +37,7 @@ from volfs import control
 from volfs.control_server import serve_connections
 from volfs.docker_driver import DockerDriver
 from volfs.errors import ErrorCode, VolfsError
+from volfs.http_serving import HttpError, next_event, read_body, send_response
 
 log = logging.getLogger(__name__)
 
@@ -67,17 +68,6 @@ STATUS = {
 
 def socket_path(driver_name: str) -> Path:
     return PLUGIN_DIR / f"{driver_name}.sock"
-
-
-class HttpError(Exception):
-    """A request refused before it reached the driver: its HTTP status and one line."""
-
-    def __init__(self, status: int, message: str) -> None:
-        super().__init__(message)
-        self.status = status
-
-
-# -- the socket ------------------------------------------------------------------------------
 
 
 class PluginSocket:
@@ -223,12 +213,12 @@ class PluginServer:
             allowed = control.peer_uid(conn) in (0, os.geteuid())
             while True:
                 with trio.fail_after(IDLE_TIMEOUT):
-                    event = await _next_event(stream, http)
+                    event = await next_event(stream, http)
                 if not isinstance(event, h11.Request):
                     return  # the client closed the connection
                 try:
                     with trio.fail_after(REQUEST_TIMEOUT):
-                        body = await _read_body(stream, http)
+                        body = await read_body(stream, http, MAX_BODY)
                     if not allowed:
                         raise HttpError(403, "permission denied: only root may use this plugin")
                     status, reply = await self._answer(event, body)
@@ -339,35 +329,7 @@ def _json_object(body: bytes) -> dict[str, Any]:
     return value
 
 
-async def _next_event(stream: trio.SocketStream, http: h11.Connection) -> Any:
-    while True:
-        event = http.next_event()
-        if event is not h11.NEED_DATA:
-            return event
-        # Small reads: h11 bounds only what it buffers of an incomplete event, so headers that
-        # arrive whole in one big read would get past MAX_HEADERS.
-        http.receive_data(await stream.receive_some(8192))  # b"": the client closed
-
-
-async def _read_body(stream: trio.SocketStream, http: h11.Connection) -> bytes:
-    body = bytearray()
-    while True:
-        event = await _next_event(stream, http)
-        if isinstance(event, h11.EndOfMessage):
-            return bytes(body)
-        if isinstance(event, h11.Data):
-            body += event.data
-            if len(body) > MAX_BODY:
-                raise HttpError(413, f"the request body is over {MAX_BODY} bytes")
-        elif isinstance(event, h11.ConnectionClosed):
-            raise trio.BrokenResourceError("the client closed mid-request")
-
-
 async def _send(
     stream: trio.SocketStream, http: h11.Connection, status: int, reply: dict[str, Any]
 ) -> None:
-    data = json.dumps(reply).encode()
-    headers = [("Content-Type", CONTENT_TYPE), ("Content-Length", str(len(data)))]
-    await stream.send_all(http.send(h11.Response(status_code=status, headers=headers)) or b"")
-    await stream.send_all(http.send(h11.Data(data=data)) or b"")
-    await stream.send_all(http.send(h11.EndOfMessage()) or b"")
+    await send_response(stream, http, status, CONTENT_TYPE, json.dumps(reply).encode())

@@ -14,6 +14,7 @@ import functools
 import logging
 import stat
 from collections.abc import Callable, Coroutine, Sequence
+from time import perf_counter
 from typing import Any, TypeVar, cast
 
 import pyfuse3
@@ -36,6 +37,7 @@ from pyfuse3 import (
 from volfs import posix
 from volfs.errors import DataDamaged, NoSpace
 from volfs.model import Listing, Node, VolumeModel, VolumeView
+from volfs.opstats import OpStats
 
 log = logging.getLogger(__name__)
 
@@ -58,13 +60,18 @@ def _errno_guard(handler: Handler) -> Handler:
 
     # Positional arguments only, as pyfuse3 calls handlers: no keyword dict per request.
     async def guarded(self: VolumeOperations, *args: Any) -> Any:
+        started = perf_counter()
         try:
             return await handler(self, *args)
-        except FUSEError:
+        except FUSEError as exc:
+            self.stats.failed(name, exc.errno)
             raise
         except NoSpace:  # the volume's size or inode limit: an answer, not a failure
+            self.stats.failed(name, errno.ENOSPC)
             raise FUSEError(errno.ENOSPC) from None
         except DataDamaged:
+            self.stats.failed(name, errno.EIO)
+            self.stats.damage_found += 1
             raise FUSEError(errno.EIO) from None
         except OSError as exc:  # the store's disk or files: full, failing, or gone
             log.error(
@@ -72,12 +79,16 @@ def _errno_guard(handler: Handler) -> Handler:
                 self.model.name, name, self._subject(name, args), exc,
             )  # fmt: skip
             full = exc.errno in (errno.ENOSPC, errno.EDQUOT)
+            self.stats.failed(name, errno.ENOSPC if full else errno.EIO)
             raise FUSEError(errno.ENOSPC if full else errno.EIO) from None
         except Exception:
             log.exception(
                 "volume %s: %s of %s failed", self.model.name, name, self._subject(name, args)
             )
+            self.stats.failed(name, errno.EIO)
             raise FUSEError(errno.EIO) from None
+        finally:
+            self.stats.done(name, perf_counter() - started)
 
     functools.update_wrapper(guarded, handler)
     return cast(Handler, guarded)
@@ -96,6 +107,7 @@ class VolumeOperations(pyfuse3.Operations):
         self._files: dict[int, Node] = {}  #: open file handle -> its inode
         self._listings: dict[int, tuple[Node, Listing]] = {}  #: open directory handles
         self._next_fh = 1
+        self.stats = OpStats()  #: what the worker's control socket reports (`opstats`)
 
     # -- helpers --------------------------------------------------------------------------
 
@@ -302,12 +314,16 @@ class VolumeOperations(pyfuse3.Operations):
     @_errno_guard
     async def read(self, fh: FileHandleT, off: int, size: int) -> bytes:
         node = self._files[fh]
-        return await self.model.run(lambda view: view.read(node, off, size))
+        data = await self.model.run(lambda view: view.read(node, off, size))
+        self.stats.bytes_read += len(data)
+        return data
 
     @_errno_guard
     async def write(self, fh: FileHandleT, off: int, buf: bytes) -> int:
         node = self._files[fh]
-        return await self.model.run(lambda view: self.rules.write(view, node, off, buf))
+        written = await self.model.run(lambda view: self.rules.write(view, node, off, buf))
+        self.stats.bytes_written += written
+        return written
 
     async def flush(self, fh: FileHandleT) -> None:
         # write() already put every byte in the store, so close() has nothing to flush.

@@ -235,7 +235,14 @@ class TakeSnapshotRequest:
     snapshot: str = field(metadata=_parsed(check_name, str))
 
 
-WorkerRequest = WorkerStatusRequest | SetLimitsRequest | TakeSnapshotRequest
+@dataclasses.dataclass(frozen=True)
+class WorkerStatsRequest:
+    """The worker's request counts (`volfs.opstats`) and the served volume's figures."""
+
+    command: ClassVar[str] = "stats"
+
+
+WorkerRequest = WorkerStatusRequest | SetLimitsRequest | TakeSnapshotRequest | WorkerStatsRequest
 
 DAEMON_COMMANDS: dict[str, type[DaemonRequest]] = {
     cls.command: cls
@@ -246,7 +253,8 @@ DAEMON_COMMANDS: dict[str, type[DaemonRequest]] = {
     )
 }  # fmt: skip
 WORKER_COMMANDS: dict[str, type[WorkerRequest]] = {
-    cls.command: cls for cls in (WorkerStatusRequest, SetLimitsRequest, TakeSnapshotRequest)
+    cls.command: cls
+    for cls in (WorkerStatusRequest, SetLimitsRequest, TakeSnapshotRequest, WorkerStatsRequest)
 }
 
 

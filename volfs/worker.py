@@ -30,6 +30,7 @@ from volfs import __version__, mounts, requests, workerctl
 from volfs.errors import ErrorCode, StoreError, VolfsError
 from volfs.fsops import VolumeOperations
 from volfs.localmodel import LocalModel
+from volfs.opstats import OpStats
 from volfs.store import checkpoints, history, snapshots
 from volfs.store.readonly import ReadOnlyState
 from volfs.store.root import StoreRoot
@@ -133,13 +134,17 @@ async def _stop_on_signals() -> None:
 
 
 def _answer(
-    volume: Volume | None, status: dict[str, object]
+    served: _Opened, status: dict[str, object], stats: OpStats
 ) -> Callable[[requests.WorkerRequest], Awaitable[dict[str, object]]]:
-    """The worker's answers to its control requests; *volume* None: it serves a snapshot."""
+    """The worker's answers to its control requests (a snapshot it serves only answers
+    status and stats)."""
+    volume = served.volume
 
     async def answer(request: requests.WorkerRequest) -> dict[str, object]:
         if isinstance(request, requests.WorkerStatusRequest):
             return status
+        if isinstance(request, requests.WorkerStatsRequest):
+            return {**stats.snapshot(), **_figures(served)}
         if volume is None:
             raise VolfsError(f"{status['name']} is a snapshot: it cannot be changed",
                              ErrorCode.INVALID)  # fmt: skip
@@ -161,6 +166,18 @@ def _answer(
         raise AssertionError(f"unhandled worker request {request!r}")
 
     return answer
+
+
+def _figures(served: _Opened) -> dict[str, object]:
+    """The served volume's figures for metrics: used, size, inodes, the log on disk."""
+    state = served.state
+    volume = served.volume
+    return {
+        "used": state.used_by_files,
+        "inodes": state.inodes_used,
+        "size": volume.quota if volume is not None else 0,
+        "store_bytes": volume.log.total if volume is not None else 0,
+    }
 
 
 async def _take_snapshot(volume: Volume, snap: str) -> dict[str, Any]:
@@ -204,14 +221,14 @@ async def _take_snapshot(volume: Volume, snap: str) -> dict[str, Any]:
 
 
 async def _serve(
-    volume: Volume | None, control: socket.socket | None, status: dict[str, object]
+    served: _Opened, control: socket.socket | None, status: dict[str, object], stats: OpStats
 ) -> None:
     async with trio.open_nursery() as nursery:
-        if volume is not None:
-            nursery.start_soon(_housekeeping, volume)
+        if served.volume is not None:
+            nursery.start_soon(_housekeeping, served.volume)
         nursery.start_soon(_stop_on_signals)
         if control is not None:
-            nursery.start_soon(workerctl.serve, control, _answer(volume, status))
+            nursery.start_soon(workerctl.serve, control, _answer(served, status, stats))
         # One reading task: handlers never await, so a second task could not overlap with
         # the first; it would only cost a lock hand-off between the two on every request.
         await pyfuse3.main(min_tasks=1, max_tasks=1)
@@ -299,7 +316,7 @@ def serve(
                             "on (the next daemon adopts the worker)", name)  # fmt: skip
             os.close(ready_fd)
             ready_fd = None
-        trio.run(_serve, served.volume, control, status)
+        trio.run(_serve, served, control, status, operations.stats)
         clean = True
     finally:
         if control_path is not None:

@@ -1,0 +1,185 @@
+"""The daemon's Prometheus endpoint: ``GET /metrics`` on ``--metrics ADDR`` (127.0.0.1:9567).
+
+Each scrape asks every running worker for its counts once (`WorkerStatsRequest`, in parallel,
+each within `WORKER_TIMEOUT`): requests are counted in the worker, never sent one by one.  The
+figures are rendered by the maintained client library (prometheus-client) from a collector
+that yields metric families with a ``volume`` label; no file names or contents appear.  A
+worker that does not answer is left out of that scrape (and its volume's ``volfs_up`` is 0).
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import socket
+from collections.abc import Iterator
+from typing import Any
+
+import h11
+import trio
+from prometheus_client import CollectorRegistry
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
+from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client.registry import Collector
+
+from volfs import requests, workerctl
+from volfs.control_server import serve_connections
+from volfs.errors import ErrorCode, VolfsError
+from volfs.http_serving import next_event, send_response
+from volfs.supervisor import Supervisor
+
+log = logging.getLogger(__name__)
+
+DEFAULT_ADDRESS = ("127.0.0.1", 9567)
+WORKER_TIMEOUT = 2.0
+REQUEST_TIMEOUT = 10.0
+
+
+def address_of(text: str) -> tuple[str, int]:
+    """(host, port) of a checked ``HOST:PORT`` (`config.parse_metrics_address`)."""
+    host, _, port = text.rpartition(":")
+    return host.removeprefix("[").removesuffix("]"), int(port)
+
+
+def listen(address: tuple[str, int]) -> socket.socket:
+    """The metrics listener, bound before the daemon serves anything: an address in use is a
+    clear error at start."""
+    family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind(address)
+    except OSError as exc:
+        sock.close()
+        raise VolfsError(
+            f"cannot serve metrics on {address[0]}:{address[1]}: {exc.strerror}; choose "
+            "another address with --metrics HOST:PORT (or --metrics off)",
+            ErrorCode.BUSY if exc.errno == errno.EADDRINUSE else ErrorCode.INVALID,
+        ) from None
+    sock.listen(64)
+    return sock
+
+
+class _Gathered(Collector):
+    """The figures of one scrape, as metric families."""
+
+    def __init__(self, volumes: dict[str, dict[str, Any]]) -> None:
+        self.volumes = volumes
+
+    def collect(self) -> Iterator[Metric]:
+        labels = ["volume"]
+        up = GaugeMetricFamily("volfs_up", "Whether the volume's worker answered", labels=labels)
+        mounts = GaugeMetricFamily("volfs_mounts", "Paths the volume is mounted at", labels=labels)
+        restarts = CounterMetricFamily(
+            "volfs_worker_restarts", "Times the volume's worker was restarted", labels=labels
+        )
+        ops = CounterMetricFamily("volfs_ops", "FUSE requests", labels=["volume", "op"])
+        errors = CounterMetricFamily(
+            "volfs_errors", "FUSE requests answered with an error", labels=["volume", "op", "errno"]
+        )
+        duration = HistogramMetricFamily(
+            "volfs_op_duration_seconds", "Time to answer a FUSE request", labels=["volume", "op"]
+        )
+        counters = {
+            key: CounterMetricFamily(f"volfs_{key}", text, labels=labels)
+            for key, text in (
+                ("bytes_read", "Bytes read through the mount"),
+                ("bytes_written", "Bytes written through the mount"),
+                ("damage_found", "Reads that met damaged data"),
+            )
+        }
+        gauges = {
+            key: GaugeMetricFamily(f"volfs_{key}", text, labels=labels)
+            for key, text in (
+                ("used_bytes", "Bytes the volume holds (what its size limit counts)"),
+                ("size_bytes", "The volume's size limit (0: none)"),
+                ("inodes", "Inodes in use"),
+                ("store_bytes", "Bytes of the volume's log on disk, garbage included"),
+            )
+        }
+        for name, figures in sorted(self.volumes.items()):
+            up.add_metric([name], 1 if "ops" in figures else 0)
+            mounts.add_metric([name], figures["mounts"])
+            restarts.add_metric([name], figures["restarts"])
+            if "ops" not in figures:
+                continue
+            for op, count in sorted(figures["ops"].items()):
+                ops.add_metric([name, op], count)
+            for op, code, count in figures["errors"]:
+                errors.add_metric([name, op, errno.errorcode.get(code, str(code))], count)
+            bounds = [*map(str, figures["buckets"]), "+Inf"]
+            for op, latency in sorted(figures["latency"].items()):
+                cumulative, total = [], 0
+                for bound, n in zip(bounds, latency[:-1], strict=True):
+                    total += int(n)
+                    cumulative.append((bound, total))
+                duration.add_metric([name, op], cumulative, latency[-1])
+            for key, family in counters.items():
+                family.add_metric([name], figures[key])
+            for key, wire in (("used_bytes", "used"), ("size_bytes", "size"),
+                              ("inodes", "inodes"), ("store_bytes", "store_bytes")):  # fmt: skip
+                gauges[key].add_metric([name], figures[wire])
+        yield from (up, mounts, restarts, ops, errors, duration, *counters.values())
+        yield from gauges.values()
+
+
+class MetricsServer:
+    """Serves ``/metrics`` for the volumes *supervisor* serves."""
+
+    def __init__(self, supervisor: Supervisor) -> None:
+        self.supervisor = supervisor
+
+    async def gather(self) -> dict[str, dict[str, Any]]:
+        """Every served volume's figures: its worker's counts (if it answers), its mounts."""
+        found: dict[str, dict[str, Any]] = {}
+
+        async def ask(name: str) -> None:
+            sock = workerctl.socket_path(self.supervisor.run_dir, name)
+            try:
+                found[name].update(await workerctl.call(sock, requests.WorkerStatsRequest(),
+                                                        WORKER_TIMEOUT))  # fmt: skip
+            except (workerctl.WorkerUnreachable, VolfsError) as exc:
+                log.debug("metrics: volume %s: its worker did not answer: %s", name, exc)
+
+        async with trio.open_nursery() as nursery:
+            for name, served in list(self.supervisor.served.items()):
+                found[name] = {"mounts": len(served.paths), "restarts": served.restarts}
+                if served.worker is not None and served.worker.running:
+                    nursery.start_soon(ask, name)
+        return found
+
+    async def render(self) -> bytes:
+        registry = CollectorRegistry(auto_describe=False)
+        registry.register(_Gathered(await self.gather()))
+        return generate_latest(registry)
+
+    async def serve(self, listener: trio.socket.SocketType) -> None:
+        await serve_connections(listener, self._serve_connection, "metrics")
+
+    async def _serve_connection(self, conn: trio.socket.SocketType) -> None:
+        stream = trio.SocketStream(conn)
+        http = h11.Connection(h11.SERVER, max_incomplete_event_size=16 * 1024)
+        try:
+            with trio.fail_after(REQUEST_TIMEOUT):
+                event = await next_event(stream, http)
+                if not isinstance(event, h11.Request):
+                    return
+                path = event.target.split(b"?")[0]
+                if event.method not in (b"GET", b"HEAD"):
+                    await send_response(stream, http, 405, "text/plain", b"GET /metrics\n")
+                elif path != b"/metrics":
+                    await send_response(stream, http, 404, "text/plain", b"see /metrics\n")
+                else:
+                    body = await self.render()
+                    await send_response(stream, http, 200, CONTENT_TYPE_LATEST, body)
+        except (OSError, h11.ProtocolError, trio.BrokenResourceError, trio.TooSlowError):
+            pass  # the scraper went away, was too slow, or spoke no HTTP
+        except Exception:
+            log.exception("metrics: a scrape failed")
+        finally:
+            await stream.aclose()
