@@ -110,6 +110,7 @@ def test_every_request_encodes_to_what_decodes_to_it():
         requests.CloneRequest("a@s", "b", 1 << 20),
         requests.CloneRequest("a@s", "b"),
         requests.RollbackRequest("a@s"),
+        requests.StatsRequest(["a"]),
     ]
     assert {type(s) for s in samples} == set(requests.DAEMON_COMMANDS.values())
     for sample in samples:
@@ -142,6 +143,7 @@ def test_the_wire_names_stay():
         "snapshot": ["snapshot"],
         "clone": ["snapshot", "name", "size"],
         "rollback": ["snapshot"],
+        "stats": ["names"],
     }
     assert sorted(requests.WORKER_COMMANDS) == ["set_limits", "stats", "status", "take_snapshot"]
 

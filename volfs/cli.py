@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import volfs
-from volfs import checking, cli_history, control, mounts, requests
+from volfs import checking, cli_history, cli_stats, control, mounts, requests
 from volfs.catalog import (
     describe,
     parse_gid,
@@ -374,6 +374,14 @@ def _add_removal_parsers(sub: argparse._SubParsersAction[Parser]) -> None:
     resize.set_defaults(func=cmd_resize)
 
 
+def _add_watch_parsers(sub: argparse._SubParsersAction[Parser]) -> None:
+    """``status`` and ``stats``."""
+    status = sub.add_parser("status", help="show the daemon's state")
+    status.add_argument("--format", choices=["table", "json"], default="table")
+    status.set_defaults(func=cmd_status)
+    cli_stats.add_parser(sub)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = Parser(prog="volfsd", description="Named, persistent, shared volumes over FUSE.")
     parser.add_argument("--version", action="version", version=f"volfsd {volfs.__version__}")
@@ -435,9 +443,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     cli_history.add_backup_parsers(sub)
 
-    status = sub.add_parser("status", help="show the daemon's state")
-    status.add_argument("--format", choices=["table", "json"], default="table")
-    status.set_defaults(func=cmd_status)
+    _add_watch_parsers(sub)
 
     serve = sub.add_parser("serve", help="run the daemon in the foreground")
     serve.add_argument("--config", help=f"volumes to mount (default {DEFAULT_PATH})")

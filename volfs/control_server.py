@@ -23,6 +23,7 @@ from volfs import control, requests
 from volfs.errors import ErrorCode, VolfsError
 from volfs.history_commands import HistoryCommands
 from volfs.supervisor import Supervisor
+from volfs.volume_stats import gather
 
 log = logging.getLogger(__name__)
 
@@ -146,3 +147,5 @@ class ControlServer:
                 return await self.history.clone(request)
             case requests.RollbackRequest():
                 return await self.history.rollback(request)
+            case requests.StatsRequest(names=names):
+                return await gather(supervisor, names or None)

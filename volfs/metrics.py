@@ -1,7 +1,7 @@
 """The daemon's Prometheus endpoint: ``GET /metrics`` on ``--metrics ADDR`` (127.0.0.1:9567).
 
 Each scrape asks every running worker for its counts once (`WorkerStatsRequest`, in parallel,
-each within `WORKER_TIMEOUT`): requests are counted in the worker, never sent one by one.  The
+`volume_stats.gather`): requests are counted in the worker, never sent one by one.  The
 figures are rendered by the maintained client library (prometheus-client) from a collector
 that yields metric families with a ``volume`` label; no file names or contents appear.  A
 worker that does not answer is left out of that scrape (and its volume's ``volfs_up`` is 0).
@@ -27,16 +27,15 @@ from prometheus_client.core import (
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 from prometheus_client.registry import Collector
 
-from volfs import requests, workerctl
 from volfs.control_server import serve_connections
 from volfs.errors import ErrorCode, VolfsError
 from volfs.http_serving import next_event, send_response
 from volfs.supervisor import Supervisor
+from volfs.volume_stats import gather
 
 log = logging.getLogger(__name__)
 
 DEFAULT_ADDRESS = ("127.0.0.1", 9567)
-WORKER_TIMEOUT = 2.0
 REQUEST_TIMEOUT = 10.0
 
 
@@ -134,28 +133,9 @@ class MetricsServer:
     def __init__(self, supervisor: Supervisor) -> None:
         self.supervisor = supervisor
 
-    async def gather(self) -> dict[str, dict[str, Any]]:
-        """Every served volume's figures: its worker's counts (if it answers), its mounts."""
-        found: dict[str, dict[str, Any]] = {}
-
-        async def ask(name: str) -> None:
-            sock = workerctl.socket_path(self.supervisor.run_dir, name)
-            try:
-                found[name].update(await workerctl.call(sock, requests.WorkerStatsRequest(),
-                                                        WORKER_TIMEOUT))  # fmt: skip
-            except (workerctl.WorkerUnreachable, VolfsError) as exc:
-                log.debug("metrics: volume %s: its worker did not answer: %s", name, exc)
-
-        async with trio.open_nursery() as nursery:
-            for name, served in list(self.supervisor.served.items()):
-                found[name] = {"mounts": len(served.paths), "restarts": served.restarts}
-                if served.worker is not None and served.worker.running:
-                    nursery.start_soon(ask, name)
-        return found
-
     async def render(self) -> bytes:
         registry = CollectorRegistry(auto_describe=False)
-        registry.register(_Gathered(await self.gather()))
+        registry.register(_Gathered(await gather(self.supervisor)))
         return generate_latest(registry)
 
     async def serve(self, listener: trio.socket.SocketType) -> None:

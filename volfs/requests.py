@@ -191,6 +191,15 @@ class RollbackRequest:
     snapshot: str = field(metadata=_SNAPSHOT)
 
 
+@dataclasses.dataclass(frozen=True)
+class StatsRequest:
+    """The request counts and figures of the served volumes *names* (empty: all)."""
+
+    command: ClassVar[str] = "stats"
+    names: list[str] = field(default_factory=list, metadata=_parsed(
+        lambda names: [check_target(n) for n in names], list[str]))  # fmt: skip
+
+
 DaemonRequest = (
     CreateRequest
     | LsRequest
@@ -204,6 +213,7 @@ DaemonRequest = (
     | SnapshotRequest
     | CloneRequest
     | RollbackRequest
+    | StatsRequest
 )
 
 # -- a worker's commands (workerctl.py) --------------------------------------------------------
@@ -249,7 +259,7 @@ DAEMON_COMMANDS: dict[str, type[DaemonRequest]] = {
     for cls in (
         CreateRequest, LsRequest, InspectRequest, StatusRequest, MountRequest,
         UmountRequest, UmountAllRequest, RmRequest, ResizeRequest, SnapshotRequest,
-        CloneRequest, RollbackRequest,
+        CloneRequest, RollbackRequest, StatsRequest,
     )
 }  # fmt: skip
 WORKER_COMMANDS: dict[str, type[WorkerRequest]] = {
