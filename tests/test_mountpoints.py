@@ -3,6 +3,7 @@ a write land in the directory under a mount, and mounts nothing it did not make.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -170,9 +171,18 @@ def test_status_shape(host, tmp_path):
         {"path": str(tmp_path / "ro"), "read_only": True, "state": "mounted"},
         {"path": str(tmp_path / "rw"), "read_only": False, "state": "mounted"},
     ]
+    assert volume["last_scrub"] is None and volume["disk_free"] > 0
+    assert volume["garbage_ratio"] is None or 0 <= volume["garbage_ratio"] <= 1  # usage lags
+    host.cli("scrub", "v")
+    (volume,) = host.status()["volumes"]
+    assert volume["last_scrub"]["problems"] == 0 and volume["last_scrub"]["verified"] >= 0
     table = host.cli("status").stdout.splitlines()
-    assert table[1].split() == ["VOLUME", "STATUS", "WORKER", "RESTARTS", "ADOPTED", "MOUNTS"]
+    assert table[1].split() == ["VOLUME", "STATUS", "WORKER", "RESTARTS", "ADOPTED", "SCRUBBED",
+                                "GARBAGE", "MOUNTS"]  # fmt: skip
     assert table[2].split()[:2] == ["v", "mounted"] and "(ro)" in table[2]
+    assert "clean" in table[2] and table[-1].startswith("free on the store's disk: ")
+    [inspected] = json.loads(host.cli("inspect", "v").stdout)
+    assert inspected["last_scrub"]["problems"] == 0 and inspected["disk_free"] > 0
 
 
 def test_umount_leaves_another_daemons_mounts_alone(host, tmp_path):

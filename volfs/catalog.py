@@ -6,7 +6,9 @@ Kept apart from the daemon so that the CLI can use them without loading trio.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 import re
 import time
 from collections.abc import Iterable
@@ -15,7 +17,7 @@ from typing import Any
 
 from volfs import mounts
 from volfs.errors import VolfsError
-from volfs.store import history
+from volfs.store import headers, history, snapshots
 from volfs.store.headers import MAX_ID, root_attrs
 from volfs.store.root import StoreRoot
 from volfs.store.snapshots import parse_name
@@ -227,7 +229,38 @@ def describe(
         "mode": None if mode is None else f"{mode:04o}",
         "store": str(root.volume_path(name)),
         **_history_of(root, name, header),
+        **health(root, name),
     }
+
+
+def health(root: StoreRoot, name: str) -> dict[str, Any]:
+    """What an operator watches of volume *name* besides its use: its last scrub (None:
+    never scrubbed), the garbage ratio of its log (dead bytes over the log's bytes, by the
+    usage file's bytes in use per segment; None when that is not known), and the free
+    space of the disk under the store."""
+    scrub: dict[str, Any] | None = None
+    garbage: float | None = None
+    with contextlib.suppress(OSError):
+        logs_fd = os.open(root.path / "logs", os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+        try:
+            found = headers.read_scrubbed(logs_fd, name)
+        finally:
+            os.close(logs_fd)
+        if found is not None:
+            scrub = {**found, "at": created_at({"created_ns": found["at_ns"]})}
+    with contextlib.suppress(VolfsError, OSError):
+        fd = root.open_dir(name)
+        try:
+            live = headers.read_live(fd)
+            total: int = sum(st.st_size for _, st in snapshots.segments(fd))
+            if live is not None and total:
+                in_use: int = sum(live.values())
+                garbage = round(max(0, total - in_use) / total, 3)
+        finally:
+            os.close(fd)
+    disk = os.statvfs(root.path)
+    return {"last_scrub": scrub, "garbage_ratio": garbage,
+            "disk_free": disk.f_bavail * disk.f_frsize}  # fmt: skip
 
 
 def _history_of(root: StoreRoot, name: str, header: dict[str, Any]) -> dict[str, Any]:

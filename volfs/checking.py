@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import TextIO
 
 from volfs.errors import ErrorCode, VolfsError
-from volfs.store import check, history, pidlock, readonly, snapshots
+from volfs.store import check, headers, history, pidlock, readonly, snapshots
 from volfs.store.headers import check_name
 from volfs.store.root import StoreRoot
 
@@ -221,10 +221,30 @@ def scrub(root: Path, name: str, rate: float = DEFAULT_RATE) -> int:
             _volume_dir(root, volume)
             report = examine_snapshot(StoreRoot(root), volume, snap, "scrub", pace)
             return DAMAGED if report.problems else CLEAN
-        report = _examine_volume(_volume_dir(root, name), name, "scrub", pace)
-        return _with_snapshots(root, name, report, "scrub", pace)
+        volume_dir = _volume_dir(root, name)
+        report = _examine_volume(volume_dir, name, "scrub", pace)
+        status = _with_snapshots(root, name, report, "scrub", pace)
+        _note_scrub(root, name, report, status)
+        return status
     except (VolfsError, OSError) as exc:
         return _fail("scrub", name, exc)
+
+
+def _note_scrub(root: Path, name: str, report: check.Report, status: int) -> None:
+    """Leave what the scrub found beside the logs, ``logs/NAME.scrubbed``, for `status` and
+    `inspect`: never in the volume's directory, which a scrub does not change (advisory: a
+    file that cannot be written is only warned of)."""
+    figures = {"at_ns": time.time_ns(), "verified": report.verified,
+               "problems": len(report.problems), "damaged": status == DAMAGED}  # fmt: skip
+    try:
+        fd = os.open(Path(root) / "logs", os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW
+                     | os.O_CLOEXEC)  # fmt: skip
+        try:
+            headers.write_small(fd, headers.scrubbed_file(name), figures)
+        finally:
+            os.close(fd)
+    except OSError as exc:
+        print(f"volfsd: warning: the scrub's result was not kept: {exc.strerror}", file=sys.stderr)
 
 
 def fsck(root: Path, name: str, repair: bool = False) -> int:

@@ -29,7 +29,7 @@ from volfs.catalog import (
     parse_size,
     parse_uid,
 )
-from volfs.cli_base import CliError, Parser, call, print_rows, print_table, store
+from volfs.cli_base import CliError, Parser, call, human_size, print_rows, print_table, store
 from volfs.config import DEFAULT_PATH, parse_metrics_address, parse_plugin_name
 from volfs.errors import ErrorCode, VolfsError
 from volfs.mountpoint import REPLACE, normalize, open_mountpoint, prepare
@@ -156,11 +156,27 @@ def cmd_status(args: argparse.Namespace) -> None:
         ]  # fmt: skip
         rows.append([volume["name"], volume["status"], str(worker or "-"),
                      str(volume["restarts"]), "yes" if volume["adopted"] else "no",
+                     _scrubbed(volume.get("last_scrub")), _ratio(volume.get("garbage_ratio")),
                      ", ".join(paths) or "-"])  # fmt: skip
-    print_rows(["VOLUME", "STATUS", "WORKER", "RESTARTS", "ADOPTED", "MOUNTS"], rows)
+    print_rows(["VOLUME", "STATUS", "WORKER", "RESTARTS", "ADOPTED", "SCRUBBED", "GARBAGE",
+                "MOUNTS"], rows)  # fmt: skip
+    free = next((v["disk_free"] for v in status["volumes"] if "disk_free" in v), None)
+    if free is not None:
+        print(f"free on the store's disk: {human_size(free)}")
     for volume in status["volumes"]:
         for problem in volume["problems"]:
             print(f"{volume['name']}: {problem}")
+
+
+def _scrubbed(scrub: dict[str, Any] | None) -> str:
+    if not scrub:
+        return "never"
+    found = f", {scrub['problems']} problem(s)" if scrub.get("problems") else ", clean"
+    return f"{scrub.get('at', '?')}{found}"
+
+
+def _ratio(value: float | None) -> str:
+    return "-" if value is None else f"{value:.0%}"
 
 
 def cmd_mount(args: argparse.Namespace) -> None:

@@ -27,6 +27,14 @@ NAME_PATTERN = re.compile(r"[a-z0-9][a-z0-9_.-]{0,62}")
 VOLUME_KIND = "volfs-volume"
 #: File in the volume directory with the figures `volfsd ls` shows for the volume.
 USAGE_FILE = "usage"
+
+
+def scrubbed_file(name: str) -> str:
+    """The file in the store's ``logs/`` with what the last scrub of volume *name* found:
+    {at_ns, verified, problems, damaged}, written by `volfsd scrub` (advisory)."""
+    return f"{name}.scrubbed"
+
+
 #: For the store's own small files: no links followed, and no hang on a FIFO planted there.
 FILE_FLAGS = os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
 #: The small files are read in one piece of this size.
@@ -263,11 +271,33 @@ def live_of(live: Mapping[int, int]) -> dict[int, int] | None:
 
 def write_usage(dir_fd: int, figures: Mapping[str, object]) -> None:
     """Replace the usage file by *figures* (atomically; no fsync: advisory)."""
-    tmp = USAGE_FILE + ".tmp"
+    write_small(dir_fd, USAGE_FILE, figures)
+
+
+def read_scrubbed(logs_fd: int, name: str) -> dict[str, Any] | None:
+    """What the last scrub of volume *name* found (`scrubbed_file`, in the store's logs/ open
+    at *logs_fd*); None if none is known."""
+    try:
+        fd = os.open(scrubbed_file(name), os.O_RDONLY | FILE_FLAGS, dir_fd=logs_fd)
+        with os.fdopen(fd, "rb") as src:
+            if not stat.S_ISREG(os.fstat(src.fileno()).st_mode):
+                return None
+            found = one_frame(src.read(_MAX_SMALL_FILE))
+    except (OSError, frame.FrameError):
+        return None
+    keys = ("at_ns", "verified", "problems")
+    if not isinstance(found, dict) or not all(count(found.get(k)) for k in keys):
+        return None
+    return {k: found[k] for k in (*keys, "damaged") if k in found}
+
+
+def write_small(dir_fd: int, name: str, figures: Mapping[str, object]) -> None:
+    """Replace small file *name* by one frame of *figures* (atomically; no fsync: advisory)."""
+    tmp = name + ".tmp"
     flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC
     fd = os.open(tmp, flags, 0o600, dir_fd=dir_fd)
     try:
         os.write(fd, b"".join(frame.encode(figures)))
     finally:
         os.close(fd)
-    os.rename(tmp, USAGE_FILE, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+    os.rename(tmp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
