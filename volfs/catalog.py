@@ -277,6 +277,11 @@ def _history_of(root: StoreRoot, name: str, header: dict[str, Any]) -> dict[str,
     return {"snapshots": count, "snapshot_bytes": held, "origin": made_from}
 
 
+def with_health(root: StoreRoot, name: str, row: dict[str, Any]) -> dict[str, Any]:
+    """*row* (of `status`) with volume *name*'s `health`; a snapshot's row as it is."""
+    return row if "@" in name else {**row, **health(root, name)}
+
+
 def describe_snapshot(
     root: StoreRoot,
     label: str,

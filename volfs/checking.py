@@ -230,6 +230,24 @@ def scrub(root: Path, name: str, rate: float = DEFAULT_RATE) -> int:
         return _fail("scrub", name, exc)
 
 
+def scrub_quietly(root: Path, name: str, rate: float = DEFAULT_RATE) -> list[str]:
+    """Scrub volume *name* and its snapshots as `scrub` does, printing nothing (the daemon's
+    scheduled scrubs, `scrub_schedule`); what it found is kept as `scrub` keeps it.  Returns
+    where damage was found (``NAME`` and ``NAME@SNAP`` labels; empty: clean)."""
+    pace = Throttle(rate * 1e6) if rate > 0 else None
+    loaded = readonly.open_readonly(_volume_dir(root, name), name, pace)
+    try:
+        report = _examine(loaded, "scrub", show=False)
+    finally:
+        loaded.close()
+    damaged = [name] if report.problems else []
+    for label, outcome in examine_snapshots(root, name, "scrub", pace, show=False):
+        if not isinstance(outcome, check.Report) or outcome.problems:
+            damaged.append(label)
+    _note_scrub(root, name, report, DAMAGED if damaged else CLEAN)
+    return damaged
+
+
 def _note_scrub(root: Path, name: str, report: check.Report, status: int) -> None:
     """Leave what the scrub found beside the logs, ``logs/NAME.scrubbed``, for `status` and
     `inspect`: never in the volume's directory, which a scrub does not change (advisory: a

@@ -1,7 +1,7 @@
 """The daemon's config file (``/etc/volfs/volumes.toml``): its schema, in one place.
 
-A TOML file of top-level daemon keys (:data:`DAEMON_KEYS`: ``docker_plugin``, ``metrics``; a
-later issue adds ``scrub_every``) and tables: one
+A TOML file of top-level daemon keys (:data:`DAEMON_KEYS`: ``docker_plugin``, ``metrics``,
+``scrub_every``) and tables: one
 ``[volumes.NAME]`` per declared volume, whose keys are the `create` flags (``size``,
 ``labels``, ``inodes``, ``uid``, ``gid``, ``mode``), parsed by the same parsers as those flags
 (catalog.py), plus where it is mounted (``paths``, ``read_only``).  So a config key and a CLI
@@ -47,6 +47,8 @@ class VolumeConfig:
     uid: int | None = None
     gid: int | None = None
     mode: int | None = None
+    #: Seconds between background scrubs of it (`parse_duration`); None: the daemon's.
+    scrub_every: float | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,6 +60,8 @@ class DaemonConfig:
     docker_plugin: str | None = None
     #: Where to serve Prometheus metrics (`parse_metrics_address`): "HOST:PORT" or "off".
     metrics: str | None = None
+    #: Seconds between background scrubs of each volume (`parse_duration`); 0 or None: none.
+    scrub_every: float | None = None
 
 
 #: `docker_plugin` (and ``--docker-plugin``) that serves no Docker plugin.
@@ -115,6 +119,22 @@ def metrics_address(flag: str | None, config: DaemonConfig | None, run_dir: Path
     return DEFAULT_METRICS if system else PLUGIN_OFF
 
 
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def parse_duration(value: object) -> float:
+    """A duration: a whole number and a unit (``90s``, ``30m``, ``12h``, ``7d``), as seconds;
+    "off" is 0 (never)."""
+    if value == PLUGIN_OFF:
+        return 0.0
+    text = value if isinstance(value, str) else ""
+    number, unit = text[:-1], text[-1:]
+    if not number.isdigit() or unit not in _UNITS or int(number) == 0:
+        raise VolfsError(f"invalid duration {text[:40]!r}: give a number and s, m, h or d "
+                         "(7d, 12h), or off")  # fmt: skip
+    return float(int(number) * _UNITS[unit])
+
+
 def _paths(value: object) -> tuple[Path, ...]:
     if not isinstance(value, list) or not all(isinstance(p, str) for p in value):
         raise VolfsError("paths must be a list of absolute paths")
@@ -155,11 +175,13 @@ VOLUME_KEYS: dict[str, Callable[[Any], object]] = {
     "uid": parse_uid,
     "gid": parse_gid,
     "mode": parse_mode,
+    "scrub_every": parse_duration,
 }
 #: The top-level daemon keys, each with its parser.  Each is a field of DaemonConfig.
 DAEMON_KEYS: dict[str, Callable[[Any], object]] = {
     "docker_plugin": parse_plugin_name,
     "metrics": parse_metrics_address,
+    "scrub_every": parse_duration,
 }
 #: The tables of the file: ``[NAME.*]`` -> the keys of each of its sub-tables.
 TABLES: dict[str, dict[str, Callable[[Any], object]]] = {"volumes": VOLUME_KEYS}

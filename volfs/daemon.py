@@ -32,6 +32,7 @@ from volfs.control_server import ControlServer, listen
 from volfs.docker_driver import DockerDriver
 from volfs.docker_plugin import PluginServer, PluginSocket, socket_path
 from volfs.errors import ErrorCode, VolfsError
+from volfs.scrub_schedule import scrub_forever
 from volfs.store import pidlock
 from volfs.store.root import StoreRoot, default_root
 from volfs.supervisor import Supervisor
@@ -112,6 +113,8 @@ async def run(
                     metrics_listener = trio.socket.from_stdlib_socket(metrics_socket)
                     nursery.start_soon(metrics.MetricsServer(supervisor).serve, metrics_listener)
                     log.info("serving metrics at http://%s/metrics", metrics_at)
+                if config is not None:
+                    nursery.start_soon(scrub_forever, root, config)
                 log.info("volfsd ready: store %s, socket %s", root.path, path)
                 notify("READY=1")
                 async for signum in signals:

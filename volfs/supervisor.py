@@ -30,7 +30,7 @@ from typing import Any, TypeVar
 import trio
 
 from volfs import __version__, adoption, control, mounts, requests, sysmount, users, workerctl
-from volfs.catalog import check_limits_match, describe, describe_snapshot, health
+from volfs.catalog import check_limits_match, describe, describe_snapshot, with_health
 from volfs.config import DaemonConfig
 from volfs.errors import ErrorCode, VolfsError
 from volfs.mount_watch import unmounted_paths, watch_mount_table
@@ -179,12 +179,11 @@ class Supervisor:
                 "socket": str(self.run_dir / control.SOCKET_NAME),
                 "store": str(self.root.path),
             },
-            "volumes": [self._status_of(n) for n in sorted(self.served)],
+            "volumes": [
+                with_health(self.root, n, self.served[n].describe(self.problems(n)))
+                for n in sorted(self.served)
+            ],
         }
-
-    def _status_of(self, name: str) -> dict[str, Any]:
-        row = self.served[name].describe(self.problems(name))
-        return {**row, **health(self.root, name)} if "@" not in name else row
 
     def problems(self, name: str) -> list[str]:
         """What is wrong with volume *name* that its served record does not say: container
