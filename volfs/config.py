@@ -1,7 +1,7 @@
 """The daemon's config file (``/etc/volfs/volumes.toml``): its schema, in one place.
 
-A TOML file of top-level daemon keys (:data:`DAEMON_KEYS`: ``docker_plugin``; later issues add
-``metrics``, ``scrub_every``) and tables: one
+A TOML file of top-level daemon keys (:data:`DAEMON_KEYS`: ``docker_plugin``,
+``log_format``; later issues add ``metrics``, ``scrub_every``) and tables: one
 ``[volumes.NAME]`` per declared volume, whose keys are the `create` flags (``size``,
 ``labels``, ``inodes``, ``uid``, ``gid``, ``mode``), parsed by the same parsers as those flags
 (catalog.py), plus where it is mounted (``paths``, ``read_only``).  So a config key and a CLI
@@ -27,6 +27,7 @@ from typing import Any
 from volfs.catalog import parse_gid, parse_inodes, parse_labels, parse_mode, parse_size, parse_uid
 from volfs.control import SYSTEM_RUN_DIR
 from volfs.errors import VolfsError
+from volfs.logs import parse_log_format
 from volfs.mountpoint import normalize
 from volfs.store.headers import check_name
 
@@ -56,6 +57,8 @@ class DaemonConfig:
     volumes: dict[str, VolumeConfig] = dataclasses.field(default_factory=dict)
     #: The Docker volume driver name to serve (`parse_plugin_name`); None: not set here.
     docker_plugin: str | None = None
+    #: ``text`` or ``json`` (`logs.parse_log_format`); None: not set here.
+    log_format: str | None = None
 
 
 #: `docker_plugin` (and ``--docker-plugin``) that serves no Docker plugin.
@@ -125,7 +128,10 @@ VOLUME_KEYS: dict[str, Callable[[Any], object]] = {
     "mode": parse_mode,
 }
 #: The top-level daemon keys, each with its parser.  Each is a field of DaemonConfig.
-DAEMON_KEYS: dict[str, Callable[[Any], object]] = {"docker_plugin": parse_plugin_name}
+DAEMON_KEYS: dict[str, Callable[[Any], object]] = {
+    "docker_plugin": parse_plugin_name,
+    "log_format": parse_log_format,
+}
 #: The tables of the file: ``[NAME.*]`` -> the keys of each of its sub-tables.
 TABLES: dict[str, dict[str, Callable[[Any], object]]] = {"volumes": VOLUME_KEYS}
 #: Tables that hold credentials: a file with one must not be readable by others.

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import trio
 
-from volfs import control
+from volfs import control, logs
 from volfs.config import DEFAULT_PATH, PLUGIN_OFF, DaemonConfig, docker_plugin_name, load_config
 from volfs.control_server import ControlServer, listen
 from volfs.docker_driver import DockerDriver
@@ -117,14 +117,20 @@ async def run(
         os.close(pid_fd)
 
 
-def serve(config_path: Path | None, docker_plugin: str | None = None) -> None:
+def serve(
+    config_path: Path | None, docker_plugin: str | None = None, log_format: str | None = None
+) -> None:
     """Run the daemon in this process until SIGTERM or SIGINT; *docker_plugin* is the
-    ``--docker-plugin`` flag (config.docker_plugin_name says what else decides)."""
+    ``--docker-plugin`` flag (config.docker_plugin_name says what else decides), *log_format*
+    the ``--log-format`` flag (else the config's ``log_format``, else text lines)."""
     root = StoreRoot(default_root())
     if config_path is None and DEFAULT_PATH.exists() and os.geteuid() == 0:
         config_path = DEFAULT_PATH
     # A bad config is refused before anything is taken.
     config = load_config(config_path) if config_path is not None else None
+    log_format = log_format or (config and config.log_format) or "text"
+    # The journal when systemd gave it to us as stderr: the workers then use it too.
+    logs.configure(log_format, logs.DAEMON_LAYOUT, journal=logs.stderr_is_journal())
     run_dir = control.default_run_dir()
     plugin = docker_plugin_name(docker_plugin, config, run_dir)
     trio.run(run, root, run_dir, config, plugin)
