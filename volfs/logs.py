@@ -7,10 +7,11 @@ socket, with a priority and fields a reader can filter on (``journalctl VOLUME=N
 daemon's workers log to their files on stderr, which are no journal; the daemon tells them to
 use the journal too (`worker_args`).
 
-The protocol is written here rather than by python3-systemd: that binding is a C extension
-Debian ships for the system interpreter only (not in the venv, not on PyPI as a wheel), its
-socket path is libsystemd's fixed one (tests could not give their own), and the protocol is a
-few lines of key=value framing.
+The protocol is written here, not taken from a library: Debian's python3-systemd is a C binding
+to libsystemd for the system interpreter (the project's venv would need system site packages,
+or a build against libsystemd-dev), and libsystemd sends to its own socket path, which a test
+cannot point elsewhere; the PyPI clients (cysystemd, journald-send) are single-maintainer
+packages for what is a few lines of key=value framing (https://systemd.io/JOURNAL_NATIVE_PROTOCOL/).
 
 Records may carry ``volume`` and ``inode`` (``log.info(..., extra={"inode": ino})``); a
 worker's records name its volume without that (`configure`'s *volume*).
