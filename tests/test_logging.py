@@ -23,7 +23,7 @@ from hosts import Host
 
 #: Text lines of the default format, as before this change (the worker's name its logger).
 WORKER_LINE = re.compile(
-    r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} volfsd\[(?P<pid>\d+)\] INFO \S+: "
+    r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} volfsd\[(?P<pid>\d+)\] INFO volfs\.worker: "
     r"volume v mounted at ",
     re.M,
 )
@@ -96,7 +96,7 @@ def test_daemon_and_workers_log_to_the_journal(host: Host, journal, tmp_path: Pa
     host.cli("mount", "v", str(mnt))
     mounted = entry_of(sock, "mounted at", volume="v")
     assert mounted["PRIORITY"] == "6"
-    assert mounted["LOGGER"] and mounted["CODE_FUNC"] == "serve"
+    assert mounted["LOGGER"] == "volfs.worker" and mounted["CODE_FUNC"] == "serve"
     host.cli("umount", str(mnt))
     assert entry_of(sock, "unmounted", volume="v")["PRIORITY"] == "6"
     assert not WORKER_LINE.search((host.root / "logs" / "v.log").read_text())
@@ -164,7 +164,7 @@ def test_json_format_for_the_daemon_and_its_workers(host: Host, tmp_path: Path) 
     worker = json_records((host.root / "logs" / "v.log").read_text())
     mounted = next(r for r in worker if "mounted at" in r["message"])
     assert mounted["volume"] == "v" and mounted["pid"] == pid and mounted["level"] == "INFO"
-    assert mounted["logger"] and mounted["time"].endswith("+00:00")
+    assert mounted["logger"] == "volfs.worker" and mounted["time"].endswith("+00:00")
 
 
 def test_json_format_of_a_foreground_mount(store_root: Path, tmp_path: Path) -> None:

@@ -35,7 +35,8 @@ from volfs.store.readonly import ReadOnlyState
 from volfs.store.root import StoreRoot
 from volfs.store.volume import Volume
 
-log = logging.getLogger(__name__)
+# Not __name__: run as `python -m volfs.worker`, that is "__main__", which names no module.
+log = logging.getLogger("volfs.worker")
 
 #: How often the worker checks whether a checkpoint is due.
 HOUSEKEEPING_INTERVAL = 1.0
