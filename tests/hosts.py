@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import socket
 import subprocess
 from pathlib import Path
 
 import msgpack
 
-from volfs import mounts
+from volfs import logs, mounts
 from volfs.store.root import StoreRoot
 
 import audit
@@ -68,13 +69,22 @@ class Host:
             if alive(pid):
                 watch.check()
 
-    def serve(self, *args: str) -> subprocess.Popen[bytes]:
+    def serve(self, *args: str, journal: Path | None = None) -> subprocess.Popen[bytes]:
         """Start ``volfsd serve ARGS`` in the background, logging where the daemon that
         `volfsd mount` starts logs (so the checks after the test read it too); return once it
-        answers.  `cleanup` stops it."""
+        answers.  `cleanup` stops it.
+
+        With *journal* (a datagram socket the test bound), the daemon is told as systemd
+        would that its stderr is the journal, and that *journal* is journald's socket.
+        """
+        env = self.env
         with StoreRoot(self.root).open_log("volfsd.log") as log:
+            if journal is not None:
+                st = os.fstat(log.fileno())
+                env = {**env, "JOURNAL_STREAM": f"{st.st_dev}:{st.st_ino}",
+                       logs.JOURNAL_SOCKET_ENV: str(journal)}  # fmt: skip
             proc = subprocess.Popen(
-                [*VOLFSD, "serve", *args], env=self.env, stdin=subprocess.DEVNULL,
+                [*VOLFSD, "serve", *args], env=env, stdin=subprocess.DEVNULL,
                 stdout=log, stderr=log, start_new_session=True,
             )  # fmt: skip
         self._daemons.append(proc)

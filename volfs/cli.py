@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import volfs
-from volfs import checking, cli_history, cli_stats, control, mounts, requests
+from volfs import checking, cli_history, cli_stats, control, logs, mounts, requests
 from volfs.catalog import (
     describe,
     parse_gid,
@@ -185,8 +185,13 @@ def cmd_mount(args: argparse.Namespace) -> None:
     size = parse_size(args.size) if args.size is not None else 0
     inodes = _inodes(args)
     root = store()
+    if args.log_format is not None and not args.foreground:
+        raise CliError(
+            "--log-format goes with mount -f; the daemon's workers log as `volfsd serve "
+            "--log-format` (or log_format in its config) says"
+        )
     if args.foreground:
-        _mount_foreground(root, name, mountpoint, args.ro, size, inodes)
+        _mount_foreground(root, name, mountpoint, args.ro, size, inodes, args.log_format)
         return
     mount_through_daemon(requests.MountRequest(name, mountpoint, args.ro, size, inodes))
 
@@ -202,7 +207,13 @@ def mount_through_daemon(request: requests.MountRequest) -> None:
 
 
 def _mount_foreground(
-    root: StoreRoot, name: str, mountpoint: Path, read_only: bool, size: int, inodes: int = 0
+    root: StoreRoot,
+    name: str,
+    mountpoint: Path,
+    read_only: bool,
+    size: int,
+    inodes: int = 0,
+    log_format: str | None = None,
 ) -> None:
     """Serve one volume in this process, without the daemon (debugging, simple units)."""
     from volfs import worker  # the FUSE machinery loads only where it is needed
@@ -222,6 +233,9 @@ def _mount_foreground(
     worker_args = ["--root", str(root.path), "--name", name, "--mountpoint", str(mountpoint)]
     if read_only:
         worker_args.append("--read-only")
+    worker_args += ["--log-format", log_format or "text"]
+    if logs.stderr_is_journal():
+        worker_args.append("--journal")
     if worker.main(worker_args) != 0:
         raise CliError(f"volume {name} could not be served at {mountpoint}: see the log above")
 
@@ -370,8 +384,12 @@ def _rate(text: str) -> float:
 def cmd_serve(args: argparse.Namespace) -> None:
     from volfs import daemon
 
-    logging.getLogger().setLevel(logging.INFO)
-    daemon.serve(Path(args.config) if args.config else None, args.docker_plugin, args.metrics)
+    daemon.serve(
+        Path(args.config) if args.config else None,
+        args.docker_plugin,
+        args.metrics,
+        args.log_format,
+    )
 
 
 def _add_removal_parsers(sub: argparse._SubParsersAction[Parser]) -> None:
@@ -396,6 +414,12 @@ def _add_watch_parsers(sub: argparse._SubParsersAction[Parser]) -> None:
     status.add_argument("--format", choices=["table", "json"], default="table")
     status.set_defaults(func=cmd_status)
     cli_stats.add_parser(sub)
+
+
+def _add_log_format(parser: argparse.ArgumentParser, when: str = "") -> None:
+    parser.add_argument("--log-format", choices=logs.FORMATS, default=None,
+                        help=f"{when}log lines as text (default) or one JSON object each; "
+                        "under systemd the journal takes them")  # fmt: skip
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -432,6 +456,7 @@ def build_parser() -> argparse.ArgumentParser:
     mount.add_argument(
         "-f", "--foreground", action="store_true", help="serve in this process, without the daemon"
     )
+    _add_log_format(mount, "with -f: ")
     mount.set_defaults(func=cmd_mount)
 
     umount = sub.add_parser("umount", help="unmount MOUNTPOINT; the data stays")
@@ -467,6 +492,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="serve Docker volume driver NAME (root: volfs), or off")  # fmt: skip
     serve.add_argument("--metrics", metavar="HOST:PORT", type=parse_metrics_address,
                        help="serve metrics there (root: 127.0.0.1:9567), or off")  # fmt: skip
+    _add_log_format(serve)
     serve.set_defaults(func=cmd_serve)
     return parser
 

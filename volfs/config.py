@@ -1,7 +1,7 @@
 """The daemon's config file (``/etc/volfs/volumes.toml``): its schema, in one place.
 
 A TOML file of top-level daemon keys (:data:`DAEMON_KEYS`: ``docker_plugin``, ``metrics``,
-``scrub_every``) and tables: one
+``scrub_every``, ``log_format``) and tables: one
 ``[volumes.NAME]`` per declared volume, whose keys are the `create` flags (``size``,
 ``labels``, ``inodes``, ``uid``, ``gid``, ``mode``), parsed by the same parsers as those flags
 (catalog.py), plus where it is mounted (``paths``, ``read_only``).  So a config key and a CLI
@@ -27,6 +27,7 @@ from typing import Any
 from volfs.catalog import parse_gid, parse_inodes, parse_labels, parse_mode, parse_size, parse_uid
 from volfs.control import SYSTEM_RUN_DIR
 from volfs.errors import VolfsError
+from volfs.logs import parse_log_format
 from volfs.mountpoint import normalize
 from volfs.store.headers import check_name
 
@@ -62,6 +63,8 @@ class DaemonConfig:
     metrics: str | None = None
     #: Seconds between background scrubs of each volume (`parse_duration`); 0 or None: none.
     scrub_every: float | None = None
+    #: ``text`` or ``json`` (`logs.parse_log_format`); None: not set here.
+    log_format: str | None = None
 
 
 #: `docker_plugin` (and ``--docker-plugin``) that serves no Docker plugin.
@@ -182,6 +185,7 @@ DAEMON_KEYS: dict[str, Callable[[Any], object]] = {
     "docker_plugin": parse_plugin_name,
     "metrics": parse_metrics_address,
     "scrub_every": parse_duration,
+    "log_format": parse_log_format,
 }
 #: The tables of the file: ``[NAME.*]`` -> the keys of each of its sub-tables.
 TABLES: dict[str, dict[str, Callable[[Any], object]]] = {"volumes": VOLUME_KEYS}

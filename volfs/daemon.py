@@ -19,7 +19,7 @@ from pathlib import Path
 
 import trio
 
-from volfs import control, metrics
+from volfs import control, logs, metrics
 from volfs.config import (
     DEFAULT_PATH,
     PLUGIN_OFF,
@@ -142,16 +142,23 @@ async def run(
 
 
 def serve(
-    config_path: Path | None, docker_plugin: str | None = None, metrics_flag: str | None = None
+    config_path: Path | None,
+    docker_plugin: str | None = None,
+    metrics_flag: str | None = None,
+    log_format: str | None = None,
 ) -> None:
     """Run the daemon in this process until SIGTERM or SIGINT; *docker_plugin* is the
-    ``--docker-plugin`` flag (config.docker_plugin_name says what else decides), and
-    *metrics_flag* ``--metrics`` (config.metrics_address)."""
+    ``--docker-plugin`` flag (config.docker_plugin_name says what else decides), *metrics_flag*
+    ``--metrics`` (config.metrics_address), *log_format* the ``--log-format`` flag (else the
+    config's ``log_format``, else text lines)."""
     root = StoreRoot(default_root())
     if config_path is None and DEFAULT_PATH.exists() and os.geteuid() == 0:
         config_path = DEFAULT_PATH
     # A bad config is refused before anything is taken.
     config = load_config(config_path) if config_path is not None else None
+    log_format = log_format or (config and config.log_format) or "text"
+    # The journal when systemd gave it to us as stderr: the workers then use it too.
+    logs.configure(log_format, logs.DAEMON_LAYOUT, journal=logs.stderr_is_journal())
     run_dir = control.default_run_dir()
     plugin = docker_plugin_name(docker_plugin, config, run_dir)
     trio.run(run, root, run_dir, config, plugin, metrics_address(metrics_flag, config, run_dir))

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import trio
 
-from volfs import mounts, sysmount
+from volfs import logs, mounts, sysmount
 from volfs.errors import VolfsError
 from volfs.mountpoint import open_mountpoint
 from volfs.served import Served
@@ -36,7 +36,7 @@ async def start_worker(root: StoreRoot, run_dir: Path, served: Served, bind: boo
     ready_r, ready_w = os.pipe()
     args = [sys.executable, "-m", "volfs.worker", "--root", str(root.path),
             "--name", served.name, "--mountpoint", str(served.staging),
-            "--ready-fd", str(ready_w), "--run-dir", str(run_dir)]  # fmt: skip
+            "--ready-fd", str(ready_w), "--run-dir", str(run_dir), *logs.worker_args()]  # fmt: skip
     try:
         with root.open_log(log_name) as log_file:
             process = WorkerProcess.spawn(args, log_file.fileno(), ready_w)

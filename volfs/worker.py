@@ -26,7 +26,7 @@ from typing import Any
 import pyfuse3
 import trio
 
-from volfs import __version__, mounts, requests, workerctl
+from volfs import __version__, logs, mounts, requests, workerctl
 from volfs.errors import ErrorCode, StoreError, VolfsError
 from volfs.fsops import VolumeOperations
 from volfs.localmodel import LocalModel
@@ -36,7 +36,8 @@ from volfs.store.readonly import ReadOnlyState
 from volfs.store.root import StoreRoot
 from volfs.store.volume import Volume
 
-log = logging.getLogger(__name__)
+# Not __name__: run as `python -m volfs.worker`, that is "__main__", which names no module.
+log = logging.getLogger("volfs.worker")
 
 #: How often the worker checks whether a checkpoint is due.
 HOUSEKEEPING_INTERVAL = 1.0
@@ -341,12 +342,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--read-only", action="store_true")
     parser.add_argument("--ready-fd", type=int)
     parser.add_argument("--run-dir", type=Path, help="the daemon's: serve a control socket there")
+    parser.add_argument("--log-format", choices=logs.FORMATS, default="text")
+    parser.add_argument("--journal", action="store_true", help="log to the journal (natively)")
     args = parser.parse_args(argv)
-    logging.basicConfig(
-        force=True,  # `volfsd mount -f` runs this in the CLI's process, which set up its own
-        level=logging.INFO,
-        format="%(asctime)s volfsd[%(process)d] %(levelname)s %(name)s: %(message)s",
-    )
+    logs.configure(args.log_format, logs.WORKER_LAYOUT, journal=args.journal, volume=args.name)
     try:
         serve(args.root, args.name, args.mountpoint, args.read_only, args.ready_fd, args.run_dir)
     except VolfsError as exc:
