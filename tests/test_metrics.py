@@ -73,6 +73,8 @@ def test_counters_follow_a_known_workload(host, tmp_path):
     assert _value(after, "volfs_store_bytes", volume="busy") >= writes * 4096
     assert _value(after, "volfs_mounts", volume="busy") == 1
     assert _value(after, "volfs_up", volume="busy") == 1
+    assert ("volfs_checkpoint_duration_seconds_count", frozenset({("volume", "busy")})) in after
+    assert ("volfs_compaction_bytes_total", frozenset({("volume", "busy")})) in after
     series = [key for key in after if ("volume", "busy") in key[1]]
     assert len(series) <= 120, f"{len(series)} series for one volume"
     # No file names in the metrics (only volume names, operations and errnos).

@@ -23,6 +23,7 @@ from prometheus_client.core import (
     GaugeMetricFamily,
     HistogramMetricFamily,
     Metric,
+    SummaryMetricFamily,
 )
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 from prometheus_client.registry import Collector
@@ -101,6 +102,13 @@ class _Gathered(Collector):
                 ("store_bytes", "Bytes of the volume's log on disk, garbage included"),
             )
         }
+        checkpoints = SummaryMetricFamily(
+            "volfs_checkpoint_duration_seconds", "Checkpoints written, and their time",
+            labels=labels,
+        )  # fmt: skip
+        compaction = CounterMetricFamily(
+            "volfs_compaction_bytes", "Live bytes compaction copied", labels=labels
+        )
         for name, figures in sorted(self.volumes.items()):
             up.add_metric([name], 1 if "ops" in figures else 0)
             mounts.add_metric([name], figures["mounts"])
@@ -120,10 +128,14 @@ class _Gathered(Collector):
                 duration.add_metric([name, op], cumulative, latency[-1])
             for key, family in counters.items():
                 family.add_metric([name], figures[key])
+            checkpoints.add_metric([name], figures.get("checkpoints", 0),
+                                   figures.get("checkpoint_seconds", 0.0))  # fmt: skip
+            compaction.add_metric([name], figures.get("compaction_bytes", 0))
             for key, wire in (("used_bytes", "used"), ("size_bytes", "size"),
                               ("inodes", "inodes"), ("store_bytes", "store_bytes")):  # fmt: skip
                 gauges[key].add_metric([name], figures[wire])
-        yield from (up, mounts, restarts, ops, errors, duration, *counters.values())
+        yield from (up, mounts, restarts, ops, errors, duration, checkpoints, compaction)
+        yield from counters.values()
         yield from gauges.values()
 
 

@@ -178,6 +178,9 @@ def _figures(served: _Opened) -> dict[str, object]:
         "inodes": state.inodes_used,
         "size": volume.quota if volume is not None else 0,
         "store_bytes": volume.log.total if volume is not None else 0,
+        "checkpoints": volume.checkpoints.written if volume is not None else 0,
+        "checkpoint_seconds": volume.checkpoints.seconds if volume is not None else 0.0,
+        "compaction_bytes": volume.space.compacted if volume is not None else 0,
     }
 
 

@@ -16,6 +16,7 @@ import gc
 import logging
 import os
 import signal
+import time
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, NamedTuple
 
@@ -51,6 +52,7 @@ class CheckpointPlan(NamedTuple):
     dead: list[int]  #: segments it lets go
     appended: int  #: log bytes appended since the previous checkpoint, up to *end*
     parent: int  #: pid of the server
+    started: float  #: `time.monotonic` when it was planned
 
 
 def detach_from_parent(parent: int) -> None:
@@ -96,6 +98,8 @@ class Checkpointer:
         self.size = 0  #: bytes of the last checkpoint written
         self.appended = 0  #: log bytes appended since the last checkpoint
         self._forked: tuple[int, CheckpointPlan] | None = None  #: the writer, if any
+        self.written = 0  #: checkpoints completed since the volume was opened (for metrics)
+        self.seconds = 0.0  #: their time, from planning to completion
 
     @property
     def due(self) -> bool:
@@ -193,12 +197,14 @@ class Checkpointer:
         # Sealed segments no file uses now are not referenced by a checkpoint of this state,
         # and no later change puts data into a sealed segment.
         dead = [s for s in volume.log.segments if s < end.seg and volume.live.get(s, 0) == 0]
-        return CheckpointPlan(end, dead, self.appended, os.getpid())
+        return CheckpointPlan(end, dead, self.appended, os.getpid(), time.monotonic())
 
     def _finish(self, plan: CheckpointPlan) -> None:
         """Take a checkpoint of the state at *plan.end*, now on disk, as the new start."""
         volume = self._volume
         self.size = os.stat(journal.CHECKPOINT_FILE, dir_fd=volume.dir_fd).st_size
+        self.written += 1
+        self.seconds += time.monotonic() - plan.started
         volume.checkpoint_at = plan.end
         self.appended -= plan.appended
         for seg in plan.dead:

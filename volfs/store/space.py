@@ -66,6 +66,7 @@ class Space:
         #: Dead bytes of segments shared with snapshots or clones (`refresh_shared`): theirs
         #: to keep, so outside the bound of a sized volume's log.
         self.exempt = 0
+        self.compacted = 0  #: live bytes compaction copied since the volume was opened
 
     def forget_segment(self, seg: int) -> None:
         """Segment *seg* was removed from the log."""
@@ -166,6 +167,7 @@ class Space:
                 continue
             record = WriteRecord(ino, pos, n, frame.block_sums(data), None)
             volume.commit([record], data, compacting=True)
+            self.compacted += n
 
     def check_room(self, charge: int, inodes: int = 0) -> None:
         """Refuse (ENOSPC) an operation that would take the volume past its size or its
