@@ -240,14 +240,9 @@ def health(root: StoreRoot, name: str) -> dict[str, Any]:
     space of the disk under the store."""
     scrub: dict[str, Any] | None = None
     garbage: float | None = None
-    with contextlib.suppress(OSError):
-        logs_fd = os.open(root.path / "logs", os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
-        try:
-            found = headers.read_scrubbed(logs_fd, name)
-        finally:
-            os.close(logs_fd)
-        if found is not None:
-            scrub = {**found, "at": created_at({"created_ns": found["at_ns"]})}
+    found = headers.read_scrubbed(root.path, name)
+    if found is not None:
+        scrub = {**found, "at": created_at({"created_ns": found["at_ns"]})}
     with contextlib.suppress(VolfsError, OSError):
         fd = root.open_dir(name)
         try:

@@ -255,12 +255,7 @@ def _note_scrub(root: Path, name: str, report: check.Report, status: int) -> Non
     figures = {"at_ns": time.time_ns(), "verified": report.verified,
                "problems": len(report.problems), "damaged": status == DAMAGED}  # fmt: skip
     try:
-        fd = os.open(Path(root) / "logs", os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW
-                     | os.O_CLOEXEC)  # fmt: skip
-        try:
-            headers.write_small(fd, headers.scrubbed_file(name), figures)
-        finally:
-            os.close(fd)
+        headers.note_scrubbed(root, name, figures)
     except OSError as exc:
         print(f"volfsd: warning: the scrub's result was not kept: {exc.strerror}", file=sys.stderr)
 

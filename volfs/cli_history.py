@@ -97,13 +97,7 @@ def snapshot_rows() -> list[dict[str, Any]]:
         return list(call(requests.LsRequest(snapshots=True)))
     except control.DaemonNotRunning:
         root = store()
-        labels = []
-        for name in root.names():
-            try:
-                labels += [row["name"] for row in history.describe(root, name)]
-            except VolfsError:
-                continue  # a damaged volume: `ls` shows it, without snapshots
-        return [describe_snapshot(root, label) for label in labels]
+        return [describe_snapshot(root, label) for label in history.labels(root)]
 
 
 def describe_target(name: str) -> dict[str, Any]:

@@ -124,7 +124,7 @@ class ControlServer:
             case requests.CreateRequest():
                 return await supervisor.create(request)
             case requests.LsRequest(snapshots=True):
-                return await self.history.snapshots(self.supervisor.root.names())
+                return await self.history.snapshots()
             case requests.LsRequest():
                 return await supervisor.ls(request)
             case requests.InspectRequest():

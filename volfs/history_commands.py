@@ -10,7 +10,6 @@ plain async methods on typed requests, for the control server and the Docker dri
 from __future__ import annotations
 
 from functools import partial
-from typing import Any
 
 import trio
 
@@ -58,13 +57,6 @@ class HistoryCommands:
         await trio.to_thread.run_sync(history.rollback, self.root, name, snap)
         return supervisor.describe(name)
 
-    async def snapshots(self, names: list[str]) -> list[VolumeInfo]:
-        """Every snapshot of the volumes *names*, as `ls --snapshots` shows them."""
-        rows: list[dict[str, Any]] = []
-        for name in names:
-            try:
-                labels = [row["name"] for row in history.describe(self.root, name)]
-            except VolfsError:
-                continue  # a damaged volume: `ls` shows it, without snapshots
-            rows += [self.supervisor.describe(label) for label in labels]
-        return rows
+    async def snapshots(self) -> list[VolumeInfo]:
+        """Every snapshot of the store, as `ls --snapshots` shows them."""
+        return [self.supervisor.describe(label) for label in history.labels(self.root)]

@@ -11,7 +11,6 @@ log (an error line naming where damage was found).
 from __future__ import annotations
 
 import logging
-import os
 import time
 
 import trio
@@ -36,19 +35,6 @@ def interval(config: DaemonConfig, name: str) -> float:
     return config.scrub_every or 0.0
 
 
-def last_scrubbed(root: StoreRoot, name: str) -> int | None:
-    """When volume *name* was last scrubbed (ns since the epoch), if known."""
-    try:
-        fd = os.open(root.path / "logs", os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
-    except OSError:
-        return None
-    try:
-        found = headers.read_scrubbed(fd, name)
-    finally:
-        os.close(fd)
-    return None if found is None else int(found["at_ns"])
-
-
 async def scrub_forever(root: StoreRoot, config: DaemonConfig) -> None:
     """Scrub each volume when it is due, one at a time, until cancelled."""
     intervals = [config.scrub_every or 0] + [v.scrub_every or 0 for v in config.volumes.values()]
@@ -58,7 +44,8 @@ async def scrub_forever(root: StoreRoot, config: DaemonConfig) -> None:
     while True:
         for name in root.names():
             every = interval(config, name)
-            last = last_scrubbed(root, name)
+            found = headers.read_scrubbed(root.path, name)
+            last = None if found is None else found["at_ns"]
             if not every or (last is not None and time.time_ns() - last < every * 1e9):
                 continue
             try:

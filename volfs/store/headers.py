@@ -274,9 +274,26 @@ def write_usage(dir_fd: int, figures: Mapping[str, object]) -> None:
     write_small(dir_fd, USAGE_FILE, figures)
 
 
-def read_scrubbed(logs_fd: int, name: str) -> dict[str, Any] | None:
-    """What the last scrub of volume *name* found (`scrubbed_file`, in the store's logs/ open
-    at *logs_fd*); None if none is known."""
+def _logs_dir(root: Path) -> int:
+    return os.open(Path(root) / "logs", os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+
+
+def note_scrubbed(root: Path, name: str, figures: Mapping[str, object]) -> None:
+    """Keep what a scrub of volume *name* of store *root* found (`scrubbed_file`)."""
+    logs_fd = _logs_dir(root)
+    try:
+        write_small(logs_fd, scrubbed_file(name), figures)
+    finally:
+        os.close(logs_fd)
+
+
+def read_scrubbed(root: Path, name: str) -> dict[str, Any] | None:
+    """What the last scrub of volume *name* of store *root* found (`scrubbed_file`); None if
+    none is known."""
+    try:
+        logs_fd = _logs_dir(root)
+    except OSError:
+        return None
     try:
         fd = os.open(scrubbed_file(name), os.O_RDONLY | FILE_FLAGS, dir_fd=logs_fd)
         with os.fdopen(fd, "rb") as src:
@@ -285,6 +302,8 @@ def read_scrubbed(logs_fd: int, name: str) -> dict[str, Any] | None:
             found = one_frame(src.read(_MAX_SMALL_FILE))
     except (OSError, frame.FrameError):
         return None
+    finally:
+        os.close(logs_fd)
     keys = ("at_ns", "verified", "problems")
     if not isinstance(found, dict) or not all(count(found.get(k)) for k in keys):
         return None

@@ -142,6 +142,18 @@ def describe(store: StoreRoot, name: str, only: str | None = None) -> list[dict[
     return rows
 
 
+def labels(store: StoreRoot) -> list[str]:
+    """Every snapshot of the store (NAME@SNAP), by volume, oldest first; a volume whose
+    snapshots cannot be listed (damaged) is left out, as `ls` shows it without them."""
+    found = []
+    for name in store.names():
+        try:
+            found += [row["name"] for row in describe(store, name)]
+        except StoreError:
+            continue
+    return found
+
+
 def snapshot_bytes(store: StoreRoot, name: str) -> int:
     """Bytes of volume *name* that only its snapshots keep alive (not it, not a clone)."""
     with _Opened(store, name) as opened:
