@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import os
+import re
 
 import pytest
 
@@ -55,8 +56,14 @@ def test_flipped_data_byte_gives_eio_only_there(volume, mnt):
     # The mount is still alive and writable after the damage was found.
     (mnt / "after").write_bytes(b"still serving")
     assert (mnt / "after").read_bytes() == b"still serving"
-    log = volume.log_file.read_text()
-    assert "volume testvol: inode" in log and "fails its checksum" in log
+    # One line names the volume, the file's path, the damaged bytes and where they lie.
+    lines = [ln for ln in volume.log_file.read_text().splitlines() if "fails its checksum" in ln]
+    found = re.search(r"volume testvol: damaged data in /victim, bytes (\d+)-(\d+) \(inode (\d+);",
+                      lines[0])  # fmt: skip
+    assert found, lines
+    flipped = 4 * MiB + 70 * 1024
+    assert int(found[1]) <= flipped < int(found[2]) and int(found[2]) - int(found[1]) <= 64 * 1024
+    assert int(found[3]) == os.stat(mnt / "victim").st_ino
 
 
 @pytest.mark.store_damaged("a checkpoint damaged on purpose")
@@ -109,4 +116,5 @@ def test_missing_segment_gives_eio_and_a_log_line(volume):
     assert info.value.errno == errno.EIO
     assert (mnt / "filler").stat().st_size == 4 * MiB  # the mount still serves
     errors = [line for line in volume.log_file.read_text().splitlines() if " ERROR " in line]
-    assert any(f"volume {volume.name}:" in e and f"inode {ino}" in e for e in errors), errors
+    assert any(f"volume {volume.name}: damaged data in /victim, bytes " in e and f"inode {ino}" in e
+               for e in errors), errors  # fmt: skip

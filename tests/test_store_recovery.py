@@ -281,3 +281,26 @@ def test_store_errors_carry_their_codes(tmp_path):
         assert smaller.value.code is ErrorCode.INVALID
     finally:
         volume.close()
+
+
+def test_path_of_names_files_and_directories_for_damage_lines(tmp_path):
+    """`path_of`, which damage log lines use: a file's path through its directories, after a
+    rename, with an undecodable name; None once its last name is gone."""
+    root = StoreRoot(tmp_path / "store")
+    volume = root.open_volume("v")
+    try:
+        top = volume.inodes[ROOT_INO]
+        a = volume.new_inode(stat.S_IFDIR | 0o755, 0, 0, 0, 1)
+        volume.create(top, b"a", a, 1)
+        b = volume.new_inode(stat.S_IFDIR | 0o755, 0, 0, 0, 1)
+        volume.create(volume.inodes[a.ino], b"b\xff", b, 1)
+        f = volume.new_inode(stat.S_IFREG | 0o644, 0, 0, 0, 1)
+        volume.create(volume.inodes[b.ino], b"f", f, 1)
+        assert volume.path_of(f.ino) == "/a/b\\xff/f"
+        assert volume.path_of(b.ino) == "/a/b\\xff" and volume.path_of(ROOT_INO) == "/"
+        volume.rename(volume.inodes[a.ino], b"b\xff", top, b"c", None, 2)
+        assert volume.path_of(f.ino) == "/c/f"
+        volume.unlink(volume.inodes[b.ino], b"f", volume.inodes[f.ino], 3)
+        assert volume.path_of(f.ino) is None
+    finally:
+        volume.close(checkpoint=False)

@@ -41,7 +41,8 @@ async def running_workers(root: StoreRoot, run_dir: Path) -> list[Served]:
                 with contextlib.suppress(OSError):
                     sock.unlink()
             else:
-                log.warning("volume %s: its worker does not answer (%s)", name, exc)
+                log.warning("volume %s: its worker does not answer (%s)", name, exc,
+                            extra={"volume": name})  # fmt: skip
                 served = silent_worker(root, run_dir, name)
                 if served is not None:
                     found.append(served)
@@ -53,7 +54,8 @@ async def running_workers(root: StoreRoot, run_dir: Path) -> list[Served]:
         if served is not None:
             _find_paths(served)
             log.info("volume %s: adopted its worker (pid %d) and its paths %s", name,
-                     status["pid"], ", ".join(map(str, served.paths)) or "(none)")  # fmt: skip
+                     status["pid"], ", ".join(map(str, served.paths)) or "(none)",
+                     extra={"volume": name})  # fmt: skip
             found.append(served)
     return found
 
@@ -104,5 +106,6 @@ def silent_worker(root: StoreRoot, run_dir: Path, name: str) -> Served | None:
         "volume and mount it again to update it"
     )
     _find_paths(served)
-    log.warning("volume %s: adopted a worker that needs a remount (pid %d)", name, pid)
+    log.warning("volume %s: adopted a worker that needs a remount (pid %d)", name, pid,
+                extra={"volume": name})  # fmt: skip
     return served

@@ -160,7 +160,8 @@ class DockerDriver:
             except BaseException:
                 self.claims.remove(name, mount_id)
                 raise
-        log.info("volume %s: mounted for Docker (mount id %.12s)", name, mount_id)
+        log.info("volume %s: mounted for Docker (mount id %.12s)", name, mount_id,
+                 extra={"volume": name})  # fmt: skip
         return path
 
     async def unmount(self, name: str, mount_id: str) -> None:
@@ -170,7 +171,7 @@ class DockerDriver:
             if not self.claims.remove(name, mount_id):
                 # Dropped by reconcile, or a daemon of before a reboot: nothing to undo.
                 log.warning("volume %s: Docker unmounted mount id %.12s, which held nothing",
-                            name, mount_id)  # fmt: skip
+                            name, mount_id, extra={"volume": name})  # fmt: skip
             if not self.claims.of(name):
                 await self._release(name)
 
@@ -252,7 +253,7 @@ class DockerDriver:
         self.claims.drop(name)
         log.warning(
             "volume %s: dropped %d Docker mount claim(s) that no container holds any more "
-            "(their containers ended without an Unmount)", name, len(held),
+            "(their containers ended without an Unmount)", name, len(held), extra={"volume": name},
         )  # fmt: skip
         await self._release(name)
 

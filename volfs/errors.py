@@ -50,7 +50,13 @@ class VolumeDamaged(StoreError):
 
 
 class DataDamaged(Exception):
-    """A data block failed its checksum; the FUSE layer answers EIO."""
+    """A file's data cannot be read as it was written (a block fails its checksum, its
+    segment is short or gone); the FUSE layer answers EIO.  Carries the inode and the file
+    bytes [start, end) it concerns, so callers report them without parsing the message."""
+
+    def __init__(self, message: str, ino: int = 0, start: int = 0, end: int = 0) -> None:
+        super().__init__(message)
+        self.ino, self.start, self.end = ino, start, end
 
 
 class NoSpace(OSError):

@@ -74,17 +74,16 @@ def _errno_guard(handler: Handler) -> Handler:
             self.stats.damage_found += 1
             raise FUSEError(errno.EIO) from None
         except OSError as exc:  # the store's disk or files: full, failing, or gone
-            log.error(
-                "volume %s: %s of %s failed in the store: %s",
-                self.model.name, name, self._subject(name, args), exc,
-            )  # fmt: skip
+            subject, fields = self._subject(name, args)
+            log.error("volume %s: %s of %s failed in the store: %s", self.model.name, name,
+                      subject, exc, extra=fields)  # fmt: skip
             full = exc.errno in (errno.ENOSPC, errno.EDQUOT)
             self.stats.failed(name, errno.ENOSPC if full else errno.EIO)
             raise FUSEError(errno.ENOSPC if full else errno.EIO) from None
         except Exception:
-            log.exception(
-                "volume %s: %s of %s failed", self.model.name, name, self._subject(name, args)
-            )
+            subject, fields = self._subject(name, args)
+            log.exception("volume %s: %s of %s failed", self.model.name, name, subject,
+                          extra=fields)  # fmt: skip
             self.stats.failed(name, errno.EIO)
             raise FUSEError(errno.EIO) from None
         finally:
@@ -116,14 +115,18 @@ class VolumeOperations(pyfuse3.Operations):
         self._next_fh += 1
         return self._next_fh - 1
 
-    def _subject(self, handler: str, args: Sequence[object]) -> str:
-        """What a failed handler worked on, for its log line: an inode (through a handle)."""
+    def _subject(self, handler: str, args: Sequence[object]) -> tuple[str, dict[str, Any]]:
+        """What a failed handler worked on, for its log line and the record's fields: an
+        inode (through a handle)."""
         if not args:
-            return "the volume"
+            return "the volume", {}
+        ino = args[0]
         if handler in _BY_HANDLE:
-            node = self._files.get(args[0])  # type: ignore[call-overload]
-            return f"handle {args[0]}" if node is None else f"inode {node.ino}"
-        return f"inode {args[0]}"
+            node = self._files.get(ino)  # type: ignore[call-overload]
+            if node is None:
+                return f"handle {ino}", {}
+            ino = node.ino
+        return f"inode {ino}", {"inode": ino}
 
     @staticmethod
     def _attrs(inode: Node) -> EntryAttributes:

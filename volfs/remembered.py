@@ -16,6 +16,7 @@ Each file is replaced whole (written to a temporary file, then renamed over it).
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 from collections.abc import Sequence
@@ -23,6 +24,8 @@ from pathlib import Path
 from typing import NamedTuple
 
 import msgpack
+
+log = logging.getLogger(__name__)
 
 FILE_NAME = "mounts.msgpack"
 CLAIMS_FILE = "docker-claims.msgpack"
@@ -139,14 +142,23 @@ class ContainerClaims:
         self._write([c for c in claims if c.name != name])
         return [c for c in claims if c.name == name]
 
-    def mark_replaced(self, name: str, device: str) -> int:
+    def mark_replaced(self, name: str, device: str) -> None:
         """Note that *name*'s mount of *device* was replaced under its claims (those not
-        marked already: their containers hold an older dead mount); how many claims it has."""
-        claims = self.all()
-        marked = [c._replace(replaced=device) if c.name == name and not c.replaced else c
-                  for c in claims]  # fmt: skip
-        self._write(marked)
-        return sum(c.name == name for c in claims)
+        marked already: their containers hold an older dead mount), and log what that means
+        for them; a file that cannot be written is logged too (the heal is done all the same)."""
+        try:
+            claims = self.all()
+            marked = [c._replace(replaced=device) if c.name == name and not c.replaced else c
+                      for c in claims]  # fmt: skip
+            self._write(marked)
+        except OSError as exc:
+            log.error("volume %s: cannot note its replaced mount in %s: %s", name, self.path, exc,
+                      extra={"volume": name})  # fmt: skip
+            return
+        if any(c.name == name for c in claims):
+            log.error("volume %s: its Docker containers keep the dead mount until they are "
+                      "restarted (Docker binds volumes privately)", name,
+                      extra={"volume": name})  # fmt: skip
 
     def _write(self, claims: list[Claim]) -> None:
         _replace(self.path, [list(c) for c in claims])

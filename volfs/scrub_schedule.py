@@ -51,12 +51,14 @@ async def scrub_forever(root: StoreRoot, config: DaemonConfig) -> None:
             try:
                 damaged = await trio.to_thread.run_sync(checking.scrub_quietly, root.path, name)
             except (VolfsError, OSError) as exc:
-                log.warning("scheduled scrub of volume %s: not checked: %s", name, exc)
+                log.warning("scheduled scrub of volume %s: not checked: %s", name, exc,
+                            extra={"volume": name})  # fmt: skip
                 continue
             if damaged:
                 where = ", ".join(damaged)
                 log.error("scheduled scrub of volume %s: damage found in %s; run "
-                          "`volfsd scrub %s` to see where", name, where, name)  # fmt: skip
+                          "`volfsd scrub %s` to see where", name, where, name,
+                          extra={"volume": name})  # fmt: skip
             else:
-                log.info("scheduled scrub of volume %s: clean", name)
+                log.info("scheduled scrub of volume %s: clean", name, extra={"volume": name})
         await trio.sleep(min(LOOK_EVERY, max(1.0, shortest / 2)))

@@ -97,7 +97,8 @@ class Served:
             self.bind_path(mount_path, create=False)
         except (VolfsError, OSError) as exc:
             mount_path.state, mount_path.problem = REFUSED, str(exc)
-            log.error("volume %s: not mounted at %s again: %s", self.name, mount_path.path, exc)
+            log.error("volume %s: not mounted at %s again: %s", self.name, mount_path.path, exc,
+                      extra={"volume": self.name})  # fmt: skip
 
     def owns(self, target: MountPoint) -> bool:
         """Whether the mount on *target* is one of this volume's (live or dead)."""

@@ -104,7 +104,7 @@ class Supervisor:
                     for path in spec.paths:
                         await self._mount(name, path, spec.read_only, create=True)
                 except VolfsError as exc:
-                    log.error("declared volume %s: %s", name, exc)
+                    log.error("declared volume %s: %s", name, exc, extra={"volume": name})
 
     async def _mount_remembered(self) -> None:
         """Bring back the mounts made on request: adopt the ones still live, replace dead
@@ -135,7 +135,8 @@ class Supervisor:
                 except (VolfsError, TypeError) as exc:
                     # Kept (and shown by `status`): the mount point may come right again, and
                     # forgetting it would leave it bare for good.
-                    log.error("volume %s: not mounted at %s again: %s", name, path, exc)
+                    log.error("volume %s: not mounted at %s again: %s", name, path, exc,
+                              extra={"volume": name})  # fmt: skip
                     if isinstance(name, str) and isinstance(path, str):
                         staging = self.run_dir / "staging" / name
                         served = self.served.setdefault(name, Served(name, staging, status="down"))
@@ -252,7 +253,7 @@ class Supervisor:
                     try:
                         await self._unmount_path(served, path)
                     except VolfsError as exc:  # stop the others all the same
-                        log.error("volume %s: %s", served.name, exc)
+                        log.error("volume %s: %s", served.name, exc, extra={"volume": served.name})
                     self.remembered.forget(path)
                 self._detach_volume(served)
             async with trio.open_nursery() as nursery:
@@ -371,7 +372,8 @@ class Supervisor:
             mount_path.state = MOUNTED
         served.paths[path] = mount_path
         if how != PRESENT:
-            log.info("volume %s mounted at %s%s", name, path, " (read-only)" if read_only else "")
+            log.info("volume %s mounted at %s%s", name, path, " (read-only)" if read_only else "",
+                     extra={"volume": name})  # fmt: skip
 
     async def _start_volume(self, name: str, path: Path, served: Served | None) -> Served:
         """Start the worker of *name* (whose *served* record, if any, has none)."""
@@ -407,7 +409,8 @@ class Supervisor:
             code = served.worker.returncode
             log.error("volume %s: its worker exited (pid %d, %s); remounting at %s",
                       served.name, served.worker.pid, "status unknown" if code is None else code,
-                      ", ".join(str(p) for p in served.paths))  # fmt: skip
+                      ", ".join(str(p) for p in served.paths),
+                      extra={"volume": served.name})  # fmt: skip
             await self._heal(served)
             if served.stopping:
                 return
@@ -440,31 +443,18 @@ class Supervisor:
                         else:
                             mount_path.state = MOUNTED
                 served.restarts += 1
-                self._mark_claims_replaced(served.name, dead_device)
+                self.claims.mark_replaced(served.name, dead_device or "?")
                 log.info("volume %s is back at %s", served.name,
                          ", ".join(str(p) for p, m in served.paths.items()
-                                   if m.state == MOUNTED))  # fmt: skip
+                                   if m.state == MOUNTED),
+                         extra={"volume": served.name})  # fmt: skip
                 return
             except (VolfsError, OSError) as exc:  # nothing here may take the daemon down
                 served.status = "down"
                 served.problems[:] = [f"restart failed: {exc}"]
-                log.error(
-                    "volume %s: restart failed: %s; retrying in %s s", served.name, exc, delay
-                )
+                log.error("volume %s: restart failed: %s; retrying in %s s", served.name, exc,
+                          delay, extra={"volume": served.name})  # fmt: skip
                 await trio.sleep(delay)
-
-    def _mark_claims_replaced(self, name: str, dead_device: str) -> None:
-        """Note on the Docker claims of *name* that their containers keep the dead mount of
-        *dead_device*; a claims file that cannot be written is logged (the heal is done)."""
-        try:
-            held = self.claims.mark_replaced(name, dead_device or "?")
-        except OSError as exc:
-            log.error("volume %s: cannot note its replaced mount in %s: %s",
-                      name, self.claims.path, exc)  # fmt: skip
-            return
-        if held:
-            log.error("volume %s: its Docker containers keep the dead mount until they are "
-                      "restarted (Docker binds volumes privately)", name)  # fmt: skip
 
     # -- unmounting -----------------------------------------------------------------------------
 
@@ -508,20 +498,20 @@ class Supervisor:
                         sysmount.detach(target.fd)
                     elif mount_path.state != REFUSED:
                         log.warning("volume %s: %s was unmounted behind volfsd's back",
-                                    served.name, path)  # fmt: skip
+                                    served.name, path, extra={"volume": served.name})  # fmt: skip
             else:
                 entry = mounts.find_mount(path)
                 if entry is None or entry.fstype != mounts.FSTYPE:
                     log.warning("volume %s: %s was unmounted behind volfsd's back",
-                                served.name, path)  # fmt: skip
+                                served.name, path, extra={"volume": served.name})  # fmt: skip
                 else:
                     problem = await trio.to_thread.run_sync(mounts.detach, path, True)
                     if problem is not None:
                         raise VolfsError(f"cannot unmount {path}: {problem}", problem.code)
         except VolfsError as exc:  # the mount point is gone or changed: nothing of ours there
-            log.warning("volume %s: %s", served.name, exc)
+            log.warning("volume %s: %s", served.name, exc, extra={"volume": served.name})
         del served.paths[path]
-        log.info("volume %s unmounted from %s", served.name, path)
+        log.info("volume %s unmounted from %s", served.name, path, extra={"volume": served.name})
 
     def _forget_unmounted(self) -> None:
         """Forget the paths unmounted behind the daemon's back (umount(8), ``umount -l``,
@@ -537,7 +527,7 @@ class Supervisor:
     def _forget_path(self, served: Served, path: Path, how: str) -> None:
         """Forget *path*, unmounted *how*; a volume left without paths is let go."""
         log.info("volume %s: %s was unmounted behind volfsd's back (%s): forgotten",
-                 served.name, path, how)  # fmt: skip
+                 served.name, path, how, extra={"volume": served.name})  # fmt: skip
         served.paths.pop(path, None)
         self.remembered.forget(path)
         if not served.paths:
@@ -564,7 +554,8 @@ class Supervisor:
                         sysmount.detach(staging.fd)
                         return
             except (VolfsError, OSError) as exc:
-                log.warning("volume %s: staging mount: %s", served.name, exc)
+                log.warning("volume %s: staging mount: %s", served.name, exc,
+                            extra={"volume": served.name})  # fmt: skip
         served.worker.send_signal(signal.SIGTERM)
 
     async def _wait_stopped(self, served: Served, grace: float) -> None:
@@ -579,7 +570,8 @@ class Supervisor:
                 with trio.move_on_after(STOP_TIMEOUT):
                     await worker.wait()
             if worker.running:
-                log.error("volume %s: worker did not stop in time; killing it", served.name)
+                log.error("volume %s: worker did not stop in time; killing it", served.name,
+                          extra={"volume": served.name})  # fmt: skip
                 worker.send_signal(signal.SIGKILL)
                 await worker.wait()
         if self.stopping.get(served.name) is served:

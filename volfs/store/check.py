@@ -21,7 +21,7 @@ from volfs.store import frame
 from volfs.store.extents import Extent
 from volfs.store.log import LogDamage
 from volfs.store.readonly import ReadOnlyState, SegmentGone, concerned_inodes
-from volfs.store.state import ROOT_INO, VolumeState, dir_entries
+from volfs.store.state import ROOT_INO, VolumeState, dir_entries, join_path
 from volfs.store.volume import Volume
 
 #: Files named, at most, for one damaged frame (a checkpoint frame holds 4096 records).
@@ -59,10 +59,6 @@ class Report(NamedTuple):
 # -- naming ------------------------------------------------------------------------------------
 
 
-def _join(prefix: str, name: bytes) -> str:
-    return f"{'' if prefix == '/' else prefix}/{name.decode(errors='backslashreplace')}"
-
-
 def paths_of(volume: VolumeState) -> dict[int, str]:
     """A path for each inode reachable from the root (the first found, for hard links)."""
     paths = {ROOT_INO: "/"}
@@ -73,7 +69,7 @@ def paths_of(volume: VolumeState) -> dict[int, str]:
             inode = volume.inodes.get(child)
             if child in paths or inode is None:
                 continue
-            paths[child] = _join(paths[ino], name)
+            paths[child] = join_path(paths[ino], name)
             if inode.entries is not None:
                 pending.append(child)
     return paths
@@ -93,7 +89,7 @@ def _damage_problems(volume: ReadOnlyState, paths: dict[int, str]) -> list[Probl
             parent, entry = links[ino]
             prefix = name(parent, depth + 1)
             if prefix.startswith("/"):
-                return _join(prefix, entry)
+                return join_path(prefix, entry)
         return f"inode {ino}"
 
     problems = []

@@ -17,7 +17,7 @@ from __future__ import annotations
 import logging
 import stat
 from collections.abc import Callable, Iterable, Mapping
-from typing import Any
+from typing import Any, NoReturn
 
 from volfs.errors import DataDamaged, VolumeDamaged
 from volfs.store import frame, headers, journal, records
@@ -53,9 +53,15 @@ EXTENT_COST = 256  #: each extent (a piece of a file stored by one write), plus 
 class SegmentMissing(DataDamaged):
     """File data lies in a log segment whose file is gone; the FUSE layer answers EIO."""
 
-    def __init__(self, seg: int, message: str) -> None:
-        super().__init__(message)
+    def __init__(self, seg: int, message: str, ino: int, start: int, end: int) -> None:
+        super().__init__(message, ino, start, end)
         self.seg = seg
+
+
+def join_path(prefix: str, name: bytes) -> str:
+    """The path of entry *name* of the directory at *prefix* (a path from the volume's root),
+    printable whatever bytes the name holds."""
+    return f"{'' if prefix == '/' else prefix}/{name.decode(errors='backslashreplace')}"
 
 
 #: Values many inodes share (modes, owners): one int object each instead of one per inode.
@@ -400,35 +406,68 @@ class VolumeState:
                 parts.append(self._read_frame(inode, piece_offset, fr, skip, length))
         return parts[0] if len(parts) == 1 else b"".join(parts)
 
+    def _damaged(self, inode: Inode, start: int, end: int, what: str) -> NoReturn:
+        self._log_damage(inode, start, end, what)
+        raise DataDamaged(what, inode.ino, start, end) from None
+
+    def _log_damage(self, inode: Inode, start: int, end: int, what: str) -> None:
+        """One line naming the volume, the file (its path when it has one) and the bytes."""
+        path = self.path_of(inode.ino) or "a file without a name"
+        logger.error("volume %s: damaged data in %s, bytes %d-%d (inode %d; %s)",
+                     self.name, path, start, end, inode.ino, what,
+                     extra={"volume": self.name, "inode": inode.ino})  # fmt: skip
+
+    def path_of(self, ino: int) -> str | None:
+        """A path of inode *ino* from the volume's root, or None if no directory holds it.
+
+        For log lines, not the hot path: a file's directory is found by searching every
+        directory's entries (directories know their parent; files do not), about 30 ms per
+        million entries; a file with several links gets one of its names."""
+        names: list[bytes] = []
+        while ino != ROOT_INO:
+            inode = self.inodes.get(ino)
+            if inode is None or len(names) > 4096:  # a loop is damage; report no path
+                return None
+            if inode.entries is not None:
+                parent = self.inodes.get(inode.parent)
+            else:
+                held = (d for d in self.inodes.values() if d.entries and ino in d.entries.values())
+                parent = next(held, None)
+            if parent is None or parent.entries is None:
+                return None
+            name = next((n for n, child in parent.entries.items() if child == ino), None)
+            if name is None:
+                return None
+            names.append(name)
+            ino = parent.ino
+        path = "/"
+        for name in reversed(names):
+            path = join_path(path, name)
+        return path
+
     def _read_frame(
         self, inode: Inode, offset: int, fr: FrameData, skip: int, length: int
     ) -> bytes:
         first = skip // frame.BLOCK_SIZE
         start = first * frame.BLOCK_SIZE
         stop = min(fr.length, -(-(skip + length) // frame.BLOCK_SIZE) * frame.BLOCK_SIZE)
+        base = offset - skip  # the file offset of the frame's first byte
         try:
             buf = self.log.read(fr.seg, fr.pos + start, stop - start)
         except LogDamage as damage:
-            logger.error("volume %s: inode %d: %s", self.name, inode.ino, damage)
-            raise DataDamaged(str(damage)) from None
+            self._damaged(inode, offset, offset + length, str(damage))
         except FileNotFoundError:
-            text = f"inode {inode.ino}: data in missing segment {fr.seg}"
-            logger.error("volume %s: %s", self.name, text)
-            raise SegmentMissing(fr.seg, text) from None
+            text = f"data in missing segment {fr.seg}"
+            self._log_damage(inode, offset, offset + length, text)
+            raise SegmentMissing(fr.seg, text, inode.ino, offset, offset + length) from None
         bad = frame.bad_blocks(buf, first, fr.sums)
         if bad:
             block = bad[0]
-            logger.error(
-                "volume %s: inode %d: data block %d of the chunk at segment %d offset %d "
-                "(file offset %d) fails its checksum",
-                self.name,
-                inode.ino,
-                block,
-                fr.seg,
-                fr.pos,
-                offset - skip + block * frame.BLOCK_SIZE,
-            )
-            raise DataDamaged(f"inode {inode.ino} chunk at segment {fr.seg} offset {fr.pos}")
+            at = base + block * frame.BLOCK_SIZE
+            end = min(at + frame.BLOCK_SIZE, base + fr.length)
+            where = fr.pos + block * frame.BLOCK_SIZE
+            self._damaged(inode, at, end, f"the block at segment {fr.seg} offset {where} "
+                                          "fails its checksum")  # fmt: skip
         if start == skip and len(buf) == length:
             return buf
         return buf[skip - start : skip - start + length]
