@@ -68,6 +68,10 @@ def test_counters_follow_a_known_workload(host, tmp_path):
     assert _value(after, "volfs_errors_total", volume="busy", op="write", errno="ENOSPC") >= 1
     # (A lookup of a missing name is a negative entry, which the kernel caches: no error.)
     assert _value(after, "volfs_op_duration_seconds_count", volume="busy", op="write") >= writes
+    # The fsync flushed the log: the store's own flush time is kept apart from the request's.
+    flushed = ("volfs_fsync_duration_seconds_count", frozenset({("volume", "busy")}))
+    assert after[flushed] > before.get(flushed, 0)
+    assert _value(after, "volfs_damage_found_total", volume="busy", found_by="read") == 0
     assert _value(after, "volfs_size_bytes", volume="busy") == 1 << 20
     assert _value(after, "volfs_used_bytes", volume="busy") >= writes * 4096
     assert _value(after, "volfs_store_bytes", volume="busy") >= writes * 4096

@@ -26,7 +26,7 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import TextIO
+from typing import NamedTuple, TextIO
 
 from volfs.errors import ErrorCode, VolfsError
 from volfs.store import check, headers, history, pidlock, readonly, snapshots
@@ -186,29 +186,40 @@ def _fail(action: str, name: str, exc: BaseException) -> int:
 
 
 def _with_snapshots(root: Path, name: str, first: check.Report, action: str,
-                    pace: readonly.Pace | None = None) -> int:  # fmt: skip
-    """Check the snapshots of volume *name*, whose own check gave *first*; the exit status of
-    all: UNCHECKED if one could not be checked, else DAMAGED if any has a problem."""
+                    pace: readonly.Pace | None = None) -> tuple[int, int]:  # fmt: skip
+    """Check the snapshots of volume *name*, whose own check gave *first*: the exit status of
+    all (UNCHECKED if one could not be checked, else DAMAGED if any has a problem) and how
+    many problems the snapshots have."""
     status = DAMAGED if first.problems else CLEAN
     damaged, checked = [name] if first.problems else [], 0
+    found = 0
     for label, outcome in examine_snapshots(root, name, action, pace):
         checked += 1
-        if isinstance(outcome, check.Report):
-            if outcome.problems:
-                damaged.append(label)
-                status = max(status, DAMAGED)
-        elif outcome.code is ErrorCode.DAMAGED:  # its header or checkpoint: that is a finding
-            print(f"snapshot {label}: not loaded, 1 problem(s)")
-            print(f"  {label}: {outcome}")
+        problems = _snapshot_problems(label, outcome)
+        if problems:
             damaged.append(label)
+            found += len(problems)
             status = max(status, DAMAGED)
-        else:
+            if not isinstance(outcome, check.Report):
+                print(f"snapshot {label}: not loaded, 1 problem(s)")
+                print(f"  {label}: {outcome}")
+        elif isinstance(outcome, VolfsError):
             status = max(status, _fail("check", label, outcome))
     if checked:
         where = f": in {', '.join(damaged)}" if damaged else ""
         print(f"{action} of {name} and its {checked} snapshot(s): "
               f"{'damage found' if damaged else 'clean'}{where}")  # fmt: skip
-    return status
+    return status, found
+
+
+def _snapshot_problems(label: str, outcome: check.Report | VolfsError) -> list[check.Problem]:
+    """What a snapshot's check found: its problems, or its damaged header or checkpoint as
+    one (a snapshot that could not be checked for another reason has none)."""
+    if isinstance(outcome, check.Report):
+        return outcome.problems
+    if outcome.code is ErrorCode.DAMAGED:
+        return [check.Problem("(store)", str(outcome), check.ProblemKind.METADATA)]
+    return []
 
 
 def scrub(root: Path, name: str, rate: float = DEFAULT_RATE) -> int:
@@ -223,37 +234,46 @@ def scrub(root: Path, name: str, rate: float = DEFAULT_RATE) -> int:
             return DAMAGED if report.problems else CLEAN
         volume_dir = _volume_dir(root, name)
         report = _examine_volume(volume_dir, name, "scrub", pace)
-        status = _with_snapshots(root, name, report, "scrub", pace)
-        _note_scrub(root, name, report, status)
+        status, in_snapshots = _with_snapshots(root, name, report, "scrub", pace)
+        _note_scrub(root, name, report, status, len(report.problems) + in_snapshots)
         return status
     except (VolfsError, OSError) as exc:
         return _fail("scrub", name, exc)
 
 
-def scrub_quietly(root: Path, name: str, rate: float = DEFAULT_RATE) -> list[str]:
+class Finding(NamedTuple):
+    """A problem a scrub found, and in what: the volume (``NAME``) or a snapshot."""
+
+    label: str
+    problem: check.Problem
+
+
+def scrub_quietly(root: Path, name: str, rate: float = DEFAULT_RATE) -> list[Finding]:
     """Scrub volume *name* and its snapshots as `scrub` does, printing nothing (the daemon's
     scheduled scrubs, `scrub_schedule`); what it found is kept as `scrub` keeps it.  Returns
-    where damage was found (``NAME`` and ``NAME@SNAP`` labels; empty: clean)."""
+    the problems found, each with where (``NAME`` or ``NAME@SNAP``); empty: clean."""
     pace = Throttle(rate * 1e6) if rate > 0 else None
     loaded = readonly.open_readonly(_volume_dir(root, name), name, pace)
     try:
         report = _examine(loaded, "scrub", show=False)
     finally:
         loaded.close()
-    damaged = [name] if report.problems else []
+    found = [Finding(name, p) for p in report.problems]
     for label, outcome in examine_snapshots(root, name, "scrub", pace, show=False):
-        if not isinstance(outcome, check.Report) or outcome.problems:
-            damaged.append(label)
-    _note_scrub(root, name, report, DAMAGED if damaged else CLEAN)
-    return damaged
+        found += [Finding(label, p) for p in _snapshot_problems(label, outcome)]
+    _note_scrub(root, name, report, DAMAGED if found else CLEAN, len(found))
+    return found
 
 
-def _note_scrub(root: Path, name: str, report: check.Report, status: int) -> None:
-    """Leave what the scrub found beside the logs, ``logs/NAME.scrubbed``, for `status` and
-    `inspect`: never in the volume's directory, which a scrub does not change (advisory: a
-    file that cannot be written is only warned of)."""
+def _note_scrub(root: Path, name: str, report: check.Report, status: int, found: int) -> None:
+    """Leave what the scrub found beside the logs, ``logs/NAME.scrubbed``, for `status`,
+    `inspect` and the metrics: never in the volume's directory, which a scrub does not change
+    (advisory: a file that cannot be written is only warned of).  *found* (problems in the
+    volume and its snapshots) adds to ``found_total``, what every scrub found so far."""
+    before = headers.read_scrubbed(root, name) or {}
     figures = {"at_ns": time.time_ns(), "verified": report.verified,
-               "problems": len(report.problems), "damaged": status == DAMAGED}  # fmt: skip
+               "problems": found, "damaged": status == DAMAGED,
+               "found_total": before.get("found_total", 0) + found}  # fmt: skip
     try:
         headers.note_scrubbed(root, name, figures)
     except OSError as exc:
@@ -286,7 +306,7 @@ def fsck(root: Path, name: str, repair: bool = False) -> int:
             os.close(lock_fd)
         if repair and report.problems:
             report = _repair(root, volume_dir, name, report)
-        return _with_snapshots(root, name, report, "fsck")
+        return _with_snapshots(root, name, report, "fsck")[0]
     except (VolfsError, OSError) as exc:
         return _fail("check", name, exc)
 

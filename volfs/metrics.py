@@ -31,6 +31,7 @@ from prometheus_client.registry import Collector
 from volfs.control_server import serve_connections
 from volfs.errors import ErrorCode, VolfsError
 from volfs.http_serving import next_event, send_response
+from volfs.store import headers
 from volfs.supervisor import Supervisor
 from volfs.volume_stats import gather
 
@@ -68,8 +69,11 @@ def listen(address: tuple[str, int]) -> socket.socket:
 class _Gathered(Collector):
     """The figures of one scrape, as metric families."""
 
-    def __init__(self, volumes: dict[str, dict[str, Any]]) -> None:
-        self.volumes = volumes
+    def __init__(
+        self, volumes: dict[str, dict[str, Any]], scrubs: dict[str, dict[str, Any]]
+    ) -> None:
+        self.volumes = volumes  #: the served volumes' figures (`volume_stats.gather`)
+        self.scrubs = scrubs  #: the last scrub of each volume of the store that had one
 
     def collect(self) -> Iterator[Metric]:
         labels = ["volume"]
@@ -90,9 +94,16 @@ class _Gathered(Collector):
             for key, text in (
                 ("bytes_read", "Bytes read through the mount"),
                 ("bytes_written", "Bytes written through the mount"),
-                ("damage_found", "Reads that met damaged data"),
             )
         }
+        damage = CounterMetricFamily(
+            "volfs_damage_found", "Damage found: reads that met damaged data, and the problems "
+            "scrubs found", labels=["volume", "found_by"],
+        )  # fmt: skip
+        flushes = HistogramMetricFamily(
+            "volfs_fsync_duration_seconds", "Time the store took to make its log durable (for "
+            "fsync, synchronous writes and checkpoints)", labels=labels,
+        )  # fmt: skip
         gauges = {
             key: GaugeMetricFamily(f"volfs_{key}", text, labels=labels)
             for key, text in (
@@ -119,24 +130,41 @@ class _Gathered(Collector):
                 ops.add_metric([name, op], count)
             for op, code, count in figures["errors"]:
                 errors.add_metric([name, op, errno.errorcode.get(code, str(code))], count)
-            bounds = [*map(str, figures["buckets"]), "+Inf"]
             for op, latency in sorted(figures["latency"].items()):
-                cumulative, total = [], 0
-                for bound, n in zip(bounds, latency[:-1], strict=True):
-                    total += int(n)
-                    cumulative.append((bound, total))
-                duration.add_metric([name, op], cumulative, latency[-1])
+                duration.add_metric([name, op], *_histogram(figures["buckets"], latency))
+            flushes.add_metric([name], *_histogram(figures["flush_buckets"], figures["flushes"]))
             for key, family in counters.items():
                 family.add_metric([name], figures[key])
+            damage.add_metric([name, "read"], figures["damage_found"])
             checkpoints.add_metric([name], figures.get("checkpoints", 0),
                                    figures.get("checkpoint_seconds", 0.0))  # fmt: skip
             compaction.add_metric([name], figures.get("compaction_bytes", 0))
             for key, wire in (("used_bytes", "used"), ("size_bytes", "size"),
                               ("inodes", "inodes"), ("store_bytes", "store_bytes")):  # fmt: skip
                 gauges[key].add_metric([name], figures[wire])
-        yield from (up, mounts, restarts, ops, errors, duration, checkpoints, compaction)
-        yield from counters.values()
-        yield from gauges.values()
+        scrubbed = GaugeMetricFamily(
+            "volfs_scrub_timestamp_seconds", "When the volume's last scrub ended", labels=labels
+        )
+        scrub_problems = GaugeMetricFamily(
+            "volfs_scrub_problems", "Problems the last scrub found (volume and snapshots)",
+            labels=labels,
+        )  # fmt: skip
+        for name, found in sorted(self.scrubs.items()):
+            scrubbed.add_metric([name], found["at_ns"] / 1e9)
+            scrub_problems.add_metric([name], found["problems"])
+            damage.add_metric([name, "scrub"], found["found_total"])
+        yield from (up, mounts, restarts, ops, errors, duration, flushes, checkpoints, compaction)
+        yield from (*counters.values(), damage, *gauges.values(), scrubbed, scrub_problems)
+
+
+def _histogram(bounds: list[float], counts: list[float]) -> tuple[list[tuple[str, int]], float]:
+    """Buckets and sum as prometheus-client takes them, from [count per bucket (the last
+    +Inf)..., sum of seconds] as `OpStats` keeps them."""
+    cumulative, total = [], 0
+    for bound, n in zip([*map(str, bounds), "+Inf"], counts[:-1], strict=True):
+        total += int(n)
+        cumulative.append((bound, total))
+    return cumulative, counts[-1]
 
 
 class MetricsServer:
@@ -147,8 +175,15 @@ class MetricsServer:
 
     async def render(self) -> bytes:
         registry = CollectorRegistry(auto_describe=False)
-        registry.register(_Gathered(await gather(self.supervisor)))
+        volumes = await gather(self.supervisor)
+        scrubs = await trio.to_thread.run_sync(self._scrubs)
+        registry.register(_Gathered(volumes, scrubs))
         return generate_latest(registry)
+
+    def _scrubs(self) -> dict[str, dict[str, Any]]:
+        root = self.supervisor.root
+        found = {name: headers.read_scrubbed(root.path, name) for name in root.names()}
+        return {name: figures for name, figures in found.items() if figures is not None}
 
     async def serve(self, listener: trio.socket.SocketType) -> None:
         await serve_connections(listener, self._serve_connection, "metrics")

@@ -21,6 +21,8 @@ TIMED = ("lookup", "getattr", "read", "write", "create", "unlink", "rename", "fs
 #: Upper bounds of the latency buckets, in seconds (the last, +Inf, is implied): few, so that
 #: a volume stays within tens of series (a FUSE request takes 30 us to a few ms; fsync more).
 BUCKETS = (0.0005, 0.005, 0.05, 0.5)
+#: Upper bounds of the buckets of the store's flushes (an fdatasync takes 1 to 100 ms).
+FLUSH_BUCKETS = (0.002, 0.01, 0.05, 0.25)
 
 
 class OpStats:
@@ -34,6 +36,9 @@ class OpStats:
         self.damage_found = 0
         #: op -> [count per bucket (the last one +Inf)..., sum of seconds]
         self._latency: dict[str, list[float]] = {op: [0] * (len(BUCKETS) + 2) for op in TIMED}
+        #: The store's flushes of its log (fsync, fsyncdir, synchronous writes, checkpoints)
+        #: as [count per bucket..., sum of seconds]: what the disk costs, apart from the rest.
+        self._flushes: list[float] = [0] * (len(FLUSH_BUCKETS) + 2)
 
     def done(self, op: str, seconds: float) -> None:
         """Count one request of *op* that took *seconds*."""
@@ -42,6 +47,11 @@ class OpStats:
         if latency is not None:
             latency[bisect.bisect_left(BUCKETS, seconds)] += 1
             latency[-1] += seconds
+
+    def flushed(self, seconds: float) -> None:
+        """Count one flush of the store's log that took *seconds* (`SegmentLog.on_flush`)."""
+        self._flushes[bisect.bisect_left(FLUSH_BUCKETS, seconds)] += 1
+        self._flushes[-1] += seconds
 
     def failed(self, op: str, errno: int) -> None:
         key = (op, errno)
@@ -54,6 +64,8 @@ class OpStats:
             "errors": [[op, code, n] for (op, code), n in self.errors.items()],
             "latency": {op: list(v) for op, v in self._latency.items() if sum(v[:-1])},
             "buckets": list(BUCKETS),
+            "flushes": list(self._flushes),
+            "flush_buckets": list(FLUSH_BUCKETS),
             "bytes_read": self.bytes_read,
             "bytes_written": self.bytes_written,
             "damage_found": self.damage_found,

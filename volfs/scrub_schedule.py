@@ -25,6 +25,8 @@ log = logging.getLogger(__name__)
 
 #: How often the schedule looks for a volume that is due (shorter for shorter intervals).
 LOOK_EVERY = 60.0
+#: Problems of one scheduled scrub logged one by one; the rest are counted in one line.
+MAX_LOGGED = 20
 
 
 def interval(config: DaemonConfig, name: str) -> float:
@@ -44,21 +46,31 @@ async def scrub_forever(root: StoreRoot, config: DaemonConfig) -> None:
     while True:
         for name in root.names():
             every = interval(config, name)
-            found = headers.read_scrubbed(root.path, name)
-            last = None if found is None else found["at_ns"]
+            before = headers.read_scrubbed(root.path, name)
+            last = None if before is None else before["at_ns"]
             if not every or (last is not None and time.time_ns() - last < every * 1e9):
                 continue
             try:
-                damaged = await trio.to_thread.run_sync(checking.scrub_quietly, root.path, name)
+                found = await trio.to_thread.run_sync(checking.scrub_quietly, root.path, name)
             except (VolfsError, OSError) as exc:
                 log.warning("scheduled scrub of volume %s: not checked: %s", name, exc,
                             extra={"volume": name})  # fmt: skip
                 continue
-            if damaged:
-                where = ", ".join(damaged)
-                log.error("scheduled scrub of volume %s: damage found in %s; run "
-                          "`volfsd scrub %s` to see where", name, where, name,
-                          extra={"volume": name})  # fmt: skip
-            else:
-                log.info("scheduled scrub of volume %s: clean", name, extra={"volume": name})
+            _log_findings(name, found)
         await trio.sleep(min(LOOK_EVERY, max(1.0, shortest / 2)))
+
+
+def _log_findings(name: str, found: list[checking.Finding]) -> None:
+    """A line per problem a scrub of volume *name* found (the first `MAX_LOGGED`), each
+    naming the volume or snapshot, the file and what is wrong (for data: the bytes)."""
+    volume = {"volume": name}
+    if not found:
+        log.info("scheduled scrub of volume %s: clean", name, extra=volume)
+        return
+    for label, problem in found[:MAX_LOGGED]:
+        fields = volume if problem.ino is None else {**volume, "inode": problem.ino}
+        log.error("scheduled scrub of volume %s: in %s: %s: %s", name, label, problem.path,
+                  problem.what, extra=fields)  # fmt: skip
+    more = f" ({len(found) - MAX_LOGGED} more not logged)" if len(found) > MAX_LOGGED else ""
+    log.error("scheduled scrub of volume %s: %d problem(s) found%s; `volfsd scrub %s` lists "
+              "them all", name, len(found), more, name, extra=volume)  # fmt: skip

@@ -285,6 +285,8 @@ def serve(
     gc.freeze()
     read_only = read_only or served.volume is None
     operations = VolumeOperations(LocalModel(served.state), read_only=read_only)
+    if served.volume is not None:
+        served.volume.log.on_flush = operations.stats.flushed
     try:
         pyfuse3.init(operations, str(mountpoint), mount_options(name, read_only))
     except RuntimeError as exc:

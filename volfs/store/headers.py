@@ -307,7 +307,9 @@ def read_scrubbed(root: Path, name: str) -> dict[str, Any] | None:
     keys = ("at_ns", "verified", "problems")
     if not isinstance(found, dict) or not all(count(found.get(k)) for k in keys):
         return None
-    return {k: found[k] for k in (*keys, "damaged") if k in found}
+    kept = {k: found[k] for k in (*keys, "damaged") if k in found}
+    kept["found_total"] = found.get("found_total") if count(found.get("found_total")) else 0
+    return kept
 
 
 def write_small(dir_fd: int, name: str, figures: Mapping[str, object]) -> None:

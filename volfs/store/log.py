@@ -22,7 +22,8 @@ import errno
 import logging
 import os
 import struct
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from typing import NamedTuple
 
 import xxhash
@@ -206,6 +207,8 @@ class SegmentLog(SegmentReader):
         self.failed: OSError | None = None  #: the error of a failed flush (see `fail`)
         self.head = Position(0, 0)  #: where the next frame goes; set by ``start_appending``
         self.total = 0  #: bytes in all segment files; set by ``start_appending``
+        #: Told the seconds of each flush that synced anything (the worker's metrics).
+        self.on_flush: Callable[[float], None] | None = None
 
     def _fd_to_close(self) -> int:
         return next(s for s in self._fds if s != self.head.seg)
@@ -343,6 +346,9 @@ class SegmentLog(SegmentReader):
         """
         if self.failed is not None:
             raise OSError(errno.EIO, f"an earlier flush of the log failed ({self.failed})")
+        if not self._dirty and not self._dir_dirty:
+            return
+        started = time.perf_counter()
         try:
             for seg in sorted(self._dirty):
                 os.fdatasync(self._fd(seg))
@@ -351,6 +357,8 @@ class SegmentLog(SegmentReader):
         except OSError as exc:
             self.fail(exc)
             raise
+        if self.on_flush is not None:
+            self.on_flush(time.perf_counter() - started)
 
     def fail(self, exc: OSError) -> None:
         """Record that a flush failed: from now on every flush and sync fails.

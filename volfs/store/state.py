@@ -419,7 +419,6 @@ class VolumeState:
 
     def path_of(self, ino: int) -> str | None:
         """A path of inode *ino* from the volume's root, or None if no directory holds it.
-
         For log lines, not the hot path: a file's directory is found by searching every
         directory's entries (directories know their parent; files do not), about 30 ms per
         million entries; a file with several links gets one of its names."""
