@@ -22,6 +22,8 @@ from pathlib import Path
 
 import pytest
 
+from volfs.store import frame
+
 from helpers import as_nobody, needs_root
 
 PAGE = mmap.PAGESIZE
@@ -144,8 +146,18 @@ def test_write_drops_file_capabilities(mnt: Path, added_while_open: bool):
 
 
 def _log_end(store: Path) -> tuple[int, int]:
+    """Where the last segment's frames end (zeros a sync wrote ahead may follow them)."""
     last = max(store.glob("seg-*.log"))
-    return int(last.stem.removeprefix("seg-")), last.stat().st_size
+    content, pos = last.read_bytes(), 0
+    while pos < len(content):
+        header = content[pos : pos + frame.HEADER.size]
+        try:
+            meta_len, data_len, _ = frame.decode_header(header)
+            frame.decode_meta(header, content[pos + len(header) : pos + len(header) + meta_len])
+        except frame.FrameError:
+            break
+        pos += len(header) + meta_len + data_len
+    return int(last.stem.removeprefix("seg-")), pos
 
 
 def _durable_mark(store: Path) -> tuple[int, int]:

@@ -12,6 +12,7 @@ import time
 import pytest
 
 from volfs.errors import VolumeDamaged
+from volfs.store.log import PREFILL, segment_name
 from volfs.store.root import StoreRoot
 from volfs.store.state import ROOT_INO
 from volfs.store.volume import Volume
@@ -304,3 +305,60 @@ def test_path_of_names_files_and_directories_for_damage_lines(tmp_path):
         assert volume.path_of(f.ino) is None
     finally:
         volume.close(checkpoint=False)
+
+
+def _small_synced_writes(volume: Volume, count: int, name: bytes = b"db") -> list:
+    """A database's commits: a small write and a sync, *count* times; the log's head before
+    each write."""
+    inode = volume.new_inode(stat.S_IFREG | 0o644, 0, 0, 0, 1)
+    volume.create(volume.inodes[ROOT_INO], name, inode, 1)
+    heads = []
+    for i in range(count):
+        heads.append(volume.log.head)
+        volume.write(volume.inodes[inode.ino], i * 100, b"%099d\n" % i, i + 2)
+        volume.sync()
+    return heads
+
+
+def test_small_syncs_write_zeros_ahead_and_replay_stops_at_them(tmp_path, caplog):
+    """Small syncs in a row leave zeros written ahead of the log's head (`PREFILL`), so later
+    ones overwrite allocated blocks; a volume killed then replays every synced write, stops
+    at the zeros without calling them a torn tail, and goes on writing over them."""
+    root = StoreRoot(tmp_path / "store")
+    volume = root.open_volume("v")
+    _small_synced_writes(volume, 20)
+    head = volume.log.head
+    seg_file = tmp_path / "store" / "volumes" / "v" / segment_name(head.seg)
+    ahead = seg_file.read_bytes()[head.pos :]
+    assert len(ahead) >= PREFILL // 4 and ahead.count(0) == len(ahead)
+    expected = picture(volume)
+    volume.close(checkpoint=False)  # as a killed worker leaves it
+    caplog.set_level("WARNING", logger="volfs.store")
+    volume = root.open_volume("v")
+    try:
+        assert picture(volume) == expected
+        assert not caplog.records, [r.getMessage() for r in caplog.records]
+        _small_synced_writes(volume, 5, b"more")
+        expected = picture(volume)
+    finally:
+        volume.close(checkpoint=False)
+    volume = root.open_volume("v")
+    assert picture(volume) == expected
+    volume.close()
+
+
+def test_zeros_where_synced_frames_were_are_damage_not_the_end(tmp_path):
+    """Zeros from a synced frame on to the end of the last segment look like what a sync
+    writes ahead, but lie before the durable mark: the data was lost, so the volume is
+    reported damaged rather than cut back to before it."""
+    root = StoreRoot(tmp_path / "store")
+    volume = root.open_volume("v")
+    heads = _small_synced_writes(volume, 20)
+    volume.close(checkpoint=False)
+    seg_file = tmp_path / "store" / "volumes" / "v" / segment_name(heads[15].seg)
+    size = seg_file.stat().st_size
+    with open(seg_file, "r+b") as f:
+        f.seek(heads[15].pos)
+        f.write(bytes(size - heads[15].pos))
+    with pytest.raises(VolumeDamaged):
+        root.open_volume("v")
