@@ -23,7 +23,7 @@ from typing import Any
 
 import requestcount
 import workloads
-from targets import Target
+from targets import Target, Unsupported
 
 WORKLOADS = (
     "untar",
@@ -152,6 +152,8 @@ def group(target: Target, cfg: argparse.Namespace, wanted: set[str]) -> Samples:
     tree: SourceTree = cfg.source_tree
     root = target.path / TREE
     git_entries = 0
+    if wanted & TREE_WORKLOADS and tree.symlinks and not target.symlinks:
+        raise Unsupported(f"{target.name} cannot hold the tree's {tree.symlinks} symlinks")
     if wanted & TREE_WORKLOADS:
         if root.exists():
             run(["rm", "-rf", str(root)])  # a failed repeat's leftovers

@@ -60,7 +60,7 @@ def read(target: VolfsTarget) -> Reading:
 class Window:
     """The requests a volfs worker served between `start` and `stop`; nothing elsewhere."""
 
-    def __init__(self, target: Target) -> None:
+    def __init__(self, target: Target | None) -> None:
         self.target = target if isinstance(target, VolfsTarget) else None
         self.before: Reading | None = None
         self.after: Reading | None = None
@@ -103,7 +103,7 @@ class Window:
 
 
 @contextlib.contextmanager
-def counted(target: Target) -> Iterator[Window]:
+def counted(target: Target | None) -> Iterator[Window]:
     """Count the requests the body makes of *target* (volfs only; elsewhere a no-op)."""
     window = Window(target)
     window.start()

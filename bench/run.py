@@ -50,6 +50,7 @@ from targets import (
     RcloneTarget,
     Target,
     TargetMissing,
+    Unsupported,
     VolfsTarget,
     force_unmount,
     is_mounted,
@@ -124,6 +125,8 @@ SMOKE = {
     "scale_ops": 100,
 }
 
+#: fio's block sizes here, in bytes: an I/O is one block.
+BLOCK_BYTES = {"1M": MIB, "4k": 4096}
 DATA_FILE = "fio.dat"
 NOFSYNC_FILE = "fio-nofsync.dat"
 LISTDIR = "listdir"
@@ -144,8 +147,10 @@ def run_fio(
     end_fsync: bool = False,
     invalidate: bool = False,
     numjobs: int = 1,
+    target: Target | None = None,
 ) -> dict[str, Any]:
-    """One buffered psync fio job (numjobs>1: that many, reported as one); JSON record + argv."""
+    """One buffered psync fio job (numjobs>1: that many, reported as one); JSON record + argv,
+    and on a volfs *target* the requests per I/O it made (`requestcount`)."""
     out = logdir / f"fio-{name}.json"
     argv = [
         "fio",
@@ -175,13 +180,16 @@ def run_fio(
     if runtime is not None:
         argv += ["--time_based", f"--runtime={max(1, round(runtime * 1000))}ms"]
     logdir.mkdir(parents=True, exist_ok=True)
-    proc = subprocess.run(argv, capture_output=True, text=True, check=False)
+    with requestcount.counted(target) as window:
+        proc = subprocess.run(argv, capture_output=True, text=True, check=False)
     if proc.returncode != 0:
         raise RuntimeError(f"fio {name} exit {proc.returncode}: {proc.stderr.strip()[-500:]}")
     job = json.loads(out.read_text())["jobs"][0]
     if job.get("error"):
         raise RuntimeError(f"fio {name} error {job['error']}: {proc.stderr.strip()[-500:]}")
     job["argv"] = argv
+    moved = sum(job[d]["io_bytes"] for d in ("read", "write"))
+    job["requests"] = window.per(moved // BLOCK_BYTES[bs], "IO")
     return job
 
 
@@ -200,6 +208,7 @@ def fio_sample(job: dict[str, Any], direction: str, unit: str) -> dict[str, Any]
         "clat_p50_us": pct.get("50.000000", 0) / 1e3,
         "clat_p99_us": pct.get("99.000000", 0) / 1e3,
         "fio_argv": job["argv"],
+        "requests": job.get("requests"),
     }
 
 
@@ -214,23 +223,6 @@ def seq_sample(job: dict[str, Any], direction: str, size: int) -> dict[str, Any]
 Samples = Iterator[tuple[str, dict[str, Any]]]
 
 
-def counted_fio(
-    target: Target,
-    name: str,
-    filename: Path,
-    rw: str,
-    bs: str,
-    size: int,
-    logdir: Path,
-    **options: Any,
-) -> tuple[dict[str, Any], dict[str, Any] | None]:
-    """run_fio, with the requests per I/O it made of a volfs target (`requestcount`)."""
-    with requestcount.counted(target) as window:
-        job = run_fio(name, filename, rw, bs, size, logdir, **options)
-    moved = sum(job[d]["io_bytes"] for d in ("read", "write"))
-    return job, window.per(moved // (MIB if bs == "1M" else 4096), "IO")
-
-
 def fio_group(target: Target, cfg: argparse.Namespace, wanted: set[str]) -> Samples:
     """The fio workloads: two fresh sequential writes, then reads and rewrites of the second."""
     logdir = cfg.workdir / "logs"
@@ -240,20 +232,19 @@ def fio_group(target: Target, cfg: argparse.Namespace, wanted: set[str]) -> Samp
         scratch = target.path / NOFSYNC_FILE
         scratch.unlink(missing_ok=True)
         os.sync()
-        job, counts = counted_fio(target, "seqwrite_nofsync", scratch, "write", "1M", size,
-                                  logdir)  # fmt: skip
-        yield "seqwrite_nofsync", {**seq_sample(job, "write", size), "requests": counts}
+        job = run_fio("seqwrite_nofsync", scratch, "write", "1M", size, logdir, target=target)
+        yield "seqwrite_nofsync", seq_sample(job, "write", size)
         scratch.unlink()
     if wanted & {"seqwrite_fsync", *FILE_WORKLOADS}:
         # A fresh file each time, so every repeat allocates the same way; the sync
         # first keeps the previous write's writeback out of this one's time.
         data.unlink(missing_ok=True)
         os.sync()
-        job, counts = counted_fio(target, "seqwrite_fsync", data, "write", "1M", size, logdir,
-                                  end_fsync=True)  # fmt: skip
+        job = run_fio("seqwrite_fsync", data, "write", "1M", size, logdir, end_fsync=True,
+                      target=target)  # fmt: skip
         sample = seq_sample(job, "write", size)
         if "seqwrite_fsync" in wanted:
-            yield "seqwrite_fsync", {**sample, "requests": counts}
+            yield "seqwrite_fsync", sample
     if wanted & set(FILE_WORKLOADS) and (actual := data.stat().st_size) != size:
         # Otherwise fio silently extends a short file and the reads look fine.
         raise RuntimeError(f"{data} is {actual} bytes after writing {size}")
@@ -262,21 +253,19 @@ def fio_group(target: Target, cfg: argparse.Namespace, wanted: set[str]) -> Samp
         dropped = workloads.drop_caches()
         if (actual := data.stat().st_size) != size:
             raise RuntimeError(f"{data} is {actual} bytes after a remount, not {size}")
-        job, counts = counted_fio(target, "seqread_cold", data, "read", "1M", size, logdir,
-                                  invalidate=True)  # fmt: skip
-        yield "seqread_cold", {**seq_sample(job, "read", size), "caches_dropped": dropped,
-                               "requests": counts}  # fmt: skip
+        job = run_fio("seqread_cold", data, "read", "1M", size, logdir, invalidate=True,
+                      target=target)  # fmt: skip
+        yield "seqread_cold", {**seq_sample(job, "read", size), "caches_dropped": dropped}
     if "seqread_warm" in wanted:
         os.sync()
-        job, counts = counted_fio(target, "seqread_warm", data, "read", "1M", size, logdir)
-        yield "seqread_warm", {**seq_sample(job, "read", size), "requests": counts}
+        job = run_fio("seqread_warm", data, "read", "1M", size, logdir, target=target)
+        yield "seqread_warm", seq_sample(job, "read", size)
     for rw, name in (("randread", "randread4k"), ("randwrite", "randwrite4k")):
         for jobs, workload in ((1, name), (4, f"{name}_4jobs")):
             if workload not in wanted:
                 continue
             os.sync()
-            job, counts = counted_fio(
-                target,
+            job = run_fio(
                 workload,
                 data,
                 rw,
@@ -286,9 +275,9 @@ def fio_group(target: Target, cfg: argparse.Namespace, wanted: set[str]) -> Samp
                 runtime=cfg.runtime,
                 end_fsync=rw == "randwrite",
                 numjobs=jobs,
+                target=target,
             )
-            yield workload, {**fio_sample(job, rw[4:], "IOPS"), "numjobs": jobs,
-                             "requests": counts}  # fmt: skip
+            yield workload, {**fio_sample(job, rw[4:], "IOPS"), "numjobs": jobs}
     data.unlink(missing_ok=True)
 
 
@@ -642,6 +631,9 @@ def run_comparison(args: argparse.Namespace, report: dict[str, Any], made: list[
                     for workload, sample in group(target, args, wanted):
                         record_sample(report, rep, target.name, workload, sample)
                         done = workload
+                except Unsupported as exc:
+                    log(f"{target.name}: {'/'.join(names)} not run: {exc}")
+                    info.setdefault("unsupported", {}).update(dict.fromkeys(names, str(exc)))
                 except Exception as exc:  # a broken workload must not stop the others
                     reason = f"{type(exc).__name__}: {exc}"
                     log(f"{target.name}: {'/'.join(names)} failed after {done}: {reason}")
@@ -802,6 +794,8 @@ def main(argv: list[str] | None = None) -> int:
                 more = len(info.get("errors", [])) - 1
                 more_text = f" (and {more} more errors, see the JSON)" if more > 0 else ""
                 print(f"{name}: {info['status']}: {reason}{more_text}")
+            for reason in dict.fromkeys(info.get("unsupported", {}).values()):
+                print(f"{name}: not run: {reason}")
     if args.scale and "scale" in report:
         info = report["scale"]
         print()

@@ -34,6 +34,10 @@ class TargetMissing(Exception):
     """The target cannot be set up on this machine (not installed, mount refused)."""
 
 
+class Unsupported(Exception):
+    """A group of workloads cannot run on this target by its design: not run, not failed."""
+
+
 # --------------------------------------------------------------------------- mounts
 
 
@@ -155,6 +159,8 @@ class Target:
     """A directory to run workloads in, plus whatever it takes to provide it."""
 
     name = "?"
+    #: Whether the file system can hold symlinks.
+    symlinks = True
 
     def __init__(self, workdir: Path) -> None:
         self.workdir = workdir
@@ -480,6 +486,8 @@ class RcloneTarget(ChildMountTarget):
 
     name = "rclone"
     OPTIONS = ("--vfs-cache-mode", "writes")
+    # Its mount refuses them with EIO (1.60 has no --links for mounts).
+    symlinks = False
 
     def __init__(self, workdir: Path) -> None:
         super().__init__(workdir)
