@@ -152,8 +152,10 @@ def group(target: Target, cfg: argparse.Namespace, wanted: set[str]) -> Samples:
     tree: SourceTree = cfg.source_tree
     root = target.path / TREE
     git_entries = 0
-    if wanted & TREE_WORKLOADS and tree.symlinks and not target.symlinks:
-        raise Unsupported(f"{target.name} cannot hold the tree's {tree.symlinks} symlinks")
+    unsupported = []
+    if tree.symlinks and not target.symlinks:
+        unsupported = [w for w in WORKLOADS if w in wanted & TREE_WORKLOADS]
+        wanted = wanted - TREE_WORKLOADS
     if wanted & TREE_WORKLOADS:
         if root.exists():
             run(["rm", "-rf", str(root)])  # a failed repeat's leftovers
@@ -213,3 +215,6 @@ def group(target: Target, cfg: argparse.Namespace, wanted: set[str]) -> Samples:
         sample = timed(target, entries, "entry", lambda: run(["rm", "-rf", str(root)]))
         if "rm_rf" in wanted:
             yield "rm_rf", {"value": entries / sample["seconds"], "entries": entries, **sample}
+    if unsupported:
+        reason = f"{target.name} cannot hold the tree's {tree.symlinks} symlinks"
+        raise Unsupported(reason, unsupported)

@@ -632,8 +632,10 @@ def run_comparison(args: argparse.Namespace, report: dict[str, Any], made: list[
                         record_sample(report, rep, target.name, workload, sample)
                         done = workload
                 except Unsupported as exc:
-                    log(f"{target.name}: {'/'.join(names)} not run: {exc}")
-                    info.setdefault("unsupported", {}).update(dict.fromkeys(names, str(exc)))
+                    log(f"{target.name}: {'/'.join(exc.workloads)} not run: {exc}")
+                    info.setdefault("unsupported", {}).update(
+                        dict.fromkeys(exc.workloads, str(exc))
+                    )
                 except Exception as exc:  # a broken workload must not stop the others
                     reason = f"{type(exc).__name__}: {exc}"
                     log(f"{target.name}: {'/'.join(names)} failed after {done}: {reason}")

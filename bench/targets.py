@@ -35,7 +35,11 @@ class TargetMissing(Exception):
 
 
 class Unsupported(Exception):
-    """A group of workloads cannot run on this target by its design: not run, not failed."""
+    """Workloads that cannot run on this target by its design: not run, not failed."""
+
+    def __init__(self, reason: str, workloads: list[str]) -> None:
+        super().__init__(reason)
+        self.workloads = workloads
 
 
 # --------------------------------------------------------------------------- mounts
