@@ -16,7 +16,7 @@ import os
 import subprocess
 import tarfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -132,7 +132,7 @@ def git_env(cfg: argparse.Namespace) -> dict[str, str]:
     return dict(os.environ, HOME=str(home), GIT_CONFIG_NOSYSTEM="1", GIT_CONFIG_GLOBAL="/dev/null")
 
 
-def timed(target: Target, operations: int, unit: str, work: Any) -> dict[str, Any]:
+def timed(target: Target, operations: int, unit: str, work: Callable[[], object]) -> dict[str, Any]:
     """Time work(); with the requests it made of a volfs target per operation."""
     with requestcount.counted(target) as window:
         t0 = time.perf_counter()
