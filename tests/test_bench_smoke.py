@@ -178,3 +178,27 @@ def test_snapshots_bench_smoke(tmp_path):
         assert many[served]["after"]["daemon"]["VmRSS"] > 0
     assert len(many["served_with"]["take_s"]["samples"]) == 12
     assert "snapshot, unmounted ms" in done.stdout and "disk per snapshot" in done.stdout
+
+
+@needs_fio
+@pytest.mark.skipif(shutil.which("rclone") is None, reason="rclone is not installed")
+def test_bench_tree_steps_not_run_without_symlinks(tmp_path):
+    """rclone's mount holds no symlinks: on it the real-work tree steps are reported as not
+    run (the run still succeeds) and its SQLite steps still run."""
+    tree = tmp_path / "tree"
+    (tree / "sub").mkdir(parents=True)
+    (tree / "sub" / "a.py").write_text("print('a')\n")
+    (tree / "link.py").symlink_to("sub/a.py")
+    done, results = _bench(
+        tmp_path,
+        *("--targets", "native,rclone", "--workloads", "untar,sqlite_1row_wal,rm_rf"),
+        *("--tree", str(tree), "--scale", "none"),
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert results["realwork_tree"]["symlinks"] == 1 and results["realwork_tree"]["files"] == 1
+    rclone = results["targets"]["rclone"]
+    assert rclone["status"] == "ok" and set(rclone["unsupported"]) == {"untar", "rm_rf"}
+    ran = {(r["target"], r["workload"]) for r in results["runs"]}
+    assert ran == {("native", "untar"), ("native", "sqlite_1row_wal"), ("native", "rm_rf"),
+                   ("rclone", "sqlite_1row_wal")}  # fmt: skip
+    assert "rclone: not run: rclone cannot hold the tree's 1 symlinks" in done.stdout
