@@ -20,7 +20,7 @@ packages=(fuse3 libfuse3-dev pkg-config gcc python3-dev python3-venv)
 # brings dockerd, its own containerd and runc, and the /usr/bin/docker client the tests use)
 # and build their image from busybox-static; docker-compose is for the compose recipe.
 if [ "$mode" = dev ]; then
-    packages+=(fio bindfs rclone attr util-linux mount docker.io busybox-static docker-compose)
+    packages+=(fio bindfs rclone git attr util-linux mount docker.io busybox-static docker-compose)
 fi
 missing=()
 for p in "${packages[@]}"; do

@@ -38,15 +38,19 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import realwork
+import requestcount
 import scale
 import workloads
 from targets import (
     REPO_ROOT,
     TARGET_CLASSES,
+    JuicefsTarget,
     MountTarget,
     RcloneTarget,
     Target,
     TargetMissing,
+    Unsupported,
     VolfsTarget,
     force_unmount,
     is_mounted,
@@ -71,6 +75,7 @@ WORKLOADS = (
     "listdir_warm",
     "sqlite_rollback",
     "sqlite_wal",
+    *realwork.WORKLOADS,
 )
 UNITS = {
     "seqwrite_nofsync": "MB/s",
@@ -86,11 +91,12 @@ UNITS = {
     "listdir_warm": "entries/s",
     "sqlite_rollback": "txn/s",
     "sqlite_wal": "txn/s",
+    **realwork.UNITS,
 }
 FIO_WORKLOADS = WORKLOADS[:8]
 # Workloads that need the SIZE test file to exist; they run after seqwrite_fsync made it.
 FILE_WORKLOADS = FIO_WORKLOADS[2:]
-ALL_TARGETS = ("native", "volfs", "bindfs", "rclone")
+ALL_TARGETS = ("native", "volfs", "bindfs", "rclone", "juicefs")
 
 DEFAULTS = {
     "size": 1024 * MIB,
@@ -100,6 +106,8 @@ DEFAULTS = {
     "entries": 100_000,
     "txns": 200,
     "rows": 50,
+    "one_row_txns": 1000,
+    "tree": list(realwork.DEFAULT_SOURCES),
     "scale": [10_000, 100_000, 1_000_000],
     "scale_ops": 10_000,
 }
@@ -111,10 +119,14 @@ SMOKE = {
     "entries": 500,
     "txns": 5,
     "rows": 50,
+    "one_row_txns": 5,
+    "tree": list(realwork.SMOKE_SOURCES),
     "scale": [300, 1000],
     "scale_ops": 100,
 }
 
+#: fio's block sizes here, in bytes: an I/O is one block.
+BLOCK_BYTES = {"1M": MIB, "4k": 4096}
 DATA_FILE = "fio.dat"
 NOFSYNC_FILE = "fio-nofsync.dat"
 LISTDIR = "listdir"
@@ -135,8 +147,10 @@ def run_fio(
     end_fsync: bool = False,
     invalidate: bool = False,
     numjobs: int = 1,
+    target: Target | None = None,
 ) -> dict[str, Any]:
-    """One buffered psync fio job (numjobs>1: that many, reported as one); JSON record + argv."""
+    """One buffered psync fio job (numjobs>1: that many, reported as one); JSON record + argv,
+    and on a volfs *target* the requests per I/O it made (`requestcount`)."""
     out = logdir / f"fio-{name}.json"
     argv = [
         "fio",
@@ -166,13 +180,16 @@ def run_fio(
     if runtime is not None:
         argv += ["--time_based", f"--runtime={max(1, round(runtime * 1000))}ms"]
     logdir.mkdir(parents=True, exist_ok=True)
-    proc = subprocess.run(argv, capture_output=True, text=True, check=False)
+    with requestcount.counted(target) as window:
+        proc = subprocess.run(argv, capture_output=True, text=True, check=False)
     if proc.returncode != 0:
         raise RuntimeError(f"fio {name} exit {proc.returncode}: {proc.stderr.strip()[-500:]}")
     job = json.loads(out.read_text())["jobs"][0]
     if job.get("error"):
         raise RuntimeError(f"fio {name} error {job['error']}: {proc.stderr.strip()[-500:]}")
     job["argv"] = argv
+    moved = sum(job[d]["io_bytes"] for d in ("read", "write"))
+    job["requests"] = window.per(moved // BLOCK_BYTES[bs], "IO")
     return job
 
 
@@ -191,6 +208,7 @@ def fio_sample(job: dict[str, Any], direction: str, unit: str) -> dict[str, Any]
         "clat_p50_us": pct.get("50.000000", 0) / 1e3,
         "clat_p99_us": pct.get("99.000000", 0) / 1e3,
         "fio_argv": job["argv"],
+        "requests": job.get("requests"),
     }
 
 
@@ -214,7 +232,7 @@ def fio_group(target: Target, cfg: argparse.Namespace, wanted: set[str]) -> Samp
         scratch = target.path / NOFSYNC_FILE
         scratch.unlink(missing_ok=True)
         os.sync()
-        job = run_fio("seqwrite_nofsync", scratch, "write", "1M", size, logdir)
+        job = run_fio("seqwrite_nofsync", scratch, "write", "1M", size, logdir, target=target)
         yield "seqwrite_nofsync", seq_sample(job, "write", size)
         scratch.unlink()
     if wanted & {"seqwrite_fsync", *FILE_WORKLOADS}:
@@ -222,7 +240,8 @@ def fio_group(target: Target, cfg: argparse.Namespace, wanted: set[str]) -> Samp
         # first keeps the previous write's writeback out of this one's time.
         data.unlink(missing_ok=True)
         os.sync()
-        job = run_fio("seqwrite_fsync", data, "write", "1M", size, logdir, end_fsync=True)
+        job = run_fio("seqwrite_fsync", data, "write", "1M", size, logdir, end_fsync=True,
+                      target=target)  # fmt: skip
         sample = seq_sample(job, "write", size)
         if "seqwrite_fsync" in wanted:
             yield "seqwrite_fsync", sample
@@ -234,11 +253,12 @@ def fio_group(target: Target, cfg: argparse.Namespace, wanted: set[str]) -> Samp
         dropped = workloads.drop_caches()
         if (actual := data.stat().st_size) != size:
             raise RuntimeError(f"{data} is {actual} bytes after a remount, not {size}")
-        job = run_fio("seqread_cold", data, "read", "1M", size, logdir, invalidate=True)
+        job = run_fio("seqread_cold", data, "read", "1M", size, logdir, invalidate=True,
+                      target=target)  # fmt: skip
         yield "seqread_cold", {**seq_sample(job, "read", size), "caches_dropped": dropped}
     if "seqread_warm" in wanted:
         os.sync()
-        job = run_fio("seqread_warm", data, "read", "1M", size, logdir)
+        job = run_fio("seqread_warm", data, "read", "1M", size, logdir, target=target)
         yield "seqread_warm", seq_sample(job, "read", size)
     for rw, name in (("randread", "randread4k"), ("randwrite", "randwrite4k")):
         for jobs, workload in ((1, name), (4, f"{name}_4jobs")):
@@ -255,6 +275,7 @@ def fio_group(target: Target, cfg: argparse.Namespace, wanted: set[str]) -> Samp
                 runtime=cfg.runtime,
                 end_fsync=rw == "randwrite",
                 numjobs=jobs,
+                target=target,
             )
             yield workload, {**fio_sample(job, rw[4:], "IOPS"), "numjobs": jobs}
     data.unlink(missing_ok=True)
@@ -262,7 +283,9 @@ def fio_group(target: Target, cfg: argparse.Namespace, wanted: set[str]) -> Samp
 
 def smallfiles_group(target: Target, cfg: argparse.Namespace, wanted: set[str]) -> Samples:
     os.sync()
-    yield "smallfiles", workloads.smallfiles(target.path / "smallfiles", cfg.files)
+    with requestcount.counted(target) as window:
+        sample = workloads.smallfiles(target.path / "smallfiles", cfg.files)
+    yield "smallfiles", {**sample, "requests": window.per(cfg.files, "file")}
 
 
 def prepare_listdir(target: Target, cfg: argparse.Namespace) -> dict[str, Any]:
@@ -282,10 +305,14 @@ def listdir_group(target: Target, cfg: argparse.Namespace, wanted: set[str]) -> 
     if "listdir_cold" in wanted:
         target.refresh()
         dropped = workloads.drop_caches()
-        sample = workloads.listdir(directory, cfg.entries)
-        yield "listdir_cold", {**sample, "caches_dropped": dropped}
+        with requestcount.counted(target) as window:
+            sample = workloads.listdir(directory, cfg.entries)
+        yield "listdir_cold", {**sample, "caches_dropped": dropped,
+                               "requests": window.per(cfg.entries, "entry")}  # fmt: skip
     if "listdir_warm" in wanted:
-        yield "listdir_warm", workloads.listdir(directory, cfg.entries)
+        with requestcount.counted(target) as window:
+            sample = workloads.listdir(directory, cfg.entries)
+        yield "listdir_warm", {**sample, "requests": window.per(cfg.entries, "entry")}
 
 
 def sqlite_group(target: Target, cfg: argparse.Namespace, wanted: set[str]) -> Samples:
@@ -293,7 +320,9 @@ def sqlite_group(target: Target, cfg: argparse.Namespace, wanted: set[str]) -> S
         if workload in wanted:
             os.sync()
             db = target.path / f"bench-{mode}.db"
-            yield workload, workloads.sqlite_inserts(db, mode, cfg.txns, cfg.rows)
+            with requestcount.counted(target) as window:
+                sample = workloads.sqlite_inserts(db, mode, cfg.txns, cfg.rows)
+            yield workload, {**sample, "requests": window.per(cfg.txns, "txn")}
 
 
 # Independent groups: one failing does not keep the next from running.
@@ -302,6 +331,7 @@ GROUPS = (
     (("smallfiles",), smallfiles_group),
     (("listdir_cold", "listdir_warm"), listdir_group),
     (("sqlite_rollback", "sqlite_wal"), sqlite_group),
+    (realwork.WORKLOADS, realwork.group),
 )
 
 
@@ -361,6 +391,9 @@ def machine_facts(workdir: Path) -> dict[str, Any]:
         "fio": capture(["fio", "--version"]),
         "bindfs": capture(["bindfs", "--version"]),
         "rclone": capture(["rclone", "version"]),
+        "juicefs": capture([str(JuicefsTarget.VENV / "bin" / "juicefs"), "version"]),
+        "git": capture(["git", "--version"]),
+        "tar": capture(["tar", "--version"]),
         "sqlite": sqlite3.sqlite_version,
         "git_commit": capture(["git", "-C", str(REPO_ROOT), "rev-parse", "HEAD"]),
         "workdir": str(workdir),
@@ -471,6 +504,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--txns", type=int, help="SQLite transactions per run (default 200)")
     p.add_argument("--rows", type=int, help="rows per SQLite transaction (default 50)")
     p.add_argument(
+        "--one-row-txns", type=int, help="one-row SQLite transactions of real work (default 1000)"
+    )
+    p.add_argument(
+        "--tree",
+        type=lambda text: [s.strip() for s in text.split(",") if s.strip()],
+        help="directories (comma-separated) whose tarball the real-work group untars "
+        f"(default {','.join(realwork.DEFAULT_SOURCES)}; __pycache__ left out)",
+    )
+    p.add_argument(
         "--scale",
         type=count_list,
         help="volfs volume sizes in files for the scale table (default 10k,100k,1M; none skips)",
@@ -491,10 +533,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     for key, value in preset.items():
         if getattr(args, key) is None:
             setattr(args, key, value)
-    counts = (args.repeats, args.files, args.entries, args.txns, args.rows, args.scale_ops)
+    counts = (args.repeats, args.files, args.entries, args.txns, args.rows, args.scale_ops,
+              args.one_row_txns)  # fmt: skip
     if min(counts) < 1 or args.runtime <= 0 or args.workers < 1:
-        p.error("--repeats, --runtime, --files, --entries, --txns, --rows, --scale-ops and "
-                "--workers must be positive")  # fmt: skip
+        p.error("--repeats, --runtime, --files, --entries, --txns, --rows, --scale-ops, "
+                "--one-row-txns and --workers must be positive")  # fmt: skip
+    names = [Path(t).name for t in args.tree]
+    if set(realwork.WORKLOADS) & set(args.workloads) and (
+        not args.tree or len(set(names)) != len(names) or not all(map(os.path.isdir, args.tree))
+    ):
+        p.error(f"--tree {','.join(args.tree)}: give existing directories with different names")
     if "native" not in args.targets:
         # Ratios are the point; a run without its own baseline cannot produce them.
         args.targets.insert(0, "native")
@@ -523,7 +571,7 @@ def log(msg: str) -> None:
 
 def record_sample(report: dict[str, Any], rep: int, target: str, workload: str, sample: dict):
     unit = UNITS[workload]
-    log(f"[{rep + 1}/{report['config']['repeats']}] {target:<6} {workload:<17} "
+    log(f"[{rep + 1}/{report['config']['repeats']}] {target:<7} {workload:<20} "
         f"{sample['value']:12.1f} {unit}")  # fmt: skip
     report["runs"].append(
         {"repeat": rep, "target": target, "workload": workload, "unit": unit, **sample}
@@ -545,6 +593,8 @@ def run_comparison(args: argparse.Namespace, report: dict[str, Any], made: list[
             continue
         live.append(target)
         report["targets"][name] = {"status": "ok", "path": str(target.path)}
+        if isinstance(target, JuicefsTarget):  # its venv may be new since machine_facts
+            report["machine"]["juicefs"] = capture([str(target.binary()), "version"])
     native = made[0]
 
     unprepared: dict[str, str] = {}
@@ -555,6 +605,11 @@ def run_comparison(args: argparse.Namespace, report: dict[str, Any], made: list[
                 report["targets"][target.name]["listdir_setup"] = prepare_listdir(target, args)
             except Exception as exc:
                 unprepared[target.name] = f"creating the directory failed: {exc}"
+
+    if set(realwork.WORKLOADS) & set(args.workloads):
+        log(f"making the source tree from {', '.join(args.tree)}")
+        args.source_tree = realwork.make_tree(args.workdir, args.tree)
+        report["realwork_tree"] = realwork.describe(args.source_tree)
 
     log(f"warming up the disk with {args.size // MIB} MiB in {native.path}")
     report["warmup_s"] = warm_up_disk(native.path, args)
@@ -576,6 +631,11 @@ def run_comparison(args: argparse.Namespace, report: dict[str, Any], made: list[
                     for workload, sample in group(target, args, wanted):
                         record_sample(report, rep, target.name, workload, sample)
                         done = workload
+                except Unsupported as exc:
+                    log(f"{target.name}: {'/'.join(exc.workloads)} not run: {exc}")
+                    info.setdefault("unsupported", {}).update(
+                        dict.fromkeys(exc.workloads, str(exc))
+                    )
                 except Exception as exc:  # a broken workload must not stop the others
                     reason = f"{type(exc).__name__}: {exc}"
                     log(f"{target.name}: {'/'.join(names)} failed after {done}: {reason}")
@@ -628,8 +688,9 @@ def run_scale_part(args: argparse.Namespace, report: dict[str, Any], made: list[
 
 
 SCRATCH = ("native", "store", "store-scale", "run-store", "run-store-scale", "bindfs-src",
-           "rclone-src", "rclone-cache", "rclone.conf", "mnt-volfs", "mnt-bindfs",
-           "mnt-rclone", "mnt-scale", "logs")  # fmt: skip
+           "rclone-src", "rclone-cache", "rclone.conf", "juicefs-data", "mnt-volfs",
+           "mnt-bindfs", "mnt-rclone", "mnt-juicefs", "mnt-scale", realwork.TARBALL,
+           "git-home", "logs")  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -658,6 +719,8 @@ def main(argv: list[str] | None = None) -> int:
             "entries": args.entries,
             "sqlite_transactions": args.txns,
             "sqlite_rows_per_transaction": args.rows,
+            "sqlite_one_row_transactions": args.one_row_txns,
+            "tree_sources": args.tree,
             "scale_sizes": args.scale,
             "scale_ops": args.scale_ops,
             "workers": args.workers,
@@ -717,11 +780,15 @@ def main(argv: list[str] | None = None) -> int:
 
             report["finished"] = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
             report["summary"] = summarize(report["runs"], args.workloads, args.targets)
+            report["requests"] = requestcount.summarize(report["runs"])
             args.json.parent.mkdir(parents=True, exist_ok=True)
             args.json.write_text(json.dumps(report, indent=2) + "\n")
 
     if args.workloads:
         print(format_table(report["summary"]) if report["summary"] else "no results")
+        if report["requests"]:
+            print()
+            print(requestcount.format_summary(report["requests"]))
         for name in args.targets:
             info = report["targets"].get(name, {"status": "not run", "reason": "interrupted"})
             if info["status"] != "ok":
@@ -729,6 +796,8 @@ def main(argv: list[str] | None = None) -> int:
                 more = len(info.get("errors", [])) - 1
                 more_text = f" (and {more} more errors, see the JSON)" if more > 0 else ""
                 print(f"{name}: {info['status']}: {reason}{more_text}")
+            for reason in dict.fromkeys(info.get("unsupported", {}).values()):
+                print(f"{name}: not run: {reason}")
     if args.scale and "scale" in report:
         info = report["scale"]
         print()

