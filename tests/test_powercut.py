@@ -361,6 +361,50 @@ def test_volfsd_fsck_process_on_power_cut_images(tmp_path):
         assert "0 problem(s)" in done.stdout
 
 
+def test_a_synchronous_write_is_durable_when_it_returns(tmp_path):
+    """A write whose request carries O_DSYNC (an O_DSYNC or O_SYNC descriptor, RWF_DSYNC)
+    is durable when `write` returns, with no fsync after it: on the direct-I/O path the
+    kernel sends none (pyfuse3 patch 0002 hands `write` the flags)."""
+    import trio
+
+    from volfs.fsops import VolumeOperations
+    from volfs.localmodel import LocalModel
+
+    class Caller:
+        uid = gid = 0
+        pid = 1
+        umask = 0o022
+
+    top = tmp_path / "rec"
+    store = StoreRoot(top)
+    store.create_volume(NAME, segment_size=SEGMENT)
+    blocks = [(os.O_DSYNC, b"1"), (os.O_SYNC, b"2"), (0, b"3")]
+    with Recorder(top) as rec:
+        volume = store.open_volume(NAME, create=False)
+        ops = VolumeOperations(LocalModel(volume))
+        try:
+            info, _ = trio.run(ops.create, ROOT_INO, b"f", 0o644, os.O_WRONLY, Caller())
+            trio.run(ops.fsync, info.fh, False)  # the file's name is durable
+            returned = []
+            for i, (flags, byte) in enumerate(blocks):
+                trio.run(ops.write, info.fh, i * 4096, byte * 4096, flags)
+                returned.append(len(rec.events))
+            trio.run(ops.release, info.fh)
+        finally:
+            volume.close(checkpoint=False)
+    rec.check_complete()
+    rng = random.Random(3)
+    cuts = returned[:2]  # right after each synchronous write returned, nothing more on disk
+    for n, (_cut, _mode, image) in enumerate(rec.images(cuts, [Mode.NONE] * 2, rng)):
+        image.write_to(tmp_path / f"img{n}")
+        again = StoreRoot(tmp_path / f"img{n}").open_volume(NAME, create=False)
+        try:
+            inode = again.inodes[again.inodes[ROOT_INO].entries[b"f"]]
+            assert again.read(inode, 0, 1 << 20) == b"".join(b * 4096 for _, b in blocks[: n + 1])
+        finally:
+            again.close(checkpoint=False)
+
+
 # -- through the kernel ------------------------------------------------------------------------
 
 
