@@ -292,11 +292,12 @@ class VolumeOperations(pyfuse3.Operations):
         fh = self._new_handle()
         self._files[fh] = inode
         inode.opens += 1
-        # Not direct_io, even for write-only handles, though it would spare the
+        # Not direct_io (yet), even for write-only handles, though it would spare the
         # getxattr(security.capability) the kernel sends before each write through the page
         # cache: a direct write of an O_SYNC/O_DSYNC descriptor or with RWF_SYNC/RWF_DSYNC
-        # gets no fsync from the kernel (the flag rides in the WRITE request, which pyfuse3
-        # does not pass to `write`), so it would return before the bytes are durable.
+        # gets no fsync from the kernel.  With the patched pyfuse3 `write` sees the flag and
+        # syncs itself, so direct_io would keep that promise there; on the plain release it
+        # would not, and its cost on reads and the page cache is still to be measured.
         return FileInfo(fh=fh, keep_cache=True)
 
     @_errno_guard
