@@ -257,6 +257,32 @@ def test_power_cut_right_after_each_sync_keeps_it(tmp_path, seed):
     print(f"seed {seed}: {checker.summary()}")
 
 
+#: The usual workload with holes punched and ranges allocated (fallocate) among it.
+HOLES = {**Work.STEPS, "punch": 8, "allocate": 5}
+
+
+@pytest.mark.parametrize("seed", [21])
+def test_power_cut_with_holes_punched_and_allocated(tmp_path, seed):
+    """fallocate's frames (a punch: truncate, extents mapped again, size back; an
+    allocation: the size, then zeros) are whole or absent after a cut, and replay to the
+    state the served volume had."""
+    store = StoreRoot(tmp_path / "rec")
+    store.create_volume(NAME, segment_size=SEGMENT)
+    rng = random.Random(seed)
+    with Recorder(tmp_path / "rec") as rec:
+        work = Work(rec, store, NAME, store.open_volume(NAME, create=False), rng, {})
+        try:
+            work.run(110, HOLES)
+        finally:
+            work.volume.close(checkpoint=False)
+    rec.check_complete()
+    session = Session(rec, work.pictures, work)
+    with Checker(tmp_path) as checker:
+        checker.run(session, checker.cut_points(session, 30, rng), rng, nest_every=4)
+    print(f"seed {seed}: {session.work.stats()}; {checker.summary()}")
+    assert checker.cuts >= 30
+
+
 COMPACTING = {"write": 10, "rewrite": 10, "create": 3, "unlink": 2, "sync": 3, "compact": 4}
 
 

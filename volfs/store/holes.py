@@ -7,7 +7,8 @@ and a store written this way is read by any volfs of its format:
   frame per hole piece, a piece within one chunk): a hole has no bytes in the log, so the
   zeros are what holds the space and counts against the volume's size.  The whole range is
   checked against the size first, so a range that does not fit is refused (`NoSpace`) with
-  nothing written.
+  nothing written.  A file that grows gets its new size (and times) in a first frame, so
+  what a user sees changes at once (only the blocks held grow after it, piece by piece).
 * **Punching** is one frame of three records: an INODE record that truncates the file at the
   start of the hole, an EXTENTS record that maps again every extent (or piece of one) past
   its end, to the same log data, and an INODE record that gives the file back its size, with
@@ -65,6 +66,10 @@ def allocate(volume: Volume, inode: Inode, offset: int, length: int, keep_size: 
         charge += end - max(offset, inode.size)
     if charge and volume.quota and volume.used_by_files + charge > volume.quota:
         raise NoSpace(errno.ENOSPC, f"volume {volume.name} is full")
+    if not keep_size and end > inode.size:
+        # The size and times first, in one frame: the pieces after it change nothing a user
+        # sees (their mtime is the same), so the allocation shows whole or not at all.
+        volume.commit([inode.record(size=end, mtime_ns=now_ns, ctime_ns=now_ns)])
     for pos, n in pieces:
         volume.write(inode, pos, _ZEROS[:n], now_ns)
 
