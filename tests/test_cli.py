@@ -175,7 +175,6 @@ def test_version(store_root):
     import importlib.metadata
 
     import volfs
-
     from volfs import pyfuse3_build
 
     done = volfsd("--version", root=store_root)

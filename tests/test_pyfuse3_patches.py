@@ -9,8 +9,11 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import fcntl
 import hashlib
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -18,7 +21,7 @@ import trio
 
 from volfs import pyfuse3_build, requests, workerctl
 
-from helpers import volfsd
+from helpers import volfsd, wait_until
 
 SERIES = Path(__file__).resolve().parent.parent / "patches" / "pyfuse3"
 MIB = 1024 * 1024
@@ -59,12 +62,15 @@ def test_version_names_the_series_this_checkout_carries(tmp_path):
 @needs("capabilities", "0001")
 def test_capabilities_are_chosen_at_init(host, tmp_path):
     host.cli("mount", "v", str(tmp_path / "m"))
+    os.stat(tmp_path / "m")  # answered only after the kernel's INIT: the capabilities are set
     caps = worker(host, "v", requests.WorkerStatusRequest())["fuse_capabilities"]
     auto_inval = pyfuse3_build.capability("AUTO_INVAL_DATA")
     symlinks = pyfuse3_build.capability("CACHE_SYMLINKS")
     assert caps["offered"] & auto_inval, "the kernel offers AUTO_INVAL_DATA"
     assert not caps["granted"] & auto_inval, "volfs clears it"
     assert caps["granted"] & symlinks == caps["offered"] & symlinks, "and asks for symlinks"
+    locks = pyfuse3_build.capability("POSIX_LOCKS") | pyfuse3_build.capability("FLOCK_LOCKS")
+    assert not caps["granted"] & locks, "locks stay the kernel's until volfs asks (0005)"
     host.cli("umount", str(tmp_path / "m"))
 
 
@@ -192,3 +198,123 @@ def test_seek_data_and_seek_hole_follow_the_chunk_map(mnt):
             assert os.lseek(fd, 0, os.SEEK_DATA) == 3 * MIB
     finally:
         os.close(fd)
+
+
+# -- 0005: lock handlers, through tests/lockfs.py (volfs does not take locks over yet) --------
+
+LOCKFS = Path(__file__).resolve().parent / "lockfs.py"
+#: A process that waits for the lock on FILE and says what happened: interrupted by an alarm
+#: after 1 s when asked (an exception from the handler ends the wait: EINTR), then granted.
+WAITER = """
+import fcntl, os, signal, sys
+fd = os.open(sys.argv[1], os.O_RDWR)
+class Alarm(Exception): pass
+def ring(*_): raise Alarm()
+if sys.argv[2] == "interrupt":
+    signal.signal(signal.SIGALRM, ring)
+    signal.alarm(1)
+    try:
+        fcntl.lockf(fd, fcntl.LOCK_EX)
+        print("granted while held", flush=True)
+    except Alarm:
+        print("interrupted", flush=True)
+fcntl.lockf(fd, fcntl.LOCK_EX)
+print("granted", flush=True)
+"""
+
+
+@pytest.fixture
+def lockfs(tmp_path):
+    """tests/lockfs.py mounted at a path of the test's own; unmounted and ended after."""
+    mnt = tmp_path / "lockfs"
+    mnt.mkdir()
+    proc = subprocess.Popen([sys.executable, str(LOCKFS), str(mnt)], stdout=subprocess.PIPE)
+    try:
+        assert proc.stdout is not None and proc.stdout.readline() == b"ready\n"
+        yield mnt
+    finally:
+        subprocess.run(["fusermount3", "-u", str(mnt)], capture_output=True)
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def table(mnt: Path) -> list[list[str]]:
+    return [line.split() for line in (mnt / "locks").read_text().splitlines()]
+
+
+@needs("locks", "0005")
+def test_posix_locks_reach_the_file_system(lockfs):
+    fd = os.open(lockfs / "f", os.O_RDWR)
+    try:
+        fcntl.lockf(fd, fcntl.LOCK_EX, 10, 100)  # 10 bytes at 100
+        assert [row[0] for row in table(lockfs)] == ["posix"], "the handler took the lock"
+        probe = subprocess.run(
+            [sys.executable, "-c", PROBE, str(lockfs / "f")], capture_output=True, text=True
+        )
+        assert probe.stdout.split() == ["EAGAIN", str(fcntl.F_WRLCK), "100", "10", str(os.getpid())]
+    finally:
+        os.close(fd)
+    assert table(lockfs) == [], "a close drops its owner's locks (release_locks at FLUSH)"
+
+
+PROBE = """
+import errno, fcntl, os, struct, sys
+fd = os.open(sys.argv[1], os.O_RDWR)
+try:
+    fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB, 0, 0)
+except OSError as exc:
+    print(errno.errorcode[exc.errno])
+held = fcntl.fcntl(fd, fcntl.F_GETLK, struct.pack("hhqqi", fcntl.F_WRLCK, 0, 105, 1, 0))
+kind, _, start, length, pid = struct.unpack("hhqqi", held)
+print(kind, start, length, pid)
+"""
+
+
+@needs("locks", "0005")
+def test_a_waiting_setlkw_leaves_the_file_system_serving_and_can_be_interrupted(lockfs):
+    fd = os.open(lockfs / "f", os.O_RDWR)
+    waiter = subprocess.Popen(
+        [sys.executable, "-c", WAITER, str(lockfs / "f"), "interrupt"],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        fcntl.lockf(fd, fcntl.LOCK_EX)
+        assert waiter.stdout is not None
+        wait_until(lambda: ["waiting"] in [row[:1] for row in table(lockfs)], "the waiter waiting")
+        # One reading task (max_tasks=1), and it still answers while the waiter waits.
+        assert os.stat(lockfs / "f").st_size == 0
+        assert waiter.stdout.readline() == "interrupted\n", "the alarm ends the wait: EINTR"
+        wait_until(lambda: ["waiting"] in [row[:1] for row in table(lockfs)], "the waiter again")
+        os.close(fd)  # releases the lock: the waiter gets it
+        fd = -1
+        assert waiter.stdout.readline() == "granted\n"
+        assert waiter.wait(10) == 0
+    finally:
+        if fd >= 0:
+            os.close(fd)
+        if waiter.poll() is None:
+            waiter.kill()
+            waiter.wait()
+    assert table(lockfs) == []
+
+
+@needs("locks", "0005")
+def test_flock_reaches_the_file_system(lockfs):
+    first, second = os.open(lockfs / "f", os.O_RDWR), os.open(lockfs / "f", os.O_RDWR)
+    try:
+        fcntl.flock(first, fcntl.LOCK_EX)
+        assert [row[0] for row in table(lockfs)] == ["flock"]
+        with pytest.raises(BlockingIOError):
+            fcntl.flock(second, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        os.close(first)  # the last close of that open file drops its flock lock
+        first = -1
+        assert table(lockfs) == []
+        fcntl.flock(second, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    finally:
+        for fd in (first, second):
+            if fd >= 0:
+                os.close(fd)
