@@ -62,15 +62,18 @@ class Session:
         return self.rec.durable_state(cut), self.rec.begun_state(cut)
 
 
-def record(top: Path, seed: int, steps: int, name: str = NAME) -> Session:
-    """Create a volume under *top* and record a random workload on it."""
+def record(
+    top: Path, seed: int, steps: int, name: str = NAME, weights: dict[str, int] | None = None
+) -> Session:
+    """Create a volume under *top* and record a random workload on it (`Work.STEPS`, or
+    *weights*)."""
     store = StoreRoot(top)
     store.create_volume(name, segment_size=SEGMENT)
     rng = random.Random(seed)
     with Recorder(top) as rec:
         work = Work(rec, store, name, store.open_volume(name, create=False), rng, {})
         try:
-            work.run(steps)
+            work.run(steps, weights)
         finally:
             work.volume.close(checkpoint=False)
     rec.check_complete()
@@ -266,17 +269,8 @@ def test_power_cut_with_holes_punched_and_allocated(tmp_path, seed):
     """fallocate's frames (a punch: truncate, extents mapped again, size back; an
     allocation: the size, then zeros) are whole or absent after a cut, and replay to the
     state the served volume had."""
-    store = StoreRoot(tmp_path / "rec")
-    store.create_volume(NAME, segment_size=SEGMENT)
+    session = record(tmp_path / "rec", seed, 110, weights=HOLES)
     rng = random.Random(seed)
-    with Recorder(tmp_path / "rec") as rec:
-        work = Work(rec, store, NAME, store.open_volume(NAME, create=False), rng, {})
-        try:
-            work.run(110, HOLES)
-        finally:
-            work.volume.close(checkpoint=False)
-    rec.check_complete()
-    session = Session(rec, work.pictures, work)
     with Checker(tmp_path) as checker:
         checker.run(session, checker.cut_points(session, 30, rng), rng, nest_every=4)
     print(f"seed {seed}: {session.work.stats()}; {checker.summary()}")
