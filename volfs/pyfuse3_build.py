@@ -66,7 +66,7 @@ def describe() -> str:
     patched = series()
     release = version().split("+", 1)[0]
     if patched is None:
-        return f"pyfuse3 {release}, unpatched (no fallocate, SEEK_HOLE or capability choice)"
+        return f"pyfuse3 {release}, unpatched (its patches' features off)"
     return f"pyfuse3 {release}, patched (volfs series {patched})"
 
 
