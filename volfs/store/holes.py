@@ -21,10 +21,8 @@ and a store written this way is read by any volfs of its format:
 
 from __future__ import annotations
 
-import errno
 from typing import TYPE_CHECKING
 
-from volfs.errors import NoSpace
 from volfs.store.extents import ExtentMap
 from volfs.store.records import ExtentsRecord, StoredExtent
 from volfs.store.state import EXTENT_COST, Inode
@@ -64,8 +62,7 @@ def allocate(volume: Volume, inode: Inode, offset: int, length: int, keep_size: 
     charge = sum(n for _, n in pieces) + EXTENT_COST * len(pieces)
     if keep_size and end > max(offset, inode.size):
         charge += end - max(offset, inode.size)
-    if charge and volume.quota and volume.used_by_files + charge > volume.quota:
-        raise NoSpace(errno.ENOSPC, f"volume {volume.name} is full")
+    volume.space.check_room(charge)  # all of it, before the first frame
     if not keep_size and end > inode.size:
         # The size and times first, in one frame: the pieces after it change nothing a user
         # sees (their mtime is the same), so the allocation shows whole or not at all.
