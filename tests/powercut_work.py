@@ -22,7 +22,7 @@ from pyfuse3 import FUSEError
 
 from volfs.localmodel import LocalModel
 from volfs.model import Node, VolumeView
-from volfs.posix import RENAME_EXCHANGE, PosixRules
+from volfs.posix import FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, RENAME_EXCHANGE, PosixRules
 from volfs.store.root import StoreRoot
 from volfs.store.state import ROOT_INO, Inode
 from volfs.store.volume import Volume
@@ -281,6 +281,39 @@ class Work:
         size = self.rng.choice([0, len(old) // 2, self.rng.randrange(len(old) + 10_000)])
         new = old[:size] + bytes(max(0, size - len(old)))
         self._change(lambda view: self._truncate(view, inode, size, new))
+
+    def _fallocate(
+        self, view: VolumeView, inode: Inode, mode: int, offset: int, length: int, new: bytes
+    ) -> None:
+        self.rules.fallocate(view, inode, mode, offset, length)
+        self._set_content(inode.ino, new)
+
+    def punch(self) -> None:
+        """A hole punched (fallocate PUNCH_HOLE|KEEP_SIZE): one frame of three records."""
+        files = [f for f in self._files() if self.contents[f.ino]]
+        if not files:
+            return self.write()
+        inode = self.rng.choice(files)
+        old = self.contents[inode.ino]
+        offset = self.rng.randrange(len(old))
+        length = self.rng.choice([self.rng.randrange(1, 5000), self.rng.randrange(1, 200_000)])
+        end = min(offset + length, len(old))
+        new = old[:offset] + bytes(end - offset) + old[end:]
+        mode = FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE
+        self._change(lambda view: self._fallocate(view, inode, mode, offset, length, new))
+
+    def allocate(self) -> None:
+        """fallocate mode 0 or KEEP_SIZE: frames of zeros, the size first."""
+        files = self._files()
+        if not files:
+            return self.create()
+        inode = self.rng.choice(files)
+        old = self.contents[inode.ino]
+        offset = self.rng.randrange(len(old) + 70_000)
+        length = self.rng.randrange(1, 150_000)
+        mode = FALLOC_FL_KEEP_SIZE if self.rng.random() < 0.3 else 0
+        new = old if mode else old + bytes(max(0, offset + length - len(old)))
+        self._change(lambda view: self._fallocate(view, inode, mode, offset, length, new))
 
     def set_attrs(self) -> None:
         entries = self._entries()

@@ -175,9 +175,11 @@ def test_version(store_root):
     import importlib.metadata
 
     import volfs
+    from volfs import pyfuse3_build
 
     done = volfsd("--version", root=store_root)
-    assert done.stdout == f"volfsd {volfs.__version__}\n"
+    # and the pyfuse3 build (tests/test_pyfuse3_patches.py checks it names this series)
+    assert done.stdout == f"volfsd {volfs.__version__}, {pyfuse3_build.describe()}\n"
     assert volfs.__version__ == importlib.metadata.version("volfs")  # one version, not two
 
 

@@ -24,7 +24,12 @@ import trio
 
 from volfs.fsops import VolumeOperations
 from volfs.localmodel import LocalModel
-from volfs.posix import RENAME_EXCHANGE, RENAME_NOREPLACE
+from volfs.posix import (
+    FALLOC_FL_KEEP_SIZE,
+    FALLOC_FL_PUNCH_HOLE,
+    RENAME_EXCHANGE,
+    RENAME_NOREPLACE,
+)
 from volfs.store.log import segment_name
 from volfs.store.root import StoreRoot
 from volfs.store.volume import Volume
@@ -333,6 +338,68 @@ def test_write_and_read_back(fs):
     fs.fsync(info.fh, False)
     fs.release(info.fh)
     assert fs.getattr(entry.st_ino, Ctx()).st_size == 15
+
+
+def test_fallocate_modes_and_ranges(fs):
+    info, entry = fs.create(ROOT, b"f", 0o644, os.O_RDWR, Ctx())
+    assert fs.errno_of("fallocate", info.fh, 0x08, 0, 4096) == errno.EOPNOTSUPP  # collapse
+    assert fs.errno_of("fallocate", info.fh, 0x10, 0, 4096) == errno.EOPNOTSUPP  # zero range
+    assert fs.errno_of("fallocate", info.fh, FALLOC_FL_PUNCH_HOLE, 0, 4096) == errno.EOPNOTSUPP
+    assert fs.errno_of("fallocate", info.fh, 0, 0, 0) == errno.EINVAL
+    assert fs.errno_of("fallocate", info.fh, 0, -1, 10) == errno.EINVAL
+    assert fs.errno_of("fallocate", info.fh, 0, 1 << 62, 1 << 62) == errno.EFBIG
+    fs.write(info.fh, 0, b"x" * 10)
+    fs.fallocate(info.fh, 0, 5, 100)  # keeps the data, fills the rest
+    assert fs.read(info.fh, 0, 200) == b"x" * 10 + bytes(95)
+    fs.fallocate(info.fh, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, 2, 3)
+    assert fs.read(info.fh, 0, 200) == b"xx" + bytes(3) + b"xxxxx" + bytes(95)
+    fs.fallocate(info.fh, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, 500, 10)  # past the end
+    assert fs.getattr(entry.st_ino, Ctx()).st_size == 105
+    fs.release(info.fh)
+
+
+def test_seek_errnos(fs):
+    info, _ = fs.create(ROOT, b"f", 0o644, os.O_RDWR, Ctx())
+    assert fs.errno_of("lseek", info.fh, 0, os.SEEK_DATA) == errno.ENXIO  # empty
+    fs.write(info.fh, 8192, b"x")
+    assert fs.lseek(info.fh, 0, os.SEEK_DATA) == 8192
+    assert fs.lseek(info.fh, 0, os.SEEK_HOLE) == 0
+    assert fs.lseek(info.fh, 8192, os.SEEK_HOLE) == 8193
+    assert fs.errno_of("lseek", info.fh, 8193, os.SEEK_HOLE) == errno.ENXIO
+    assert fs.errno_of("lseek", info.fh, 0, os.SEEK_END) == errno.EINVAL
+    fs.release(info.fh)
+
+
+def test_a_punched_hole_is_replayed_and_checks_clean(store):
+    from volfs.store import check, holes
+
+    fs = _open_fs(store)
+    info, entry = fs.create(ROOT, b"f", 0o644, os.O_RDWR, Ctx())
+    for i in range(8):  # eight extents of 64 KiB
+        fs.write(info.fh, i * 65536, bytes([i + 1]) * 65536)
+    fs.fallocate(info.fh, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, 100_000, 200_000)
+    many, _ = fs.create(ROOT, b"many", 0o644, os.O_RDWR, Ctx())
+    for i in range(holes.MAX_PUNCH_TAIL + 10):  # past the tail a punch maps again
+        fs.write(many.fh, i * 8192, b"m" * 4096)
+    fs.fallocate(many.fh, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, 0, 4096)
+    want = {name: fs.read(h, 0, 1 << 22) for name, h in ((b"f", info.fh), (b"many", many.fh))}
+    stored = fs.volume.inodes[entry.st_ino].stored
+    assert stored == 8 * 65536 - 200_000
+    assert want[b"f"][100_000:300_000] == bytes(200_000)
+    assert want[b"many"][:4096] == bytes(4096)
+    fs.release(info.fh)
+    fs.release(many.fh)
+    fs.volume.close(checkpoint=False)  # the next load replays the punch
+    again = _open_fs(store)
+    try:
+        for name, data in want.items():
+            handle = again.open(again.ino(name), os.O_RDONLY, Ctx())
+            assert again.read(handle.fh, 0, 1 << 22) == data
+            again.release(handle.fh)
+        assert again.volume.inodes[entry.st_ino].stored == stored
+        assert check.check(again.volume) == []
+    finally:
+        again.volume.close()
 
 
 # -- extended attributes -------------------------------------------------------------------------

@@ -62,15 +62,18 @@ class Session:
         return self.rec.durable_state(cut), self.rec.begun_state(cut)
 
 
-def record(top: Path, seed: int, steps: int, name: str = NAME) -> Session:
-    """Create a volume under *top* and record a random workload on it."""
+def record(
+    top: Path, seed: int, steps: int, name: str = NAME, weights: dict[str, int] | None = None
+) -> Session:
+    """Create a volume under *top* and record a random workload on it (`Work.STEPS`, or
+    *weights*)."""
     store = StoreRoot(top)
     store.create_volume(name, segment_size=SEGMENT)
     rng = random.Random(seed)
     with Recorder(top) as rec:
         work = Work(rec, store, name, store.open_volume(name, create=False), rng, {})
         try:
-            work.run(steps)
+            work.run(steps, weights)
         finally:
             work.volume.close(checkpoint=False)
     rec.check_complete()
@@ -257,6 +260,23 @@ def test_power_cut_right_after_each_sync_keeps_it(tmp_path, seed):
     print(f"seed {seed}: {checker.summary()}")
 
 
+#: The usual workload with holes punched and ranges allocated (fallocate) among it.
+HOLES = {**Work.STEPS, "punch": 8, "allocate": 5}
+
+
+@pytest.mark.parametrize("seed", [21])
+def test_power_cut_with_holes_punched_and_allocated(tmp_path, seed):
+    """fallocate's frames (a punch: truncate, extents mapped again, size back; an
+    allocation: the size, then zeros) are whole or absent after a cut, and replay to the
+    state the served volume had."""
+    session = record(tmp_path / "rec", seed, 110, weights=HOLES)
+    rng = random.Random(seed)
+    with Checker(tmp_path) as checker:
+        checker.run(session, checker.cut_points(session, 30, rng), rng, nest_every=4)
+    print(f"seed {seed}: {session.work.stats()}; {checker.summary()}")
+    assert checker.cuts >= 30
+
+
 COMPACTING = {"write": 10, "rewrite": 10, "create": 3, "unlink": 2, "sync": 3, "compact": 4}
 
 
@@ -359,6 +379,50 @@ def test_volfsd_fsck_process_on_power_cut_images(tmp_path):
         done = volfsd("fsck", NAME, root=top, check=False)
         assert done.returncode == 0, done.stdout + done.stderr
         assert "0 problem(s)" in done.stdout
+
+
+def test_a_synchronous_write_is_durable_when_it_returns(tmp_path):
+    """A write whose request carries O_DSYNC (an O_DSYNC or O_SYNC descriptor, RWF_DSYNC)
+    is durable when `write` returns, with no fsync after it: on the direct-I/O path the
+    kernel sends none (pyfuse3 patch 0002 hands `write` the flags)."""
+    import trio
+
+    from volfs.fsops import VolumeOperations
+    from volfs.localmodel import LocalModel
+
+    class Caller:
+        uid = gid = 0
+        pid = 1
+        umask = 0o022
+
+    top = tmp_path / "rec"
+    store = StoreRoot(top)
+    store.create_volume(NAME, segment_size=SEGMENT)
+    blocks = [(os.O_DSYNC, b"1"), (os.O_SYNC, b"2"), (0, b"3")]
+    with Recorder(top) as rec:
+        volume = store.open_volume(NAME, create=False)
+        ops = VolumeOperations(LocalModel(volume))
+        try:
+            info, _ = trio.run(ops.create, ROOT_INO, b"f", 0o644, os.O_WRONLY, Caller())
+            trio.run(ops.fsync, info.fh, False)  # the file's name is durable
+            returned = []
+            for i, (flags, byte) in enumerate(blocks):
+                trio.run(ops.write, info.fh, i * 4096, byte * 4096, flags)
+                returned.append(len(rec.events))
+            trio.run(ops.release, info.fh)
+        finally:
+            volume.close(checkpoint=False)
+    rec.check_complete()
+    rng = random.Random(3)
+    cuts = returned[:2]  # right after each synchronous write returned, nothing more on disk
+    for n, (_cut, _mode, image) in enumerate(rec.images(cuts, [Mode.NONE] * 2, rng)):
+        image.write_to(tmp_path / f"img{n}")
+        again = StoreRoot(tmp_path / f"img{n}").open_volume(NAME, create=False)
+        try:
+            inode = again.inodes[again.inodes[ROOT_INO].entries[b"f"]]
+            assert again.read(inode, 0, 1 << 20) == b"".join(b * 4096 for _, b in blocks[: n + 1])
+        finally:
+            again.close(checkpoint=False)
 
 
 # -- through the kernel ------------------------------------------------------------------------

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import volfs
-from volfs import checking, cli_history, cli_stats, control, logs, mounts, requests
+from volfs import checking, cli_history, cli_stats, control, logs, mounts, pyfuse3_build, requests
 from volfs.catalog import (
     describe,
     parse_gid,
@@ -424,7 +424,8 @@ def _add_log_format(parser: argparse.ArgumentParser, when: str = "") -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = Parser(prog="volfsd", description="Named, persistent, shared volumes over FUSE.")
-    parser.add_argument("--version", action="version", version=f"volfsd {volfs.__version__}")
+    version = f"volfsd {volfs.__version__}, {pyfuse3_build.describe()}"
+    parser.add_argument("--version", action="version", version=version)
     sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
 
     create = sub.add_parser("create", help="create volume NAME (no-op if it exists alike)")

@@ -12,6 +12,7 @@ from __future__ import annotations
 import errno
 import functools
 import logging
+import os
 import stat
 from collections.abc import Callable, Coroutine, Sequence
 from time import perf_counter
@@ -34,7 +35,7 @@ from pyfuse3 import (
     XAttrNameT,
 )
 
-from volfs import posix
+from volfs import posix, pyfuse3_build
 from volfs.errors import DataDamaged, NoSpace
 from volfs.model import Listing, Node, VolumeModel, VolumeView
 from volfs.opstats import OpStats
@@ -45,7 +46,9 @@ log = logging.getLogger(__name__)
 #: host and every change goes through it, so the kernel's caches stay coherent.
 CACHE_TIMEOUT = 60.0
 #: Handlers whose first argument is a file handle rather than an inode number.
-_BY_HANDLE = frozenset({"read", "write", "release", "fsync"})
+_BY_HANDLE = frozenset({"read", "write", "release", "fsync", "fallocate", "lseek"})
+#: A write with either flag (O_SYNC includes O_DSYNC) must be durable when it returns.
+_SYNC_WRITE = os.O_DSYNC
 
 Handler = TypeVar("Handler", bound=Callable[..., Coroutine[Any, Any, Any]])
 
@@ -97,6 +100,16 @@ class VolumeOperations(pyfuse3.Operations):
     """pyfuse3 handlers for one volume served by *model*."""
 
     enable_writeback_cache = False  # write() must not return before the store has the bytes
+    # With the patched pyfuse3 (`volfs.pyfuse3_build`; the release ignores these three):
+    # write() gets the request's flags, so a synchronous write is durable when it returns on
+    # any path, direct I/O included, where the kernel sends no fsync after it.
+    write_with_flags = True
+    # Symlink targets never change, so the kernel may keep them in its page cache.
+    enable_capabilities = pyfuse3_build.capability("CACHE_SYMLINKS")
+    # Every change to a file's data goes through this mount's kernel (one serving process
+    # per volume, other paths are binds of its mount; a punched hole the kernel drops from
+    # its cache itself), so cached pages are never stale: a moved mtime must not drop them.
+    disable_capabilities = pyfuse3_build.capability("AUTO_INVAL_DATA")
 
     def __init__(self, model: VolumeModel, read_only: bool = False) -> None:
         super().__init__()
@@ -282,11 +295,12 @@ class VolumeOperations(pyfuse3.Operations):
         fh = self._new_handle()
         self._files[fh] = inode
         inode.opens += 1
-        # Not direct_io, even for write-only handles, though it would spare the
+        # Not direct_io (yet), even for write-only handles, though it would spare the
         # getxattr(security.capability) the kernel sends before each write through the page
         # cache: a direct write of an O_SYNC/O_DSYNC descriptor or with RWF_SYNC/RWF_DSYNC
-        # gets no fsync from the kernel (the flag rides in the WRITE request, which pyfuse3
-        # does not pass to `write`), so it would return before the bytes are durable.
+        # gets no fsync from the kernel.  With the patched pyfuse3 `write` sees the flag and
+        # syncs itself, so direct_io would keep that promise there; on the plain release it
+        # would not, and its cost on reads and the page cache is still to be measured.
         return FileInfo(fh=fh, keep_cache=True)
 
     @_errno_guard
@@ -322,11 +336,24 @@ class VolumeOperations(pyfuse3.Operations):
         return data
 
     @_errno_guard
-    async def write(self, fh: FileHandleT, off: int, buf: bytes) -> int:
+    async def write(self, fh: FileHandleT, off: int, buf: bytes, flags: FlagT = 0) -> int:
         node = self._files[fh]
         written = await self.model.run(lambda view: self.rules.write(view, node, off, buf))
         self.stats.bytes_written += written
+        if flags & _SYNC_WRITE:  # as fsync does (through the page cache, the fsync that
+            await self.model.run(_sync)  # follows then finds nothing left to sync)
+            self.stats.sync_writes += 1
         return written
+
+    @_errno_guard
+    async def fallocate(self, fh: FileHandleT, mode: FlagT, offset: int, length: int) -> None:
+        node = self._files[fh]
+        await self.model.run(lambda view: self.rules.fallocate(view, node, mode, offset, length))
+
+    @_errno_guard
+    async def lseek(self, fh: FileHandleT, offset: int, whence: int) -> int:
+        node = self._files[fh]
+        return await self.model.run(lambda view: self.rules.seek(view, node, offset, whence))
 
     async def flush(self, fh: FileHandleT) -> None:
         # write() already put every byte in the store, so close() has nothing to flush.
@@ -341,7 +368,7 @@ class VolumeOperations(pyfuse3.Operations):
 
     @_errno_guard
     async def fsync(self, fh: FileHandleT, datasync: bool) -> None:
-        await self.model.run(lambda view: view.sync())
+        await self.model.run(_sync)
 
     # -- directories ----------------------------------------------------------------------
 
@@ -420,6 +447,10 @@ class VolumeOperations(pyfuse3.Operations):
     async def removexattr(self, inode: InodeT, name: XAttrNameT, ctx: RequestContext) -> None:
         uid = ctx.uid
         await self.model.run(lambda view: self.rules.removexattr(view, inode, name, uid))
+
+
+def _sync(view: VolumeView) -> None:
+    view.sync()
 
 
 def _statfs(view: VolumeView) -> StatvfsData:

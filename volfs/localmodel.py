@@ -34,6 +34,7 @@ class LocalView:
         "_inodes",
         "create",
         "exchange",
+        "fallocate",
         "forget",
         "inode",
         "link",
@@ -41,6 +42,7 @@ class LocalView:
         "new_inode",
         "read",
         "rename",
+        "seek",
         "set_attrs",
         "set_xattr",
         "sync",
@@ -63,7 +65,9 @@ class LocalView:
         self.set_attrs = volume.set_attrs
         self.set_xattr = volume.set_xattr
         self.write = volume.write
+        self.fallocate = volume.fallocate
         self.read = volume.read
+        self.seek = volume.seek
         self.forget = volume.forget
         self.sync = volume.sync
         self.inode = volume.inodes.get  # the lookup by number, itself
@@ -121,8 +125,9 @@ class SnapshotView(LocalView):
         self._inodes = state.inodes
         self.new_inode = self.create = self.link = self.unlink = _read_only
         self.rename = self.exchange = self.set_attrs = self.set_xattr = _read_only
-        self.write = _read_only
+        self.write = self.fallocate = _read_only
         self.read = state.read
+        self.seek = state.seek
         self.forget = _keep  # type: ignore[assignment]  # (mypy reads the slot as unbound)
         self.sync = _durable
         self.inode = state.inodes.get

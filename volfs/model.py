@@ -135,8 +135,29 @@ class VolumeView(Protocol):
         """Write *data* at *offset*; `NoSpace` past the volume's size."""
         ...
 
+    def fallocate(
+        self,
+        inode: Node,
+        offset: int,
+        length: int,
+        now_ns: int,
+        *,
+        keep_size: bool = False,
+        punch: bool = False,
+    ) -> None:
+        """Allocate [offset, offset+length) of a regular file (zeros in its holes; the file
+        grows to its end unless *keep_size*), or with *punch* make it read as zeros, holes
+        where it can, size kept; `NoSpace` if an allocation does not fit the volume's size."""
+        ...
+
     def read(self, inode: Node, offset: int, size: int) -> bytes:
         """Verified bytes of a regular file; `DataDamaged` rather than wrong bytes."""
+        ...
+
+    def seek(self, inode: Node, offset: int, hole: bool) -> int | None:
+        """The first offset at or after *offset* of a regular file that holds data (with
+        *hole*: that is in a hole, the end of the file counting as one); None if there is
+        none or *offset* is at or past the end (lseek's SEEK_DATA and SEEK_HOLE)."""
         ...
 
     def forget(self, inode: Node) -> None:

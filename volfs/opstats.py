@@ -34,6 +34,7 @@ class OpStats:
         self.bytes_read = 0
         self.bytes_written = 0
         self.damage_found = 0
+        self.sync_writes = 0  #: writes made durable as they returned (O_DSYNC, O_SYNC)
         #: op -> [count per bucket (the last one +Inf)..., sum of seconds]
         self._latency: dict[str, list[float]] = {op: [0] * (len(BUCKETS) + 2) for op in TIMED}
         #: The store's flushes of its log (fsync, fsyncdir, synchronous writes, checkpoints)
@@ -69,4 +70,5 @@ class OpStats:
             "bytes_read": self.bytes_read,
             "bytes_written": self.bytes_written,
             "damage_found": self.damage_found,
+            "sync_writes": self.sync_writes,
         }

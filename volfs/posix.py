@@ -29,6 +29,12 @@ XATTR_SIZE_MAX = 65536
 XATTR_NAMESPACES = (b"user.", b"trusted.", b"security.", b"system.")
 RENAME_NOREPLACE = 1
 RENAME_EXCHANGE = 2
+#: fallocate(2)'s modes (<linux/falloc.h>), and the ones volfs does.
+FALLOC_FL_KEEP_SIZE = 0x01
+FALLOC_FL_PUNCH_HOLE = 0x02
+_FALLOCATE_MODES = (0, FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE)
+#: The largest file size (the kernel's MAX_LFS_FILESIZE on 64-bit Linux).
+MAX_FILE_SIZE = (1 << 63) - 1
 #: File capabilities: the kernel asks for them before every write through the page cache.
 CAPS_XATTR = b"security.capability"
 ROOT_INO = 1
@@ -334,6 +340,33 @@ class PosixRules:
         # its inode lock), and only it knows whether fcntl(F_SETFL) has cleared the flag since.
         view.write(node, offset, data, self.clock())
         return len(data)
+
+    def fallocate(self, view: VolumeView, node: Node, mode: int, offset: int, length: int) -> None:
+        """fallocate(2) on an open file: allocate (mode 0: the file grows to the end of the
+        range; FALLOC_FL_KEEP_SIZE: it does not) or punch a hole (FALLOC_FL_PUNCH_HOLE, which
+        needs FALLOC_FL_KEEP_SIZE); other modes EOPNOTSUPP, a range that does not fit the
+        volume's size `NoSpace`."""
+        if mode not in _FALLOCATE_MODES:
+            raise _fail(errno.EOPNOTSUPP)
+        if offset < 0 or length <= 0:
+            raise _fail(errno.EINVAL)
+        if offset + length > MAX_FILE_SIZE:
+            raise _fail(errno.EFBIG)
+        self.writable()
+        view.fallocate(node, offset, length, self.clock(),
+                       keep_size=bool(mode & FALLOC_FL_KEEP_SIZE),
+                       punch=bool(mode & FALLOC_FL_PUNCH_HOLE))  # fmt: skip
+
+    @staticmethod
+    def seek(view: VolumeView, node: Node, offset: int, whence: int) -> int:
+        """lseek(2)'s SEEK_DATA and SEEK_HOLE on an open file (the kernel does the others):
+        ENXIO at or past the end, or when no data follows."""
+        if whence not in (os.SEEK_DATA, os.SEEK_HOLE):
+            raise _fail(errno.EINVAL)
+        found = view.seek(node, offset, whence == os.SEEK_HOLE)
+        if found is None:
+            raise _fail(errno.ENXIO)
+        return found
 
     # -- extended attributes --------------------------------------------------------------
 

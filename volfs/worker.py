@@ -26,7 +26,7 @@ from typing import Any
 import pyfuse3
 import trio
 
-from volfs import __version__, logs, mounts, requests, workerctl
+from volfs import __version__, logs, mounts, pyfuse3_build, requests, workerctl
 from volfs.errors import ErrorCode, StoreError, VolfsError
 from volfs.fsops import VolumeOperations
 from volfs.localmodel import LocalModel
@@ -143,7 +143,8 @@ def _answer(
 
     async def answer(request: requests.WorkerRequest) -> dict[str, object]:
         if isinstance(request, requests.WorkerStatusRequest):
-            return status
+            # The session's capabilities are known once the kernel's INIT has been handled.
+            return {**status, "fuse_capabilities": pyfuse3_build.granted()}
         if isinstance(request, requests.WorkerStatsRequest):
             return {**stats.snapshot(), **_figures(served)}
         if volume is None:
@@ -313,6 +314,7 @@ def serve(
             "mountpoint": str(mountpoint),
             "device": device,
             "read_only": read_only,
+            "pyfuse3": pyfuse3_build.describe(),
         }
         if ready_fd is not None:
             try:

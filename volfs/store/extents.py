@@ -215,6 +215,44 @@ class ExtentMap:
             return []
         return self.punch(size, max(size, (self._indexes()[-1] + 1) * CHUNK_SIZE))
 
+    def _indexes_from(self, index: int) -> list[int]:
+        """Indexes of the chunks that exist from *index* on, in order."""
+        return [i for i in self._indexes() if i >= index]
+
+    def extents_after(self, offset: int) -> list[Extent]:
+        """The extents that end after *offset*, in order."""
+        found: list[Extent] = []
+        for index in self._indexes_from(offset // CHUNK_SIZE):
+            chunk = self._chunk(index) or []
+            found.extend(chunk[_first_touching(chunk, offset) :])
+        return found
+
+    def next_data(self, offset: int) -> int | None:
+        """The first offset at or after *offset* that an extent maps; None if none does."""
+        for index in self._indexes_from(offset // CHUNK_SIZE):
+            chunk = self._chunk(index) or []
+            i = _first_touching(chunk, offset)
+            if i < len(chunk):
+                return max(offset, chunk[i].start)
+        return None
+
+    def next_hole(self, offset: int) -> int:
+        """The first offset at or after *offset* that no extent maps (the end of the last
+        extent at the latest)."""
+        pos = offset
+        index = pos // CHUNK_SIZE
+        while True:
+            chunk = self._chunk(index)
+            if chunk is None:
+                return pos
+            i = _first_touching(chunk, pos)
+            while i < len(chunk) and chunk[i].start <= pos:
+                pos = chunk[i].start + chunk[i].length
+                i += 1
+            if pos < (index + 1) * CHUNK_SIZE:
+                return pos
+            index += 1
+
     def pieces(self, start: int, end: int) -> Iterator[tuple[int, int, FrameData | None, int]]:
         """Cover [start, end) with (offset, length, frame, skip); holes have frame None."""
         pos = start

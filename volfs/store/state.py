@@ -393,6 +393,18 @@ class VolumeState:
 
     # -- reading ----------------------------------------------------------------------------
 
+    def seek(self, inode: Inode, offset: int, hole: bool) -> int | None:
+        """lseek(2)'s SEEK_DATA (or, with *hole*, SEEK_HOLE) on a regular file: the first
+        offset at or after *offset* with data (a hole; the end of the file counts as one);
+        None (ENXIO) if there is none or *offset* is at or past the end."""
+        if offset >= inode.size:
+            return None
+        extents = _extents(inode)
+        if hole:
+            return min(extents.next_hole(offset), inode.size)
+        found = extents.next_data(offset)
+        return found if found is not None and found < inode.size else None
+
     def read(self, inode: Inode, offset: int, size: int) -> bytes:
         """Read from a regular file; raises `DataDamaged` rather than return wrong bytes."""
         end = min(offset + size, inode.size)

@@ -22,7 +22,7 @@ import os
 from collections.abc import Sequence
 
 from volfs.errors import ErrorCode, StoreError
-from volfs.store import frame, headers, journal, records
+from volfs.store import frame, headers, holes, journal, records
 from volfs.store.checkpoints import Checkpointer
 from volfs.store.log import Position, SegmentLog
 from volfs.store.records import (
@@ -256,6 +256,17 @@ class Volume(VolumeState):
         charge = _write_charge(inode, offset, len(data)) if self.quota else 0
         sums = frame.block_sums(data)
         self.commit([WriteRecord(inode.ino, offset, len(data), sums, now_ns)], data, charge=charge)
+
+    def fallocate(self, inode: Inode, offset: int, length: int, now_ns: int, *,
+                  keep_size: bool = False, punch: bool = False) -> None:  # fmt: skip
+        """fallocate(2) on [offset, offset+length): allocate it (zeros in its holes; the file
+        grows to its end unless *keep_size*), or with *punch* make it a hole, size kept
+        (`volfs.store.holes`).  `NoSpace` if an allocation does not fit the volume's size."""
+        if punch:
+            holes.punch(self, inode, offset, length, now_ns)
+        else:
+            holes.allocate(self, inode, offset, length, keep_size, now_ns)
+        self._recharge(inode)
 
     def forget(self, inode: Inode) -> None:
         """Let go of an unlinked inode, with its data, once nothing can reach it any more.
