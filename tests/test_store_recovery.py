@@ -13,6 +13,7 @@ import pytest
 
 from volfs.errors import VolumeDamaged
 from volfs.store.log import PREFILL, segment_name
+from volfs.store.naming import path_of
 from volfs.store.root import StoreRoot
 from volfs.store.state import ROOT_INO
 from volfs.store.volume import Volume
@@ -297,12 +298,12 @@ def test_path_of_names_files_and_directories_for_damage_lines(tmp_path):
         volume.create(volume.inodes[a.ino], b"b\xff", b, 1)
         f = volume.new_inode(stat.S_IFREG | 0o644, 0, 0, 0, 1)
         volume.create(volume.inodes[b.ino], b"f", f, 1)
-        assert volume.path_of(f.ino) == "/a/b\\xff/f"
-        assert volume.path_of(b.ino) == "/a/b\\xff" and volume.path_of(ROOT_INO) == "/"
+        assert path_of(volume, f.ino) == "/a/b\\xff/f"
+        assert path_of(volume, b.ino) == "/a/b\\xff" and path_of(volume, ROOT_INO) == "/"
         volume.rename(volume.inodes[a.ino], b"b\xff", top, b"c", None, 2)
-        assert volume.path_of(f.ino) == "/c/f"
+        assert path_of(volume, f.ino) == "/c/f"
         volume.unlink(volume.inodes[b.ino], b"f", volume.inodes[f.ino], 3)
-        assert volume.path_of(f.ino) is None
+        assert path_of(volume, f.ino) is None
     finally:
         volume.close(checkpoint=False)
 

@@ -20,8 +20,9 @@ from typing import NamedTuple
 from volfs.store import frame
 from volfs.store.extents import Extent
 from volfs.store.log import LogDamage
+from volfs.store.naming import join_path
 from volfs.store.readonly import ReadOnlyState, SegmentGone, concerned_inodes
-from volfs.store.state import ROOT_INO, VolumeState, dir_entries, join_path
+from volfs.store.state import ROOT_INO, VolumeState, dir_entries
 from volfs.store.volume import Volume
 
 #: Files named, at most, for one damaged frame (a checkpoint frame holds 4096 records).

@@ -20,7 +20,7 @@ from collections.abc import Callable, Iterable, Mapping
 from typing import Any, NoReturn
 
 from volfs.errors import DataDamaged, VolumeDamaged
-from volfs.store import frame, headers, journal, records
+from volfs.store import frame, headers, journal, naming, records
 from volfs.store.extents import ExtentMap, FrameData, Removed, extents_of
 from volfs.store.log import LogDamage, LogFrame, Position, SegmentReader
 from volfs.store.records import (
@@ -56,12 +56,6 @@ class SegmentMissing(DataDamaged):
     def __init__(self, seg: int, message: str, ino: int, start: int, end: int) -> None:
         super().__init__(message, ino, start, end)
         self.seg = seg
-
-
-def join_path(prefix: str, name: bytes) -> str:
-    """The path of entry *name* of the directory at *prefix* (a path from the volume's root),
-    printable whatever bytes the name holds."""
-    return f"{'' if prefix == '/' else prefix}/{name.decode(errors='backslashreplace')}"
 
 
 #: Values many inodes share (modes, owners): one int object each instead of one per inode.
@@ -419,42 +413,8 @@ class VolumeState:
         return parts[0] if len(parts) == 1 else b"".join(parts)
 
     def _damaged(self, inode: Inode, start: int, end: int, what: str) -> NoReturn:
-        self._log_damage(inode, start, end, what)
+        naming.log_damage(self, inode.ino, start, end, what)
         raise DataDamaged(what, inode.ino, start, end) from None
-
-    def _log_damage(self, inode: Inode, start: int, end: int, what: str) -> None:
-        """One line naming the volume, the file (its path when it has one) and the bytes."""
-        path = self.path_of(inode.ino) or "a file without a name"
-        logger.error("volume %s: damaged data in %s, bytes %d-%d (inode %d; %s)",
-                     self.name, path, start, end, inode.ino, what,
-                     extra={"volume": self.name, "inode": inode.ino})  # fmt: skip
-
-    def path_of(self, ino: int) -> str | None:
-        """A path of inode *ino* from the volume's root, or None if no directory holds it.
-        For log lines, not the hot path: a file's directory is found by searching every
-        directory's entries (directories know their parent; files do not), about 30 ms per
-        million entries; a file with several links gets one of its names."""
-        names: list[bytes] = []
-        while ino != ROOT_INO:
-            inode = self.inodes.get(ino)
-            if inode is None or len(names) > 4096:  # a loop is damage; report no path
-                return None
-            if inode.entries is not None:
-                parent = self.inodes.get(inode.parent)
-            else:
-                held = (d for d in self.inodes.values() if d.entries and ino in d.entries.values())
-                parent = next(held, None)
-            if parent is None or parent.entries is None:
-                return None
-            name = next((n for n, child in parent.entries.items() if child == ino), None)
-            if name is None:
-                return None
-            names.append(name)
-            ino = parent.ino
-        path = "/"
-        for name in reversed(names):
-            path = join_path(path, name)
-        return path
 
     def _read_frame(
         self, inode: Inode, offset: int, fr: FrameData, skip: int, length: int
@@ -469,7 +429,7 @@ class VolumeState:
             self._damaged(inode, offset, offset + length, str(damage))
         except FileNotFoundError:
             text = f"data in missing segment {fr.seg}"
-            self._log_damage(inode, offset, offset + length, text)
+            naming.log_damage(self, inode.ino, offset, offset + length, text)
             raise SegmentMissing(fr.seg, text, inode.ino, offset, offset + length) from None
         bad = frame.bad_blocks(buf, first, fr.sums)
         if bad:
