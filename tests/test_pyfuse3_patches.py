@@ -12,6 +12,7 @@ import errno
 import fcntl
 import hashlib
 import os
+import struct
 import subprocess
 import sys
 from pathlib import Path
@@ -93,6 +94,42 @@ def test_cached_pages_survive_a_write_and_a_stat(host, tmp_path):
         assert after == reads, f"{after - reads} READ requests for cached pages"
     finally:
         os.close(fd)
+    host.cli("umount", str(mnt))
+
+
+@needs("absent_xattrs", "0006")
+def test_the_capability_question_of_writes_is_answered_without_the_handlers(host, tmp_path):
+    """Patch 0006: on a volume where no file has capabilities, pyfuse3 answers the GETXATTR
+    security.capability that precedes every cached write() itself (the handlers see none);
+    once a file is given capabilities, the handlers are asked again and answer."""
+    mnt = tmp_path / "m"
+    host.cli("mount", "v", str(mnt))
+
+    def getxattrs() -> int:
+        return worker(host, "v", requests.WorkerStatsRequest())["ops"].get("getxattr", 0)
+
+    fd = os.open(mnt / "f", os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        before = getxattrs()
+        for i in range(20):
+            os.pwrite(fd, b"x" * 100, i * 100)
+        with pytest.raises(OSError) as absent:
+            os.getxattr(mnt / "f", "security.capability")
+        assert absent.value.errno == errno.ENODATA
+        assert getxattrs() == before
+        cap = struct.pack("<5I", 0x02000000, 0, 0, 0, 0)  # VFS_CAP_REVISION_2, none permitted
+        (mnt / "g").write_bytes(b"")
+        os.setxattr(mnt / "g", "security.capability", cap)
+        assert os.getxattr(mnt / "g", "security.capability") == cap
+        before = getxattrs()
+        for i in range(20):
+            os.pwrite(fd, b"y" * 100, i * 100)
+        assert getxattrs() - before >= 20
+    finally:
+        os.close(fd)
+    host.cli("umount", str(mnt))
+    host.cli("mount", "v", str(mnt))  # a volume with capabilities is asked from the start
+    assert os.getxattr(mnt / "g", "security.capability") == cap
     host.cli("umount", str(mnt))
 
 

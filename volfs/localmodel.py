@@ -36,6 +36,7 @@ class LocalView:
         "exchange",
         "fallocate",
         "forget",
+        "has_xattr",
         "inode",
         "link",
         "name",
@@ -68,6 +69,7 @@ class LocalView:
         self.fallocate = volume.fallocate
         self.read = volume.read
         self.seek = volume.seek
+        self.has_xattr = volume.has_xattr
         self.forget = volume.forget
         self.sync = volume.sync
         self.inode = volume.inodes.get  # the lookup by number, itself
@@ -128,6 +130,7 @@ class SnapshotView(LocalView):
         self.write = self.fallocate = _read_only
         self.read = state.read
         self.seek = state.seek
+        self.has_xattr = state.has_xattr
         self.forget = _keep  # type: ignore[assignment]  # (mypy reads the slot as unbound)
         self.sync = _durable
         self.inode = state.inodes.get

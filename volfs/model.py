@@ -150,6 +150,10 @@ class VolumeView(Protocol):
         where it can, size kept; `NoSpace` if an allocation does not fit the volume's size."""
         ...
 
+    def has_xattr(self, name: bytes) -> bool:
+        """Whether any inode has the extended attribute *name* (once per mount: may scan)."""
+        ...
+
     def read(self, inode: Node, offset: int, size: int) -> bytes:
         """Verified bytes of a regular file; `DataDamaged` rather than wrong bytes."""
         ...

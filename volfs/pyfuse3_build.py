@@ -26,10 +26,13 @@ def features() -> frozenset[str]:
     """The series' features this pyfuse3 has, each told by the API its patch adds:
     "capabilities" (0001: Operations.enable_capabilities and disable_capabilities,
     get_capabilities), "write_flags" (0002: Operations.write_with_flags), "fallocate" (0003),
-    "lseek" (0004: SEEK_DATA and SEEK_HOLE), "locks" (0005: getlk, setlk, flock)."""
+    "lseek" (0004: SEEK_DATA and SEEK_HOLE), "locks" (0005: getlk, setlk, flock),
+    "absent_xattrs" (0006: set_absent_xattr)."""
     import pyfuse3
 
     found = {"capabilities"} if hasattr(pyfuse3, "get_capabilities") else set()
+    if hasattr(pyfuse3, "set_absent_xattr"):
+        found.add("absent_xattrs")
     for feature, attribute in (("write_flags", "write_with_flags"),
                                ("fallocate", "fallocate"), ("lseek", "lseek"),
                                ("locks", "release_locks")):  # fmt: skip

@@ -226,8 +226,13 @@ async def _take_snapshot(volume: Volume, snap: str) -> dict[str, Any]:
 
 
 async def _serve(
-    served: _Opened, control: socket.socket | None, status: dict[str, object], stats: OpStats
+    served: _Opened,
+    control: socket.socket | None,
+    status: dict[str, object],
+    operations: VolumeOperations,
 ) -> None:
+    stats = operations.stats
+    await operations.start()
     async with trio.open_nursery() as nursery:
         if served.volume is not None:
             nursery.start_soon(_housekeeping, served.volume)
@@ -324,7 +329,7 @@ def serve(
                             "on (the next daemon adopts the worker)", name)  # fmt: skip
             os.close(ready_fd)
             ready_fd = None
-        trio.run(_serve, served, control, status, operations.stats)
+        trio.run(_serve, served, control, status, operations)
         clean = True
     finally:
         if control_path is not None:

@@ -412,6 +412,10 @@ class VolumeState:
                 parts.append(self._read_frame(inode, piece_offset, fr, skip, length))
         return parts[0] if len(parts) == 1 else b"".join(parts)
 
+    def has_xattr(self, name: bytes) -> bool:
+        """Whether any inode has the extended attribute *name* (a scan of every inode)."""
+        return any(inode.xattrs and name in inode.xattrs for inode in self.inodes.values())
+
     def _damaged(self, inode: Inode, start: int, end: int, what: str) -> NoReturn:
         naming.log_damage(self, inode.ino, start, end, what)
         raise DataDamaged(what, inode.ino, start, end) from None
