@@ -29,7 +29,7 @@ from tqdm import tqdm
 
 from volfs.archive import Member, PaxWriter
 from volfs.errors import DataDamaged, ErrorCode, VolfsError
-from volfs.store import history, pidlock, readonly, snapshots, state
+from volfs.store import history, naming, pidlock, readonly, snapshots
 from volfs.store.headers import check_name
 from volfs.store.root import StoreRoot
 from volfs.store.state import ROOT_INO, Inode
@@ -175,7 +175,7 @@ def export(store: Path, name: str, path: Path | None) -> None:
     if not (volume_dir / "volume").is_file():
         raise VolfsError(f"no such volume: {volume}", ErrorCode.NOT_FOUND)
     # Reads log each damaged block; the export names the damaged paths itself, once.
-    read_log = logging.getLogger(state.__name__)
+    read_log = logging.getLogger(naming.__name__)
     read_log.disabled = True
     try:
         if at:
