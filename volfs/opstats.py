@@ -46,13 +46,11 @@ class OpStats:
         self.ops[op] = self.ops.get(op, 0) + 1
         latency = self._latency.get(op)
         if latency is not None:
-            latency[bisect.bisect_left(BUCKETS, seconds)] += 1
-            latency[-1] += seconds
+            _add(latency, BUCKETS, seconds)
 
     def flushed(self, seconds: float) -> None:
         """Count one flush of the store's log that took *seconds* (`SegmentLog.on_flush`)."""
-        self._flushes[bisect.bisect_left(FLUSH_BUCKETS, seconds)] += 1
-        self._flushes[-1] += seconds
+        _add(self._flushes, FLUSH_BUCKETS, seconds)
 
     def failed(self, op: str, errno: int) -> None:
         key = (op, errno)
@@ -72,3 +70,9 @@ class OpStats:
             "damage_found": self.damage_found,
             "sync_writes": self.sync_writes,
         }
+
+
+def _add(histogram: list[float], bounds: tuple[float, ...], seconds: float) -> None:
+    """Count *seconds* in *histogram*: [count per bucket of *bounds*, +Inf..., sum]."""
+    histogram[bisect.bisect_left(bounds, seconds)] += 1
+    histogram[-1] += seconds
