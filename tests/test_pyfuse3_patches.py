@@ -133,6 +133,51 @@ def test_the_capability_question_of_writes_is_answered_without_the_handlers(host
     host.cli("umount", str(mnt))
 
 
+def test_the_worker_reads_queued_requests_without_waiting(host, tmp_path):
+    """Patch 0007: the worker's /dev/fuse fd is non-blocking, so the session loop reads a
+    queued request at once and waits for the fd only on EAGAIN; a flood of requests from
+    several processes is answered correctly, and the worker's control channel still answers
+    while it lasts (the loop yields every 16 requests)."""
+    mnt = tmp_path / "m"
+    host.cli("mount", "v", str(mnt))
+    pid = worker(host, "v", requests.WorkerStatusRequest())["pid"]
+    fds = [fd for fd in os.listdir(f"/proc/{pid}/fd")
+           if os.readlink(f"/proc/{pid}/fd/{fd}") == "/dev/fuse"]  # fmt: skip
+    assert fds, "the worker holds /dev/fuse"
+    flags = {
+        line.split(":")[0]: line.split()[1]
+        for line in Path(f"/proc/{pid}/fdinfo/{fds[0]}").read_text().splitlines()
+    }
+    assert int(flags["flags"], 8) & os.O_NONBLOCK, "0007 makes the session fd non-blocking"
+
+    for i in range(3):
+        (mnt / f"f{i}").write_bytes(b"")
+        os.setxattr(mnt / f"f{i}", "user.n", str(i).encode())
+    flood = [
+        subprocess.Popen([sys.executable, "-c", FLOOD, str(mnt / f"f{i}"), str(i)])
+        for i in range(3)
+    ]
+
+    def getxattrs() -> int:
+        return worker(host, "v", requests.WorkerStatsRequest())["ops"].get("getxattr", 0)
+
+    try:
+        wait_until(lambda: getxattrs() > 300, what="the flood reaches the worker")
+        seen = [getxattrs() for _ in range(5)]  # answered between the flood's requests
+        assert seen == sorted(seen)
+    finally:
+        codes = [p.wait(timeout=120) for p in flood]
+    assert codes == [0, 0, 0], "every flooded getxattr had its own file's answer"
+    host.cli("umount", str(mnt))
+
+
+FLOOD = """
+import os, sys
+for _ in range(3000):
+    assert os.getxattr(sys.argv[1], "user.n") == sys.argv[2].encode()
+"""
+
+
 @needs("write_flags", "0002")
 def test_a_synchronous_write_syncs_in_the_handler(host, tmp_path):
     mnt = tmp_path / "m"
