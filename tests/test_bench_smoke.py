@@ -79,24 +79,56 @@ def _bench(tmp_path: Path, *args: str, env: dict[str, str] | None = None, script
     return done, json.loads(out.read_text())
 
 
-@needs_fio
-def test_bench_smoke(tmp_path):
-    """Every workload on every target, and the scale part, with tiny sizes; on volfs, the
-    worker's request counts per operation of each workload."""
-    done, results = _bench(tmp_path)
+PEERS = ("bindfs", "rclone", "juicefs")
+#: What the default suite runs on the peers: a fio workload and a real-work one.
+PEER_WORKLOADS = ["randwrite4k", "sqlite_1row_wal"]
+
+
+def _check_targets(done, results, targets: tuple[str, ...], workloads: list[str]) -> None:
+    """Each of *targets* ran each of *workloads*, or (a peer only) is reported missing."""
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    assert results["config"]["workloads"] == WORKLOADS
+    assert results["config"]["workloads"] == workloads
     ran = {(r["target"], r["workload"]) for r in results["runs"]}
-    for target in ("native", "bindfs", "volfs", "rclone", "juicefs"):
+    for target in targets:
         info = results["targets"][target]
         if info["status"] == "missing":  # the peers may not be installed (or installable)
-            assert target not in ("native", "volfs") and info["reason"]
+            assert target in PEERS and info["reason"]
             assert f"{target}: missing" in done.stdout
             continue
         assert info["status"] == "ok", info
-        assert {w for t, w in ran if t == target} == set(WORKLOADS), target
+        assert {w for t, w in ran if t == target} == set(workloads), target
     for row in results["summary"]:
         assert row["median"] > 0 and row["ratio"] is not None, row
+
+
+@needs_fio
+def test_bench_smoke_of_the_peers(tmp_path):
+    """bindfs, rclone and JuiceFS each run a fio and a real-work workload (or are reported
+    missing); the slow test runs every workload on them."""
+    targets = ("native", "volfs", *PEERS)
+    done, results = _bench(
+        tmp_path,
+        *("--targets", ",".join(targets), "--workloads", ",".join(PEER_WORKLOADS)),
+        *("--scale", "none"),
+    )
+    _check_targets(done, results, targets, PEER_WORKLOADS)
+
+
+@pytest.mark.slow
+@needs_fio
+def test_bench_smoke_every_target(tmp_path):
+    """Every workload on every target."""
+    targets = ("native", "volfs", *PEERS)
+    done, results = _bench(tmp_path, "--targets", ",".join(targets), "--scale", "none")
+    _check_targets(done, results, targets, WORKLOADS)
+
+
+@needs_fio
+def test_bench_smoke(tmp_path):
+    """Every workload on native and volfs, and the scale part, with tiny sizes; on volfs, the
+    worker's request counts per operation of each workload."""
+    done, results = _bench(tmp_path, "--targets", "native,volfs")
+    _check_targets(done, results, ("native", "volfs"), WORKLOADS)
     assert "ratio-to-native" in done.stdout and "sqlite_wal" in done.stdout
 
     tree = results["realwork_tree"]
