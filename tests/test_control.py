@@ -11,7 +11,7 @@ import msgpack
 import pytest
 
 from volfs import requests
-from volfs.config import load_config
+from volfs.config import LOCAL_ENGINE, load_config, redact_url
 from volfs.errors import ErrorCode, VolfsError
 
 
@@ -253,12 +253,40 @@ def test_config_others_can_write_is_refused(tmp_path, mode):
 
 
 def test_config_with_credentials_must_not_be_readable_by_others(tmp_path):
-    text = '[engines.s3]\nurl = "https://key:secret@example.invalid"\n'
+    text = '[engines.cluster]\nurl = "postgresql://volfs:secret@db.internal/volfs"\n'
     with pytest.raises(VolfsError, match="readable by other users"):
         load_config(_config(tmp_path, text, 0o644))
-    with pytest.raises(VolfsError, match="unknown key 'engines'"):  # no engines yet
-        load_config(_config(tmp_path, text, 0o600))
+    engine = load_config(_config(tmp_path, text, 0o600)).engines["cluster"]
+    assert engine.url == "postgresql://volfs:secret@db.internal/volfs"
+    assert redact_url(engine.url) == "postgresql://volfs:***@db.internal/volfs"
+    assert redact_url("postgresql://volfs@db/v") == "postgresql://volfs@db/v"
     assert load_config(_config(tmp_path, "[volumes.x]\n", 0o644)).volumes  # no secrets: fine
+
+
+def test_config_engines_and_the_engine_of_a_declared_volume(tmp_path):
+    text = ('[engines.cluster]\nurl = "postgres://volfs@db/volfs"\n'
+            '[volumes.media]\nengine = "cluster"\n[volumes.cache]\n')  # fmt: skip
+    config = load_config(_config(tmp_path, text, 0o600))
+    assert config.volumes["media"].engine == "cluster"
+    assert config.volumes["cache"].engine == LOCAL_ENGINE
+
+
+@pytest.mark.parametrize(
+    "text, words",
+    [
+        ('[engines.c]\nurl = "mysql://db/v"\n', ("engine 'c'", "PostgreSQL connection URI")),
+        ("[engines.c]\n", ("engine 'c'", "needs url")),
+        ('[engines.c]\nurl = "postgresql://db/v"\nssl = 1\n', ("'ssl'", "allowed keys are url")),
+        ('[engines.local]\nurl = "postgresql://db/v"\n', ("[engines.local]", "another name")),
+        ('[volumes.x]\nengine = "nowhere"\n', ("volume 'x'", "[engines.nowhere]")),
+        ('[engines."b a d"]\nurl = "postgresql://db/v"\n', ("engine 'b a d'",)),
+    ],
+)
+def test_config_engine_errors(tmp_path, text, words):
+    with pytest.raises(VolfsError) as info:
+        load_config(_config(tmp_path, text, 0o600))
+    for word in words:
+        assert word in str(info.value), info.value
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="needs root to give the file away")

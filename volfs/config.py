@@ -4,14 +4,16 @@ A TOML file of top-level daemon keys (:data:`DAEMON_KEYS`: ``docker_plugin``, ``
 ``scrub_every``, ``log_format``) and tables: one
 ``[volumes.NAME]`` per declared volume, whose keys are the `create` flags (``size``,
 ``labels``, ``inodes``, ``uid``, ``gid``, ``mode``), parsed by the same parsers as those flags
-(catalog.py), plus where it is mounted (``paths``, ``read_only``).  So a config key and a CLI
+(catalog.py), plus where it is mounted (``paths``, ``read_only``) and on which engine it lives
+(``engine``); and one ``[engines.NAME]`` per cluster engine, whose ``url`` says where its
+database is (``postgresql://USER[:PASSWORD]@HOST[:PORT]/DATABASE``).  So a config key and a CLI
 flag with one name mean one thing.  Unknown keys and tables are errors that name the file, the
 table and the key; a value that does not parse is one that names the volume.
 
 Who may change the file decides what is mounted where, as root: a file that is writable by
 group or others, or owned by another user than root or the daemon's, is refused.  A file that
-holds a table of credentials (:data:`CREDENTIAL_TABLES`: the ``[engines.NAME]`` tables a later
-issue adds, with store URLs) is also refused when others can read it.
+holds a table of credentials (:data:`CREDENTIAL_TABLES`: the ``[engines.NAME]`` tables, whose
+URLs may carry passwords) is also refused when others can read it.
 """
 
 from __future__ import annotations
@@ -50,6 +52,16 @@ class VolumeConfig:
     mode: int | None = None
     #: Seconds between background scrubs of it (`parse_duration`); None: the daemon's.
     scrub_every: float | None = None
+    #: The engine that holds it (`parse_engine_name`): "local" (the host's store) or a name of
+    #: an ``[engines.NAME]`` table.
+    engine: str = "local"
+
+
+@dataclasses.dataclass(frozen=True)
+class EngineConfig:
+    """A cluster engine: a PostgreSQL database that holds volumes served by several hosts."""
+
+    url: str  #: `parse_engine_url`; may carry a password, so never logged or shown whole
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,6 +69,7 @@ class DaemonConfig:
     """What a config file says: the daemon's settings and the volumes it declares, by name."""
 
     volumes: dict[str, VolumeConfig] = dataclasses.field(default_factory=dict)
+    engines: dict[str, EngineConfig] = dataclasses.field(default_factory=dict)
     #: The Docker volume driver name to serve (`parse_plugin_name`); None: not set here.
     docker_plugin: str | None = None
     #: Where to serve Prometheus metrics (`parse_metrics_address`): "HOST:PORT" or "off".
@@ -125,6 +138,40 @@ def metrics_address(flag: str | None, config: DaemonConfig | None, run_dir: Path
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 
 
+#: The engine of the host's own store, which every host has; not a name for ``[engines.NAME]``.
+LOCAL_ENGINE = "local"
+
+
+def parse_engine_name(value: object) -> str:
+    """An engine's name: ``local`` or the name of an ``[engines.NAME]`` table (a volume
+    name's rules: letters, digits, ``_.-``, at most 64 characters)."""
+    if not isinstance(value, str):
+        raise VolfsError("an engine name must be a string, such as local or cluster")
+    return check_name(value)
+
+
+#: The URL schemes of a PostgreSQL database (libpq's).
+ENGINE_URL_SCHEMES = ("postgresql://", "postgres://")
+
+
+def parse_engine_url(value: object) -> str:
+    """A cluster engine's ``url``: a libpq connection URI of its PostgreSQL database."""
+    if not isinstance(value, str) or not value.startswith(ENGINE_URL_SCHEMES):
+        raise VolfsError(
+            "url must be a PostgreSQL connection URI, such as postgresql://volfs@db.internal/volfs"
+        )
+    return value
+
+
+def redact_url(url: str) -> str:
+    """*url* with any password replaced by ``***``, for messages and listings."""
+    scheme, sep, rest = url.partition("://")
+    userinfo, at, host = rest.rpartition("@")
+    if not at or ":" not in userinfo:
+        return url
+    return f"{scheme}{sep}{userinfo.split(':', 1)[0]}:***@{host}"
+
+
 def parse_duration(value: object) -> float:
     """A duration: a whole number and a unit (``90s``, ``30m``, ``12h``, ``7d``), as seconds;
     "off" is 0 (never)."""
@@ -179,7 +226,10 @@ VOLUME_KEYS: dict[str, Callable[[Any], object]] = {
     "gid": parse_gid,
     "mode": parse_mode,
     "scrub_every": parse_duration,
+    "engine": parse_engine_name,
 }
+#: The keys of an ``[engines.NAME]`` table, each with its parser.
+ENGINE_KEYS: dict[str, Callable[[Any], object]] = {"url": parse_engine_url}
 #: The top-level daemon keys, each with its parser.  Each is a field of DaemonConfig.
 DAEMON_KEYS: dict[str, Callable[[Any], object]] = {
     "docker_plugin": parse_plugin_name,
@@ -188,7 +238,10 @@ DAEMON_KEYS: dict[str, Callable[[Any], object]] = {
     "log_format": parse_log_format,
 }
 #: The tables of the file: ``[NAME.*]`` -> the keys of each of its sub-tables.
-TABLES: dict[str, dict[str, Callable[[Any], object]]] = {"volumes": VOLUME_KEYS}
+TABLES: dict[str, dict[str, Callable[[Any], object]]] = {
+    "volumes": VOLUME_KEYS,
+    "engines": ENGINE_KEYS,
+}
 #: Tables that hold credentials: a file with one must not be readable by others.
 CREDENTIAL_TABLES = ("engines",)
 
@@ -210,29 +263,51 @@ def load_config(path: Path) -> DaemonConfig:
         if key not in DAEMON_KEYS:
             raise VolfsError(
                 f"config file {path}: unknown key {key[:40]!r} at the top level: the keys are "
-                f"{', '.join(DAEMON_KEYS)}, and [volumes.NAME] tables"
+                f"{', '.join(DAEMON_KEYS)}, and [volumes.NAME] and [engines.NAME] tables"
             )
         settings[key] = _parsed(DAEMON_KEYS[key], value, f"config file {path}, key {key!r}")
-    volumes = document.get("volumes", {})
-    if not isinstance(volumes, dict):
-        raise VolfsError(f"config file {path}: volumes: expected only [volumes.NAME] tables")
-    declared = {name: _volume(path, name, spec) for name, spec in volumes.items()}
-    return DaemonConfig(volumes=declared, **settings)
+    declared = {name: VolumeConfig(**values) for name, values in _tables(path, document, "volumes")}
+    engines = {name: EngineConfig(**values) for name, values in _tables(path, document, "engines")}
+    for name in engines:
+        if name == LOCAL_ENGINE:
+            raise VolfsError(
+                f"config file {path}: [engines.{LOCAL_ENGINE}] is the host's own store and "
+                "takes no table: give the cluster engine another name"
+            )
+    for name, spec in declared.items():
+        if spec.engine != LOCAL_ENGINE and spec.engine not in engines:
+            raise VolfsError(
+                f"config file {path}, volume {name!r}: engine {spec.engine!r} has no "
+                f"[engines.{spec.engine}] table"
+            )
+    return DaemonConfig(volumes=declared, engines=engines, **settings)
 
 
-def _volume(path: Path, name: str, spec: object) -> VolumeConfig:
-    where = f"config file {path}, volume {name!r}"
-    check = _parsed(check_name, name, where)
-    if not isinstance(spec, dict):
-        raise VolfsError(f"{where}: [volumes.{check}] must be a table")
-    unknown = sorted(set(spec) - set(VOLUME_KEYS))
-    if unknown:
-        raise VolfsError(
-            f"{where}: unknown key {unknown[0][:40]!r} in [volumes.{check}]; "
-            f"allowed keys are {', '.join(VOLUME_KEYS)}"
+def _tables(path: Path, document: dict[str, Any], kind: str) -> list[tuple[str, dict[str, Any]]]:
+    """The ``[KIND.NAME]`` tables of *document*, each checked and its values parsed."""
+    keys = TABLES[kind]
+    tables = document.get(kind, {})
+    if not isinstance(tables, dict):
+        raise VolfsError(f"config file {path}: {kind}: expected only [{kind}.NAME] tables")
+    parsed = []
+    for name, spec in tables.items():
+        where = f"config file {path}, {kind.removesuffix('s')} {name!r}"
+        check = _parsed(check_name, name, where)
+        if not isinstance(spec, dict):
+            raise VolfsError(f"{where}: [{kind}.{check}] must be a table")
+        unknown = sorted(set(spec) - set(keys))
+        if unknown:
+            raise VolfsError(
+                f"{where}: unknown key {unknown[0][:40]!r} in [{kind}.{check}]; "
+                f"allowed keys are {', '.join(keys)}"
+            )
+        missing = [key for key in ENGINE_KEYS if kind == "engines" and key not in spec]
+        if missing:
+            raise VolfsError(f'{where}: [{kind}.{check}] needs {missing[0]} = "..."')
+        parsed.append(
+            (check, {key: _parsed(keys[key], value, where) for key, value in spec.items()})
         )
-    values = {key: _parsed(VOLUME_KEYS[key], value, where) for key, value in spec.items()}
-    return VolumeConfig(**values)
+    return parsed
 
 
 def _parsed(parse: Callable[[Any], Any], value: object, where: str) -> Any:
