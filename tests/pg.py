@@ -10,6 +10,11 @@ pid at the end of the session, also when a test failed.
 `pg_url` (function scope) creates a database for one test and drops it at the end (the
 connections a test left open are ended with it).
 
+`EngineWorker` is one mount worker serving a volume of the engine (`volfs.worker
+--engine-url-fd`): a "host" of the volume.  `pg_hosts` gives a test a factory of them and
+stops every one it started, by pid, and detaches its mount, also when the test failed; a test
+that passed must leave no ERROR line in any worker's log but those it declares.
+
 Without the PostgreSQL binaries the tests that need them are skipped, saying so, except in CI
 (``CI=true``), where that is a failure: CI installs them (.ci/run, install.sh).
 """
@@ -22,15 +27,19 @@ import pwd
 import shutil
 import signal
 import subprocess
+import sys
 import tempfile
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import psycopg
 import pytest
 
-from helpers import alive, wait_gone
+from volfs import mounts
+
+import audit
+from helpers import alive, end, wait_gone
 
 PG_USER = "postgres"
 PORT = 5432  # the socket's name only: it lives in the server's private directory
@@ -119,3 +128,67 @@ def pg_url(pg_server: PostgresServer) -> Iterator[str]:
     finally:
         with contextlib.suppress(psycopg.Error):
             pg_server.execute(f"DROP DATABASE {name} WITH (FORCE)")
+
+
+class EngineWorker:
+    """A mount worker serving volume *name* of the engine at *url* at *mountpoint*."""
+
+    def __init__(self, url: str, name: str, base: Path) -> None:
+        self.base = base
+        self.mountpoint = base / "mnt"
+        self.mountpoint.mkdir(parents=True)
+        (base / "store").mkdir()
+        (base / "logs").mkdir()
+        self.log = base / "logs" / "worker.log"  # where `audit.log_faults` reads
+        url_r, url_w = os.pipe()
+        ready_r, ready_w = os.pipe()
+        os.write(url_w, url.encode())
+        os.close(url_w)
+        with open(self.log, "wb") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "volfs.worker", "--root", str(base / "store"), "--name",
+                 name, "--mountpoint", str(self.mountpoint), "--ready-fd", str(ready_w),
+                 "--engine-url-fd", str(url_r)],
+                pass_fds=(url_r, ready_w), stdin=subprocess.DEVNULL, stdout=log, stderr=log,
+                start_new_session=True,
+            )  # fmt: skip
+        os.close(url_r)
+        os.close(ready_w)
+        with os.fdopen(ready_r, "rb") as ready:
+            line = ready.readline().decode()
+        if not line.startswith("ok"):
+            self.stop()
+            raise AssertionError(f"the worker did not mount ({line!r}):\n{self.log_text()}")
+
+    def log_text(self) -> str:
+        return self.log.read_text(errors="replace")
+
+    def stop(self) -> None:
+        """End the worker by its pid (SIGTERM: it unmounts), and detach a mount it left."""
+        end(self.proc.pid, grace=30)
+        self.proc.wait()
+        if mounts.find_mount(self.mountpoint) is not None:
+            mounts.detach(str(self.mountpoint), lazy=True)
+
+
+@pytest.fixture
+def pg_hosts(pg_url: str, request: pytest.FixtureRequest) -> Iterator[Callable[..., EngineWorker]]:
+    """A factory of workers serving volumes of this test's database (`EngineWorker`): each
+    one a host.  The test's ``expect_log`` marker names the errors it provokes."""
+    started: list[EngineWorker] = []
+    base = Path(tempfile.mkdtemp(prefix="volfs-pghosts-"))
+
+    def start(name: str = "v") -> EngineWorker:
+        worker = EngineWorker(pg_url, name, base / f"host{len(started)}")
+        started.append(worker)
+        return worker
+
+    try:
+        yield start
+    finally:
+        for worker in started:
+            worker.stop()
+        shutil.rmtree(base, ignore_errors=True)
+    expected = audit.expected_log(request.node)
+    faults = [f for worker in started for f in audit.log_faults(worker.base, expected)]
+    assert not faults, "the workers logged errors:\n" + "\n".join(faults)
