@@ -36,7 +36,7 @@ from volfs.store.log import segment_name
 from volfs.store.root import StoreRoot
 from volfs.store.volume import Volume
 
-from pg import pg_server, pg_url  # noqa: F401  (fixtures)
+pytest_plugins = ["pg"]  # its fixtures: pg_server, pg_url
 
 ROOT = pyfuse3.ROOT_INODE
 

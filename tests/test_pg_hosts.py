@@ -11,10 +11,12 @@ import threading
 import psycopg
 import pytest
 
+from volfs.pg.feed import FEED_PURPOSE
 from volfs.pg.schema import create_volume
 
 from helpers import wait_until
-from pg import pg_hosts, pg_server, pg_url  # noqa: F401  (fixtures)
+
+pytest_plugins = ["pg"]  # its fixtures: pg_server, pg_url, pg_hosts
 
 #: How long a change may take to reach the other mount through the feed (generous: a loaded
 #: machine; it normally takes milliseconds).
@@ -68,14 +70,14 @@ def test_rmdir_against_a_create_inside_leaves_no_orphan(pg_url, pg_hosts):
         wait_until(lambda d=d: (b.mountpoint / d).is_dir(), "the directory on b", FEED_WAIT)
         outcome: dict[str, object] = {}
 
-        def remove(d: str = d) -> None:
+        def remove(d: str = d, outcome: dict[str, object] = outcome) -> None:
             try:
                 os.rmdir(a.mountpoint / d)
                 outcome["rmdir"] = True
             except OSError as exc:
                 outcome["rmdir"] = exc.errno
 
-        def create(d: str = d) -> None:
+        def create(d: str = d, outcome: dict[str, object] = outcome) -> None:
             try:
                 (b.mountpoint / d / "inside").write_bytes(b"x")
                 outcome["create"] = True
@@ -142,3 +144,27 @@ def test_a_damaged_block_is_eio_and_a_log_line(pg_url, pg_hosts):
             f.read(65536)
     assert info.value.errno == errno.EIO
     assert "damaged data in inode" in b.log_text()
+
+
+def test_a_lost_feed_drops_every_cache_and_reconnects(pg_url, pg_hosts):
+    create_volume(pg_url, "v")
+    a, b = pg_hosts(), pg_hosts()
+    (a.mountpoint / "f").write_bytes(b"data")
+    os.chmod(a.mountpoint / "f", 0o644)
+    assert (b.mountpoint / "f").stat().st_mode & 0o777 == 0o644  # now in b's kernel caches
+    with psycopg.connect(pg_url, autocommit=True) as conn:
+        # Changes b's feed never hears of (no NOTIFY), as if made while it was disconnected.
+        conn.execute("UPDATE inodes SET mode = mode - %s + %s WHERE ino > 1", (0o644, 0o600))
+        conn.execute("UPDATE entries SET name = 'g' WHERE name = 'f'")
+        assert (b.mountpoint / "f").stat().st_mode & 0o777 == 0o644  # stale, as it should be
+        ended = conn.execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = %s",
+            (f"{FEED_PURPOSE} {b.proc.pid}",),
+        ).fetchall()
+        assert ended == [(True,)]
+    wait_until(lambda: not (b.mountpoint / "f").exists(), "b to drop its cached name", FEED_WAIT)
+    assert (b.mountpoint / "g").stat().st_mode & 0o777 == 0o600
+    assert "dropped every cache" in b.log_text()
+    (a.mountpoint / "h").write_bytes(b"after")  # and the new connection hears again
+    wait_until(lambda: (b.mountpoint / "h").exists(), "a change after the reconnection",
+               FEED_WAIT)  # fmt: skip

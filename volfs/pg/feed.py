@@ -37,6 +37,7 @@ log = logging.getLogger(__name__)
 
 RECONNECT_FIRST = 0.1  #: seconds before the first reconnection, doubled up to the next
 RECONNECT_MOST = 5.0
+FEED_PURPOSE = "volfs-feed"  #: its connection's application_name (with the pid)
 
 InvalidateInode = Callable[[int], None]
 InvalidateEntry = Callable[[int, bytes], None]
@@ -91,7 +92,7 @@ class ChangeFeed:
                     conn.close()
 
     def _listen(self) -> psycopg.Connection[Any]:
-        conn = schema.connect(self.model.url)
+        conn = schema.connect(self.model.url, FEED_PURPOSE)
         try:
             conn.execute(f'LISTEN "{self.model.channel}"')
         except BaseException:

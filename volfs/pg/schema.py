@@ -13,6 +13,7 @@ number), without a row every create would update.
 
 from __future__ import annotations
 
+import os
 import stat
 from dataclasses import dataclass
 from typing import Any
@@ -124,12 +125,14 @@ class VolumeRow:
     created: str
 
 
-def connect(url: str) -> psycopg.Connection[Any]:
+def connect(url: str, purpose: str = "volfs") -> psycopg.Connection[Any]:
     """A connection to the engine at *url* (autocommit: transactions are explicit) with the
     session settings above and TCP keepalives (a silently dead peer is found within about
-    10 s); `VolfsError` (unavailable) that never shows the URL (it may hold a password)."""
+    10 s); `VolfsError` (unavailable) that never shows the URL (it may hold a password).
+    *purpose* and the pid name it in ``pg_stat_activity`` (its ``application_name``)."""
     try:
         return psycopg.connect(url, autocommit=True, options=SESSION_OPTIONS,
+                               application_name=f"{purpose} {os.getpid()}",
                                connect_timeout=CONNECT_TIMEOUT, keepalives=1,
                                keepalives_idle=5, keepalives_interval=2,
                                keepalives_count=3)  # fmt: skip
