@@ -52,7 +52,7 @@ class PgNode:
     __slots__ = ("_view", "atime_ns", "ctime_ns", "gid", "ino", "mode", "mtime_ns", "nlink",
                  "parent", "rdev", "size", "stored", "target", "uid", "xattrs")  # fmt: skip
 
-    def __init__(self, view: PgView, row: tuple[Any, ...] | None = None) -> None:
+    def __init__(self, view: _RowsView, row: tuple[Any, ...] | None = None) -> None:
         self._view = view
         self.xattrs: dict[bytes, bytes] | None = None
         self.target: bytes | None = None
@@ -81,8 +81,9 @@ class PgNode:
         self._view.count(self.ino, 1, value - self.opens)
 
 
-class PgView:
-    """`volfs.model.VolumeView` of one attempt of one step, on the step's connection."""
+class _RowsView:
+    """What `PgView` builds on: nodes from rows, the lookups, the figures, the references,
+    and saving a node's columns."""
 
     def __init__(self, model: PgModel, conn: psycopg.Connection[Any]) -> None:
         self.model = model
@@ -208,7 +209,7 @@ class PgView:
             self.conn.execute("UPDATE volumes SET used = used + %s, inodes = inodes + %s"
                               " WHERE id = %s", (self._used, self._inodes, self.vid))  # fmt: skip
 
-    # -- changes --------------------------------------------------------------------------
+    # -- saving ---------------------------------------------------------------------------
 
     def _save(self, node: PgNode, *columns: str) -> None:
         sets = ", ".join(f"{c} = %s" for c in columns)
@@ -221,6 +222,31 @@ class PgView:
         if mtime:
             node.mtime_ns = now_ns
         self._save(node, "ctime_ns", *(("mtime_ns",) if mtime else ()), *more)
+
+    def _current(self, inode: PgNode) -> PgNode:
+        """*inode* as this step reads it: a node from an earlier step (an open handle's) is
+        read anew, and what is read is copied into it for the caller."""
+        node = self._refreshed(inode)
+        if node is None:
+            raise OSError(errno.ESTALE, f"inode {inode.ino} is gone (removed by another host)")
+        return node
+
+    def _refreshed(self, inode: PgNode) -> PgNode | None:
+        if self._nodes.get(inode.ino) is inode:
+            return inode
+        fresh = self.inode(inode.ino)
+        if fresh is None:
+            return None
+        for attr in (*_ATTRS, "stored", "nlink", "xattrs", "parent"):
+            setattr(inode, attr, getattr(fresh, attr))
+        self._nodes[inode.ino] = inode
+        return inode
+
+
+class PgView(_RowsView):
+    """`volfs.model.VolumeView` of one attempt of one step, on the step's connection."""
+
+    # -- changes --------------------------------------------------------------------------
 
     def new_inode(self, mode: int, uid: int, gid: int, rdev: int, now_ns: int) -> PgNode:
         row = self.conn.execute("SELECT nextval('inode_numbers')").fetchone()
@@ -345,25 +371,6 @@ class PgView:
         self._touch(inode, now_ns, False)
 
     # -- data -----------------------------------------------------------------------------
-
-    def _current(self, inode: PgNode) -> PgNode:
-        """*inode* as this step reads it: a node from an earlier step (an open handle's) is
-        read anew, and what is read is copied into it for the caller."""
-        node = self._refreshed(inode)
-        if node is None:
-            raise OSError(errno.ESTALE, f"inode {inode.ino} is gone (removed by another host)")
-        return node
-
-    def _refreshed(self, inode: PgNode) -> PgNode | None:
-        if self._nodes.get(inode.ino) is inode:
-            return inode
-        fresh = self.inode(inode.ino)
-        if fresh is None:
-            return None
-        for attr in (*_ATTRS, "stored", "nlink", "xattrs", "parent"):
-            setattr(inode, attr, getattr(fresh, attr))
-        self._nodes[inode.ino] = inode
-        return inode
 
     def write(self, inode: PgNode, offset: int, data: bytes, now_ns: int) -> None:
         node = self._current(inode)
