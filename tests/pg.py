@@ -45,7 +45,7 @@ PG_USER = "postgres"
 PORT = 5432  # the socket's name only: it lives in the server's private directory
 
 
-def _bin_dir() -> Path | None:
+def bin_dir() -> Path | None:
     found = sorted(Path("/usr/lib/postgresql").glob("*/bin/initdb"))
     return found[-1].parent if found else None
 
@@ -104,13 +104,13 @@ class PostgresServer:
 @pytest.fixture(scope="session")
 def pg_server() -> Iterator[PostgresServer]:
     """The session's PostgreSQL server (see the module's docstring)."""
-    bin_dir = _bin_dir()
-    if bin_dir is None or shutil.which("runuser") is None:
+    found = bin_dir()
+    if found is None or shutil.which("runuser") is None:
         why = "PostgreSQL's binaries (Debian's postgresql) are not installed"
         if os.environ.get("CI") == "true":
             pytest.fail(f"{why}: .ci/run must install them", pytrace=False)
         pytest.skip(why)
-    server = PostgresServer(bin_dir, Path(tempfile.mkdtemp(prefix="volfs-pg-")))
+    server = PostgresServer(found, Path(tempfile.mkdtemp(prefix="volfs-pg-")))
     try:
         server.start()
         yield server
