@@ -19,8 +19,11 @@ packages=(fuse3 libfuse3-dev pkg-config gcc python3-dev python3-venv patch)
 # own sqlite3 module.) The container tests start their own Docker engine (Debian's docker.io
 # brings dockerd, its own containerd and runc, and the /usr/bin/docker client the tests use)
 # and build their image from busybox-static; docker-compose is for the compose recipe.
+# The PostgreSQL engine's tests start their own server from Debian's postgresql (15); volfs
+# itself needs only its driver, psycopg, which pip installs with its own libpq.
 if [ "$mode" = dev ]; then
-    packages+=(fio bindfs rclone git attr util-linux mount docker.io busybox-static docker-compose)
+    packages+=(fio bindfs rclone git attr util-linux mount docker.io busybox-static docker-compose
+               postgresql)
 fi
 missing=()
 for p in "${packages[@]}"; do

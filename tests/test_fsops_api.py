@@ -24,6 +24,8 @@ import trio
 
 from volfs.fsops import VolumeOperations
 from volfs.localmodel import LocalModel
+from volfs.pg.model import PgModel
+from volfs.pg.schema import connect, create_volume
 from volfs.posix import (
     FALLOC_FL_KEEP_SIZE,
     FALLOC_FL_PUNCH_HOLE,
@@ -33,6 +35,8 @@ from volfs.posix import (
 from volfs.store.log import segment_name
 from volfs.store.root import StoreRoot
 from volfs.store.volume import Volume
+
+pytest_plugins = ["pg"]  # its fixtures: pg_server, pg_url
 
 ROOT = pyfuse3.ROOT_INODE
 
@@ -70,6 +74,16 @@ class Fs:
     def __init__(self, ops: VolumeOperations, volume: Volume) -> None:
         self.ops = ops
         self.volume = volume
+
+    def lookups(self, ino: int) -> int:
+        """The lookup count the operations keep for inode *ino*."""
+        return self.volume.inodes[ino].lookups
+
+    def set_limits(self, size: int, inodes: int) -> None:
+        self.volume.set_limits(size, inodes)
+
+    def close(self) -> None:
+        self.volume.close()
 
     def __getattr__(self, name: str) -> Any:
         handler = getattr(self.ops, name)
@@ -114,6 +128,34 @@ class Fs:
         return self.setattr(ino, attr, flags, None, ctx)
 
 
+class PgFs(Fs):
+    """`Fs` on a volume of the PostgreSQL engine (`volfs.pg`)."""
+
+    def __init__(self, url: str) -> None:
+        create_volume(url, "v")
+        self.model = PgModel(url, "v")
+        self.model.open()
+        self.ops = VolumeOperations(self.model)
+        self.conn = connect(url)
+
+    def names(self, ino: int) -> set[bytes]:
+        rows = self.conn.execute(
+            "SELECT name FROM entries WHERE volume = %s AND parent = %s", (self.model.vid, ino)
+        ).fetchall()
+        return {bytes(name) for (name,) in rows}
+
+    def lookups(self, ino: int) -> int:
+        return self.model.count_of(ino, 0)
+
+    def set_limits(self, size: int, inodes: int) -> None:
+        self.conn.execute("UPDATE volumes SET quota = %s, inode_limit = %s WHERE id = %s",
+                          (size, inodes, self.model.vid))  # fmt: skip
+
+    def close(self) -> None:
+        self.conn.close()
+        self.model.close()
+
+
 def _open_fs(root: StoreRoot, read_only: bool = False, name: str = "v") -> Fs:
     volume = root.open_volume(name)
     return Fs(VolumeOperations(LocalModel(volume), read_only=read_only), volume)
@@ -126,13 +168,17 @@ def store(tmp_path: Path) -> Iterator[StoreRoot]:
     yield root
 
 
-@pytest.fixture
-def fs(store: StoreRoot) -> Iterator[Fs]:
-    fs = _open_fs(store)
+@pytest.fixture(params=["local", "pg"])
+def fs(request: pytest.FixtureRequest) -> Iterator[Fs]:
+    """The operations on a volume of each model: one set of POSIX rules for both."""
+    if request.param == "pg":
+        fs: Fs = PgFs(request.getfixturevalue("pg_url"))
+    else:
+        fs = _open_fs(request.getfixturevalue("store"))
     try:
         yield fs
     finally:
-        fs.volume.close()
+        fs.close()
 
 
 # -- lookups and names -----------------------------------------------------------------------
@@ -149,13 +195,12 @@ def test_lookup_missing_is_a_negative_entry(fs):
 
 def test_lookup_counts_references(fs):
     f = fs.file(ROOT, b"f")
-    inode = fs.volume.inodes[f]
-    before = inode.lookups
+    before = fs.lookups(f)
     fs.lookup(ROOT, b"f", Ctx())
     fs.lookup(ROOT, b"f", Ctx())
-    assert inode.lookups == before + 2
+    assert fs.lookups(f) == before + 2
     fs.forget([(f, 2)])
-    assert inode.lookups == before
+    assert fs.lookups(f) == before
 
 
 def test_new_names_are_checked(fs):
@@ -459,7 +504,7 @@ def test_read_only_refuses_every_change(store):
 
 
 def test_enospc_at_the_inode_limit(fs):
-    fs.volume.set_limits(0, 3)  # the root and two more
+    fs.set_limits(0, 3)  # the root and two more
     a = fs.file(ROOT, b"a")
     fs.dir(ROOT, b"b")
     assert fs.errno_of("create", ROOT, b"c", 0o644, os.O_WRONLY, Ctx()) == errno.ENOSPC
@@ -471,7 +516,7 @@ def test_enospc_at_the_inode_limit(fs):
 
 
 def test_enospc_at_the_size_limit(fs):
-    fs.volume.set_limits(1 << 20, 0)
+    fs.set_limits(1 << 20, 0)
     info, _ = fs.create(ROOT, b"big", 0o644, os.O_WRONLY, Ctx())
     fs.write(info.fh, 0, bytes(512 * 1024))
     assert fs.errno_of("write", info.fh, 512 * 1024, bytes(600 * 1024)) == errno.ENOSPC

@@ -320,7 +320,7 @@ class VolumeOperations(pyfuse3.Operations):
 
     @_errno_guard
     async def open(self, inode: InodeT, flags: FlagT, ctx: RequestContext) -> FileInfo:
-        node = await self.model.run(lambda view: self.rules.open(view, inode, flags))
+        node = await self.model.run(lambda view: view.hold(self.rules.open(view, inode, flags)))
         info = self._open(node)
         if not node.nlink:  # a deleted file opened again (/proc/PID/fd) counts again
             await self.model.run(lambda view: view.forget(node))
@@ -338,7 +338,7 @@ class VolumeOperations(pyfuse3.Operations):
         uid, gid = ctx.uid, ctx.gid
         mode = stat.S_IFREG | (stat.S_IMODE(mode) & ~ctx.umask)
         node = await self.model.run(
-            lambda view: self.rules.new(view, parent_inode, name, mode, uid, gid)
+            lambda view: view.hold(self.rules.new(view, parent_inode, name, mode, uid, gid))
         )
         entry = self._entry(node)
         return self._open(node), entry

@@ -37,6 +37,7 @@ class LocalView:
         "fallocate",
         "forget",
         "has_xattr",
+        "hold",
         "inode",
         "link",
         "name",
@@ -71,6 +72,7 @@ class LocalView:
         self.seek = volume.seek
         self.has_xattr = volume.has_xattr
         self.forget = volume.forget
+        self.hold = _same
         self.sync = volume.sync
         self.inode = volume.inodes.get  # the lookup by number, itself
 
@@ -105,6 +107,11 @@ class LocalView:
         return self.volume.disk_stats()
 
 
+def _same(inode: Inode) -> Inode:
+    """`hold`: one process serves the volume, so the lookup and open counts are enough."""
+    return inode
+
+
 def _read_only(*_args: object, **_kwargs: object) -> NoReturn:
     raise OSError(errno.EROFS, "a snapshot is read-only")
 
@@ -132,6 +139,7 @@ class SnapshotView(LocalView):
         self.seek = state.seek
         self.has_xattr = state.has_xattr
         self.forget = _keep  # type: ignore[assignment]  # (mypy reads the slot as unbound)
+        self.hold = _same
         self.sync = _durable
         self.inode = state.inodes.get
 

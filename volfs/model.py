@@ -151,7 +151,8 @@ class VolumeView(Protocol):
         ...
 
     def has_xattr(self, name: bytes) -> bool:
-        """Whether any inode has the extended attribute *name* (once per mount: may scan)."""
+        """Whether any inode has the extended attribute *name* (once per mount: may scan);
+        on a volume other hosts change too always True: any of them may set it later."""
         ...
 
     def read(self, inode: Node, offset: int, size: int) -> bytes:
@@ -166,6 +167,12 @@ class VolumeView(Protocol):
 
     def forget(self, inode: Node) -> None:
         """Drop an unlinked inode once no lookups or opens reach it any more."""
+        ...
+
+    def hold(self, inode: Node) -> Node:
+        """*inode*, which this process is about to open: a model shared by several hosts
+        records that it is open here, so that no other host frees it while it is (`forget`
+        lets go); the local model has nothing to record."""
         ...
 
     def sync(self) -> None:

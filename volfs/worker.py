@@ -31,6 +31,8 @@ from volfs.errors import ErrorCode, StoreError, VolfsError
 from volfs.fsops import VolumeOperations
 from volfs.localmodel import LocalModel
 from volfs.opstats import OpStats
+from volfs.pg.feed import ChangeFeed
+from volfs.pg.model import PgModel
 from volfs.store import checkpoints, history, snapshots
 from volfs.store.readonly import ReadOnlyState
 from volfs.store.root import StoreRoot
@@ -44,6 +46,9 @@ HOUSEKEEPING_INTERVAL = 1.0
 HOUSEKEEPING_RETRY = 30.0
 #: Larger kernel read-ahead for the mount: reads otherwise arrive in 128 KiB pieces.
 READ_AHEAD_KB = 1024
+#: pyfuse3 tasks reading requests for a volume of an engine: its handlers wait on the
+#: database, so others are served meanwhile (more than its connections, which queue them).
+ENGINE_TASKS = 8
 
 
 def mount_options(name: str, read_only: bool) -> set[str]:
@@ -135,10 +140,10 @@ async def _stop_on_signals() -> None:
 
 
 def _answer(
-    served: _Opened, status: dict[str, object], stats: OpStats
+    served: _Opened | _FromEngine, status: dict[str, object], stats: OpStats
 ) -> Callable[[requests.WorkerRequest], Awaitable[dict[str, object]]]:
-    """The worker's answers to its control requests (a snapshot it serves only answers
-    status and stats)."""
+    """The worker's answers to its control requests (a snapshot or a volume of an engine it
+    serves only answers status and stats)."""
     volume = served.volume
 
     async def answer(request: requests.WorkerRequest) -> dict[str, object]:
@@ -148,7 +153,8 @@ def _answer(
         if isinstance(request, requests.WorkerStatsRequest):
             return {**stats.snapshot(), **_figures(served)}
         if volume is None:
-            raise VolfsError(f"{status['name']} is a snapshot: it cannot be changed",
+            what = "a snapshot" if isinstance(served, _Opened) else "served from an engine"
+            raise VolfsError(f"{status['name']} is {what}: this worker cannot change it",
                              ErrorCode.INVALID)  # fmt: skip
         match request:
             case requests.SetLimitsRequest(size=size, inodes=inodes):
@@ -170,8 +176,10 @@ def _answer(
     return answer
 
 
-def _figures(served: _Opened) -> dict[str, object]:
+def _figures(served: _Opened | _FromEngine) -> dict[str, object]:
     """The served volume's figures for metrics: used, size, inodes, the log on disk."""
+    if isinstance(served, _FromEngine):
+        return {"used": 0, "inodes": 0, "size": 0, "retries": served.model.retries}
     state = served.state
     volume = served.volume
     return {
@@ -226,7 +234,7 @@ async def _take_snapshot(volume: Volume, snap: str) -> dict[str, Any]:
 
 
 async def _serve(
-    served: _Opened,
+    served: _Opened | _FromEngine,
     control: socket.socket | None,
     status: dict[str, object],
     operations: VolumeOperations,
@@ -236,12 +244,18 @@ async def _serve(
     async with trio.open_nursery() as nursery:
         if served.volume is not None:
             nursery.start_soon(_housekeeping, served.volume)
+        tasks = 1
+        if isinstance(served, _FromEngine):
+            feed = ChangeFeed(served.model, pyfuse3.invalidate_inode, pyfuse3.invalidate_entry)
+            nursery.start_soon(feed.run)
+            tasks = ENGINE_TASKS
         nursery.start_soon(_stop_on_signals)
         if control is not None:
             nursery.start_soon(workerctl.serve, control, _answer(served, status, stats))
-        # One reading task: handlers never await, so a second task could not overlap with
-        # the first; it would only cost a lock hand-off between the two on every request.
-        await pyfuse3.main(min_tasks=1, max_tasks=1)
+        # One reading task for the local model: its handlers never await, so a second task
+        # could not overlap with the first; it would only cost a lock hand-off between the
+        # two on every request.
+        await pyfuse3.main(min_tasks=1, max_tasks=tasks)
         nursery.cancel_scope.cancel()
 
 
@@ -265,6 +279,19 @@ class _Opened:
             self._held = -1
 
 
+class _FromEngine:
+    """A volume served from an engine (PostgreSQL): its model, one session of it."""
+
+    volume = None  #: no local store volume: nothing to housekeep, resize or snapshot here
+
+    def __init__(self, url: str, name: str) -> None:
+        self.model = PgModel(url, name)
+        self.model.open()
+
+    def close(self) -> None:
+        self.model.close()
+
+
 def serve(
     root: Path,
     name: str,
@@ -272,25 +299,32 @@ def serve(
     read_only: bool,
     ready_fd: int | None,
     run_dir: Path | None = None,
+    engine_url: str | None = None,
 ) -> None:
     """Serve volume *name* at *mountpoint* until it is unmounted or a signal arrives.
 
     With *run_dir* (a daemon's), also answer on the worker control socket there, so that
-    the daemon, or the next one, can find and adopt this worker.
+    the daemon, or the next one, can find and adopt this worker.  With *engine_url*, the
+    volume is the one of that name in that PostgreSQL engine, not in the store at *root*.
     """
     # Loading makes an object or more per file and no reference cycles: collections during
     # it would only cost (half the load time at 300k files), and scanning those long-lived
     # objects again at every later full collection would make each request dearer the larger
     # the volume.  So: no collector while loading, and what was loaded is frozen.
-    gc.disable()
-    try:
-        store = StoreRoot(root)
-        served = _Opened(store, name)
-    finally:
-        gc.enable()
-    gc.freeze()
-    read_only = read_only or served.volume is None
-    operations = VolumeOperations(LocalModel(served.state), read_only=read_only)
+    store = StoreRoot(root)
+    served: _Opened | _FromEngine
+    if engine_url is not None:
+        served = _FromEngine(engine_url, name)
+        operations = VolumeOperations(served.model, read_only=read_only)
+    else:
+        gc.disable()
+        try:
+            served = _Opened(store, name)
+        finally:
+            gc.enable()
+        gc.freeze()
+        read_only = read_only or served.volume is None
+        operations = VolumeOperations(LocalModel(served.state), read_only=read_only)
     if served.volume is not None:
         served.volume.log.on_flush = operations.stats.flushed
     try:
@@ -356,10 +390,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--run-dir", type=Path, help="the daemon's: serve a control socket there")
     parser.add_argument("--log-format", choices=logs.FORMATS, default="text")
     parser.add_argument("--journal", action="store_true", help="log to the journal (natively)")
+    parser.add_argument("--engine-url-fd", type=int,
+                        help="serve the volume from the PostgreSQL engine whose URL this "
+                        "inherited descriptor holds (read to its end, then closed)")  # fmt: skip
     args = parser.parse_args(argv)
     logs.configure(args.log_format, logs.WORKER_LAYOUT, journal=args.journal, volume=args.name)
     try:
-        serve(args.root, args.name, args.mountpoint, args.read_only, args.ready_fd, args.run_dir)
+        url = None if args.engine_url_fd is None else _read_url(args.engine_url_fd)
+        serve(args.root, args.name, args.mountpoint, args.read_only, args.ready_fd, args.run_dir,
+              url)  # fmt: skip
     except VolfsError as exc:
         log.error("%s", exc)
         if args.ready_fd is not None:
@@ -367,6 +406,25 @@ def main(argv: list[str] | None = None) -> int:
                 os.write(args.ready_fd, f"error: {exc}\n".encode())
         return 1
     return 0
+
+
+def _read_url(fd: int) -> str:
+    """The engine URL an inherited descriptor holds: never on the command line, where `ps`
+    would show its password."""
+    chunks = []
+    try:
+        while chunk := os.read(fd, 4096):
+            chunks.append(chunk)
+    except OSError as exc:
+        raise VolfsError(f"cannot read the engine URL from descriptor {fd}: {exc.strerror}",
+                         ErrorCode.INVALID) from None  # fmt: skip
+    finally:
+        with contextlib.suppress(OSError):
+            os.close(fd)
+    url = b"".join(chunks).decode().strip()
+    if not url:
+        raise VolfsError(f"descriptor {fd} holds no engine URL", ErrorCode.INVALID)
+    return url
 
 
 if __name__ == "__main__":

@@ -1,0 +1,170 @@
+"""One PostgreSQL volume served by two workers at once, as two hosts would: what one host
+changes the other sees, the namespace stays serializable, the quota is exact across both,
+and damaged data is EIO, never wrong bytes.  Real PostgreSQL, real mounts (tests/pg.py)."""
+
+from __future__ import annotations
+
+import errno
+import os
+import threading
+
+import psycopg
+import pytest
+
+from volfs.pg.feed import FEED_PURPOSE
+from volfs.pg.schema import create_volume
+
+from helpers import wait_until
+
+pytest_plugins = ["pg"]  # its fixtures: pg_server, pg_url, pg_hosts
+
+#: How long a change may take to reach the other mount through the feed (generous: a loaded
+#: machine; it normally takes milliseconds).
+FEED_WAIT = 10
+
+
+def _read(path) -> bytes:
+    with open(path, "rb") as f:
+        return f.read()
+
+
+def test_a_change_on_one_host_is_seen_on_the_other(pg_url, pg_hosts):
+    create_volume(pg_url, "v")
+    a, b = pg_hosts(), pg_hosts()
+    (a.mountpoint / "f").write_bytes(b"one")
+    assert _read(b.mountpoint / "f") == b"one"  # close-to-open
+    assert not (b.mountpoint / "later").exists()  # a negative entry b's kernel caches
+    (a.mountpoint / "later").write_bytes(b"new")
+    wait_until(lambda: (b.mountpoint / "later").exists(), "the new name on b", FEED_WAIT)
+    (a.mountpoint / "f").write_bytes(b"second version")  # attributes and pages b cached
+    wait_until(lambda: _read(b.mountpoint / "f") == b"second version", "the rewrite on b",
+               FEED_WAIT)  # fmt: skip
+    os.rename(a.mountpoint / "f", a.mountpoint / "g")
+    wait_until(lambda: not (b.mountpoint / "f").exists(), "the rename on b", FEED_WAIT)
+    assert _read(b.mountpoint / "g") == b"second version"
+    with open(b.mountpoint / "g", "ab") as f:  # and back the other way
+        f.write(b" appended")
+    wait_until(lambda: _read(a.mountpoint / "g").endswith(b"appended"), "the append on a",
+               FEED_WAIT)  # fmt: skip
+
+
+def test_an_open_file_unlinked_elsewhere_stays_readable(pg_url, pg_hosts):
+    create_volume(pg_url, "v")
+    a, b = pg_hosts(), pg_hosts()
+    (a.mountpoint / "f").write_bytes(b"kept")
+    with open(b.mountpoint / "f", "rb") as held:
+        os.unlink(a.mountpoint / "f")
+        wait_until(lambda: not (b.mountpoint / "f").exists(), "the unlink on b", FEED_WAIT)
+        assert held.read() == b"kept"
+    with psycopg.connect(pg_url) as conn:  # b let go: the inode and its data are gone
+        wait_until(lambda: conn.execute("SELECT count(*) FROM inodes").fetchone()[0] == 1,
+                   "the unlinked inode to be freed", FEED_WAIT)  # fmt: skip
+
+
+def test_rmdir_against_a_create_inside_leaves_no_orphan(pg_url, pg_hosts):
+    create_volume(pg_url, "v")
+    a, b = pg_hosts(), pg_hosts()
+    for round_ in range(20):
+        d = f"d{round_}"
+        os.mkdir(a.mountpoint / d)
+        wait_until(lambda d=d: (b.mountpoint / d).is_dir(), "the directory on b", FEED_WAIT)
+        outcome: dict[str, object] = {}
+
+        def remove(d: str = d, outcome: dict[str, object] = outcome) -> None:
+            try:
+                os.rmdir(a.mountpoint / d)
+                outcome["rmdir"] = True
+            except OSError as exc:
+                outcome["rmdir"] = exc.errno
+
+        def create(d: str = d, outcome: dict[str, object] = outcome) -> None:
+            try:
+                (b.mountpoint / d / "inside").write_bytes(b"x")
+                outcome["create"] = True
+            except OSError as exc:
+                outcome["create"] = exc.errno
+
+        threads = [threading.Thread(target=remove), threading.Thread(target=create)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        # Exactly one of them won, whichever order the database put them in.
+        assert (outcome["rmdir"] is True) != (outcome["create"] is True), outcome
+        assert outcome.get("rmdir") in (True, errno.ENOTEMPTY), outcome
+        assert outcome.get("create") in (True, errno.ENOENT), outcome
+    with psycopg.connect(pg_url) as conn:
+        orphans = conn.execute(
+            "SELECT count(*) FROM entries e WHERE NOT EXISTS (SELECT 1 FROM inodes i WHERE"
+            " i.volume = e.volume AND i.ino = e.parent AND i.nlink > 0)"
+        ).fetchone()[0]
+    assert orphans == 0
+
+
+def test_the_quota_is_exact_across_hosts(pg_url, pg_hosts):
+    create_volume(pg_url, "v", quota=1 << 20)
+    a, b = pg_hosts(), pg_hosts()
+    results: dict[str, int] = {}
+
+    def fill(host, key: str) -> None:
+        written = 0
+        try:
+            with open(host.mountpoint / key, "wb", buffering=0) as f:
+                while True:
+                    written += f.write(bytes(64 * 1024))
+        except OSError as exc:
+            assert exc.errno == errno.ENOSPC
+        results[key] = written
+
+    threads = [threading.Thread(target=fill, args=(h, k)) for h, k in ((a, "a"), (b, "b"))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert results["a"] + results["b"] == 1 << 20
+    with psycopg.connect(pg_url) as conn:
+        used, stored = conn.execute(
+            "SELECT used, (SELECT sum(stored) FROM inodes) FROM volumes"
+        ).fetchone()
+    assert used == stored == 1 << 20
+
+
+@pytest.mark.expect_log("damaged data in inode")
+def test_a_damaged_block_is_eio_and_a_log_line(pg_url, pg_hosts):
+    create_volume(pg_url, "v")
+    a = pg_hosts()
+    (a.mountpoint / "f").write_bytes(os.urandom(200_000))
+    with psycopg.connect(pg_url, autocommit=True) as conn:
+        conn.execute("UPDATE blocks SET data = set_byte(data, 100, get_byte(data, 100) # 1)"
+                     " WHERE idx = 1")  # fmt: skip
+    b = pg_hosts()  # a host whose kernel has no pages of it yet
+    with open(b.mountpoint / "f", "rb") as f:
+        assert len(f.read(65536)) == 65536  # block 0 is intact
+        with pytest.raises(OSError) as info:
+            f.read(65536)
+    assert info.value.errno == errno.EIO
+    assert "damaged data in inode" in b.log_text()
+
+
+def test_a_lost_feed_drops_every_cache_and_reconnects(pg_url, pg_hosts):
+    create_volume(pg_url, "v")
+    a, b = pg_hosts(), pg_hosts()
+    (a.mountpoint / "f").write_bytes(b"data")
+    os.chmod(a.mountpoint / "f", 0o644)
+    assert (b.mountpoint / "f").stat().st_mode & 0o777 == 0o644  # now in b's kernel caches
+    with psycopg.connect(pg_url, autocommit=True) as conn:
+        # Changes b's feed never hears of (no NOTIFY), as if made while it was disconnected.
+        conn.execute("UPDATE inodes SET mode = mode - %s + %s WHERE ino > 1", (0o644, 0o600))
+        conn.execute("UPDATE entries SET name = 'g' WHERE name = 'f'")
+        assert (b.mountpoint / "f").stat().st_mode & 0o777 == 0o644  # stale, as it should be
+        ended = conn.execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = %s",
+            (f"{FEED_PURPOSE} {b.proc.pid}",),
+        ).fetchall()
+        assert ended == [(True,)]
+    wait_until(lambda: not (b.mountpoint / "f").exists(), "b to drop its cached name", FEED_WAIT)
+    assert (b.mountpoint / "g").stat().st_mode & 0o777 == 0o600
+    assert "dropped every cache" in b.log_text()
+    (a.mountpoint / "h").write_bytes(b"after")  # and the new connection hears again
+    wait_until(lambda: (b.mountpoint / "h").exists(), "a change after the reconnection",
+               FEED_WAIT)  # fmt: skip

@@ -1,0 +1,2 @@
+"""The PostgreSQL volume model: one volume served from several hosts through one database
+(ARCHITECTURE.md, "PostgreSQL engine (internals)")."""

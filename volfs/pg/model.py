@@ -1,0 +1,268 @@
+"""The PostgreSQL volume model: each step one SERIALIZABLE transaction, in a worker thread.
+
+`PgModel.run` takes a connection from the model's small pool (`POOL_SIZE`), runs the step in a
+transaction on it in a thread (psycopg's sync API: its async one is asyncio's), and commits.
+A serialization failure or a deadlock (another host's transaction overlapped) rolls the
+attempt back and runs the step again on a fresh view, a bounded number of times
+(`MAX_ATTEMPTS`, with a short growing pause); what the step raises ends it with nothing
+changed.  A lost connection or an unreachable database is EIO for the request (an `OSError`,
+logged by the FUSE layer), the connection dropped from the pool, never a hang: every
+statement has a timeout (`volfs.pg.schema.SESSION_OPTIONS`).
+
+With its commit each step that changed something tells the other hosts what (`NOTIFY` on
+the volume's channel: `volfs.pg.feed` listens and invalidates the kernel's caches).
+
+The model is one *session* of the volume: a row in ``sessions`` made at `open` and removed at
+`close`, which its ``holds`` (the inodes open here, so no other host frees them) belong to.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import logging
+import os
+import queue
+import random
+import socket
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, TypeVar, cast
+
+import psycopg
+import trio
+from psycopg import errors as pg_errors
+
+from volfs.pg import schema
+from volfs.pg.view import PgView
+
+if TYPE_CHECKING:
+    from volfs.model import VolumeView
+
+T = TypeVar("T")
+log = logging.getLogger(__name__)
+
+#: Connections (and threads) per served volume; the change feed has one more of its own.
+POOL_SIZE = 3
+MAX_ATTEMPTS = 20
+MAX_NAMES = 100_000
+#: A NOTIFY payload must stay under 8000 bytes; past this the change is "everything".
+MAX_PAYLOAD = 7000
+EVERYTHING = "*"
+
+
+def channel_of(vid: int) -> str:
+    """The NOTIFY channel of volume *vid*."""
+    return f"volfs_{vid}"
+
+
+def encode_changes(session: str, inodes: set[int], entries: set[tuple[int, bytes]]) -> str:
+    """The payload that tells other hosts what a commit changed: JSON with the session (so
+    the sender skips its own), inode numbers and (parent, hex name) of entries; or
+    `EVERYTHING` after the session if that does not fit."""
+    payload = json.dumps(
+        {"s": session, "i": sorted(inodes), "e": [[p, n.hex()] for p, n in sorted(entries)]},
+        separators=(",", ":"),
+    )
+    return payload if len(payload) <= MAX_PAYLOAD else f"{session} {EVERYTHING}"
+
+
+class _Pool:
+    """A few connections to one database, each used by one thread at a time."""
+
+    def __init__(self, url: str, size: int) -> None:
+        self._url = url
+        self._idle: queue.SimpleQueue[psycopg.Connection[Any]] = queue.SimpleQueue()
+        self._made = 0
+        self._size = size
+        self._lock = threading.Lock()
+        self.limiter = trio.CapacityLimiter(size)  #: no more threads than connections
+
+    def take(self) -> psycopg.Connection[Any]:
+        try:
+            return self._idle.get_nowait()
+        except queue.Empty:
+            pass
+        with self._lock:
+            if self._made < self._size:
+                self._made += 1
+                try:
+                    return schema.connect(self._url)
+                except BaseException:
+                    self._made -= 1
+                    raise
+        return self._idle.get()
+
+    def give(self, conn: psycopg.Connection[Any], broken: bool) -> None:
+        if broken or conn.closed:
+            conn.close()
+            with self._lock:
+                self._made -= 1
+        else:
+            self._idle.put(conn)
+
+    def close(self) -> None:
+        while True:
+            try:
+                self._idle.get_nowait().close()
+            except queue.Empty:
+                return
+
+
+class PgModel:
+    """`volfs.model.VolumeModel` of volume *name* in the engine at *url*, one session."""
+
+    def __init__(self, url: str, name: str, host: str | None = None) -> None:
+        self.name = name
+        self.url = url
+        self.host = host or socket.gethostname()
+        self.session = str(uuid.uuid4())
+        self.vid = 0
+        self.channel = ""
+        self._pool = _Pool(url, POOL_SIZE)
+        #: This process's references by inode number: [lookups, opens].
+        self._counts: dict[int, list[int]] = {}
+        self.held: set[int] = set()  #: inodes this session has a ``holds`` row for
+        self.retries = 0  #: attempts run again after a serialization failure or deadlock
+        #: (parent, name) of the entries steps looked up, newest last, at most `MAX_NAMES`:
+        #: what the kernel may have cached, for the feed to drop when it missed changes.
+        self._names: dict[tuple[int, bytes], None] = {}
+        self._names_lock = threading.Lock()
+
+    # -- the session ----------------------------------------------------------------------
+
+    def open(self) -> None:
+        """Find the volume, start this session (its row), and clean up after sessions of
+        this host whose process is gone (`_clean_up_dead`)."""
+        with schema.connect(self.url) as conn:
+            schema.ensure(conn)
+            self.vid = schema.volume_id(conn, self.name)
+            self.channel = channel_of(self.vid)
+            with conn.transaction():
+                conn.execute("INSERT INTO sessions (id, volume, host, pid) VALUES"
+                             " (%s, %s, %s, %s)", (self.session, self.vid, self.host,
+                                                   os.getpid()))  # fmt: skip
+        self._clean_up_dead()
+
+    def _clean_up_dead(self) -> None:
+        """Sessions of this host whose process is gone held nothing any more: their rows go,
+        and then every unlinked inode no session holds (open-but-unlinked files of a worker
+        that died).  Sessions of other hosts are theirs to end (host leases: not yet)."""
+        with schema.connect(self.url) as conn, conn.transaction():
+            rows = conn.execute(
+                "SELECT id, pid FROM sessions WHERE volume = %s AND host = %s AND id <> %s",
+                (self.vid, self.host, self.session),
+            ).fetchall()
+            dead = [sid for sid, pid in rows if not _alive(pid)]
+            if dead:
+                conn.execute("DELETE FROM sessions WHERE id = ANY(%s)", (dead,))
+            freed = conn.execute(
+                "DELETE FROM inodes i WHERE volume = %s AND nlink = 0 AND ino <> %s AND NOT"
+                " EXISTS (SELECT 1 FROM holds h WHERE h.volume = i.volume AND h.ino = i.ino)"
+                " RETURNING stored",
+                (self.vid, schema.ROOT_INO),
+            ).fetchall()
+            if freed:
+                conn.execute("UPDATE volumes SET used = used - %s, inodes = inodes - %s"
+                             " WHERE id = %s", (sum(s for (s,) in freed), len(freed),
+                                                self.vid))  # fmt: skip
+                log.info("volume %s: freed %d unlinked inodes no host holds", self.name,
+                         len(freed))  # fmt: skip
+
+    def close(self) -> None:
+        """End the session: its holds go with its row (so other hosts may free what was open
+        here); the connections close."""
+        try:
+            with schema.connect(self.url) as conn, conn.transaction():
+                conn.execute("DELETE FROM sessions WHERE id = %s", (self.session,))
+        except Exception as exc:  # the database is gone: a later start of this host cleans up
+            log.warning("volume %s: could not end session %s: %s", self.name, self.session, exc)
+        finally:
+            self._pool.close()
+
+    # -- references -------------------------------------------------------------------------
+
+    def count_of(self, ino: int, which: int) -> int:
+        counts = self._counts.get(ino)
+        return 0 if counts is None else counts[which]
+
+    def add_count(self, ino: int, which: int, delta: int) -> None:
+        counts = self._counts.setdefault(ino, [0, 0])
+        counts[which] += delta
+        if counts == [0, 0]:
+            del self._counts[ino]
+
+    def referenced(self) -> list[int]:
+        """The inodes the kernel (or an open handle) holds here."""
+        return list(self._counts)
+
+    def looked_up(self, parent: int, name: bytes) -> None:
+        """Note that a step looked *name* up in *parent* (found or not)."""
+        key = (parent, name)
+        with self._names_lock:
+            self._names.pop(key, None)
+            self._names[key] = None
+            if len(self._names) > MAX_NAMES:
+                del self._names[next(iter(self._names))]
+
+    def names_seen(self) -> list[tuple[int, bytes]]:
+        with self._names_lock:
+            return list(self._names)
+
+    # -- steps ------------------------------------------------------------------------------
+
+    async def run(self, step: Callable[[VolumeView], T]) -> T:
+        """Run *step* in a worker thread as one serializable transaction (again after a
+        serialization failure or deadlock; see the module's docstring)."""
+        return await trio.to_thread.run_sync(self.run_sync, step, limiter=self._pool.limiter)
+
+    def run_sync(self, step: Callable[[VolumeView], T]) -> T:
+        """`run`, in the calling thread."""
+        conn = self._pool.take()
+        broken = False
+        try:
+            return self._attempts(conn, step)
+        except psycopg.OperationalError as exc:
+            broken = True
+            raise OSError(errno.EIO, f"the PostgreSQL engine: {schema.first_line(exc)}") from None
+        finally:
+            self._pool.give(conn, broken)
+
+    def _attempts(self, conn: psycopg.Connection[Any], step: Callable[[VolumeView], T]) -> T:
+        for attempt in range(MAX_ATTEMPTS):
+            view = PgView(self, conn)
+            try:
+                with conn.transaction():
+                    result = step(cast("VolumeView", view))
+                    view.finish()
+                    if view.changed_inodes or view.changed_entries:
+                        conn.execute("SELECT pg_notify(%s, %s)", (self.channel, encode_changes(
+                            self.session, view.changed_inodes, view.changed_entries)))  # fmt: skip
+            except (pg_errors.SerializationFailure, pg_errors.DeadlockDetected):
+                view.undo_counts()
+                view.active = False
+                self.retries += 1
+                time.sleep(random.uniform(0, 0.001 * (attempt + 1) ** 2))
+                continue
+            except BaseException:
+                view.undo_counts()
+                view.active = False
+                raise
+            view.active = False
+            for done in view.after_commit:
+                done()
+            return result
+        raise OSError(errno.EIO, f"volume {self.name}: a step failed to serialize "
+                                 f"{MAX_ATTEMPTS} times")  # fmt: skip
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
