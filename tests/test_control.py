@@ -131,7 +131,7 @@ def test_the_wire_names_stay():
         for cmd, cls in requests.DAEMON_COMMANDS.items()
     }
     assert names == {
-        "create": ["name", "size", "labels", "inodes", "uid", "gid", "mode"],
+        "create": ["name", "size", "labels", "inodes", "uid", "gid", "mode", "engine"],
         "ls": ["snapshots"],
         "inspect": ["names"],
         "status": [],

@@ -34,6 +34,11 @@ MAX_SIZE = 1 << 62
 _ACCEPTED = "a whole number of bytes, or one followed by K, M, G or T (powers of 1024): 512M, 10G"
 
 
+#: The engine of the host's own store, which every host has (`volfs.engines`); not a name for
+#: an ``[engines.NAME]`` table of the config.
+LOCAL_ENGINE = "local"
+
+
 def parse_size(text: str | int) -> int:
     """Bytes in "4096", "512M", "10G", "1T" (binary units, upper case); an int is taken as is."""
     if isinstance(text, int) and not isinstance(text, bool):
@@ -213,6 +218,7 @@ def describe(
     created = created_at(header)
     return {
         "name": name,
+        "engine": LOCAL_ENGINE,
         "size": header.get("size", 0),
         "used": usage.get("used", 0),
         "inodes": usage.get("inodes", 0),

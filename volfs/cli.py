@@ -21,6 +21,7 @@ from typing import Any
 import volfs
 from volfs import checking, cli_history, cli_stats, control, logs, mounts, pyfuse3_build, requests
 from volfs.catalog import (
+    LOCAL_ENGINE,
     describe,
     parse_gid,
     parse_inodes,
@@ -88,9 +89,17 @@ def cmd_create(args: argparse.Namespace) -> None:
     uid = None if args.uid is None else parse_uid(args.uid)
     gid = None if args.gid is None else parse_gid(args.gid)
     mode = None if args.mode is None else parse_mode(args.mode)
+    engine = None if args.engine in (None, LOCAL_ENGINE) else check_name(args.engine)
+    request = requests.CreateRequest(check_name(args.name), size, labels, inodes, uid, gid, mode,
+                                     engine)  # fmt: skip
     try:
-        call(requests.CreateRequest(check_name(args.name), size, labels, inodes, uid, gid, mode))
+        call(request)
     except control.DaemonNotRunning:
+        if engine is not None:  # only the daemon knows the engines (its config)
+            _start_daemon(store())
+            call(request)
+            print(args.name)
+            return
         root = store()
         root.create_volume(args.name, size, labels, inodes=inodes, uid=uid, gid=gid, mode=mode)
         describe(root, args.name)
@@ -166,6 +175,8 @@ def cmd_status(args: argparse.Namespace) -> None:
     for volume in status["volumes"]:
         for problem in volume["problems"]:
             print(f"{volume['name']}: {problem}")
+    for engine, state in sorted(status.get("engines", {}).items()):
+        print(f"engine {engine}: {'reachable' if state == 'ok' else state}")
 
 
 def _scrubbed(scrub: dict[str, Any] | None) -> str:
@@ -436,6 +447,9 @@ def build_parser() -> argparse.ArgumentParser:
     create.add_argument("--uid", metavar="UID", help="owner of its root directory (a number)")
     create.add_argument("--gid", metavar="GID", help="group of its root directory (a number)")
     create.add_argument("--mode", metavar="MODE", help="mode of its root directory: 0755, 2775")
+    create.add_argument("--engine", metavar="ENGINE",
+                        help="where it lives: local (the default) or an [engines.NAME] of the "
+                        "daemon's config")  # fmt: skip
     create.set_defaults(func=cmd_create)
 
     ls = sub.add_parser("ls", help="list volumes")

@@ -6,6 +6,7 @@ import argparse
 from typing import Any, NoReturn
 
 from volfs import control, requests
+from volfs.catalog import LOCAL_ENGINE
 from volfs.errors import ErrorCode, VolfsError
 from volfs.store.root import StoreRoot, default_root
 
@@ -52,6 +53,7 @@ def human_size(n: int) -> str:
 
 
 def print_table(rows: list[dict[str, Any]]) -> None:
+    """`ls`'s table; with an ENGINE column when a row is not the local store's."""
     header = ["NAME", "SIZE", "USED", "MOUNTS", "STATUS", "CREATED"]
     table = [
         [
@@ -64,6 +66,11 @@ def print_table(rows: list[dict[str, Any]]) -> None:
         ]
         for r in rows
     ]
+    engines = [r.get("engine", LOCAL_ENGINE) for r in rows]
+    if any(e != LOCAL_ENGINE for e in engines):
+        header.insert(1, "ENGINE")
+        for row, engine in zip(table, engines, strict=True):
+            row.insert(1, engine)
     print_rows(header, table)
 
 

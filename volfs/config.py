@@ -26,7 +26,15 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from volfs.catalog import parse_gid, parse_inodes, parse_labels, parse_mode, parse_size, parse_uid
+from volfs.catalog import (
+    LOCAL_ENGINE,
+    parse_gid,
+    parse_inodes,
+    parse_labels,
+    parse_mode,
+    parse_size,
+    parse_uid,
+)
 from volfs.control import SYSTEM_RUN_DIR
 from volfs.errors import VolfsError
 from volfs.logs import parse_log_format
@@ -136,10 +144,6 @@ def metrics_address(flag: str | None, config: DaemonConfig | None, run_dir: Path
 
 
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
-
-
-#: The engine of the host's own store, which every host has; not a name for ``[engines.NAME]``.
-LOCAL_ENGINE = "local"
 
 
 def parse_engine_name(value: object) -> str:

@@ -122,13 +122,13 @@ class ControlServer:
         supervisor = self.supervisor
         match request:
             case requests.CreateRequest():
-                return await supervisor.create(request)
+                return await supervisor.namespace.create(request)
             case requests.LsRequest(snapshots=True):
                 return await self.history.snapshots()
             case requests.LsRequest():
-                return await supervisor.ls(request)
+                return await supervisor.namespace.ls(request)
             case requests.InspectRequest():
-                return await supervisor.inspect(request)
+                return await supervisor.namespace.inspect(request)
             case requests.StatusRequest():
                 return await supervisor.status(request)
             case requests.MountRequest():

@@ -92,7 +92,7 @@ class DockerDriver:
         request = requests.decode(requests.DAEMON_COMMANDS, "create", args)
         assert isinstance(request, requests.CreateRequest)
         async with self._lock:
-            await self.supervisor.create(request)
+            await self.supervisor.namespace.create(request)
 
     async def _clone(self, name: str, options: dict[str, Any]) -> None:
         """Create volume *name* as a clone of ``--opt from=NAME@SNAP``; nothing if it is one
@@ -186,7 +186,7 @@ class DockerDriver:
         name = check_name(name)
         if not self.supervisor.root.exists(name):
             raise VolfsError(f"no such volume: {name}", ErrorCode.NOT_FOUND)
-        info = self.supervisor.describe(name)
+        info = self.supervisor.namespace.describe(name)
         problems = list(self.supervisor.problems(name))
         status = {key: info[key] for key in STATUS_KEYS}
         status["containers"] = len(self.claims.of(name))

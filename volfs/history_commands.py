@@ -15,9 +15,10 @@ import trio
 
 from volfs import requests
 from volfs.errors import ErrorCode, VolfsError
+from volfs.namespace import VolumeInfo
 from volfs.store import history
 from volfs.store.snapshots import parse_name
-from volfs.supervisor import Supervisor, VolumeInfo
+from volfs.supervisor import Supervisor
 
 #: How long a worker may take to snapshot its volume (a checkpoint's worth of metadata).
 SNAPSHOT_TIMEOUT = 120.0
@@ -35,13 +36,13 @@ class HistoryCommands:
         take = requests.TakeSnapshotRequest(snapshot=snap)
         unserved = partial(history.take_unserved, self.root, name, snap)
         await self.supervisor.change(name, "snapshotted", take, unserved, SNAPSHOT_TIMEOUT)
-        return self.supervisor.describe(request.snapshot)
+        return self.supervisor.namespace.describe(request.snapshot)
 
     async def clone(self, request: requests.CloneRequest) -> VolumeInfo:
         name, snap = parse_name(request.snapshot)
         clone = partial(history.clone, self.root, name, snap, request.name, request.size)
         await trio.to_thread.run_sync(clone)
-        return self.supervisor.describe(request.name)
+        return self.supervisor.namespace.describe(request.name)
 
     async def rollback(self, request: requests.RollbackRequest) -> VolumeInfo:
         name, snap = parse_name(request.snapshot)
@@ -55,8 +56,8 @@ class HistoryCommands:
                 ErrorCode.BUSY,
             )
         await trio.to_thread.run_sync(history.rollback, self.root, name, snap)
-        return supervisor.describe(name)
+        return supervisor.namespace.describe(name)
 
     async def snapshots(self) -> list[VolumeInfo]:
         """Every snapshot of the store, as `ls --snapshots` shows them."""
-        return [self.supervisor.describe(label) for label in history.labels(self.root)]
+        return [self.supervisor.namespace.describe(label) for label in history.labels(self.root)]

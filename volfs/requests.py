@@ -62,6 +62,10 @@ def _or_none(parse: Callable[[str | int], int]) -> Callable[[str | int | None], 
     return lambda value: None if value is None else parse(value)
 
 
+def _engine(value: str | None) -> str | None:
+    return None if value is None else check_name(value)
+
+
 _NAME = _parsed(check_name, str)
 _TARGET = _parsed(check_target, str)  # a volume, or a snapshot of one (NAME@SNAP)
 _SNAPSHOT = _parsed(lambda text: parse_name(text) and text, str)  # NAME@SNAP only
@@ -73,8 +77,8 @@ _MOUNTPOINT = _parsed(normalize, str)
 
 @dataclasses.dataclass(frozen=True)
 class CreateRequest:
-    """Create volume *name* (nothing happens if it exists alike), its root directory owned by
-    *uid* and *gid* with permission bits *mode*."""
+    """Create volume *name* (nothing happens if it exists alike) on *engine*, its root
+    directory owned by *uid* and *gid* with permission bits *mode*."""
 
     command: ClassVar[str] = "create"
     name: str = field(metadata=_NAME)
@@ -86,6 +90,8 @@ class CreateRequest:
     uid: int | None = field(default=None, metadata=_parsed(_or_none(parse_uid), str | int | None))
     gid: int | None = field(default=None, metadata=_parsed(_or_none(parse_gid), str | int | None))
     mode: int | None = field(default=None, metadata=_parsed(_or_none(parse_mode), str | int | None))
+    #: The engine to create it on (`volfs.engines`); None: the local store.
+    engine: str | None = field(default=None, metadata=_parsed(_engine, str | None))
 
 
 @dataclasses.dataclass(frozen=True)

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from volfs import mounts, sysmount
+from volfs.catalog import LOCAL_ENGINE
 from volfs.errors import VolfsError
 from volfs.mountpoint import PRESENT, REPLACE, MountPoint, bind, open_mountpoint, prepare
 from volfs.workerctl import WorkerProcess
@@ -58,6 +59,8 @@ class Served:
     restarts: int = 0
     adopted: bool = False  #: the worker was started by an earlier daemon
     problems: list[str] = field(default_factory=list)
+    #: The engine that holds it (`volfs.engines`): "local", or a cluster engine's name.
+    engine: str = LOCAL_ENGINE
 
     @property
     def read_only(self) -> list[Path]:

@@ -25,9 +25,13 @@ from volfs.workerctl import WorkerProcess
 READY_TIMEOUT = 60.0
 
 
-async def start_worker(root: StoreRoot, run_dir: Path, served: Served, bind: bool) -> None:
+async def start_worker(
+    root: StoreRoot, run_dir: Path, served: Served, bind: bool, engine_url: str | None = None
+) -> None:
     """Start the worker of *served* at its staging path (*bind*) or its one path, and wait
     until it serves; *served* then has the new worker and device, its problems cleared.
+    With *engine_url*, the worker serves the volume of that cluster engine; the URL (it may
+    hold a password) reaches it on a pipe, never on its command line.
 
     Raises VolfsError with the worker's own one line if it could not mount.
     """
@@ -37,11 +41,19 @@ async def start_worker(root: StoreRoot, run_dir: Path, served: Served, bind: boo
     args = [sys.executable, "-m", "volfs.worker", "--root", str(root.path),
             "--name", served.name, "--mountpoint", str(served.staging),
             "--ready-fd", str(ready_w), "--run-dir", str(run_dir), *logs.worker_args()]  # fmt: skip
+    keep = [ready_w]
+    if engine_url is not None:
+        url_r, url_w = os.pipe()
+        os.write(url_w, engine_url.encode())  # far below a pipe's buffer: never blocks
+        os.close(url_w)
+        keep.append(url_r)
+        args += ["--engine-url-fd", str(url_r)]
     try:
         with root.open_log(log_name) as log_file:
-            process = WorkerProcess.spawn(args, log_file.fileno(), ready_w)
+            process = WorkerProcess.spawn(args, log_file.fileno(), *keep)
     finally:
-        os.close(ready_w)
+        for fd in keep:
+            os.close(fd)
     text = await _ready_line(ready_r)
     if text.split(" ")[0] != "ok":
         process.send_signal(signal.SIGKILL)

@@ -30,16 +30,17 @@ from typing import Any, TypeVar
 import trio
 
 from volfs import __version__, adoption, control, mounts, requests, sysmount, users, workerctl
-from volfs.catalog import check_limits_match, describe, describe_snapshot, with_health
+from volfs.catalog import LOCAL_ENGINE, check_limits_match, with_health
 from volfs.config import DaemonConfig
+from volfs.engines import Engines
 from volfs.errors import ErrorCode, VolfsError
 from volfs.mount_watch import unmounted_paths, watch_mount_table
 from volfs.mountpoint import PRESENT, normalize, open_mountpoint, prepare
+from volfs.namespace import Namespace, VolumeInfo
 from volfs.remembered import ContainerClaims, RememberedMounts
 from volfs.served import DEAD, MOUNTED, REFUSED, MountPath, Served
 from volfs.spawn import start_worker
 from volfs.store import history
-from volfs.store.headers import check_name
 from volfs.store.root import StoreRoot
 from volfs.store.snapshots import check_target, parse_name
 
@@ -51,8 +52,6 @@ STOP_GRACE = 10.0
 STOP_TIMEOUT = 120.0
 RESTART_DELAYS = (0.5, 1, 2, 5, 10, 30)
 
-#: What `ls` and `inspect` show of one volume (catalog.describe).
-VolumeInfo = dict[str, Any]
 T = TypeVar("T")
 
 
@@ -75,13 +74,19 @@ class Supervisor:
         self._nursery = nursery
         self._started = time.time()
         self._bind = os.geteuid() == 0  # bind mounts need root
+        #: Every engine's volumes; its engines are the config's once `start` has read it.
+        self.namespace = Namespace(root, self.served, self._bind)
 
     # -- start-up ---------------------------------------------------------------------------
 
     async def start(self, config: DaemonConfig | None) -> None:
         """Adopt the workers an earlier daemon left serving, then mount what *config*
         declares and what was mounted on request before."""
+        if config is not None:
+            self.namespace.engines = Engines(self.root, config.engines)
         for served in await adoption.running_workers(self.root, self.run_dir):
+            if "@" not in served.name and not self.root.exists(served.name):
+                served.engine = await self.namespace.locate(served.name) or LOCAL_ENGINE
             self._adopt(served)
         if config is not None:
             await self._mount_declared(config)
@@ -97,10 +102,16 @@ class Supervisor:
         async with self._admin:
             for name, spec in config.volumes.items():
                 try:
-                    self.root.create_volume(
-                        name, size=spec.size, labels=spec.labels, inodes=spec.inodes,
-                        uid=spec.uid, gid=spec.gid, mode=spec.mode,
-                    )  # fmt: skip
+                    if spec.engine == LOCAL_ENGINE:
+                        self.root.create_volume(
+                            name, size=spec.size, labels=spec.labels, inodes=spec.inodes,
+                            uid=spec.uid, gid=spec.gid, mode=spec.mode,
+                        )  # fmt: skip
+                    elif await self.namespace.locate(name) is None:
+                        await self.namespace.create(requests.CreateRequest(
+                            name, spec.size, spec.labels, spec.inodes, spec.uid, spec.gid,
+                            spec.mode, engine=spec.engine,
+                        ))  # fmt: skip
                     for path in spec.paths:
                         await self._mount(name, path, spec.read_only, create=True)
                 except VolfsError as exc:
@@ -145,32 +156,6 @@ class Supervisor:
 
     # -- commands -------------------------------------------------------------------------------
 
-    def describe(self, name: str) -> VolumeInfo:
-        """What `ls` and `inspect` show of volume *name*, with what the supervisor knows."""
-        served = self.served.get(name)
-        describer = describe_snapshot if "@" in name else describe
-        if served is None:
-            return describer(self.root, name)
-        staging = served.staging if self._bind else None
-        return describer(self.root, name, served.status, staging, served.read_only,
-                         device=served.device or None)  # fmt: skip
-
-    async def create(self, request: requests.CreateRequest) -> VolumeInfo:
-        self.root.create_volume(request.name, request.size, request.labels,
-                                inodes=request.inodes, uid=request.uid, gid=request.gid,
-                                mode=request.mode)  # fmt: skip
-        return self.describe(request.name)
-
-    async def ls(self, request: requests.LsRequest) -> list[VolumeInfo]:
-        return [self.describe(n) for n in self.root.names()]
-
-    async def inspect(self, request: requests.InspectRequest) -> list[VolumeInfo]:
-        result = []
-        for name in request.names:
-            self._check_exists(name)
-            result.append(self.describe(name))
-        return result
-
     async def status(self, request: requests.StatusRequest) -> dict[str, Any]:
         return {
             "daemon": {
@@ -182,8 +167,11 @@ class Supervisor:
             },
             "volumes": [
                 with_health(self.root, n, self.served[n].describe(self.problems(n)))
+                if self.served[n].engine == LOCAL_ENGINE
+                else {**self.served[n].describe(self.problems(n)), "engine": self.served[n].engine}
                 for n in sorted(self.served)
             ],
+            "engines": await trio.to_thread.run_sync(self.namespace.engines.reachability),
         }
 
     def problems(self, name: str) -> list[str]:
@@ -197,29 +185,24 @@ class Supervisor:
             "mount(s) held it; those containers see ENOTCONN until they are restarted"
         ]
 
-    def _check_exists(self, name: str) -> None:
-        """NOT_FOUND unless volume *name*, or snapshot NAME@SNAP, exists."""
-        if "@" in name:
-            history.check_exists(self.root, name)
-        elif not self.root.exists(check_name(name)):
-            raise VolfsError(f"no such volume: {name[:80]}", ErrorCode.NOT_FOUND)
-
     async def mount(self, request: requests.MountRequest) -> VolumeInfo:
         name, read_only = request.name, request.read_only
         async with self._admin:
             self._forget_unmounted()  # a path just unmounted by umount(8) is mounted again
             if "@" in name:  # a snapshot: never created, never written
-                self._check_exists(name)
+                self.namespace.check_exists(name)
                 read_only = True
             elif self.root.exists(name):
                 check_limits_match(name, self.root.header(name), request.size, request.inodes)
+            elif await self.namespace.locate(name) is not None:
+                pass  # a cluster engine's: `_start_volume` finds it again
             elif not request.create:
                 raise VolfsError(f"no such volume: {name}", ErrorCode.NOT_FOUND)
             else:
                 self.root.create_volume(name, size=request.size, inodes=request.inodes)
             await self._mount(name, request.mountpoint, read_only, create=True)
             self.remembered.remember(name, request.mountpoint, read_only)
-        return self.describe(name)
+        return await self.namespace.info(name)
 
     async def umount(self, request: requests.UmountRequest) -> dict[str, str]:
         path, lazy = request.mountpoint, request.lazy
@@ -265,7 +248,15 @@ class Supervisor:
     async def rm(self, request: requests.RmRequest) -> dict[str, str]:
         name = request.name
         async with self._admin:
-            self._check_exists(name)
+            if "@" not in name and not self.root.exists(name):
+                engine = await self.namespace.locate(name)
+                if engine is not None:  # a cluster engine's: it refuses while a host serves it
+                    await self._unmount_for_rm(name, request.force)
+                    await trio.to_thread.run_sync(
+                        self.namespace.engines.cluster(engine).remove, name
+                    )
+                    return {"name": name}
+            self.namespace.check_exists(name)
             if "@" not in name and not request.recursive:
                 history.refuse_if_snapshotted(self.root, name)  # before --force unmounts it
             # A volume's snapshots mounted here go with it (-r), each unmounted like it.
@@ -308,7 +299,7 @@ class Supervisor:
         limits = requests.SetLimitsRequest(size=request.size, inodes=request.inodes)
         resize = partial(self.root.resize, request.name, request.size, request.inodes)
         await self.change(request.name, "resized", limits, resize)
-        return self.describe(request.name)
+        return self.namespace.describe(request.name)
 
     async def change(
         self,
@@ -393,11 +384,25 @@ class Supervisor:
                 ErrorCode.ALREADY_SERVED,
             )
         if served is None:
-            served = Served(name, self.run_dir / "staging" / name if self._bind else path)
-        await start_worker(self.root, self.run_dir, served, self._bind)
+            served = Served(name, self._staging(name, path))
+            if "@" not in name and not self.root.exists(name):
+                served.engine = await self.namespace.locate(name) or LOCAL_ENGINE
+        await start_worker(self.root, self.run_dir, served, self._bind, self._engine_url(served))
         self.served[name] = served
         self._nursery.start_soon(self._supervise, served)
         return served
+
+    def _staging(self, name: str, path: Path) -> Path:
+        """Where the worker of *name* mounts: its staging path, or without root *path*."""
+        return self.run_dir / "staging" / name if self._bind else path
+
+    def _engine_url(self, served: Served) -> str | None:
+        """The URL of the cluster engine that holds *served*; None for a local volume."""
+        return (
+            None
+            if served.engine == LOCAL_ENGINE
+            else self.namespace.engines.cluster(served.engine).url
+        )
 
     async def _supervise(self, served: Served) -> None:
         """Wait for the worker to end; bring the volume back if nobody asked it to stop."""
@@ -436,7 +441,8 @@ class Supervisor:
                 async with self._admin:
                     if served.stopping:
                         return
-                    await start_worker(self.root, self.run_dir, served, self._bind)
+                    await start_worker(self.root, self.run_dir, served, self._bind,
+                                       self._engine_url(served))  # fmt: skip
                     for mount_path in served.paths.values():
                         if self._bind:
                             served.rebind(mount_path)

@@ -156,10 +156,11 @@ class WorkerProcess:
         self.returncode: int | None = None
 
     @classmethod
-    def spawn(cls, args: list[str], log_fd: int, keep_fd: int) -> WorkerProcess:
+    def spawn(cls, args: list[str], log_fd: int, *keep_fds: int) -> WorkerProcess:
         """Start *args* in a session of its own (so that it outlives us and our process
-        group's signals), stdout and stderr to *log_fd*, with *keep_fd* inherited."""
-        os.set_inheritable(keep_fd, True)
+        group's signals), stdout and stderr to *log_fd*, with *keep_fds* inherited."""
+        for fd in keep_fds:
+            os.set_inheritable(fd, True)
         pid = os.posix_spawn(
             args[0],
             args,

@@ -1,0 +1,95 @@
+"""Cluster engines through the daemon: ``[engines.NAME]`` in its config, ``create --engine``,
+``ls`` and ``status`` with engines, mounts of a cluster volume at several paths beside another
+host's, one namespace across engines, and no creating on first use while an engine cannot be
+reached.  A real PostgreSQL (tests/pg.py), real mounts, the real daemon."""
+
+from __future__ import annotations
+
+import json
+import signal
+from pathlib import Path
+
+from helpers import wait_until
+
+pytest_plugins = ["pg"]  # its fixtures: pg_server, pg_url, pg_hosts
+
+#: How long another host's change may take to show (generous: a loaded machine).
+FEED_WAIT = 10
+
+
+def _config(tmp_path: Path, url: str) -> Path:
+    path = tmp_path / "volumes.toml"
+    path.write_text(f'[engines.cluster]\nurl = "{url}"\n')
+    path.chmod(0o600)  # it holds a URL, which may carry a password
+    return path
+
+
+def _ls(host) -> dict[str, dict]:
+    rows = [json.loads(line) for line in host.cli("ls", "--format", "json").stdout.splitlines()]
+    return {row["name"]: row for row in rows}
+
+
+def test_a_cluster_volume_through_the_daemon(host, tmp_path, pg_url, pg_hosts):
+    daemon = host.serve("--config", str(_config(tmp_path, pg_url)))
+    host.cli("create", "media", "--engine", "cluster", "--size", "1G")
+    host.cli("create", "cache")
+    rows = _ls(host)
+    assert rows["media"]["engine"] == "cluster" and rows["media"]["size"] == 1 << 30
+    assert rows["cache"]["engine"] == "local"
+    table = host.cli("ls").stdout.splitlines()
+    assert table[0].split()[:2] == ["NAME", "ENGINE"]
+
+    a, b = tmp_path / "a", tmp_path / "b"
+    host.cli("mount", "media", str(a))
+    host.cli("mount", "media", str(b))  # one worker, two paths: one file system
+    (a / "f").write_bytes(b"from this host")
+    assert (b / "f").read_bytes() == b"from this host"
+    assert sorted(_ls(host)["media"]["mounts"]) == [str(a), str(b)]
+
+    other = pg_hosts("media")  # a second host's worker on the same volume
+    assert (other.mountpoint / "f").read_bytes() == b"from this host"
+    (other.mountpoint / "g").write_bytes(b"from the other host")
+    wait_until(lambda: (b / "g").exists(), "the other host's file here", FEED_WAIT)
+    assert (a / "g").read_bytes() == b"from the other host"
+
+    # One namespace: a name is one volume across every engine.
+    host.refused("create", "media", words=("exists on engine cluster",))
+    host.refused("create", "cache", "--engine", "cluster", words=("exists on engine local",))
+    host.refused("create", "x", "--engine", "nowhere", words=("no engine nowhere",))
+
+    status = host.status()
+    assert status["engines"] == {"cluster": "ok"}
+    assert status["by_name"]["media"]["engine"] == "cluster"
+
+    # A restarted daemon adopts the cluster volume's worker and keeps serving it.
+    worker = status["by_name"]["media"]["worker_pid"]
+    daemon.send_signal(signal.SIGTERM)
+    daemon.wait(timeout=60)
+    (a / "during").write_bytes(b"no daemon")
+    host.serve("--config", str(_config(tmp_path, pg_url)))
+    adopted = host.status()["by_name"]["media"]
+    assert adopted["worker_pid"] == worker and adopted["adopted"] is True
+    assert adopted["engine"] == "cluster"
+
+    host.refused("rm", "media", words=("mounted at",))
+    host.cli("umount", str(b))
+    host.cli("umount", str(a))
+    host.refused("rm", "media", words=("unmount it there first",))  # the other host serves it
+    other.stop()
+    host.cli("rm", "media")
+    assert "media" not in _ls(host)
+
+
+def test_no_creating_on_first_use_while_an_engine_cannot_be_reached(host, tmp_path):
+    gone = tmp_path / "no-server-here"
+    host.serve("--config", str(_config(tmp_path, f"postgresql:///volfs?host={gone}")))
+    mnt = tmp_path / "m"
+    host.refused("mount", "photos", str(mnt), words=("cannot be reached", "create it with"))
+    assert not (host.root / "volumes" / "photos").exists(), "no local volume made in its place"
+    assert "cannot reach" in host.status()["engines"]["cluster"]
+    assert "engine cluster:" in host.cli("status").stdout
+    host.cli("create", "photos")  # an explicit create says where: local
+    host.cli("mount", "photos", str(mnt))
+    (mnt / "f").write_bytes(b"here")
+    assert _ls(host)["photos"]["engine"] == "local"
+    host.cli("umount", str(mnt))
