@@ -6,10 +6,13 @@ reached.  A real PostgreSQL (tests/pg.py), real mounts, the real daemon."""
 from __future__ import annotations
 
 import json
+import os
 import signal
 from pathlib import Path
 
-from helpers import wait_until
+from volfs.docker_driver import CLUSTER_SUFFIX
+
+from helpers import needs_root, wait_until
 
 pytest_plugins = ["pg"]  # its fixtures: pg_server, pg_url, pg_hosts
 
@@ -93,3 +96,39 @@ def test_no_creating_on_first_use_while_an_engine_cannot_be_reached(host, tmp_pa
     (mnt / "f").write_bytes(b"here")
     assert _ls(host)["photos"]["engine"] == "local"
     host.cli("umount", str(mnt))
+
+
+@needs_root("Docker and the plugin's socket need root")
+def test_docker_names_a_cluster_volume_through_the_global_driver(host, tmp_path, pg_url,
+                                                                  pg_hosts, engine):  # fmt: skip
+    """A daemon with a cluster engine serves a second driver, NAME-cluster, of Docker's global
+    scope: its volumes are the cluster engine's, and a container's writes reach another host."""
+    local = f"volfs-t{os.getpid()}-eng"
+    cluster = local + CLUSTER_SUFFIX
+    host.serve("--config", str(_config(tmp_path, pg_url)), "--docker-plugin", local)
+    try:
+        engine.docker("volume", "create", "-d", cluster, "--opt", "size=64M", "media")
+        seen = json.loads(engine.docker("volume", "inspect", "media").stdout)[0]
+        assert seen["Driver"] == cluster and seen["Scope"] == "global"
+        assert seen["Status"]["size"] == 64 << 20
+        assert _ls(host)["media"]["engine"] == "cluster"
+        engine.docker("volume", "create", "-d", local, "cache")  # the local driver: local
+        assert _ls(host)["cache"]["engine"] == "local"
+        listed = engine.docker("volume", "ls", "--format", "{{.Driver}} {{.Name}}").stdout
+        assert f"{cluster} media" in listed and f"{local} cache" in listed
+        assert f"{local} media" not in listed, "one name, one driver"
+
+        engine.run("-v", "media:/data", engine.image, "sh", "-c", "echo from a container > /data/f")
+        other = pg_hosts("media")
+        assert (other.mountpoint / "f").read_bytes() == b"from a container\n"
+        (other.mountpoint / "g").write_bytes(b"from the other host\n")
+        out = engine.run("-v", "media:/data", engine.image, "cat", "/data/g").stdout
+        assert out == "from the other host\n"
+        refused = engine.docker("volume", "create", "-d", cluster, "--opt", "labels=a=b", "x",
+                                check=False)  # fmt: skip
+        assert refused.returncode != 0 and "unknown option 'labels'" in refused.stderr
+        other.stop()
+    finally:
+        engine.remove_containers()
+        for name in ("media", "cache"):
+            engine.docker("volume", "rm", "-f", name, check=False)

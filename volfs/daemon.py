@@ -29,7 +29,7 @@ from volfs.config import (
     metrics_address,
 )
 from volfs.control_server import ControlServer, listen
-from volfs.docker_driver import DockerDriver
+from volfs.docker_driver import CLUSTER_SUFFIX, DockerDriver
 from volfs.docker_plugin import PluginServer, PluginSocket, socket_path
 from volfs.errors import ErrorCode, VolfsError
 from volfs.scrub_schedule import scrub_forever
@@ -89,7 +89,7 @@ async def run(
     os.chdir("/")
     pid_fd = take_run_dir(run_dir)
     path = run_dir / control.SOCKET_NAME
-    plugin_socket = None
+    plugin_sockets: list[PluginSocket] = []  # the local driver's, then the cluster driver's
     metrics_socket = None
     try:
         listener = await listen(path)
@@ -97,18 +97,15 @@ async def run(
             metrics_socket = metrics.listen(metrics.address_of(metrics_at))
         # Before anything is mounted: a driver name another process serves is refused first.
         if plugin != PLUGIN_OFF:
-            plugin_socket = PluginSocket(socket_path(plugin))
+            plugin_sockets.append(PluginSocket(socket_path(plugin)))
+            if config is not None and config.engines:
+                plugin_sockets.append(PluginSocket(socket_path(plugin + CLUSTER_SUFFIX)))
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
             async with trio.open_nursery() as nursery:
                 supervisor = Supervisor(root, run_dir, nursery)
                 nursery.start_soon(ControlServer(supervisor).serve, listener)
                 await supervisor.start(config)
-                if plugin_socket is not None:
-                    driver = DockerDriver(supervisor)
-                    plugin_listener = trio.socket.from_stdlib_socket(plugin_socket.listener)
-                    nursery.start_soon(PluginServer(driver).serve, plugin_listener)
-                    nursery.start_soon(driver.reconcile_forever)
-                    log.info("serving Docker volume driver %s at %s", plugin, plugin_socket.path)
+                _serve_plugins(nursery, supervisor, plugin_sockets)
                 if metrics_socket is not None:
                     metrics_listener = trio.socket.from_stdlib_socket(metrics_socket)
                     nursery.start_soon(metrics.MetricsServer(supervisor).serve, metrics_listener)
@@ -132,13 +129,28 @@ async def run(
     finally:
         if metrics_socket is not None:
             metrics_socket.close()
-        if plugin_socket is not None:
+        for plugin_socket in plugin_sockets:
             plugin_socket.close()
         with contextlib.suppress(OSError):
             path.unlink()
         with contextlib.suppress(OSError):
             (run_dir / control.PID_FILE).unlink()
         os.close(pid_fd)
+
+
+def _serve_plugins(
+    nursery: trio.Nursery, supervisor: Supervisor, sockets: list[PluginSocket]
+) -> None:
+    """Serve the Docker drivers on *sockets*: the local one, and the cluster one if there."""
+    lock = trio.Lock()
+    for cluster, plugin_socket in enumerate(sockets):
+        driver = DockerDriver(supervisor, cluster=bool(cluster), lock=lock)
+        listener = trio.socket.from_stdlib_socket(plugin_socket.listener)
+        nursery.start_soon(PluginServer(driver).serve, listener)
+        if not cluster:  # the claims of both drivers' volumes
+            nursery.start_soon(driver.reconcile_forever)
+        log.info("serving Docker volume driver %s (%s scope) at %s",
+                 plugin_socket.path.stem, driver.scope, plugin_socket.path)  # fmt: skip
 
 
 def serve(

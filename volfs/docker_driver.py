@@ -15,6 +15,12 @@ without an ``Unmount`` (dockerd killed, a container's shim gone) cannot be match
 container.  Instead, `reconcile` drops the claims on a volume that nothing outside volfs has
 held for :data:`CLAIM_GRACE` seconds: no process with a file or directory on it and no mount
 namespace (a container) with a mount of it.
+
+A daemon with cluster engines serves a second driver, ``NAME-cluster`` (`CLUSTER_SUFFIX`), of
+Docker's ``global`` scope: the volumes of its cluster engines, which every host that names the
+same database serves, created with ``--opt engine=ENGINE`` (needed only when the config has
+more than one).  The first driver, of ``local`` scope, keeps to the host's store.  A name is
+one volume across engines (`volfs.engines`), so one driver never lists the other's volumes.
 """
 
 from __future__ import annotations
@@ -29,7 +35,8 @@ from typing import Any
 import trio
 
 from volfs import requests, users
-from volfs.catalog import created_at, parse_labels
+from volfs.catalog import LOCAL_ENGINE, created_at, parse_labels
+from volfs.engines import describe_cluster
 from volfs.errors import ErrorCode, VolfsError
 from volfs.history_commands import HistoryCommands
 from volfs.remembered import boot_clock
@@ -42,6 +49,10 @@ log = logging.getLogger(__name__)
 #: of the same names (``labels`` is ``KEY=VALUE,KEY=VALUE``; Docker's own ``--label`` stays
 #: Docker's).
 CREATE_OPTIONS = ("size", "uid", "gid", "mode", "inodes", "labels", "from")
+#: The options of the cluster driver: the engine instead of labels and clones.
+CLUSTER_OPTIONS = ("size", "uid", "gid", "mode", "inodes", "engine")
+#: The cluster driver's name is the local driver's with this after it.
+CLUSTER_SUFFIX = "-cluster"
 #: With ``from=NAME@SNAP`` (a clone of that snapshot) the rest comes from the origin.
 CLONE_OPTIONS = ("from", "size")
 #: What ``docker volume inspect`` shows under Status, of what `ls` shows of a volume.
@@ -55,16 +66,23 @@ RECONCILE_EVERY = 60.0
 
 
 class DockerDriver:
-    """The volume-driver verbs over *supervisor*'s volumes."""
+    """The volume-driver verbs over *supervisor*'s volumes: those of its store, or with
+    *cluster* those of its cluster engines; *lock*: the other driver's, if there is one."""
 
-    def __init__(self, supervisor: Supervisor) -> None:
+    def __init__(
+        self, supervisor: Supervisor, cluster: bool = False, lock: trio.Lock | None = None
+    ) -> None:
         self.supervisor = supervisor
+        self.cluster = cluster
+        #: Docker's scope of the driver's volumes: ``global``: the same on every host.
+        self.scope = "global" if cluster else "local"
         self.history = HistoryCommands(supervisor)
         self.claims = supervisor.claims
         self.mount_dir = supervisor.run_dir / "docker"
         # One verb at a time: a Mount racing the last Unmount of the same volume must not
-        # find the path mounted and then see it unmounted under it.
-        self._lock = trio.Lock()
+        # find the path mounted and then see it unmounted under it.  The two drivers of a
+        # daemon share it (and the claims, which one of them reconciles).
+        self.lock = lock or trio.Lock()
 
     def mountpoint(self, name: str) -> Path:
         return self.mount_dir / name
@@ -73,13 +91,16 @@ class DockerDriver:
 
     async def create(self, name: str, options: dict[str, Any]) -> None:
         """Create volume *name* with *options* (``--opt``); nothing if it exists alike."""
-        unknown = sorted(set(options) - set(CREATE_OPTIONS))
+        allowed = CLUSTER_OPTIONS if self.cluster else CREATE_OPTIONS
+        unknown = sorted(set(options) - set(allowed))
         if unknown:
             raise VolfsError(
                 f"unknown option {unknown[0][:40]!r}: volfs volumes take "
-                f"{', '.join(CREATE_OPTIONS)} (e.g. --opt size=10G --opt uid=33)",
+                f"{', '.join(allowed)} (e.g. --opt size=10G --opt uid=33)",
                 ErrorCode.INVALID,
             )
+        if self.cluster:
+            options = {**options, "engine": self._engine(options)}
         if "from" in options:
             await self._clone(name, options)
             return
@@ -91,7 +112,7 @@ class DockerDriver:
             args["labels"] = parse_labels([item for item in labels.split(",") if item])
         request = requests.decode(requests.DAEMON_COMMANDS, "create", args)
         assert isinstance(request, requests.CreateRequest)
-        async with self._lock:
+        async with self.lock:
             await self.supervisor.namespace.create(request)
 
     async def _clone(self, name: str, options: dict[str, Any]) -> None:
@@ -109,7 +130,7 @@ class DockerDriver:
             args["size"] = options["size"]
         request = requests.decode(requests.DAEMON_COMMANDS, "clone", args)
         assert isinstance(request, requests.CloneRequest)
-        async with self._lock:
+        async with self.lock:
             root = self.supervisor.root
             if root.exists(request.name):
                 origin = root.header(request.name).get("origin") or {}
@@ -124,7 +145,7 @@ class DockerDriver:
     async def remove(self, name: str) -> None:
         """Destroy volume *name*: refused while a container (or anything else) uses it."""
         name = check_name(name)
-        async with self._lock:
+        async with self.lock:
             await self._reconcile(name)
             held = self.claims.of(name)
             if held:
@@ -148,7 +169,7 @@ class DockerDriver:
         """Mount volume *name* for the container mount *mount_id*; where it is mounted."""
         name = check_name(name)
         path = self.mountpoint(name)
-        async with self._lock:
+        async with self.lock:
             # Claimed first: a daemon killed between the two leaves a claim that reconcile
             # clears, never a mount that nothing claims and nothing would unmount.
             self.claims.add(name, mount_id)
@@ -167,7 +188,7 @@ class DockerDriver:
     async def unmount(self, name: str, mount_id: str) -> None:
         """End the container mount *mount_id* of *name*; the last one unmounts the volume."""
         name = check_name(name)
-        async with self._lock:
+        async with self.lock:
             if not self.claims.remove(name, mount_id):
                 # Dropped by reconcile, or a daemon of before a reboot: nothing to undo.
                 log.warning("volume %s: Docker unmounted mount id %.12s, which held nothing",
@@ -175,28 +196,56 @@ class DockerDriver:
             if not self.claims.of(name):
                 await self._release(name)
 
+    def _engine(self, options: dict[str, Any]) -> str:
+        """The cluster engine a new volume goes to: ``--opt engine``, else the only one."""
+        engines = sorted(self.supervisor.namespace.engines.clusters)
+        engine = options.get("engine")
+        if engine is None and len(engines) == 1:
+            return engines[0]
+        if not isinstance(engine, str) or engine not in engines:
+            raise VolfsError(
+                f"say which engine: --opt engine=NAME, one of {', '.join(engines)}",
+                ErrorCode.INVALID,
+            )
+        return engine
+
+    async def _engine_of(self, name: str) -> str:
+        """The engine of volume *name* if it is this driver's; NOT_FOUND otherwise."""
+        root = self.supervisor.root
+        engine = LOCAL_ENGINE if root.exists(name) else await self.supervisor.namespace.locate(name)
+        if engine is None or (engine == LOCAL_ENGINE) == self.cluster:
+            raise VolfsError(f"no such volume: {name}", ErrorCode.NOT_FOUND)
+        return engine
+
     def path(self, name: str) -> str:
         """Where Docker mounted volume *name*: "" while it has not."""
         served = self.supervisor.served.get(check_name(name))
         path = self.mountpoint(name)
         return str(path) if served is not None and path in served.paths else ""
 
-    def get(self, name: str) -> dict[str, Any]:
+    async def get(self, name: str) -> dict[str, Any]:
         """What ``docker volume inspect`` shows of volume *name*."""
         name = check_name(name)
-        if not self.supervisor.root.exists(name):
-            raise VolfsError(f"no such volume: {name}", ErrorCode.NOT_FOUND)
-        info = self.supervisor.namespace.describe(name)
+        await self._engine_of(name)
+        info = await self.supervisor.namespace.info(name)
         problems = list(self.supervisor.problems(name))
-        status = {key: info[key] for key in STATUS_KEYS}
+        status = {key: info[key] for key in STATUS_KEYS if key in info}
         status["containers"] = len(self.claims.of(name))
         if problems:
             status["problems"] = problems
         return {**self._entry(name, info["created"]), "Status": status}
 
-    def list(self) -> list[dict[str, Any]]:
+    async def list(self) -> list[dict[str, Any]]:
         """Every volume of the store, as ``docker volume ls`` lists them: from the headers
-        alone (Docker asks at every ``docker volume ls``; `get` describes one in full)."""
+        alone (Docker asks at every ``docker volume ls``; `get` describes one in full); for
+        the cluster driver, every volume of the cluster engines that can be reached."""
+        if self.cluster:
+            found = await trio.to_thread.run_sync(self.supervisor.namespace.engines.listing)
+            return [
+                self._entry(name, describe_cluster(name, engine, row)["created"])
+                for name, (engine, row) in sorted(found.volumes.items())
+                if row is not None
+            ]
         entries = []
         for name in self.supervisor.root.names():
             try:
@@ -217,7 +266,7 @@ class DockerDriver:
         while True:
             try:
                 for name in sorted({c.name for c in self.claims.all()}):
-                    async with self._lock:
+                    async with self.lock:
                         await self._reconcile(name)
             except Exception:  # a full /run, say: the daemon must serve on
                 log.exception("reconciling Docker's mount claims failed; trying again later")

@@ -276,7 +276,8 @@ class PluginServer:
 
     async def _capabilities(self, args: dict[str, Any]) -> dict[str, Any]:
         # local: a volume of this host's store; Docker (Swarm) must not expect it elsewhere.
-        return {"Capabilities": {"Scope": "local"}}
+        # global: a cluster engine's, the same volume on every host that names the engine.
+        return {"Capabilities": {"Scope": self.driver.scope}}
 
     async def _create(self, args: dict[str, Any]) -> dict[str, Any]:
         options = args.get("Opts") or {}
@@ -301,10 +302,10 @@ class PluginServer:
         return {"Mountpoint": self.driver.path(_text(args, "Name")), "Err": ""}
 
     async def _get(self, args: dict[str, Any]) -> dict[str, Any]:
-        return {"Volume": self.driver.get(_text(args, "Name")), "Err": ""}
+        return {"Volume": await self.driver.get(_text(args, "Name")), "Err": ""}
 
     async def _list(self, args: dict[str, Any]) -> dict[str, Any]:
-        return {"Volumes": self.driver.list(), "Err": ""}
+        return {"Volumes": await self.driver.list(), "Err": ""}
 
 
 def _text(args: dict[str, Any], key: str) -> str:
