@@ -7,12 +7,14 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import signal
+import subprocess
 from pathlib import Path
 
 from volfs.docker_driver import CLUSTER_SUFFIX
 
-from helpers import needs_root, wait_until
+from helpers import VOLFSD, needs_root, wait_until
 
 pytest_plugins = ["pg"]  # its fixtures: pg_server, pg_url, pg_hosts
 
@@ -132,3 +134,38 @@ def test_docker_names_a_cluster_volume_through_the_global_driver(host, tmp_path,
         engine.remove_containers()
         for name in ("media", "cache"):
             engine.docker("volume", "rm", "-f", name, check=False)
+
+
+def test_export_into_import_moves_a_volume_onto_the_cluster(host, tmp_path, pg_url, pg_hosts):
+    """`volfsd export NAME | volfsd import NAME2 --engine cluster -`: the tree, modes, links
+    and xattrs on the cluster, read by a host of it; the local volume stays as it was."""
+    mnt = tmp_path / "m"
+    host.cli("mount", "photos", str(mnt))
+    (mnt / "2024").mkdir()
+    (mnt / "2024" / "a.jpg").write_bytes(os.urandom(300_000))
+    (mnt / "2024" / "a.jpg").chmod(0o640)
+    (mnt / "latest").symlink_to("2024/a.jpg")
+    os.link(mnt / "2024" / "a.jpg", mnt / "hard")
+    os.setxattr(mnt / "2024" / "a.jpg", "user.camera", b"x100")
+    want = (mnt / "2024" / "a.jpg").read_bytes()
+    host.cli("umount", str(mnt))
+    config = _config(tmp_path, pg_url)
+    volfsd = " ".join(shlex.quote(word) for word in VOLFSD)
+    moved = subprocess.run(
+        ["bash", "-o", "pipefail", "-c", f"{volfsd} export photos | {volfsd} import photos2 "
+         f"--engine cluster --config {shlex.quote(str(config))} -"],
+        env=host.env, capture_output=True, text=True, timeout=180,
+    )  # fmt: skip
+    assert moved.returncode == 0, moved.stderr
+    other = pg_hosts("photos2")
+    got = other.mountpoint
+    assert (got / "2024" / "a.jpg").read_bytes() == want
+    assert (got / "2024" / "a.jpg").stat().st_mode & 0o777 == 0o640
+    assert os.readlink(got / "latest") == "2024/a.jpg"
+    assert (got / "hard").stat().st_ino == (got / "2024" / "a.jpg").stat().st_ino
+    assert (got / "hard").stat().st_nlink == 2
+    assert os.getxattr(got / "2024" / "a.jpg", "user.camera") == b"x100"
+    other.stop()
+    again = host.refused("import", "photos", "--engine", "cluster", "--config", str(config),
+                         str(tmp_path))  # fmt: skip
+    assert "exists on engine local" in again

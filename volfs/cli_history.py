@@ -15,8 +15,10 @@ from pathlib import Path
 from typing import Any
 
 from volfs import control, requests
-from volfs.catalog import describe, describe_snapshot, parse_labels, parse_size
+from volfs.catalog import LOCAL_ENGINE, describe, describe_snapshot, parse_labels, parse_size
 from volfs.cli_base import CliError, Parser, call, human_size, print_rows, store
+from volfs.config import DEFAULT_PATH, load_config
+from volfs.engines import Engines
 from volfs.errors import ErrorCode, VolfsError
 from volfs.store import history
 from volfs.store.headers import check_name
@@ -87,8 +89,26 @@ def cmd_import(args: argparse.Namespace) -> None:
     from volfs import importer
 
     labels = parse_labels(args.label)
-    importer.import_volume(default_root(), args.name, args.source, args.size, labels)
+    if args.engine in (None, LOCAL_ENGINE):
+        importer.import_volume(default_root(), args.name, args.source, args.size, labels)
+    else:
+        if labels:
+            raise CliError("volumes of a cluster engine take no labels yet: leave out --label")
+        name = check_name(args.name)
+        url = _engine_url(args.engine, args.config)
+        Engines(store(), {}).check_free(name, args.engine)  # the local store's names
+        importer.import_to_engine(url, args.engine, name, args.source, args.size)
     print(args.name)
+
+
+def _engine_url(engine: str, config_path: str | None) -> str:
+    """The URL of cluster engine *engine*, from the daemon's config file."""
+    path = Path(config_path) if config_path else DEFAULT_PATH
+    found = load_config(path).engines.get(check_name(engine))
+    if found is None:
+        raise CliError(f"no engine {engine} in {path}: add an [engines.{engine}] table with its "
+                       "url, or give --config", ErrorCode.NOT_FOUND)  # fmt: skip
+    return found.url
 
 
 def snapshot_rows() -> list[dict[str, Any]]:
@@ -147,4 +167,10 @@ def add_backup_parsers(sub: argparse._SubParsersAction[Parser]) -> None:
     imports.add_argument("source", metavar="FILE|-|DIR")
     imports.add_argument("--size", help="most data it may hold (default: the archive's)")
     imports.add_argument("--label", action="append", default=[], metavar="KEY=VALUE")
+    imports.add_argument("--engine", metavar="ENGINE",
+                         help="where the new volume lives: local (the default) or an "
+                         "[engines.NAME] of the config")  # fmt: skip
+    imports.add_argument(
+        "--config", metavar="PATH", help=f"the config that names --engine (default {DEFAULT_PATH})"
+    )
     imports.set_defaults(func=cmd_import)

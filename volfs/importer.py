@@ -28,7 +28,7 @@ import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Never
+from typing import TYPE_CHECKING, Any, Never, cast
 
 from pyfuse3 import FUSEError
 from tqdm import tqdm
@@ -37,13 +37,16 @@ from volfs import archive
 from volfs.archive import MODE_OF_KIND, ArchiveError, Member, ReadData
 from volfs.catalog import parse_gid, parse_mode, parse_size, parse_uid
 from volfs.errors import ErrorCode, NoSpace, VolfsError
+from volfs.localmodel import LocalView
 from volfs.posix import NAME_MAX, PATH_MAX, XATTR_SIZE_MAX, check_xattr_name
 from volfs.store import pidlock
 from volfs.store.extents import CHUNK_SIZE
 from volfs.store.headers import check_name
 from volfs.store.root import StoreRoot
-from volfs.store.state import ROOT_INO, Inode
-from volfs.store.volume import Volume
+from volfs.store.state import ROOT_INO
+
+if TYPE_CHECKING:
+    from volfs.model import Node, VolumeView
 
 logger = logging.getLogger(__name__)
 STAGING_PREFIX = ".importing-"
@@ -66,29 +69,39 @@ def clean_path(raw: bytes) -> bytes:
 
 
 class Builder:
-    """Makes members in a new volume, through its writing methods; `finish` sets what
+    """Makes members in a new volume through a view of it (`volfs.model.VolumeView`: the
+    store's `Volume`, or one transaction of a cluster engine's volume); `finish` sets what
     making the rest changed (the directories' times)."""
 
-    def __init__(self, volume: Volume, progress: tqdm[Never]) -> None:
+    def __init__(self, volume: VolumeView, progress: tqdm[Never]) -> None:
         self.volume = volume
         self.progress = progress
         self.now = time.time_ns()
-        self._dirs: dict[bytes, tuple[Inode, Member | None]] = {
-            b".": (volume.inodes[ROOT_INO], None)
-        }
+        self._dirs: dict[bytes, tuple[Node, Member | None]] = {b".": (self._root(), None)}
+
+    def _root(self) -> Node:
+        root = self.volume.inode(ROOT_INO)
+        assert root is not None
+        return root
+
+    def _made(self, inode: Node) -> Node:
+        """The view's own node of *inode*, just created (made from the record)."""
+        made = self.volume.inode(inode.ino)
+        assert made is not None
+        return made
 
     def add(self, member: Member, read: ReadData) -> None:
         path = clean_path(member.path)
         _check_numbers(path, member)
         if path == b".":
-            self._set_dir(path, self.volume.inodes[ROOT_INO], member)
+            self._set_dir(path, self._root(), member)
             return
         parent_path, _, name = path.rpartition(b"/")
         parent = self._directory(parent_path or b".", path)
-        existing = parent.entries.get(name) if parent.entries is not None else None
+        existing = self.volume.child(parent, name)
         if existing is not None:
-            if member.kind == "dir" and self.volume.inodes[existing].entries is not None:
-                self._set_dir(path, self.volume.inodes[existing], member)
+            if member.kind == "dir" and stat.S_ISDIR(existing.mode):
+                self._set_dir(path, existing, member)
                 return
             raise ArchiveError(f"archive member {_shown(path)!r} appears twice: refused")
         if member.kind == "hardlink":
@@ -96,51 +109,47 @@ class Builder:
             return
         self._make(parent, name, path, member, read)
 
-    def _directory(self, path: bytes, wanted_by: bytes) -> Inode:
+    def _directory(self, path: bytes, wanted_by: bytes) -> Node:
         """The directory at *path*, made (with `IMPLIED_DIR_MODE`) where the archive has none."""
         found = self._dirs.get(path)
         if found is not None:
             return found[0]
-        parent, at = self.volume.inodes[ROOT_INO], b""
+        parent, at = self._root(), b""
         for name in path.split(b"/"):  # a loop, not recursion: a name may have 2,000 parts
             at = _join(at or b".", name)
             found = self._dirs.get(at)
             if found is not None:
                 parent = found[0]
                 continue
-            assert parent.entries is not None
-            if name in parent.entries:  # not a directory, or it would be in _dirs
+            if self.volume.child(parent, name) is not None:  # not a directory, or in _dirs
                 raise ArchiveError(
                     f"archive member {_shown(wanted_by)!r} lies beneath "
                     f"{_shown(at)!r}, which is not a directory: refused"
                 )
             inode = self.volume.new_inode(stat.S_IFDIR | IMPLIED_DIR_MODE, 0, 0, 0, self.now)
             self.volume.create(parent, name, inode, self.now)
-            parent = self.volume.inodes[inode.ino]  # the state's own, made from the record
+            parent = self._made(inode)
             self._dirs[at] = (parent, None)
         return parent
 
-    def _link(self, parent: Inode, name: bytes, path: bytes, member: Member) -> None:
+    def _link(self, parent: Node, name: bytes, path: bytes, member: Member) -> None:
         target = clean_path(member.target)
         found = self._lookup(target)
-        if found is None or found.entries is not None:
+        if found is None or stat.S_ISDIR(found.mode):
             what = "a directory" if found is not None else "not earlier in the archive"
             raise ArchiveError(f"archive member {_shown(path)!r} is a hard link to "
                                f"{_shown(target)!r}, {what}: refused")  # fmt: skip
         self.volume.link(found, parent, name, self.now)
 
-    def _lookup(self, path: bytes) -> Inode | None:
-        inode = self.volume.inodes[ROOT_INO]
+    def _lookup(self, path: bytes) -> Node | None:
+        inode: Node | None = self._root()
         for part in path.split(b"/") if path != b"." else ():
-            ino = inode.entries.get(part) if inode.entries is not None else None
-            if ino is None:
+            if inode is None or not stat.S_ISDIR(inode.mode):
                 return None
-            inode = self.volume.inodes[ino]
+            inode = self.volume.child(inode, part)
         return inode
 
-    def _make(
-        self, parent: Inode, name: bytes, path: bytes, member: Member, read: ReadData
-    ) -> None:
+    def _make(self, parent: Node, name: bytes, path: bytes, member: Member, read: ReadData) -> None:
         mode = MODE_OF_KIND[member.kind] | member.mode
         rdev = os.makedev(*member.rdev) if member.kind in ("char", "block") else 0
         inode = self.volume.new_inode(mode, member.uid, member.gid, rdev, self.now)
@@ -151,7 +160,7 @@ class Builder:
                                    f"longer than {PATH_MAX - 1} bytes")  # fmt: skip
             inode.target, inode.size = member.target, len(member.target)
         self.volume.create(parent, name, inode, self.now)
-        inode = self.volume.inodes[inode.ino]  # the state's own, made from the record
+        inode = self._made(inode)
         self._xattrs(path, inode, member)
         if member.kind == "dir":
             self._dirs[path] = (inode, member)
@@ -161,7 +170,7 @@ class Builder:
             self.volume.set_attrs(inode, size=member.size, atime_ns=member.atime_ns,
                                   mtime_ns=member.mtime_ns, ctime_ns=self.now)  # fmt: skip
 
-    def _write(self, inode: Inode, offset: int, length: int, read: ReadData) -> None:
+    def _write(self, inode: Node, offset: int, length: int, read: ReadData) -> None:
         end = offset + length
         while offset < end:
             n = min(end, (offset // CHUNK_SIZE + 1) * CHUNK_SIZE) - offset
@@ -172,7 +181,7 @@ class Builder:
             self.progress.update(n)
             offset += n
 
-    def _xattrs(self, path: bytes, inode: Inode, member: Member) -> None:
+    def _xattrs(self, path: bytes, inode: Node, member: Member) -> None:
         for key, value in member.xattrs.items():
             try:
                 check_xattr_name(key)
@@ -185,7 +194,7 @@ class Builder:
                 continue
             self.volume.set_xattr(inode, key, value, self.now)
 
-    def _set_dir(self, path: bytes, inode: Inode, member: Member) -> None:
+    def _set_dir(self, path: bytes, inode: Node, member: Member) -> None:
         self._dirs[path] = (inode, member)
         self.volume.set_attrs(inode, mode=stat.S_IFDIR | member.mode, uid=member.uid,
                               gid=member.gid, ctime_ns=self.now)  # fmt: skip
@@ -351,8 +360,15 @@ def import_volume(store_path: Path, name: str, source: str, size: str | None,
         raise VolfsError(f"volume {name} exists: import into a new name, or remove it first "
                          f"('volfsd rm {name}')", ErrorCode.EXISTS)  # fmt: skip
     sweep(store)
+    with _source(source) as (found, members):
+        _build(store, name, found, size, labels, members)
+
+
+@contextlib.contextmanager
+def _source(source: str) -> Iterator[tuple[dict[str, str], Iterator[tuple[Member, ReadData]]]]:
+    """The settings an archive carries (none for a directory) and its members."""
     if source != "-" and Path(source).is_dir():
-        _build(store, name, {}, size, labels, directory_members(Path(source)))
+        yield {}, directory_members(Path(source))
         return
     if source == "-" and sys.stdin.isatty():
         raise VolfsError("import reads the archive from stdin, a terminal: give FILE or pipe "
@@ -361,7 +377,53 @@ def import_volume(store_path: Path, name: str, source: str, size: str | None,
         raw = sys.stdin.buffer if source == "-" else stack.enter_context(open(source, "rb"))
         stream = not stat.S_ISREG(os.fstat(raw.fileno()).st_mode)  # a pipe, a FIFO: read once
         tar = stack.enter_context(archive.open_archive(raw, stream=stream))
-        _build(store, name, archive.settings(tar), size, labels, archive.members(tar))
+        yield archive.settings(tar), archive.members(tar)
+
+
+def import_to_engine(url: str, engine: str, name: str, source: str, size: str | None) -> None:
+    """Make volume *name* on the cluster engine *engine* (its database at *url*) from
+    *source*, as `import_volume` does: the volume is created empty, then filled in one
+    transaction, so a failure leaves nothing of the archive; the empty volume is removed
+    again.  (A new volume no host serves yet: nothing else can make that transaction retry,
+    and should something do so, the import fails rather than run twice on a read stream.)"""
+    from volfs.pg.model import PgModel  # the driver loads only for a cluster engine
+    from volfs.pg.schema import create_volume, remove_volume
+
+    with _source(source) as (found, members):
+        chosen = options(found, size, {})
+        create_volume(url, check_name(name), chosen["size"], chosen["inodes"],
+                      chosen["uid"] or 0, chosen["gid"] or 0,
+                      0o755 if chosen["mode"] is None else chosen["mode"])  # fmt: skip
+        attempts = 0
+
+        def fill(view: VolumeView) -> None:
+            nonlocal attempts
+            attempts += 1
+            if attempts > 1:
+                raise VolfsError(f"engine {engine}: the import of {name} was interrupted by "
+                                 "another change to it: nothing imported; try again")  # fmt: skip
+            with tqdm(unit="B", unit_scale=True, desc=f"import {name}", file=sys.stderr,
+                      disable=not sys.stderr.isatty()) as progress:  # fmt: skip
+                builder = Builder(view, progress)
+                for member, read in members:
+                    builder.add(member, read)
+                builder.finish()
+            view.sync()
+
+        model = PgModel(url, name)
+        try:
+            model.open()
+            model.run_sync(fill)
+        except BaseException as exc:
+            model.close()
+            with contextlib.suppress(VolfsError):
+                remove_volume(url, name)
+            if isinstance(exc, NoSpace):
+                raise VolfsError(f"volume {name}: the archive does not fit in its size or inode "
+                                 "limit: import it with a larger --size",
+                                 ErrorCode.NO_SPACE) from None  # fmt: skip
+            raise
+        model.close()
 
 
 def _build(store: StoreRoot, name: str, found: dict[str, str], size: str | None,
@@ -377,7 +439,7 @@ def _build(store: StoreRoot, name: str, found: dict[str, str], size: str | None,
         try:
             with tqdm(unit="B", unit_scale=True, desc=f"import {name}", file=sys.stderr,
                       disable=not sys.stderr.isatty()) as progress:  # fmt: skip
-                builder = Builder(volume, progress)
+                builder = Builder(cast("VolumeView", LocalView(volume)), progress)
                 for member, read in source:
                     builder.add(member, read)
                 builder.finish()
