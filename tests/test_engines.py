@@ -169,3 +169,16 @@ def test_export_into_import_moves_a_volume_onto_the_cluster(host, tmp_path, pg_u
     again = host.refused("import", "photos", "--engine", "cluster", "--config", str(config),
                          str(tmp_path))  # fmt: skip
     assert "exists on engine local" in again
+
+
+def test_a_declared_volume_on_the_cluster_is_made_there_and_mounted(host, tmp_path, pg_url):
+    mnt = tmp_path / "media"
+    config = _config(tmp_path, pg_url)
+    with open(config, "a") as f:
+        f.write(f'[volumes.media]\nengine = "cluster"\nsize = "1G"\npaths = ["{mnt}"]\n')
+    host.serve("--config", str(config))
+    row = _ls(host)["media"]
+    assert (row["engine"], row["size"], row["mounts"]) == ("cluster", 1 << 30, [str(mnt)])
+    (mnt / "f").write_bytes(b"declared")
+    host.refused("resize", "media", "2G", words=("cluster", "not"))
+    host.cli("umount", str(mnt))

@@ -21,7 +21,8 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from volfs.catalog import LOCAL_ENGINE
 from volfs.config import EngineConfig
@@ -31,6 +32,8 @@ from volfs.store.root import StoreRoot
 if TYPE_CHECKING:
     from volfs.pg.schema import VolumeRow
     from volfs.requests import CreateRequest
+
+T = TypeVar("T")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,26 +48,33 @@ class ClusterEngine:
         reached."""
         from volfs.pg import schema  # the driver loads only where an engine is configured
 
-        try:
-            return {row.name: row for row in schema.list_volumes(self.url)}
-        except VolfsError as exc:
-            raise VolfsError(f"engine {self.name}: {exc}", exc.code) from None
+        rows = self._call(schema.list_volumes, self.url)
+        return {row.name: row for row in rows}
 
     def create(self, name: str, size: int, inodes: int, uid: int, gid: int, mode: int) -> None:
         from volfs.pg import schema
 
-        try:
-            schema.create_volume(self.url, name, size, inodes, uid, gid, mode)
-        except VolfsError as exc:
-            raise VolfsError(f"engine {self.name}: {exc}", exc.code) from None
+        self._call(schema.create_volume, self.url, name, size, inodes, uid, gid, mode)
 
     def remove(self, name: str) -> None:
         from volfs.pg import schema
 
+        self._call(schema.remove_volume, self.url, name)
+
+    def _call(self, function: Callable[..., T], *args: Any) -> T:
+        """*function(args)*, its failures as `VolfsError` naming this engine: a database
+        error (a lost connection, a timeout) is unavailable, never a traceback."""
+        import psycopg
+
+        from volfs.pg.schema import first_line
+
         try:
-            schema.remove_volume(self.url, name)
+            return function(*args)
         except VolfsError as exc:
             raise VolfsError(f"engine {self.name}: {exc}", exc.code) from None
+        except psycopg.Error as exc:
+            raise VolfsError(f"engine {self.name}: {first_line(exc)}",
+                             ErrorCode.UNAVAILABLE) from None  # fmt: skip
 
 
 @dataclasses.dataclass

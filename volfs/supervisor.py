@@ -314,7 +314,12 @@ class Supervisor:
         take seconds); BUSY if another process serves it or it is still being unmounted."""
         async with self._admin:
             if not self.root.exists(name):
-                raise VolfsError(f"no such volume: {name}", ErrorCode.NOT_FOUND)
+                engine = await self.namespace.locate(name)
+                raise VolfsError(
+                    f"no such volume: {name}" if engine is None else
+                    f"volume {name} is on cluster engine {engine}: it cannot be {what} yet",
+                    ErrorCode.NOT_FOUND if engine is None else ErrorCode.INVALID,
+                )  # fmt: skip
             served = self.served.get(name)
             if served is not None and served.worker is not None and served.worker.running:
                 sock = workerctl.socket_path(self.run_dir, name)

@@ -148,8 +148,19 @@ def first_line(exc: BaseException) -> str:
 def ensure(conn: psycopg.Connection[Any]) -> None:
     """Create the tables if they are missing (idempotent, also when two hosts race: the DDL
     runs under an advisory lock); refuse a schema of another version."""
+    # The lock is the session's, taken before the transaction: a serializable transaction's
+    # snapshot is taken at its first statement, so a lock taken inside it would leave the
+    # second of two racing callers a snapshot without the first's version row (and a
+    # serialization failure when it inserts its own).
+    conn.execute("SELECT pg_advisory_lock(hashtext('volfs_schema'))")
+    try:
+        _ensure_locked(conn)
+    finally:
+        conn.execute("SELECT pg_advisory_unlock(hashtext('volfs_schema'))")
+
+
+def _ensure_locked(conn: psycopg.Connection[Any]) -> None:
     with conn.transaction():
-        conn.execute("SELECT pg_advisory_xact_lock(hashtext('volfs_schema'))")
         conn.execute(_TABLES)
         row = conn.execute("SELECT max(version) FROM volfs_schema").fetchone()
         version = row[0] if row else None
