@@ -168,3 +168,15 @@ def test_a_lost_feed_drops_every_cache_and_reconnects(pg_url, pg_hosts):
     (a.mountpoint / "h").write_bytes(b"after")  # and the new connection hears again
     wait_until(lambda: (b.mountpoint / "h").exists(), "a change after the reconnection",
                FEED_WAIT)  # fmt: skip
+
+
+def test_a_listing_shows_the_other_hosts_names(pg_url, pg_hosts):
+    create_volume(pg_url, "v")
+    a, b = pg_hosts(), pg_hosts()
+    os.mkdir(a.mountpoint / "d")
+    names = {f"n{i:03}" for i in range(150)}  # more than one prefetch of a listing
+    for name in names:
+        (a.mountpoint / "d" / name).write_bytes(name.encode())
+    with os.scandir(b.mountpoint / "d") as listing:
+        seen = {entry.name: entry.stat().st_size for entry in listing}
+    assert seen == {name: 4 for name in names}

@@ -65,6 +65,7 @@ CREATE TABLE IF NOT EXISTS inodes (
     nlink integer NOT NULL,
     target bytea,
     parent bigint NOT NULL,
+    nxattrs integer NOT NULL DEFAULT 0,
     PRIMARY KEY (volume, ino)
 );
 CREATE INDEX IF NOT EXISTS inodes_unlinked ON inodes (volume) WHERE nlink = 0;
