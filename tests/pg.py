@@ -78,6 +78,10 @@ class PostgresServer:
         with open(self.data / "postgresql.conf", "a") as conf:
             conf.write("fsync = off\nfull_page_writes = off\nshared_buffers = 64MB\n"
                        "max_connections = 200\nlisten_addresses = ''\n")  # fmt: skip
+        self.run()
+
+    def run(self) -> None:
+        """Start the postmaster on the data directory (again, after `halt`)."""
         self._as_postgres(str(self.bin_dir / "pg_ctl"), "-D", str(self.data), "-l",
                           str(self.log), "-w", "-t", "60", "-o",
                           f"-p {PORT} -c unix_socket_directories={self.socket_dir}",
@@ -87,13 +91,18 @@ class PostgresServer:
     def url(self, database: str = "postgres") -> str:
         return f"postgresql://postgres@/{database}?host={self.socket_dir}&port={PORT}"
 
-    def stop(self) -> None:
-        """Stop the postmaster by its pid (a fast shutdown, then SIGKILL), remove its files."""
+    def halt(self, how: int = signal.SIGINT) -> None:
+        """Stop the postmaster by its pid: SIGINT a fast shutdown, SIGQUIT an immediate one
+        (a crash, recovered at the next start); SIGKILL if it is still there after 30 s."""
         if self.pid is not None and alive(self.pid):
-            os.kill(self.pid, signal.SIGINT)
+            os.kill(self.pid, how)
             if not wait_gone(self.pid, 30):
                 os.kill(self.pid, signal.SIGKILL)
                 wait_gone(self.pid, 10)
+
+    def stop(self) -> None:
+        """`halt` and remove its files."""
+        self.halt()
         shutil.rmtree(self.base, ignore_errors=True)
 
     def execute(self, sql: str, database: str = "postgres") -> None:
@@ -175,11 +184,38 @@ class EngineWorker:
 def pg_hosts(pg_url: str, request: pytest.FixtureRequest) -> Iterator[Callable[..., EngineWorker]]:
     """A factory of workers serving volumes of this test's database (`EngineWorker`): each
     one a host.  The test's ``expect_log`` marker names the errors it provokes."""
+    yield from _hosts(pg_url, request)
+
+
+@pytest.fixture
+def pg_own() -> Iterator[PostgresServer]:
+    """A PostgreSQL server of this test's own, to stop and start (`halt`, `run`); removed at
+    the end of the test.  `pg_own_hosts` serves its volumes."""
+    found = bin_dir()
+    if found is None:
+        pytest.skip("PostgreSQL's binaries (Debian's postgresql) are not installed")
+    server = PostgresServer(found, Path(tempfile.mkdtemp(prefix="volfs-pg-own-")))
+    try:
+        server.start()
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def pg_own_hosts(
+    pg_own: PostgresServer, request: pytest.FixtureRequest
+) -> Iterator[Callable[..., EngineWorker]]:
+    """`pg_hosts` for the volumes of `pg_own`."""
+    yield from _hosts(pg_own.url(), request)
+
+
+def _hosts(url: str, request: pytest.FixtureRequest) -> Iterator[Callable[..., EngineWorker]]:
     started: list[EngineWorker] = []
     base = Path(tempfile.mkdtemp(prefix="volfs-pghosts-"))
 
     def start(name: str = "v") -> EngineWorker:
-        worker = EngineWorker(pg_url, name, base / f"host{len(started)}")
+        worker = EngineWorker(url, name, base / f"host{len(started)}")
         started.append(worker)
         return worker
 

@@ -4,9 +4,12 @@ and damaged data is EIO, never wrong bytes.  Real PostgreSQL, real mounts (tests
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
+import signal
 import threading
+import time
 
 import psycopg
 import pytest
@@ -180,3 +183,43 @@ def test_a_listing_shows_the_other_hosts_names(pg_url, pg_hosts):
     with os.scandir(b.mountpoint / "d") as listing:
         seen = {entry.name: entry.stat().st_size for entry in listing}
     assert seen == {name: 4 for name in names}
+
+
+def test_a_killed_workers_unlinked_open_file_is_freed_at_the_next_start(pg_url, pg_hosts):
+    create_volume(pg_url, "v")
+    a = pg_hosts()
+    (a.mountpoint / "f").write_bytes(b"open when killed")
+    held = open(a.mountpoint / "f", "rb")  # noqa: SIM115  (kept open across the kill)
+    os.unlink(a.mountpoint / "f")
+    os.kill(a.proc.pid, signal.SIGKILL)
+    a.proc.wait()
+    with contextlib.suppress(OSError):
+        held.close()
+    with psycopg.connect(pg_url) as conn:
+        assert conn.execute("SELECT count(*) FROM inodes").fetchone()[0] == 2  # still held
+        pg_hosts()  # a worker of the same host: the dead one's session and holds go
+        assert conn.execute("SELECT count(*) FROM inodes").fetchone()[0] == 1
+        assert conn.execute("SELECT inodes, used FROM volumes").fetchone() == (1, 0)
+
+
+@pytest.mark.expect_log("failed in the store")
+def test_an_unreachable_engine_is_eio_and_the_mount_recovers(pg_own, pg_own_hosts):
+    create_volume(pg_own.url(), "v")
+    host = pg_own_hosts()
+    with open(host.mountpoint / "f", "wb", buffering=0) as f:
+        f.write(b"before")
+        os.fsync(f.fileno())  # fsync() returned: it survives a crash of the database server
+    pg_own.halt(signal.SIGQUIT)  # a crash, as if the database host went away
+    started = time.monotonic()
+    for attempt in (lambda: (host.mountpoint / "g").write_bytes(b"x"),
+                    lambda: _read(host.mountpoint / "f")):  # fmt: skip
+        with pytest.raises(OSError) as info:
+            attempt()
+        assert info.value.errno == errno.EIO
+    assert time.monotonic() - started < 30  # bounded: never a hang
+    pg_own.run()  # it recovers from its WAL; the mount reconnects by itself
+    wait_until(lambda: _read(host.mountpoint / "f") == b"before", "reads to work again",
+               timeout=30, ignore=(OSError,))  # fmt: skip
+    (host.mountpoint / "g").write_bytes(b"after")
+    assert _read(host.mountpoint / "g") == b"after"
+    assert "failed in the store" in host.log_text()

@@ -102,7 +102,8 @@ CREATE TABLE IF NOT EXISTS sessions (
     volume bigint NOT NULL REFERENCES volumes ON DELETE CASCADE,
     host text NOT NULL,
     pid integer NOT NULL,
-    started timestamptz NOT NULL DEFAULT now()
+    started timestamptz NOT NULL DEFAULT now(),
+    synced timestamptz
 );
 CREATE TABLE IF NOT EXISTS holds (
     volume bigint NOT NULL,

@@ -510,6 +510,9 @@ class PgView(_RowsView):
 
     def sync(self) -> None:
         """Commit this step synchronously: its commit record's flush makes every commit
-        before it durable too (the WAL is one sequence)."""
+        before it durable too (the WAL is one sequence).  The step must write a row for
+        that (a transaction that wrote nothing commits without a flush): its session's,
+        which no other host's transactions touch."""
         self.conn.execute("SET LOCAL synchronous_commit TO on")
-        self.conn.execute("SELECT pg_current_xact_id()")
+        self.conn.execute("UPDATE sessions SET synced = now() WHERE id = %s",
+                          (self.model.session,))  # fmt: skip
