@@ -13,7 +13,8 @@ connections a test left open are ended with it).
 `EngineWorker` is one mount worker serving a volume of the engine (`volfs.worker
 --engine-url-fd`): a "host" of the volume.  `pg_hosts` gives a test a factory of them and
 stops every one it started, by pid, and detaches its mount, also when the test failed; a test
-that passed must leave no ERROR line in any worker's log but those it declares.
+that passed must leave no ERROR line in any worker's log but those it declares, and every
+volume of the database clean (`volfs.pg.check`; the ``store_damaged`` marker exempts one).
 
 Without the PostgreSQL binaries the tests that need them are skipped, saying so, except in CI
 (``CI=true``), where that is a failure: CI installs them (.ci/run, install.sh).
@@ -37,6 +38,7 @@ import psycopg
 import pytest
 
 from volfs import mounts
+from volfs.pg import check
 
 import audit
 from helpers import alive, end, wait_gone
@@ -228,3 +230,14 @@ def _hosts(url: str, request: pytest.FixtureRequest) -> Iterator[Callable[..., E
     expected = audit.expected_log(request.node)
     faults = [f for worker in started for f in audit.log_faults(worker.base, expected)]
     assert not faults, "the workers logged errors:\n" + "\n".join(faults)
+    if not request.node.get_closest_marker("store_damaged"):
+        assert_clean(url)
+
+
+def assert_clean(url: str) -> None:
+    """Fail if a volume of the database at *url* has a problem (`volfs.pg.check`); unlinked
+    inodes a kernel kept looked up until its unmount are none."""
+    with psycopg.connect(url) as conn:
+        found = [f"volume {vid}: {p}" for (vid,) in conn.execute("SELECT id FROM volumes")
+                 for p in check.problems(conn, vid, unlinked_ok=True)]  # fmt: skip
+    assert not found, "the engine's volumes are not clean:\n" + "\n".join(found)

@@ -133,6 +133,7 @@ def test_the_quota_is_exact_across_hosts(pg_url, pg_hosts):
 
 
 @pytest.mark.expect_log("damaged data in inode")
+@pytest.mark.store_damaged("a byte of a block row is flipped")
 def test_a_damaged_block_is_eio_and_a_log_line(pg_url, pg_hosts):
     create_volume(pg_url, "v")
     a = pg_hosts()
