@@ -104,6 +104,37 @@ def test_rmdir_against_a_create_inside_leaves_no_orphan(pg_url, pg_hosts):
     assert orphans == 0
 
 
+def test_two_hosts_renaming_one_file_lose_no_rename(pg_url, pg_hosts):
+    create_volume(pg_url, "v")
+    a, b = pg_hosts(), pg_hosts()
+    for round_ in range(20):
+        src = f"src{round_}"
+        (a.mountpoint / src).write_bytes(src.encode())
+        wait_until(lambda src=src: (b.mountpoint / src).exists(), "the file on b", FEED_WAIT)
+        won: dict[str, object] = {}
+
+        def move(host, target: str, src: str = src, won: dict[str, object] = won) -> None:
+            try:
+                os.rename(host.mountpoint / src, host.mountpoint / target)
+                won[target] = True
+            except OSError as exc:
+                won[target] = exc.errno
+
+        threads = [
+            threading.Thread(target=move, args=(h, t)) for h, t in ((a, "to_a"), (b, "to_b"))
+        ]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert sorted(map(str, won.values())) == ["2", "True"], won  # one won, one ENOENT
+        winner = next(t for t, result in won.items() if result is True)
+        assert _read(a.mountpoint / winner) == src.encode()
+        os.unlink(a.mountpoint / winner)
+    with psycopg.connect(pg_url) as conn:
+        assert conn.execute("SELECT count(*) FROM entries").fetchone()[0] == 0
+
+
 def test_the_quota_is_exact_across_hosts(pg_url, pg_hosts):
     create_volume(pg_url, "v", quota=1 << 20)
     a, b = pg_hosts(), pg_hosts()
