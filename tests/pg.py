@@ -151,6 +151,8 @@ class EngineWorker:
         (base / "store").mkdir()
         (base / "logs").mkdir()
         self.log = base / "logs" / "worker.log"  # where `audit.log_faults` reads
+        self.run_dir = base / "run"  #: where it answers on its control socket
+        self.run_dir.mkdir()
         url_r, url_w = os.pipe()
         ready_r, ready_w = os.pipe()
         os.write(url_w, url.encode())
@@ -159,7 +161,7 @@ class EngineWorker:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "volfs.worker", "--root", str(base / "store"), "--name",
                  name, "--mountpoint", str(self.mountpoint), "--ready-fd", str(ready_w),
-                 "--engine-url-fd", str(url_r)],
+                 "--engine-url-fd", str(url_r), "--run-dir", str(self.run_dir)],
                 pass_fds=(url_r, ready_w), stdin=subprocess.DEVNULL, stdout=log, stderr=log,
                 start_new_session=True,
             )  # fmt: skip

@@ -13,7 +13,10 @@ import time
 
 import psycopg
 import pytest
+import trio
 
+from volfs import requests, workerctl
+from volfs.errors import ErrorCode
 from volfs.pg.feed import FEED_PURPOSE
 from volfs.pg.schema import create_volume
 
@@ -255,3 +258,20 @@ def test_an_unreachable_engine_is_eio_and_the_mount_recovers(pg_own, pg_own_host
     (host.mountpoint / "g").write_bytes(b"after")
     assert _read(host.mountpoint / "g") == b"after"
     assert "failed in the store" in host.log_text()
+
+
+def test_the_workers_control_socket_answers_for_an_engine_volume(pg_url, pg_hosts):
+    create_volume(pg_url, "v", quota=1 << 30)
+    a = pg_hosts()
+    (a.mountpoint / "f").write_bytes(bytes(5000))
+    path = workerctl.socket_path(a.run_dir, "v")
+    status = trio.run(workerctl.call, path, requests.WorkerStatusRequest())
+    assert status["pid"] == a.proc.pid and status["mountpoint"] == str(a.mountpoint)
+    stats = trio.run(workerctl.call, path, requests.WorkerStatsRequest())
+    assert (stats["used"], stats["inodes"], stats["size"]) == (5000, 2, 1 << 30)
+    assert pg_url not in repr(status) + repr(stats)  # nor anything of the URL
+    with pytest.raises(workerctl.WorkerRefused) as info:
+        trio.run(workerctl.call, path, requests.SetLimitsRequest(size=1, inodes=None))
+    assert info.value.code == ErrorCode.INVALID
+    with open(f"/proc/{a.proc.pid}/cmdline", "rb") as cmdline:
+        assert b"postgresql" not in cmdline.read()  # the URL is never on the command line
