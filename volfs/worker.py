@@ -21,7 +21,7 @@ import socket
 import sys
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pyfuse3
 import trio
@@ -32,12 +32,13 @@ from volfs.fsops import VolumeOperations
 from volfs.localmodel import LocalModel
 from volfs.model import VolumeView
 from volfs.opstats import OpStats
-from volfs.pg.feed import ChangeFeed
-from volfs.pg.model import PgModel
 from volfs.store import checkpoints, history, snapshots
 from volfs.store.readonly import ReadOnlyState
 from volfs.store.root import StoreRoot
 from volfs.store.volume import Volume
+
+if TYPE_CHECKING:
+    from volfs.pg.model import PgModel
 
 # Not __name__: run as `python -m volfs.worker`, that is "__main__", which names no module.
 log = logging.getLogger("volfs.worker")
@@ -247,6 +248,8 @@ async def _serve(
             nursery.start_soon(_housekeeping, served.volume)
         tasks = 1
         if isinstance(served, _FromEngine):
+            from volfs.pg.feed import ChangeFeed
+
             feed = ChangeFeed(served.model, pyfuse3.invalidate_inode, pyfuse3.invalidate_entry)
             nursery.start_soon(feed.run)
             tasks = ENGINE_TASKS
@@ -286,7 +289,10 @@ class _FromEngine:
     volume = None  #: no local store volume: nothing to housekeep, resize or snapshot here
 
     def __init__(self, url: str, name: str) -> None:
-        self.model = PgModel(url, name)
+        # Imported here: psycopg costs a local volume's worker a quarter of its start.
+        from volfs.pg.model import PgModel
+
+        self.model: PgModel = PgModel(url, name)
         self.model.open()
 
     async def figures(self) -> dict[str, object]:
