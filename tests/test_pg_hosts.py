@@ -138,6 +138,27 @@ def test_two_hosts_renaming_one_file_lose_no_rename(pg_url, pg_hosts):
         assert conn.execute("SELECT count(*) FROM entries").fetchone()[0] == 0
 
 
+def test_concurrent_writes_into_one_block_lose_nothing(pg_url, pg_hosts):
+    create_volume(pg_url, "v")
+    a, b = pg_hosts(), pg_hosts()
+    (a.mountpoint / "f").write_bytes(b"")
+    wait_until(lambda: (b.mountpoint / "f").exists(), "the file on b", FEED_WAIT)
+
+    def fill(host, first: int) -> None:  # every other 1 KiB of the first 64 KiB block
+        with open(host.mountpoint / "f", "r+b", buffering=0) as f:
+            for piece in range(first, 64, 2):
+                os.pwrite(f.fileno(), bytes([piece + 1]) * 1024, piece * 1024)
+
+    threads = [threading.Thread(target=fill, args=(h, i)) for h, i in ((a, 0), (b, 1))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    want = b"".join(bytes([piece + 1]) * 1024 for piece in range(64))
+    wait_until(lambda: _read(a.mountpoint / "f") == want, "both hosts' writes on a", FEED_WAIT)
+    assert _read(b.mountpoint / "f") == want
+
+
 def test_the_quota_is_exact_across_hosts(pg_url, pg_hosts):
     create_volume(pg_url, "v", quota=1 << 20)
     a, b = pg_hosts(), pg_hosts()
