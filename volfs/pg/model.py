@@ -243,16 +243,25 @@ class PgModel:
     def _attempts(self, conn: psycopg.Connection[Any], step: Callable[[VolumeView], T]) -> T:
         for attempt in range(MAX_ATTEMPTS):
             view = self._running.view = PgView(self, conn)
+            returned = False
             try:
                 # Pipelined: a statement whose result the step does not read (BEGIN, the
                 # changes, NOTIFY) costs no round trip of its own.
                 with conn.pipeline(), conn.transaction():
                     result = step(cast("VolumeView", view))
+                    returned = True
                     view.finish()
                     if view.changed_inodes or view.changed_entries:
                         conn.execute("SELECT pg_notify(%s, %s)", (self.channel, encode_changes(
                             self.session, view.changed_inodes, view.changed_entries)))  # fmt: skip
             except (pg_errors.SerializationFailure, pg_errors.DeadlockDetected):
+                if returned and not view.wrote:
+                    # A step that only read, refused at its commit: what it read is one
+                    # snapshot of the volume (what REPEATABLE READ gives), and running it
+                    # again would repeat what it did outside the view (readdir's replies).
+                    view.active = False
+                    self._running.view = None
+                    return result
                 view.undo_counts()
                 view.active = False
                 self._running.view = None

@@ -128,6 +128,7 @@ class _RowsView:
         self.after_commit: list[Callable[[], None]] = []
         self._limits: tuple[int, int, int, int] | None = None  #: quota, inode limit, used, inodes
         self._used = self._inodes = 0  #: what this attempt adds to the volume's figures
+        self.synced = False  #: whether the attempt commits synchronously (`sync`)
 
     # -- the references this process holds ------------------------------------------------
 
@@ -242,6 +243,12 @@ class _RowsView:
         self._used += stored
         self._inodes += inodes
         node.stored += stored
+
+    @property
+    def wrote(self) -> bool:
+        """Whether this attempt changed a row."""
+        return bool(self.changed_inodes or self.changed_entries or self.after_commit
+                    or self._used or self._inodes or self.synced)  # fmt: skip
 
     def finish(self) -> None:
         """The step is done: write the volume's figures (one row, only if they changed)."""
@@ -513,6 +520,7 @@ class PgView(_RowsView):
         before it durable too (the WAL is one sequence).  The step must write a row for
         that (a transaction that wrote nothing commits without a flush): its session's,
         which no other host's transactions touch."""
+        self.synced = True
         self.conn.execute("SET LOCAL synchronous_commit TO on")
         self.conn.execute("UPDATE sessions SET synced = now() WHERE id = %s",
                           (self.model.session,))  # fmt: skip
