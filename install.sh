@@ -22,8 +22,7 @@ packages=(fuse3 libfuse3-dev pkg-config gcc python3-dev python3-venv patch)
 # The PostgreSQL engine's tests start their own server from Debian's postgresql (15); volfs
 # itself needs only its driver, psycopg, which pip installs with its own libpq.
 if [ "$mode" = dev ]; then
-    packages+=(fio bindfs rclone git attr util-linux mount docker.io busybox-static docker-compose
-               postgresql)
+    packages+=(fio bindfs rclone git attr util-linux mount docker.io busybox-static docker-compose postgresql)
 fi
 missing=()
 for p in "${packages[@]}"; do

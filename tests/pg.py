@@ -13,7 +13,8 @@ connections a test left open are ended with it).
 `EngineWorker` is one mount worker serving a volume of the engine (`volfs.worker
 --engine-url-fd`): a "host" of the volume.  `pg_hosts` gives a test a factory of them and
 stops every one it started, by pid, and detaches its mount, also when the test failed; a test
-that passed must leave no ERROR line in any worker's log but those it declares.
+that passed must leave no ERROR line in any worker's log but those it declares, and every
+volume of the database clean (`volfs.pg.check`; the ``store_damaged`` marker exempts one).
 
 Without the PostgreSQL binaries the tests that need them are skipped, saying so, except in CI
 (``CI=true``), where that is a failure: CI installs them (.ci/run, install.sh).
@@ -37,6 +38,7 @@ import psycopg
 import pytest
 
 from volfs import mounts
+from volfs.pg import check
 
 import audit
 from helpers import alive, end, wait_gone
@@ -78,6 +80,10 @@ class PostgresServer:
         with open(self.data / "postgresql.conf", "a") as conf:
             conf.write("fsync = off\nfull_page_writes = off\nshared_buffers = 64MB\n"
                        "max_connections = 200\nlisten_addresses = ''\n")  # fmt: skip
+        self.run()
+
+    def run(self) -> None:
+        """Start the postmaster on the data directory (again, after `halt`)."""
         self._as_postgres(str(self.bin_dir / "pg_ctl"), "-D", str(self.data), "-l",
                           str(self.log), "-w", "-t", "60", "-o",
                           f"-p {PORT} -c unix_socket_directories={self.socket_dir}",
@@ -87,13 +93,18 @@ class PostgresServer:
     def url(self, database: str = "postgres") -> str:
         return f"postgresql://postgres@/{database}?host={self.socket_dir}&port={PORT}"
 
-    def stop(self) -> None:
-        """Stop the postmaster by its pid (a fast shutdown, then SIGKILL), remove its files."""
+    def halt(self, how: int = signal.SIGINT) -> None:
+        """Stop the postmaster by its pid: SIGINT a fast shutdown, SIGQUIT an immediate one
+        (a crash, recovered at the next start); SIGKILL if it is still there after 30 s."""
         if self.pid is not None and alive(self.pid):
-            os.kill(self.pid, signal.SIGINT)
+            os.kill(self.pid, how)
             if not wait_gone(self.pid, 30):
                 os.kill(self.pid, signal.SIGKILL)
                 wait_gone(self.pid, 10)
+
+    def stop(self) -> None:
+        """`halt` and remove its files."""
+        self.halt()
         shutil.rmtree(self.base, ignore_errors=True)
 
     def execute(self, sql: str, database: str = "postgres") -> None:
@@ -140,6 +151,8 @@ class EngineWorker:
         (base / "store").mkdir()
         (base / "logs").mkdir()
         self.log = base / "logs" / "worker.log"  # where `audit.log_faults` reads
+        self.run_dir = base / "run"  #: where it answers on its control socket
+        self.run_dir.mkdir()
         url_r, url_w = os.pipe()
         ready_r, ready_w = os.pipe()
         os.write(url_w, url.encode())
@@ -148,7 +161,7 @@ class EngineWorker:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "volfs.worker", "--root", str(base / "store"), "--name",
                  name, "--mountpoint", str(self.mountpoint), "--ready-fd", str(ready_w),
-                 "--engine-url-fd", str(url_r)],
+                 "--engine-url-fd", str(url_r), "--run-dir", str(self.run_dir)],
                 pass_fds=(url_r, ready_w), stdin=subprocess.DEVNULL, stdout=log, stderr=log,
                 start_new_session=True,
             )  # fmt: skip
@@ -175,11 +188,38 @@ class EngineWorker:
 def pg_hosts(pg_url: str, request: pytest.FixtureRequest) -> Iterator[Callable[..., EngineWorker]]:
     """A factory of workers serving volumes of this test's database (`EngineWorker`): each
     one a host.  The test's ``expect_log`` marker names the errors it provokes."""
+    yield from _hosts(pg_url, request)
+
+
+@pytest.fixture
+def pg_own() -> Iterator[PostgresServer]:
+    """A PostgreSQL server of this test's own, to stop and start (`halt`, `run`); removed at
+    the end of the test.  `pg_own_hosts` serves its volumes."""
+    found = bin_dir()
+    if found is None:
+        pytest.skip("PostgreSQL's binaries (Debian's postgresql) are not installed")
+    server = PostgresServer(found, Path(tempfile.mkdtemp(prefix="volfs-pg-own-")))
+    try:
+        server.start()
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def pg_own_hosts(
+    pg_own: PostgresServer, request: pytest.FixtureRequest
+) -> Iterator[Callable[..., EngineWorker]]:
+    """`pg_hosts` for the volumes of `pg_own`."""
+    yield from _hosts(pg_own.url(), request)
+
+
+def _hosts(url: str, request: pytest.FixtureRequest) -> Iterator[Callable[..., EngineWorker]]:
     started: list[EngineWorker] = []
     base = Path(tempfile.mkdtemp(prefix="volfs-pghosts-"))
 
     def start(name: str = "v") -> EngineWorker:
-        worker = EngineWorker(pg_url, name, base / f"host{len(started)}")
+        worker = EngineWorker(url, name, base / f"host{len(started)}")
         started.append(worker)
         return worker
 
@@ -192,3 +232,14 @@ def pg_hosts(pg_url: str, request: pytest.FixtureRequest) -> Iterator[Callable[.
     expected = audit.expected_log(request.node)
     faults = [f for worker in started for f in audit.log_faults(worker.base, expected)]
     assert not faults, "the workers logged errors:\n" + "\n".join(faults)
+    if not request.node.get_closest_marker("store_damaged"):
+        assert_clean(url)
+
+
+def assert_clean(url: str) -> None:
+    """Fail if a volume of the database at *url* has a problem (`volfs.pg.check`); unlinked
+    inodes a kernel kept looked up until its unmount are none."""
+    with psycopg.connect(url) as conn:
+        found = [f"volume {vid}: {p}" for (vid,) in conn.execute("SELECT id FROM volumes")
+                 for p in check.problems(conn, vid, unlinked_ok=True)]  # fmt: skip
+    assert not found, "the engine's volumes are not clean:\n" + "\n".join(found)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import errno
 import os
+import random
 import stat
 from collections.abc import Iterator
 from dataclasses import dataclass, fields
@@ -24,6 +25,7 @@ import trio
 
 from volfs.fsops import VolumeOperations
 from volfs.localmodel import LocalModel
+from volfs.pg import check
 from volfs.pg.model import PgModel
 from volfs.pg.schema import connect, create_volume
 from volfs.posix import (
@@ -152,8 +154,11 @@ class PgFs(Fs):
                           (size, inodes, self.model.vid))  # fmt: skip
 
     def close(self) -> None:
-        self.conn.close()
-        self.model.close()
+        try:
+            assert check.problems(self.conn, self.model.vid, unlinked_ok=True) == []
+        finally:
+            self.conn.close()
+            self.model.close()
 
 
 def _open_fs(root: StoreRoot, read_only: bool = False, name: str = "v") -> Fs:
@@ -412,6 +417,37 @@ def test_seek_errnos(fs):
     assert fs.lseek(info.fh, 8192, os.SEEK_HOLE) == 8193
     assert fs.errno_of("lseek", info.fh, 8193, os.SEEK_HOLE) == errno.ENXIO
     assert fs.errno_of("lseek", info.fh, 0, os.SEEK_END) == errno.EINVAL
+    fs.release(info.fh)
+
+
+def test_writes_punches_and_truncations_across_blocks_read_back(fs):
+    """Random changes of one file, read back whole after each against a plain bytearray (the
+    PostgreSQL model keeps data in 64 KiB block rows: ranges that cross them)."""
+    rng = random.Random(16)
+    info, entry = fs.create(ROOT, b"f", 0o644, os.O_RDWR, Ctx())
+    want = bytearray()
+    for _ in range(60):
+        offset, length = rng.randrange(300_000), rng.randrange(1, 150_000)
+        kind = rng.choice(["write", "write", "punch", "truncate", "allocate"])
+        if kind == "write":
+            data = rng.randbytes(length)
+            fs.write(info.fh, offset, data)
+            want.extend(bytes(max(0, offset + length - len(want))))
+            want[offset : offset + length] = data
+        elif kind == "punch":
+            fs.fallocate(info.fh, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, length)
+            end = min(offset + length, len(want))
+            if offset < end:
+                want[offset:end] = bytes(end - offset)
+        elif kind == "allocate":
+            fs.fallocate(info.fh, 0, offset, length)
+            want.extend(bytes(max(0, offset + length - len(want))))
+        else:
+            fs.setattr_(entry.st_ino, size=offset)
+            del want[offset:]
+            want.extend(bytes(offset - len(want)))
+        assert fs.getattr(entry.st_ino, Ctx()).st_size == len(want)
+        assert fs.read(info.fh, 0, 1 << 20) == want, kind
     fs.release(info.fh)
 
 

@@ -4,13 +4,19 @@ and damaged data is EIO, never wrong bytes.  Real PostgreSQL, real mounts (tests
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
+import signal
 import threading
+import time
 
 import psycopg
 import pytest
+import trio
 
+from volfs import requests, workerctl
+from volfs.errors import ErrorCode
 from volfs.pg.feed import FEED_PURPOSE
 from volfs.pg.schema import create_volume
 
@@ -101,6 +107,58 @@ def test_rmdir_against_a_create_inside_leaves_no_orphan(pg_url, pg_hosts):
     assert orphans == 0
 
 
+def test_two_hosts_renaming_one_file_lose_no_rename(pg_url, pg_hosts):
+    create_volume(pg_url, "v")
+    a, b = pg_hosts(), pg_hosts()
+    for round_ in range(20):
+        src = f"src{round_}"
+        (a.mountpoint / src).write_bytes(src.encode())
+        wait_until(lambda src=src: (b.mountpoint / src).exists(), "the file on b", FEED_WAIT)
+        won: dict[str, object] = {}
+
+        def move(host, target: str, src: str = src, won: dict[str, object] = won) -> None:
+            try:
+                os.rename(host.mountpoint / src, host.mountpoint / target)
+                won[target] = True
+            except OSError as exc:
+                won[target] = exc.errno
+
+        threads = [
+            threading.Thread(target=move, args=(h, t)) for h, t in ((a, "to_a"), (b, "to_b"))
+        ]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert sorted(map(str, won.values())) == ["2", "True"], won  # one won, one ENOENT
+        winner = next(t for t, result in won.items() if result is True)
+        assert _read(a.mountpoint / winner) == src.encode()
+        os.unlink(a.mountpoint / winner)
+    with psycopg.connect(pg_url) as conn:
+        assert conn.execute("SELECT count(*) FROM entries").fetchone()[0] == 0
+
+
+def test_concurrent_writes_into_one_block_lose_nothing(pg_url, pg_hosts):
+    create_volume(pg_url, "v")
+    a, b = pg_hosts(), pg_hosts()
+    (a.mountpoint / "f").write_bytes(b"")
+    wait_until(lambda: (b.mountpoint / "f").exists(), "the file on b", FEED_WAIT)
+
+    def fill(host, first: int) -> None:  # every other 1 KiB of the first 64 KiB block
+        with open(host.mountpoint / "f", "r+b", buffering=0) as f:
+            for piece in range(first, 64, 2):
+                os.pwrite(f.fileno(), bytes([piece + 1]) * 1024, piece * 1024)
+
+    threads = [threading.Thread(target=fill, args=(h, i)) for h, i in ((a, 0), (b, 1))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    want = b"".join(bytes([piece + 1]) * 1024 for piece in range(64))
+    wait_until(lambda: _read(a.mountpoint / "f") == want, "both hosts' writes on a", FEED_WAIT)
+    assert _read(b.mountpoint / "f") == want
+
+
 def test_the_quota_is_exact_across_hosts(pg_url, pg_hosts):
     create_volume(pg_url, "v", quota=1 << 20)
     a, b = pg_hosts(), pg_hosts()
@@ -130,6 +188,7 @@ def test_the_quota_is_exact_across_hosts(pg_url, pg_hosts):
 
 
 @pytest.mark.expect_log("damaged data in inode")
+@pytest.mark.store_damaged("a byte of a block row is flipped")
 def test_a_damaged_block_is_eio_and_a_log_line(pg_url, pg_hosts):
     create_volume(pg_url, "v")
     a = pg_hosts()
@@ -168,3 +227,72 @@ def test_a_lost_feed_drops_every_cache_and_reconnects(pg_url, pg_hosts):
     (a.mountpoint / "h").write_bytes(b"after")  # and the new connection hears again
     wait_until(lambda: (b.mountpoint / "h").exists(), "a change after the reconnection",
                FEED_WAIT)  # fmt: skip
+
+
+def test_a_listing_shows_the_other_hosts_names(pg_url, pg_hosts):
+    create_volume(pg_url, "v")
+    a, b = pg_hosts(), pg_hosts()
+    os.mkdir(a.mountpoint / "d")
+    names = {f"n{i:03}" for i in range(150)}  # more than one prefetch of a listing
+    for name in names:
+        (a.mountpoint / "d" / name).write_bytes(name.encode())
+    with os.scandir(b.mountpoint / "d") as listing:
+        seen = {entry.name: entry.stat().st_size for entry in listing}
+    assert seen == {name: 4 for name in names}
+
+
+def test_a_killed_workers_unlinked_open_file_is_freed_at_the_next_start(pg_url, pg_hosts):
+    create_volume(pg_url, "v")
+    a = pg_hosts()
+    (a.mountpoint / "f").write_bytes(b"open when killed")
+    held = open(a.mountpoint / "f", "rb")  # noqa: SIM115  (kept open across the kill)
+    os.unlink(a.mountpoint / "f")
+    os.kill(a.proc.pid, signal.SIGKILL)
+    a.proc.wait()
+    with contextlib.suppress(OSError):
+        held.close()
+    with psycopg.connect(pg_url) as conn:
+        assert conn.execute("SELECT count(*) FROM inodes").fetchone()[0] == 2  # still held
+        pg_hosts()  # a worker of the same host: the dead one's session and holds go
+        assert conn.execute("SELECT count(*) FROM inodes").fetchone()[0] == 1
+        assert conn.execute("SELECT inodes, used FROM volumes").fetchone() == (1, 0)
+
+
+@pytest.mark.expect_log("failed in the store")
+def test_an_unreachable_engine_is_eio_and_the_mount_recovers(pg_own, pg_own_hosts):
+    create_volume(pg_own.url(), "v")
+    host = pg_own_hosts()
+    with open(host.mountpoint / "f", "wb", buffering=0) as f:
+        f.write(b"before")
+        os.fsync(f.fileno())  # fsync() returned: it survives a crash of the database server
+    pg_own.halt(signal.SIGQUIT)  # a crash, as if the database host went away
+    started = time.monotonic()
+    for attempt in (lambda: (host.mountpoint / "g").write_bytes(b"x"),
+                    lambda: _read(host.mountpoint / "f")):  # fmt: skip
+        with pytest.raises(OSError) as info:
+            attempt()
+        assert info.value.errno == errno.EIO
+    assert time.monotonic() - started < 30  # bounded: never a hang
+    pg_own.run()  # it recovers from its WAL; the mount reconnects by itself
+    wait_until(lambda: _read(host.mountpoint / "f") == b"before", "reads to work again",
+               timeout=30, ignore=(OSError,))  # fmt: skip
+    (host.mountpoint / "g").write_bytes(b"after")
+    assert _read(host.mountpoint / "g") == b"after"
+    assert "failed in the store" in host.log_text()
+
+
+def test_the_workers_control_socket_answers_for_an_engine_volume(pg_url, pg_hosts):
+    create_volume(pg_url, "v", quota=1 << 30)
+    a = pg_hosts()
+    (a.mountpoint / "f").write_bytes(bytes(5000))
+    path = workerctl.socket_path(a.run_dir, "v")
+    status = trio.run(workerctl.call, path, requests.WorkerStatusRequest())
+    assert status["pid"] == a.proc.pid and status["mountpoint"] == str(a.mountpoint)
+    stats = trio.run(workerctl.call, path, requests.WorkerStatsRequest())
+    assert (stats["used"], stats["inodes"], stats["size"]) == (5000, 2, 1 << 30)
+    assert pg_url not in repr(status) + repr(stats)  # nor anything of the URL
+    with pytest.raises(workerctl.WorkerRefused) as info:
+        trio.run(workerctl.call, path, requests.SetLimitsRequest(size=1, inodes=None))
+    assert info.value.code == ErrorCode.INVALID
+    with open(f"/proc/{a.proc.pid}/cmdline", "rb") as cmdline:
+        assert b"postgresql" not in cmdline.read()  # the URL is never on the command line

@@ -21,7 +21,7 @@ import socket
 import sys
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pyfuse3
 import trio
@@ -30,13 +30,15 @@ from volfs import __version__, logs, mounts, pyfuse3_build, requests, workerctl
 from volfs.errors import ErrorCode, StoreError, VolfsError
 from volfs.fsops import VolumeOperations
 from volfs.localmodel import LocalModel
+from volfs.model import VolumeView
 from volfs.opstats import OpStats
-from volfs.pg.feed import ChangeFeed
-from volfs.pg.model import PgModel
 from volfs.store import checkpoints, history, snapshots
 from volfs.store.readonly import ReadOnlyState
 from volfs.store.root import StoreRoot
 from volfs.store.volume import Volume
+
+if TYPE_CHECKING:
+    from volfs.pg.model import PgModel
 
 # Not __name__: run as `python -m volfs.worker`, that is "__main__", which names no module.
 log = logging.getLogger("volfs.worker")
@@ -151,6 +153,8 @@ def _answer(
             # The session's capabilities are known once the kernel's INIT has been handled.
             return {**status, "fuse_capabilities": pyfuse3_build.granted()}
         if isinstance(request, requests.WorkerStatsRequest):
+            if isinstance(served, _FromEngine):  # the figures are rows: a step reads them
+                return {**stats.snapshot(), **await served.figures()}
             return {**stats.snapshot(), **_figures(served)}
         if volume is None:
             what = "a snapshot" if isinstance(served, _Opened) else "served from an engine"
@@ -176,10 +180,8 @@ def _answer(
     return answer
 
 
-def _figures(served: _Opened | _FromEngine) -> dict[str, object]:
+def _figures(served: _Opened) -> dict[str, object]:
     """The served volume's figures for metrics: used, size, inodes, the log on disk."""
-    if isinstance(served, _FromEngine):
-        return {"used": 0, "inodes": 0, "size": 0, "retries": served.model.retries}
     state = served.state
     volume = served.volume
     return {
@@ -246,6 +248,8 @@ async def _serve(
             nursery.start_soon(_housekeeping, served.volume)
         tasks = 1
         if isinstance(served, _FromEngine):
+            from volfs.pg.feed import ChangeFeed
+
             feed = ChangeFeed(served.model, pyfuse3.invalidate_inode, pyfuse3.invalidate_entry)
             nursery.start_soon(feed.run)
             tasks = ENGINE_TASKS
@@ -285,8 +289,25 @@ class _FromEngine:
     volume = None  #: no local store volume: nothing to housekeep, resize or snapshot here
 
     def __init__(self, url: str, name: str) -> None:
-        self.model = PgModel(url, name)
+        # Imported here: psycopg costs a local volume's worker a quarter of its start.
+        from volfs.pg.model import PgModel
+
+        self.model: PgModel = PgModel(url, name)
         self.model.open()
+
+    async def figures(self) -> dict[str, object]:
+        """Used, inodes and size as the engine has them now (metrics, `volfsd stats`), and how
+        many steps were run again after a serialization failure (`retries`)."""
+
+        def step(view: VolumeView) -> dict[str, object]:
+            return {
+                "used": view.used_by_files,
+                "inodes": view.inodes_used,
+                "size": view.quota,
+                "store_bytes": 0,
+            }  # no log on this host
+
+        return {**await self.model.run(step), "retries": self.model.retries}
 
     def close(self) -> None:
         self.model.close()

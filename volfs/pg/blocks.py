@@ -66,18 +66,20 @@ def write(conn: Conn, vid: int, ino: int, offset: int, data: bytes, keep: bool =
     fill holes); the change of the file's stored bytes."""
     end = offset + len(data)
     blocks = _blocks(offset, end)
-    # Only blocks the write does not cover whole are merged with what they hold; whole ones
-    # are replaced, and only their old lengths are needed.
+    # Only blocks the write does not cover whole are merged with what they hold; of whole
+    # ones only the old lengths are needed.  One query for both.
     edges = [i for i in (blocks[0], blocks[-1]) if offset > i * _B or end < (i + 1) * _B]
-    old_lengths = dict(
-        conn.execute(
-            "SELECT idx, length(data) FROM blocks WHERE volume = %s AND ino = %s"
-            " AND idx BETWEEN %s AND %s",
-            (vid, ino, blocks[0], blocks[-1]),
-        ).fetchall()
-    )
     merge = list(blocks) if keep else edges
-    merged = _rows(conn, vid, ino, merge) if merge else {}
+    old_lengths: dict[int, int] = {}
+    merged: dict[int, tuple[int, bytes]] = {}
+    for idx, start, length, old_data in conn.execute(
+        "SELECT idx, start, length(data), CASE WHEN idx = ANY(%s) THEN data END FROM blocks"
+        " WHERE volume = %s AND ino = %s AND idx BETWEEN %s AND %s",
+        (merge, vid, ino, blocks[0], blocks[-1]),
+    ).fetchall():
+        old_lengths[idx] = length
+        if old_data is not None:
+            merged[idx] = (start, bytes(old_data))
     new_rows = []
     for idx in blocks:
         lo, hi = max(offset, idx * _B) - idx * _B, min(end, (idx + 1) * _B) - idx * _B
@@ -96,7 +98,7 @@ def write(conn: Conn, vid: int, ino: int, offset: int, data: bytes, keep: bool =
             buf[lo - first : hi - first] = piece
         new_rows.append((idx, first, bytes(buf)))
     _put(conn, vid, ino, new_rows)
-    return sum(len(d) for _, _, d in new_rows) - int(sum(old_lengths.values()))
+    return sum(len(d) for _, _, d in new_rows) - sum(old_lengths.values())
 
 
 def read(conn: Conn, volume: str, vid: int, ino: int, offset: int, end: int) -> bytes:

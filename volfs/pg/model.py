@@ -35,6 +35,7 @@ import psycopg
 import trio
 from psycopg import errors as pg_errors
 
+from volfs.errors import VolfsError
 from volfs.pg import schema
 from volfs.pg.view import PgView
 
@@ -130,6 +131,7 @@ class PgModel:
         #: what the kernel may have cached, for the feed to drop when it missed changes.
         self._names: dict[tuple[int, bytes], None] = {}
         self._names_lock = threading.Lock()
+        self._running = threading.local()  #: the view of the step this thread runs
 
     # -- the session ----------------------------------------------------------------------
 
@@ -213,6 +215,11 @@ class PgModel:
 
     # -- steps ------------------------------------------------------------------------------
 
+    def current_view(self) -> PgView | None:
+        """The view of the step the calling thread runs, if any."""
+        view: PgView | None = getattr(self._running, "view", None)
+        return view
+
     async def run(self, step: Callable[[VolumeView], T]) -> T:
         """Run *step* in a worker thread as one serializable transaction (again after a
         serialization failure or deadlock; see the module's docstring)."""
@@ -220,7 +227,10 @@ class PgModel:
 
     def run_sync(self, step: Callable[[VolumeView], T]) -> T:
         """`run`, in the calling thread."""
-        conn = self._pool.take()
+        try:
+            conn = self._pool.take()
+        except VolfsError as exc:  # the engine cannot be reached: this request fails
+            raise OSError(errno.EIO, str(exc)) from None
         broken = False
         try:
             return self._attempts(conn, step)
@@ -232,25 +242,39 @@ class PgModel:
 
     def _attempts(self, conn: psycopg.Connection[Any], step: Callable[[VolumeView], T]) -> T:
         for attempt in range(MAX_ATTEMPTS):
-            view = PgView(self, conn)
+            view = self._running.view = PgView(self, conn)
+            returned = False
             try:
-                with conn.transaction():
+                # Pipelined: a statement whose result the step does not read (BEGIN, the
+                # changes, NOTIFY) costs no round trip of its own.
+                with conn.pipeline(), conn.transaction():
                     result = step(cast("VolumeView", view))
+                    returned = True
                     view.finish()
                     if view.changed_inodes or view.changed_entries:
                         conn.execute("SELECT pg_notify(%s, %s)", (self.channel, encode_changes(
                             self.session, view.changed_inodes, view.changed_entries)))  # fmt: skip
             except (pg_errors.SerializationFailure, pg_errors.DeadlockDetected):
+                if returned and not view.wrote:
+                    # A step that only read, refused at its commit: what it read is one
+                    # snapshot of the volume (what REPEATABLE READ gives), and running it
+                    # again would repeat what it did outside the view (readdir's replies).
+                    view.active = False
+                    self._running.view = None
+                    return result
                 view.undo_counts()
                 view.active = False
+                self._running.view = None
                 self.retries += 1
                 time.sleep(random.uniform(0, 0.001 * (attempt + 1) ** 2))
                 continue
             except BaseException:
                 view.undo_counts()
                 view.active = False
+                self._running.view = None
                 raise
             view.active = False
+            self._running.view = None
             for done in view.after_commit:
                 done()
             return result

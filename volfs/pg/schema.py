@@ -65,6 +65,7 @@ CREATE TABLE IF NOT EXISTS inodes (
     nlink integer NOT NULL,
     target bytea,
     parent bigint NOT NULL,
+    nxattrs integer NOT NULL DEFAULT 0,
     PRIMARY KEY (volume, ino)
 );
 CREATE INDEX IF NOT EXISTS inodes_unlinked ON inodes (volume) WHERE nlink = 0;
@@ -101,7 +102,8 @@ CREATE TABLE IF NOT EXISTS sessions (
     volume bigint NOT NULL REFERENCES volumes ON DELETE CASCADE,
     host text NOT NULL,
     pid integer NOT NULL,
-    started timestamptz NOT NULL DEFAULT now()
+    started timestamptz NOT NULL DEFAULT now(),
+    synced timestamptz
 );
 CREATE TABLE IF NOT EXISTS holds (
     volume bigint NOT NULL,

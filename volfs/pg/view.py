@@ -17,10 +17,11 @@ from __future__ import annotations
 import errno
 import os
 import stat
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
 import psycopg
+from pyfuse3 import FUSEError
 
 from volfs.errors import NoSpace
 from volfs.pg import blocks
@@ -30,13 +31,15 @@ from volfs.store.dirents import Listing
 if TYPE_CHECKING:
     from volfs.pg.model import PgModel
 
+# An inode's attributes come with the row only if it has some (``nxattrs``): reading the
+# empty arrays of the others cost twice the row itself.
 _COLUMNS = (
     "i.ino, i.mode, i.uid, i.gid, i.rdev, i.size, i.stored, i.atime_ns, i.mtime_ns, i.ctime_ns,"
-    " i.nlink, i.target, i.parent,"
-    " ARRAY(SELECT x.name FROM xattrs x WHERE x.volume = i.volume AND x.ino = i.ino"
-    " ORDER BY x.name),"
-    " ARRAY(SELECT x.value FROM xattrs x WHERE x.volume = i.volume AND x.ino = i.ino"
-    " ORDER BY x.name)"
+    " i.nlink, i.target, i.parent, i.nxattrs,"
+    " CASE WHEN i.nxattrs > 0 THEN ARRAY(SELECT x.name FROM xattrs x WHERE x.volume = i.volume"
+    " AND x.ino = i.ino ORDER BY x.name) END,"
+    " CASE WHEN i.nxattrs > 0 THEN ARRAY(SELECT x.value FROM xattrs x WHERE x.volume = i.volume"
+    " AND x.ino = i.ino ORDER BY x.name) END"
 )
 _ATTRS = ("mode", "uid", "gid", "size", "atime_ns", "mtime_ns", "ctime_ns")
 #: What statfs shows as the capacity of a volume without a size: the database's disk is not
@@ -44,13 +47,15 @@ _ATTRS = ("mode", "uid", "gid", "size", "atime_ns", "mtime_ns", "ctime_ns")
 NOMINAL_BYTES = 1 << 50
 NOMINAL_INODES = 1 << 32
 _FRSIZE = 4096
+PREFETCH = 64  #: inodes a listing reads per query
 
 
 class PgNode:
     """An inode as one step sees it (`volfs.model.Node`)."""
 
     __slots__ = ("_view", "atime_ns", "ctime_ns", "gid", "ino", "mode", "mtime_ns", "nlink",
-                 "parent", "rdev", "size", "stored", "target", "uid", "xattrs")  # fmt: skip
+                 "nxattrs", "parent", "rdev", "size", "stored", "target", "uid",
+                 "xattrs")  # fmt: skip
 
     def __init__(self, view: _RowsView, row: tuple[Any, ...] | None = None) -> None:
         self._view = view
@@ -59,7 +64,7 @@ class PgNode:
         if row is not None:
             (self.ino, self.mode, self.uid, self.gid, self.rdev, self.size, self.stored,
              self.atime_ns, self.mtime_ns, self.ctime_ns, self.nlink, target, self.parent,
-             names, values) = row  # fmt: skip
+             self.nxattrs, names, values) = row  # fmt: skip
             self.target = None if target is None else bytes(target)
             if names:
                 self.xattrs = {bytes(n): bytes(v) for n, v in zip(names, values, strict=True)}
@@ -81,6 +86,31 @@ class PgNode:
         self._view.count(self.ino, 1, value - self.opens)
 
 
+class PgListing(Listing):
+    """A listing that reads the inodes of the next `PREFETCH` names in one query (readdir
+    asks for each entry's attributes), through the step's view (`PgModel.current_view`)."""
+
+    __slots__ = ("_model",)
+
+    def __init__(self, entries: dict[bytes, int], model: PgModel) -> None:
+        super().__init__(entries)
+        self._model = model
+
+    def after(self, offset: int) -> Iterator[tuple[bytes, int, int]]:
+        view = self._model.current_view()
+        batch: list[tuple[bytes, int, int]] = []
+        for item in super().after(offset):
+            batch.append(item)
+            if len(batch) == PREFETCH:
+                if view is not None:
+                    view.prefetch([ino for _, ino, _ in batch])
+                yield from batch
+                batch = []
+        if view is not None and batch:
+            view.prefetch([ino for _, ino, _ in batch])
+        yield from batch
+
+
 class _RowsView:
     """What `PgView` builds on: nodes from rows, the lookups, the figures, the references,
     and saving a node's columns."""
@@ -98,6 +128,7 @@ class _RowsView:
         self.after_commit: list[Callable[[], None]] = []
         self._limits: tuple[int, int, int, int] | None = None  #: quota, inode limit, used, inodes
         self._used = self._inodes = 0  #: what this attempt adds to the volume's figures
+        self.synced = False  #: whether the attempt commits synchronously (`sync`)
 
     # -- the references this process holds ------------------------------------------------
 
@@ -146,13 +177,23 @@ class _RowsView:
         ).fetchone()
         return int(row[0]) if row else 0
 
-    def listing(self, directory: PgNode) -> Listing:
+    def listing(self, directory: PgNode) -> PgListing:
         """The names of *directory* now: the handle lists them as they were at opendir."""
         rows = self.conn.execute(
             "SELECT name, ino FROM entries WHERE volume = %s AND parent = %s ORDER BY name",
             (self.vid, directory.ino),
         ).fetchall()
-        return Listing({bytes(name): ino for name, ino in rows})
+        return PgListing({bytes(name): ino for name, ino in rows}, self.model)
+
+    def prefetch(self, inos: list[int]) -> None:
+        """Read the rows of *inos* in one query, for the lookups that follow."""
+        missing = [ino for ino in inos if ino not in self._nodes]
+        if missing:
+            for row in self.conn.execute(
+                f"SELECT {_COLUMNS} FROM inodes i WHERE i.volume = %s AND i.ino = ANY(%s)",
+                (self.vid, missing),
+            ).fetchall():
+                self._node(row)
 
     # -- figures --------------------------------------------------------------------------
 
@@ -203,6 +244,12 @@ class _RowsView:
         self._inodes += inodes
         node.stored += stored
 
+    @property
+    def wrote(self) -> bool:
+        """Whether this attempt changed a row."""
+        return bool(self.changed_inodes or self.changed_entries or self.after_commit
+                    or self._used or self._inodes or self.synced)  # fmt: skip
+
     def finish(self) -> None:
         """The step is done: write the volume's figures (one row, only if they changed)."""
         if self._used or self._inodes:
@@ -237,7 +284,7 @@ class _RowsView:
         fresh = self.inode(inode.ino)
         if fresh is None:
             return None
-        for attr in (*_ATTRS, "stored", "nlink", "xattrs", "parent"):
+        for attr in (*_ATTRS, "stored", "nlink", "xattrs", "nxattrs", "parent"):
             setattr(inode, attr, getattr(fresh, attr))
         self._nodes[inode.ino] = inode
         return inode
@@ -253,12 +300,21 @@ class PgView(_RowsView):
         assert row is not None
         node = PgNode(self)
         node.ino, node.mode, node.uid, node.gid, node.rdev = int(row[0]), mode, uid, gid, rdev
-        node.size = node.stored = node.parent = 0
+        node.size = node.stored = node.parent = node.nxattrs = 0
         node.atime_ns = node.mtime_ns = node.ctime_ns = now_ns
         node.nlink = 1 if stat.S_ISDIR(mode) else 0
         return node
 
+    @staticmethod
+    def _alive(directory: PgNode) -> None:
+        """Refuse a new name in a directory another host removed (ENOENT, as Linux answers
+        for a removed directory; its kernel would have refused it on that host itself): the
+        directory's inode stays while this host's kernel holds it, but takes no entries."""
+        if directory.nlink == 0:
+            raise FUSEError(errno.ENOENT)
+
     def create(self, parent: PgNode, name: bytes, inode: PgNode, now_ns: int) -> None:
+        self._alive(parent)
         self._charge(inode, 0, inodes=1)
         inode.parent = parent.ino
         self.conn.execute(
@@ -272,6 +328,7 @@ class PgView(_RowsView):
 
     def link(self, inode: PgNode, parent: PgNode, name: bytes, now_ns: int,
              touch_inode: bool = True) -> None:  # fmt: skip
+        self._alive(parent)
         self.conn.execute("INSERT INTO entries VALUES (%s, %s, %s, %s)",
                           (self.vid, parent.ino, name, inode.ino))  # fmt: skip
         self.changed_entries.add((parent.ino, name))
@@ -306,6 +363,7 @@ class PgView(_RowsView):
 
     def rename(self, old_parent: PgNode, old_name: bytes, new_parent: PgNode, new_name: bytes,
                replaced: PgNode | None, now_ns: int) -> None:  # fmt: skip
+        self._alive(new_parent)
         moved = self.child(old_parent, old_name)
         assert moved is not None
         if replaced is not None:
@@ -356,6 +414,8 @@ class PgView(_RowsView):
         self._save(inode, *_ATTRS, "stored")
 
     def set_xattr(self, inode: PgNode, name: bytes, value: bytes | None, now_ns: int) -> None:
+        had = inode.xattrs is not None and name in inode.xattrs
+        inode.nxattrs += (value is not None) - had
         if value is None:
             self.conn.execute("DELETE FROM xattrs WHERE volume = %s AND ino = %s AND name = %s",
                               (self.vid, inode.ino, name))  # fmt: skip
@@ -368,7 +428,7 @@ class PgView(_RowsView):
                 (self.vid, inode.ino, name, value),
             )
             inode.xattrs = {**(inode.xattrs or {}), name: value}
-        self._touch(inode, now_ns, False)
+        self._touch(inode, now_ns, False, "nxattrs")
 
     # -- data -----------------------------------------------------------------------------
 
@@ -457,6 +517,10 @@ class PgView(_RowsView):
 
     def sync(self) -> None:
         """Commit this step synchronously: its commit record's flush makes every commit
-        before it durable too (the WAL is one sequence)."""
+        before it durable too (the WAL is one sequence).  The step must write a row for
+        that (a transaction that wrote nothing commits without a flush): its session's,
+        which no other host's transactions touch."""
+        self.synced = True
         self.conn.execute("SET LOCAL synchronous_commit TO on")
-        self.conn.execute("SELECT pg_current_xact_id()")
+        self.conn.execute("UPDATE sessions SET synced = now() WHERE id = %s",
+                          (self.model.session,))  # fmt: skip
