@@ -60,7 +60,7 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
         item.stash[CALL_PASSED] = report.passed
 
 
-def _passed(node: pytest.Item) -> bool:
+def call_passed(node: pytest.Item) -> bool:
     return node.stash.get(CALL_PASSED, False)
 
 
@@ -210,9 +210,9 @@ class Volume:
 _CHECKED = {"stores": 0, "seconds": 0.0}
 
 
-def _check_after(root: Path, node: pytest.Item) -> None:
+def check_after(root: Path, node: pytest.Item) -> None:
     """The checks after a passed test (tests/audit.py), on store *root*, served no more."""
-    if _passed(node):
+    if call_passed(node):
         started = time.monotonic()
         try:
             audit.check_store(root, node, node.stash.get(EXPECTED_LOG, []))
@@ -237,8 +237,8 @@ def host(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Host]:
     try:
         yield h
     finally:
-        h.cleanup(_passed(request.node))
-    _check_after(h.root, request.node)
+        h.cleanup(call_passed(request.node))
+    check_after(h.root, request.node)
 
 
 @pytest.fixture
@@ -249,7 +249,7 @@ def store_root(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Path]
     request.node.stash[EXPECTED_LOG] = []
     yield root
     stop_daemon(run_dir_of(root))
-    _check_after(root, request.node)
+    check_after(root, request.node)
 
 
 @pytest.fixture
@@ -259,7 +259,7 @@ def volume(tmp_path: Path, store_root: Path, request: pytest.FixtureRequest) -> 
     try:
         yield vol
     finally:
-        vol.cleanup(_passed(request.node))
+        vol.cleanup(call_passed(request.node))
 
 
 @pytest.fixture
@@ -277,7 +277,7 @@ def copy(tmp_path: Path, volume: Volume, request: pytest.FixtureRequest) -> Iter
     try:
         yield vol
     finally:
-        vol.cleanup(_passed(request.node))
+        vol.cleanup(call_passed(request.node))
 
 
 @pytest.fixture(scope="session")

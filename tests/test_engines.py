@@ -10,11 +10,16 @@ import os
 import shlex
 import signal
 import subprocess
+from collections.abc import Iterator
 from pathlib import Path
+
+import pytest
 
 from volfs.docker_driver import CLUSTER_SUFFIX
 
+from conftest import call_passed, check_after
 from helpers import VOLFSD, needs_root, wait_until
+from hosts import Host
 
 pytest_plugins = ["pg"]  # its fixtures: pg_server, pg_url, pg_hosts
 
@@ -182,3 +187,55 @@ def test_a_declared_volume_on_the_cluster_is_made_there_and_mounted(host, tmp_pa
     (mnt / "f").write_bytes(b"declared")
     host.refused("resize", "media", "2G", words=("cluster", "not"))
     host.cli("umount", str(mnt))
+
+
+@pytest.fixture
+def second_host(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Host]:
+    """Another host: a daemon with a store root, runtime dir and config of its own."""
+    (tmp_path / "host-b").mkdir()
+    other = Host(tmp_path / "host-b")
+    try:
+        yield other
+    finally:
+        other.cleanup(call_passed(request.node))
+    check_after(other.root, request.node)
+
+
+def test_two_daemons_serve_one_volume(host, second_host, tmp_path, pg_url):
+    """Two hosts, each its own daemon, store and mount point, one database: a volume created
+    on one is mounted by name on the other; a closed file is current on the other host, an
+    fsynced one too, a rename moves for both, and a file unlinked on one host stays readable
+    through a descriptor the other holds open."""
+    a_host, b_host = host, second_host
+    a_host.serve("--config", str(_config(tmp_path, pg_url)))
+    b_host.serve("--config", str(_config(b_host.tmp, pg_url)))
+    a_host.cli("create", "media", "--engine", "cluster")
+    a, b = tmp_path / "a", b_host.tmp / "b"
+    a_host.cli("mount", "media", str(a))
+    b_host.cli("mount", "media", str(b))  # found on the cluster: mounted, not made locally
+    assert not (b_host.root / "volumes" / "media").exists()
+    assert _ls(b_host)["media"]["mounts"] == [str(b)]
+
+    (a / "closed").write_bytes(b"one")
+    assert (b / "closed").read_bytes() == b"one"  # close-to-open
+    fd = os.open(a / "synced", os.O_WRONLY | os.O_CREAT, 0o644)
+    try:
+        os.write(fd, b"fsynced, still open")
+        os.fsync(fd)
+        wait_until(lambda: (b / "synced").exists() and (b / "synced").read_bytes()
+                   == b"fsynced, still open", "the fsynced file on b", FEED_WAIT)  # fmt: skip
+    finally:
+        os.close(fd)
+    (a / "closed").rename(a / "renamed")
+    wait_until(lambda: (b / "renamed").exists() and not (b / "closed").exists(),
+               "the rename on b", FEED_WAIT)  # fmt: skip
+
+    held = os.open(b / "renamed", os.O_RDONLY)
+    try:
+        (a / "renamed").unlink()
+        wait_until(lambda: not (b / "renamed").exists(), "the unlink on b", FEED_WAIT)
+        assert os.pread(held, 100, 0) == b"one", "open on b, so kept for b"
+    finally:
+        os.close(held)
+    b_host.cli("umount", str(b))
+    a_host.cli("umount", str(a))
