@@ -8,6 +8,8 @@
 # runtime dir of its own, runs `prove -r` in a directory of the mount, unmounts, and checks the
 # store with `volfsd fsck`. Exits 0 only if prove says `Result: PASS`, the store is clean and
 # volfs logged no error or traceback.
+# With VOLFS_PJDFSTEST_ENGINE_URL=postgresql://... the volume is one of that PostgreSQL
+# engine instead (a daemon with it in its config; the check at the end is the engine's).
 # Whatever it started (the daemon, the worker, the mount) is ended by pid on any exit.
 # Needs autoconf automake gcc make perl libssl-dev (.ci/run installs them).
 set -euo pipefail
@@ -52,6 +54,14 @@ tar -xzf "$tarball" -C "$tmp"
 (cd "$tmp/pjdfstest" && autoreconf -ifs && ./configure && make pjdfstest) >"$tmp/build.log" 2>&1 \
     || { tail -30 "$tmp/build.log" >&2; echo "pjdfstest.sh: build failed" >&2; exit 2; }
 
+engine_url="${VOLFS_PJDFSTEST_ENGINE_URL:-}"
+if [ -n "$engine_url" ]; then
+    (umask 077 && printf '[engines.cluster]\nurl = "%s"\n' "$engine_url" >"$tmp/volumes.toml")
+    mkdir -p "$VOLFS_ROOT"
+    volfsd serve --config "$tmp/volumes.toml" >"$tmp/daemon.log" 2>&1 &
+    for _ in $(seq 300); do volfsd status >/dev/null 2>&1 && break; sleep 0.1; done
+    volfsd create pjd --engine cluster
+fi
 volfsd mount pjd "$mnt"
 mkdir "$mnt/pjd"
 started=$SECONDS
@@ -60,9 +70,20 @@ set +e
 set -e
 echo "pjdfstest.sh: prove took $((SECONDS - started)) s"
 volfsd umount "$mnt"
-volfsd fsck pjd
+if [ -n "$engine_url" ]; then
+    "$python" - "$engine_url" <<'CHECK'
+import sys
+from volfs.pg import check, schema
+with schema.connect(sys.argv[1]) as conn:
+    found = check.problems(conn, schema.volume_id(conn, "pjd"))
+print(f"volume pjd (PostgreSQL engine): {len(found)} problem(s)", *found, sep="\n")
+sys.exit(1 if found else 0)
+CHECK
+else
+    volfsd fsck pjd
+fi
 grep -q '^Result: PASS' "$tmp/prove.log" || { echo "pjdfstest.sh: pjdfstest failed" >&2; exit 1; }
-if grep -E ' (ERROR|CRITICAL) |^Traceback' "$VOLFS_ROOT"/logs/*.log >&2; then
+if grep -E ' (ERROR|CRITICAL) |^Traceback' "$VOLFS_ROOT"/logs/*.log "$tmp"/daemon.log* >&2; then
     echo "pjdfstest.sh: volfs logged errors (above)" >&2
     exit 1
 fi

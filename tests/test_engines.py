@@ -239,3 +239,18 @@ def test_two_daemons_serve_one_volume(host, second_host, tmp_path, pg_url):
         os.close(held)
     b_host.cli("umount", str(b))
     a_host.cli("umount", str(a))
+
+
+PJDFSTEST = Path(__file__).resolve().parent / "pjdfstest.sh"
+
+
+@pytest.mark.slow
+@needs_root("pjdfstest needs root")
+def test_pjdfstest_on_a_cluster_volume(pg_url):
+    """pjdfstest, the POSIX suite, on a volume of the PostgreSQL engine (tests/pjdfstest.sh
+    with VOLFS_PJDFSTEST_ENGINE_URL): the same rules as on the local store."""
+    env = {**os.environ, "VOLFS_PJDFSTEST_ENGINE_URL": pg_url}
+    done = subprocess.run([str(PJDFSTEST)], env=env, capture_output=True, text=True,
+                          timeout=3600)  # fmt: skip
+    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-3000:]
+    assert "Result: PASS" in done.stdout
