@@ -39,6 +39,7 @@ def _ls(host) -> dict[str, dict]:
     return {row["name"]: row for row in rows}
 
 
+@pytest.mark.expect_log(r"its worker exited \(pid \d+, ")
 def test_a_cluster_volume_through_the_daemon(host, tmp_path, pg_url, pg_hosts):
     daemon = host.serve("--config", str(_config(tmp_path, pg_url)))
     host.cli("create", "media", "--engine", "cluster", "--size", "1G")
@@ -80,6 +81,15 @@ def test_a_cluster_volume_through_the_daemon(host, tmp_path, pg_url, pg_hosts):
     adopted = host.status()["by_name"]["media"]
     assert adopted["worker_pid"] == worker and adopted["adopted"] is True
     assert adopted["engine"] == "cluster"
+    os.kill(worker, signal.SIGKILL)  # healed like a local volume's worker: both paths back
+
+    def healed() -> bool:
+        volume = host.status()["by_name"]["media"]
+        return volume["worker_pid"] not in (None, worker) and volume["status"] == "mounted"
+
+    wait_until(healed, "the cluster volume healed", timeout=60)
+    assert (b / "during").read_bytes() == b"no daemon"
+    assert (a / "g").read_bytes() == b"from the other host"
 
     host.refused("rm", "media", words=("mounted at",))
     host.cli("umount", str(b))

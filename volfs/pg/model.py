@@ -283,10 +283,11 @@ class PgModel:
 
 
 def _alive(pid: int) -> bool:
+    """Whether process *pid* of this host still runs.  A zombie does not: a worker killed
+    a moment ago may not be reaped yet when the one that replaces it starts (a heal)."""
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            state = f.read().rsplit(b")", 1)[1].split()[0]
+    except (FileNotFoundError, ProcessLookupError, IndexError):
         return False
-    except PermissionError:
-        return True
-    return True
+    return state != b"Z"
