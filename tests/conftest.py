@@ -13,6 +13,7 @@ find fails the test at teardown. Shared helpers are in tests/helpers.py.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import itertools
 import os
 import signal
@@ -354,6 +355,32 @@ def docker_plugin(host: Host, engine: DockerEngine) -> Iterator[Plugin]:
                               check=False).stdout.split()  # fmt: skip
         if names:
             engine.docker("volume", "rm", "-f", *names, check=False)
+
+
+#: The fixtures of tests that start containers (each in a new mount namespace).
+_CONTAINER_FIXTURES = frozenset({"engine", "docker_engine", "docker_plugin"})
+
+
+@pytest.fixture(autouse=True)
+def _namespace_makers_run_alone(request: pytest.FixtureRequest, tmp_path_factory) -> Iterator[None]:
+    """Under pytest-xdist, a test that makes mount namespaces (containers, ``unshare -m``)
+    runs while no other test does.  A new mount namespace starts as a copy of the host's,
+    with every mount of that moment, and volfs rightly counts a copy of a volume's mount
+    as a user of it: another process's test would find its volume busy.  Such a test holds
+    an exclusive lock that every other test holds shared."""
+    if "PYTEST_XDIST_WORKER" not in os.environ:
+        yield
+        return
+    alone = request.node.get_closest_marker("mount_namespaces") is not None or bool(
+        _CONTAINER_FIXTURES & set(request.fixturenames)
+    )
+    lock = tmp_path_factory.getbasetemp().parent / "mount-namespaces.lock"
+    fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX if alone else fcntl.LOCK_SH)
+        yield
+    finally:
+        os.close(fd)  # and the lock with it
 
 
 @pytest.fixture(autouse=True, scope="session")

@@ -28,7 +28,10 @@ from conftest import Plugin
 from helpers import VOLFSD, alive, needs_root, wait_until
 from hosts import Host
 
-pytestmark = needs_root("the plugin's socket lives in /run/docker/plugins and it bind-mounts")
+pytestmark = [
+    needs_root("the plugin's socket lives in /run/docker/plugins and it bind-mounts"),
+    pytest.mark.mount_namespaces,  # unshare -m: stands in for containers and services
+]
 
 
 def ls(plugin: Plugin) -> dict[str, dict]:

@@ -26,6 +26,7 @@ from volfs.users import CWD, FD, MMAP, NAMESPACE, ROOT, User, container_id, desc
 
 from helpers import needs_root, wait_until
 
+pytestmark = pytest.mark.mount_namespaces  # unshare -m, chroot
 ROOT_ONLY = needs_root("needs root (chroot, unshare, cgroups)")
 
 OPEN = "f = open(sys.argv[1], 'rb')"
