@@ -16,7 +16,9 @@ import contextlib
 import fcntl
 import itertools
 import os
+import shutil
 import signal
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -44,13 +46,35 @@ EXPECTED_LOG = pytest.StashKey[list[str]]()
 # root it would otherwise take /run/docker/plugins/volfs.sock, the host's own driver name, and
 # every further test daemon would be refused it.
 os.environ[PLUGIN_ENV] = PLUGIN_OFF
+#: The short base directory of this run's tmp_paths (`pytest_configure`).
+_SHORT_BASE = pytest.StashKey[Path]()
+_EXIT_STATUS = pytest.StashKey[int]()
 #: Driver names of the session's plugins: one per test, so none sees another's volumes.
 _PLUGIN_NAMES = itertools.count()
 
 
+@pytest.hookimpl(tryfirst=True)
 def pytest_configure(config: pytest.Config) -> None:
     for marker in audit.MARKERS:
         config.addinivalue_line("markers", marker)
+    # Unix socket paths hold at most 107 bytes, and a test's daemon and workers put theirs
+    # under its tmp_path.  pytest's own base (/tmp/pytest-of-root/pytest-N/, and under
+    # xdist popen-gwN/ below it) leaves some tests too little room: so a short base of the
+    # run's own (the xdist workers get theirs below it), removed at the end of a run that
+    # passed and kept for a look after one that failed.
+    if config.option.basetemp is None and not hasattr(config, "workerinput"):
+        config.option.basetemp = tempfile.mkdtemp(prefix="vt", dir="/tmp")
+        config.stash[_SHORT_BASE] = Path(config.option.basetemp)
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    base = config.stash.get(_SHORT_BASE, None)
+    if base is not None and config.stash.get(_EXIT_STATUS, 1) == 0:
+        shutil.rmtree(base, ignore_errors=True)
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    session.config.stash[_EXIT_STATUS] = exitstatus
 
 
 @pytest.hookimpl(hookwrapper=True)
