@@ -5,9 +5,11 @@ volume (two "hosts") and one worker serving a local volume, then measures, for e
 4 KiB pwrite()s into one open file, stat() of files the kernel has not cached (each one a
 LOOKUP and a GETATTR the mount answers), and the small-file cycle (create, write 4 KiB,
 close, unlink); and, between the two PG mounts, how long a new file takes to appear on the
-other host (from close() on one to the name on the other).  Run as root:
+other host (from close() on one to the name on the other).  Then, in-process (`PgModel.run_sync`,
+no kernel, no thread hop): a getattr step, a 4 KiB write step, 1 MiB sequential writes and
+reads, with the data in blocks of --block-size bytes (the engine's is 64 KiB).  Run as root:
 
-    .venv/bin/python bench/pg_engine.py [--count N]
+    .venv/bin/python bench/pg_engine.py [--count N] [--block-size BYTES]
 
 Figures are wall-clock rates of one process at queue depth 1; other load on the machine shows.
 """
@@ -22,9 +24,13 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
+from volfs import posix
+from volfs.pg import blocks, schema
+from volfs.pg.model import PgModel
 from volfs.pg.schema import create_volume
 from volfs.store.root import StoreRoot
 
@@ -82,9 +88,52 @@ def visibility(a: Path, b: Path, count: int) -> list[float]:
     return delays
 
 
+def in_process(url: str, block_size: int, count: int) -> None:
+    """Steps of the model itself, on a volume of its own, with *block_size* blocks."""
+    schema.BLOCK_SIZE = blocks._B = block_size  # a bench's knob: the engine's is fixed
+    create_volume(url, f"steps{block_size}")
+    model = PgModel(url, f"steps{block_size}")
+    model.open()
+    try:
+        started = time.perf_counter()
+        for _ in range(count):
+            model.run_sync(lambda view: posix.existing(view, posix.ROOT_INO))
+        getattr_us = (time.perf_counter() - started) / count * 1e6
+
+        def new_file(name: bytes) -> Any:
+            def step(view: Any) -> Any:
+                node = view.new_inode(0o100644, 0, 0, 0, 1)
+                view.create(view.inode(posix.ROOT_INO), name, node, 1)
+                return node
+
+            return model.run_sync(step)
+
+        small, big = new_file(b"small"), new_file(b"big")
+        started = time.perf_counter()
+        for i in range(count):
+            offset = (i * 7919 % 256) * 4096
+            model.run_sync(lambda view, o=offset: view.write(small, o, b"x" * 4096, 5))
+        write_us = (time.perf_counter() - started) / count * 1e6
+        chunk, mib = os.urandom(1 << 20), 64
+        started = time.perf_counter()
+        for i in range(mib):
+            model.run_sync(lambda view, i=i: view.write(big, i << 20, chunk, 5))
+        seq_write = mib / (time.perf_counter() - started)
+        started = time.perf_counter()
+        for i in range(mib):
+            model.run_sync(lambda view, i=i: view.read(big, i << 20, 1 << 20))
+        seq_read = mib / (time.perf_counter() - started)
+        print(f"steps  {block_size >> 10} KiB blocks: getattr {getattr_us:.0f} us, 4 KiB write "
+              f"{write_us:.0f} us, 1 MiB writes {seq_write:.0f} MiB/s, reads "
+              f"{seq_read:.0f} MiB/s")  # fmt: skip
+    finally:
+        model.close()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--count", type=int, default=2000)
+    parser.add_argument("--block-size", type=int, default=schema.BLOCK_SIZE)
     args = parser.parse_args()
     found = bin_dir()
     assert found is not None, "PostgreSQL's binaries are not installed"
@@ -116,6 +165,7 @@ def main() -> None:
         print(f"pg     new name on the other host after close(): median "
               f"{statistics.median(delays) * 1e3:.2f} ms, p90 {delays[180] * 1e3:.2f} ms, "
               f"max {delays[-1] * 1e3:.2f} ms")  # fmt: skip
+        in_process(url, args.block_size, n // 4)
     finally:
         for worker in workers:
             worker.stop()

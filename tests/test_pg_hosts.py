@@ -296,3 +296,9 @@ def test_the_workers_control_socket_answers_for_an_engine_volume(pg_url, pg_host
     assert info.value.code == ErrorCode.INVALID
     with open(f"/proc/{a.proc.pid}/cmdline", "rb") as cmdline:
         assert b"postgresql" not in cmdline.read()  # the URL is never on the command line
+
+
+def test_a_worker_for_a_missing_volume_says_so_on_its_ready_pipe(pg_url, pg_hosts):
+    create_volume(pg_url, "v")
+    with pytest.raises(AssertionError, match="error: the PostgreSQL engine has no volume nope"):
+        pg_hosts("nope")

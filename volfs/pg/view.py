@@ -97,18 +97,25 @@ class PgListing(Listing):
         self._model = model
 
     def after(self, offset: int) -> Iterator[tuple[bytes, int, int]]:
+        """As `Listing.after`, less the entries whose inode another host has removed since
+        the listing began (as the local listing skips entries removed meanwhile)."""
         view = self._model.current_view()
         batch: list[tuple[bytes, int, int]] = []
         for item in super().after(offset):
             batch.append(item)
             if len(batch) == PREFETCH:
-                if view is not None:
-                    view.prefetch([ino for _, ino, _ in batch])
-                yield from batch
+                yield from self._present(view, batch)
                 batch = []
-        if view is not None and batch:
-            view.prefetch([ino for _, ino, _ in batch])
-        yield from batch
+        yield from self._present(view, batch)
+
+    @staticmethod
+    def _present(
+        view: _RowsView | None, batch: list[tuple[bytes, int, int]]
+    ) -> list[tuple[bytes, int, int]]:
+        if view is None or not batch:
+            return batch
+        found = view.prefetch([ino for _, ino, _ in batch])
+        return [item for item in batch if item[1] in found]
 
 
 class _RowsView:
@@ -185,8 +192,8 @@ class _RowsView:
         ).fetchall()
         return PgListing({bytes(name): ino for name, ino in rows}, self.model)
 
-    def prefetch(self, inos: list[int]) -> None:
-        """Read the rows of *inos* in one query, for the lookups that follow."""
+    def prefetch(self, inos: list[int]) -> set[int]:
+        """Read the rows of *inos* in one query, for the lookups that follow; which exist."""
         missing = [ino for ino in inos if ino not in self._nodes]
         if missing:
             for row in self.conn.execute(
@@ -194,6 +201,7 @@ class _RowsView:
                 (self.vid, missing),
             ).fetchall():
                 self._node(row)
+        return {ino for ino in inos if ino in self._nodes}
 
     # -- figures --------------------------------------------------------------------------
 
