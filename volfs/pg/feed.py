@@ -120,11 +120,14 @@ class ChangeFeed:
         if changes["s"] == self.model.session:
             return  # this host's own: its kernel saw it happen
         self.notices += 1
+        if "l" in changes:  # locks released there: the requests waiting here try again
+            self.model.wake(set(changes["l"]))
         self._inodes.update(changes["i"])
         self._entries.update((parent, bytes.fromhex(name)) for parent, name in changes["e"])
         self._wake.set()
 
     def _everything(self) -> None:
+        self.model.wake(None)  # any lock may have been released meanwhile
         self._inodes.update(self.model.referenced())
         self._entries.update(self.model.names_seen())
         self._wake.set()
