@@ -28,6 +28,7 @@ import psycopg
 import trio
 from psycopg import errors as pg_errors
 
+from volfs.errors import VolfsError
 from volfs.pg import schema
 
 if TYPE_CHECKING:
@@ -95,7 +96,7 @@ class Keeper:
                     return None
                 free, self.sweep_due = self.sweep_due, False
                 return _retried(lambda: sweep(conn, model, free))
-        except (psycopg.Error, OSError) as exc:
+        except (psycopg.Error, OSError, VolfsError) as exc:
             if self.contact_since is not None:
                 log.warning("volume %s: cannot renew the lease of session %s: %s", model.name,
                             model.session, schema.first_line(exc))  # fmt: skip
