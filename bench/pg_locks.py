@@ -22,6 +22,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+from typing import BinaryIO
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
@@ -53,6 +54,11 @@ def round_trips(path: Path, count: int, flock: bool) -> list[float]:
     return times
 
 
+def _wait(f: BinaryIO, granted: list[float]) -> None:
+    fcntl.flock(f, fcntl.LOCK_EX)
+    granted.append(time.perf_counter())
+
+
 def wake_ups(a: Path, b: Path, count: int) -> list[float]:
     """Seconds from an unlock on *a* returning to a blocked flock on *b* returning."""
     delays = []
@@ -60,9 +66,7 @@ def wake_ups(a: Path, b: Path, count: int) -> list[float]:
         for _ in range(count):
             fcntl.flock(held, fcntl.LOCK_EX)
             granted: list[float] = []
-            waiter = threading.Thread(
-                target=lambda: (fcntl.flock(waiting, fcntl.LOCK_EX),
-                                granted.append(time.perf_counter())))  # fmt: skip
+            waiter = threading.Thread(target=_wait, args=(waiting, granted))
             waiter.start()
             time.sleep(0.05)  # let it wait (a bench, not a test: the figure is what counts)
             fcntl.flock(held, fcntl.LOCK_UN)
