@@ -321,8 +321,13 @@ def test_sqlite_from_two_hosts_on_one_file(pg_url, pg_hosts):
     writers = [subprocess.Popen([sys.executable, "-c", _SQLITE_WRITER,
                                  str(host.mountpoint / "db.sqlite"), name, str(rows)])
                for host, name in ((a, "a"), (b, "b"))]  # fmt: skip
-    for writer in writers:
-        assert writer.wait(timeout=300) == 0
+    try:
+        for writer in writers:
+            assert writer.wait(timeout=300) == 0
+    finally:  # none left writing through a mount the fixture takes away
+        for writer in writers:
+            writer.kill()
+            writer.wait()
     for host in (a, b):
         check = subprocess.run(
             [sys.executable, "-c", "import sqlite3, sys; db = sqlite3.connect(sys.argv[1]); "

@@ -355,7 +355,9 @@ class VolumeOperations(pyfuse3.Operations):
         uid, gid = ctx.uid, ctx.gid
         mode = stat.S_IFREG | (stat.S_IMODE(mode) & ~ctx.umask)
         node = await self.model.run(
-            lambda view: view.hold(self.rules.new(view, parent_inode, name, mode, uid, gid))
+            lambda view: view.hold(
+                self.rules.create(view, parent_inode, name, mode, uid, gid, flags)
+            )
         )
         entry = self._entry(node)
         return self._open(node), entry

@@ -91,11 +91,11 @@ class Keeper:
             return set()
         try:
             with model.connection() as conn:
-                if not _retried(lambda: self.renew(conn)):
+                if not retried(lambda: self.renew(conn)):
                     model.end("its lease was taken over by another host")
                     return None
                 free, self.sweep_due = self.sweep_due, False
-                return _retried(lambda: sweep(conn, model, free))
+                return retried(lambda: sweep(conn, model, free))
         except (psycopg.Error, OSError, VolfsError) as exc:
             if self.contact_since is not None:
                 log.warning("volume %s: cannot renew the lease of session %s: %s", model.name,
@@ -146,7 +146,7 @@ def end_sessions(conn: psycopg.Connection[Any], model: PgModel, sessions: list[s
     return released
 
 
-def _retried(call: Callable[[], T]) -> T:
+def retried(call: Callable[[], T]) -> T:
     """*call*, run again after a serialization failure (a few times, with short pauses)."""
     for attempt in range(_ATTEMPTS):
         try:

@@ -168,7 +168,7 @@ class PgModel:
                 ).fetchone()
                 assert row is not None
                 self.epoch = int(row[0])
-            lease.sweep(conn, self, free=True)
+            lease.retried(lambda: lease.sweep(conn, self, free=True))
 
     def is_gone(self, host: str, pid: int, expired: bool) -> bool:
         """Whether a session of *host* and *pid* whose lease *expired* (or not) is over: its
