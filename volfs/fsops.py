@@ -436,10 +436,7 @@ class VolumeOperations(pyfuse3.Operations):
             if await self.model.run(lambda view: view.lock(node, owner, flock, lock)):
                 if lock.type != fcntl.F_UNLCK:
                     self._locked.add(node.ino)
-                    # What the kernel cached of the file may predate the last holder's
-                    # writes (the feed's invalidation may still be on its way): dropped
-                    # before the lock is granted, as NFS revalidates a file at a lock.
-                    await trio.to_thread.run_sync(_invalidate, node.ino)
+                    await self.model.lock_taken(node.ino)
                 return
             if released is None:
                 raise FUSEError(refusal)
@@ -542,16 +539,6 @@ class VolumeOperations(pyfuse3.Operations):
     async def removexattr(self, inode: InodeT, name: XAttrNameT, ctx: RequestContext) -> None:
         uid = ctx.uid
         await self.model.run(lambda view: self.rules.removexattr(view, inode, name, uid))
-
-
-def _invalidate(ino: int) -> None:
-    """Drop the kernel's attributes and pages of inode *ino* (in a thread: the kernel may
-    make this wait for a request it is making of this process for the inode)."""
-    try:
-        pyfuse3.invalidate_inode(ino)
-    except OSError as exc:
-        if exc.errno != errno.ENOENT:  # the kernel forgot it meanwhile: nothing to drop
-            raise
 
 
 def _sync(view: VolumeView) -> None:

@@ -236,6 +236,12 @@ class VolumeModel(Protocol):
         """
         ...
 
+    async def lock_taken(self, ino: int) -> None:
+        """A lock on inode *ino* was just granted: before the caller learns so, make what
+        other hosts committed before it visible here (what the kernel cached of them
+        dropped), since the last holder's writes may be what the caller locked for."""
+        ...
+
     def unlock_event(self, ino: int) -> trio.Event:
         """An event set once a lock on inode *ino* may have been released, by any host,
         after this call: a lock request that must wait takes it before it tries, and tries

@@ -104,10 +104,13 @@ class Keeper:
         return set()
 
     def renew(self, conn: psycopg.Connection[Any]) -> bool:
-        """Extend the lease; False if the session is over (taken over by another host)."""
-        with conn.transaction():
-            found = conn.execute(_RENEW, (self.seconds, self.model.session,
-                                          self.model.epoch)).fetchone()  # fmt: skip
+        """Extend the lease; False if the session is over (taken over by another host).
+
+        One statement in autocommit, never a transaction left open between statements: a
+        host stopped there would hold its session's row lock, and another host's takeover
+        would wait for it (until ``lock_timeout``)."""
+        found = conn.execute(_RENEW, (self.seconds, self.model.session,
+                                      self.model.epoch)).fetchone()  # fmt: skip
         if found is not None and self.contact_since is None:
             self.contact_since = time.monotonic()
             log.info("volume %s: lease of session %s renewed again", self.model.name,

@@ -56,6 +56,11 @@ MAX_NAMES = 100_000
 #: A NOTIFY payload must stay under 8000 bytes; past this the change is "everything".
 MAX_PAYLOAD = 7000
 EVERYTHING = "*"
+#: A notification a session sends itself: "<session> barrier <token> <inode>" (`lock_taken`).
+BARRIER = "barrier"
+#: How long a lock granted waits for the feed to catch up (more only while it reconnects,
+#: after which it drops every cache anyway).
+CATCH_UP_WAIT = 1.0
 
 
 def channel_of(vid: int) -> str:
@@ -148,6 +153,8 @@ class PgModel:
         self._unlock_events: dict[int, trio.Event] = {}
         self._released: set[int] = set()
         self._released_lock = threading.Lock()
+        self._barriers: dict[int, trio.Event] = {}  #: `lock_taken`'s, by token
+        self._next_barrier = 0
 
     # -- the session ----------------------------------------------------------------------
 
@@ -212,6 +219,38 @@ class PgModel:
             self.session, inodes, entries, unlocked)))  # fmt: skip
 
     # -- lock waiters ------------------------------------------------------------------------
+
+    async def lock_taken(self, ino: int) -> None:
+        """`volfs.model.VolumeModel.lock_taken`: a barrier through the change feed.  This
+        session NOTIFYs itself; notifications arrive in the order of their commits, so once
+        the feed has handled this one (and, with it, dropped the kernel's cache of *ino*),
+        it has handled every change committed before the lock, the last holder's among
+        them.  At most `CATCH_UP_WAIT` (the feed may be reconnecting)."""
+        self._next_barrier += 1
+        token = self._next_barrier
+        passed = self._barriers[token] = trio.Event()
+        try:
+            await trio.to_thread.run_sync(self._send_barrier, token, ino,
+                                          limiter=self._pool.limiter)  # fmt: skip
+            with trio.move_on_after(CATCH_UP_WAIT):
+                await passed.wait()
+        finally:
+            del self._barriers[token]
+
+    def _send_barrier(self, token: int, ino: int) -> None:
+        try:
+            with self.connection() as conn:  # autocommit: sent at once
+                conn.execute("SELECT pg_notify(%s, %s)",
+                             (self.channel, f"{self.session} {BARRIER} {token} {ino}"))  # fmt: skip
+        except (psycopg.Error, VolfsError) as exc:  # the lock stands; only the wait is cut
+            log.warning("volume %s: no barrier after a lock: %s", self.name,
+                        schema.first_line(exc))  # fmt: skip
+
+    def barrier_passed(self, token: int) -> None:
+        """The feed has handled this session's barrier *token* (`lock_taken`)."""
+        event = self._barriers.get(token)
+        if event is not None:
+            event.set()
 
     def unlock_event(self, ino: int) -> trio.Event:
         """`volfs.model.VolumeModel.unlock_event` (on the trio thread)."""
