@@ -4,9 +4,9 @@ Two kinds, independent of each other as on Linux: POSIX record locks (``fcntl``:
 ranges, read or write) and flock locks (the whole file, shared or exclusive).  A lock belongs
 to an *owner*: a session (one serving process, `volfs.pg.model.PgModel`) and the owner the
 kernel names (POSIX: the process's file table; flock: the open file).  The rules are pure
-functions (`conflict`, `posix_change`, `flock_change`); `take`, `test` and `release` apply
-them to the rows of one inode inside a step's transaction (SERIALIZABLE: two hosts taking
-conflicting locks at once cannot both commit).
+functions (`conflict`, `posix_change`, `flock_change`); `take`, `conflicting` (F_GETLK) and
+`release` apply them to the rows of one inode inside a step's transaction (SERIALIZABLE: two
+hosts taking conflicting locks at once cannot both commit).
 
 POSIX's rules: a request replaces the owner's locks over its range, cutting them (a lock
 over a sub-range's both sides is split in two); the owner's locks of one type that overlap
@@ -184,7 +184,7 @@ def _store(view: PgView, ino: int, flock: bool, wanted: Lock, own: list[Lock],
         view.unlocked.add(ino)
 
 
-def test(view: PgView, ino: int, owner: int, lock: LockRange) -> LockRange:
+def conflicting(view: PgView, ino: int, owner: int, lock: LockRange) -> LockRange:
     """F_GETLK: a POSIX lock of another owner that conflicts with *lock*, or *lock* with
     type ``F_UNLCK`` if none does."""
     wanted = _wanted(view, owner, lock.type == fcntl.F_WRLCK, *span(lock.start, lock.length),

@@ -524,7 +524,7 @@ class PgView(_RowsView):
         return locks.take(self, inode.ino, owner, flock, lock)
 
     def test_lock(self, inode: PgNode, owner: int, lock: LockRange) -> LockRange:
-        return locks.test(self, inode.ino, owner, lock)
+        return locks.conflicting(self, inode.ino, owner, lock)
 
     def unlock_owner(self, inode: PgNode, owner: int) -> bool:
         return locks.release(self, inode.ino, owner)
