@@ -20,7 +20,7 @@ import psycopg
 import pytest
 import trio
 
-from volfs import requests, workerctl
+from volfs import pyfuse3_build, requests, workerctl
 from volfs.pg.locks import TO_END, Lock, conflict, flock_change, posix_change, span, stored_owner
 from volfs.pg.schema import create_volume
 
@@ -205,6 +205,16 @@ def test_byte_ranges_split_and_unlock_across_hosts(pg_url, pg_hosts, holders):
 def _worker_stats(run_dir: Path) -> dict:
     return trio.run(workerctl.call, workerctl.socket_path(run_dir, "v"),
                     requests.WorkerStatsRequest())  # fmt: skip
+
+
+def test_an_engine_volume_asks_the_kernel_for_its_locks(pg_url, pg_hosts, tmp_path):
+    create_volume(pg_url, "v")
+    host = pg_hosts(options=["--run-dir", str(tmp_path)])
+    os.stat(host.mountpoint)  # answered only after the kernel's INIT
+    status = trio.run(workerctl.call, workerctl.socket_path(tmp_path, "v"),
+                      requests.WorkerStatusRequest())  # fmt: skip
+    locks = pyfuse3_build.capability("POSIX_LOCKS") | pyfuse3_build.capability("FLOCK_LOCKS")
+    assert status["fuse_capabilities"]["granted"] & locks == locks  # a local one does not
 
 
 def test_a_blocking_flock_is_woken_when_the_other_host_unlocks(pg_url, pg_hosts, holders,
