@@ -436,7 +436,8 @@ class VolumeOperations(pyfuse3.Operations):
             if await self.model.run(lambda view: view.lock(node, owner, flock, lock)):
                 if lock.type != fcntl.F_UNLCK:
                     self._locked.add(node.ino)
-                    await self.model.lock_taken(node.ino)
+                    with trio.CancelScope(shield=True):  # granted: an interrupt now is late
+                        await self.model.lock_taken(node.ino)
                 return
             if released is None:
                 raise FUSEError(refusal)
