@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import fcntl
+import shutil
 import statistics
 import sys
 import tempfile
@@ -102,6 +103,7 @@ def main() -> None:
         for worker in workers:
             worker.stop()
         server.stop()
+        shutil.rmtree(base, ignore_errors=True)
 
 
 if __name__ == "__main__":
