@@ -11,7 +11,8 @@ pid at the end of the session, also when a test failed.
 connections a test left open are ended with it).
 
 `EngineWorker` is one mount worker serving a volume of the engine (`volfs.worker
---engine-url-fd`): a "host" of the volume.  `pg_hosts` gives a test a factory of them and
+--engine-url-fd`, and the worker options a test gives, such as ``--lease``): a "host" of the
+volume.  `pg_hosts` gives a test a factory of them and
 stops every one it started, by pid, and detaches its mount, also when the test failed; a test
 that passed must leave no ERROR line in any worker's log but those it declares, and every
 volume of the database clean (`volfs.pg.check`; the ``store_damaged`` marker exempts one).
@@ -31,7 +32,7 @@ import subprocess
 import sys
 import tempfile
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import psycopg
@@ -144,7 +145,7 @@ def pg_url(pg_server: PostgresServer) -> Iterator[str]:
 class EngineWorker:
     """A mount worker serving volume *name* of the engine at *url* at *mountpoint*."""
 
-    def __init__(self, url: str, name: str, base: Path) -> None:
+    def __init__(self, url: str, name: str, base: Path, options: Sequence[str] = ()) -> None:
         self.base = base
         self.mountpoint = base / "mnt"
         self.mountpoint.mkdir(parents=True)
@@ -161,7 +162,7 @@ class EngineWorker:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "volfs.worker", "--root", str(base / "store"), "--name",
                  name, "--mountpoint", str(self.mountpoint), "--ready-fd", str(ready_w),
-                 "--engine-url-fd", str(url_r), "--run-dir", str(self.run_dir)],
+                 "--engine-url-fd", str(url_r), "--run-dir", str(self.run_dir), *options],
                 pass_fds=(url_r, ready_w), stdin=subprocess.DEVNULL, stdout=log, stderr=log,
                 start_new_session=True,
             )  # fmt: skip
@@ -218,8 +219,8 @@ def _hosts(url: str, request: pytest.FixtureRequest) -> Iterator[Callable[..., E
     started: list[EngineWorker] = []
     base = Path(tempfile.mkdtemp(prefix="volfs-pghosts-"))
 
-    def start(name: str = "v") -> EngineWorker:
-        worker = EngineWorker(url, name, base / f"host{len(started)}")
+    def start(name: str = "v", options: Sequence[str] = ()) -> EngineWorker:
+        worker = EngineWorker(url, name, base / f"host{len(started)}", options)
         started.append(worker)
         return worker
 

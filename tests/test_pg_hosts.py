@@ -302,3 +302,26 @@ def test_a_worker_for_a_missing_volume_says_so_on_its_ready_pipe(pg_url, pg_host
     create_volume(pg_url, "v")
     with pytest.raises(AssertionError, match="error: the PostgreSQL engine has no volume nope"):
         pg_hosts("nope")
+
+
+def test_o_creat_opens_a_file_another_host_made_since_this_kernel_missed_it(pg_url, pg_hosts):
+    create_volume(pg_url, "v")
+    a, b = pg_hosts(), pg_hosts()
+    (a.mountpoint / "g").write_bytes(b"made on a")
+    assert not (b.mountpoint / "f").exists()  # a negative entry b's kernel caches
+    with psycopg.connect(pg_url, autocommit=True) as conn:
+        # "f" appears behind b's feed (no NOTIFY): as if a's create raced b's open(O_CREAT).
+        conn.execute("INSERT INTO entries SELECT volume, parent, 'f', ino FROM entries"
+                     " WHERE name = 'g'")  # fmt: skip
+        conn.execute("UPDATE inodes SET nlink = 2 WHERE ino > 1")
+    fd = os.open(b.mountpoint / "f", os.O_RDWR | os.O_CREAT)  # what SQLite's open does
+    try:
+        assert os.pread(fd, 100, 0) == b"made on a"
+    finally:
+        os.close(fd)
+    (b.mountpoint / "h").exists()  # and with O_EXCL, where it exists: EEXIST
+    with psycopg.connect(pg_url, autocommit=True) as conn:
+        conn.execute("INSERT INTO entries SELECT volume, parent, 'h', ino FROM entries"
+                     " WHERE name = 'g'")  # fmt: skip
+    with pytest.raises(FileExistsError):
+        os.close(os.open(b.mountpoint / "h", os.O_RDWR | os.O_CREAT | os.O_EXCL))

@@ -10,6 +10,7 @@ handles, lookup counts.  What goes wrong becomes an errno here, at the edge, in 
 from __future__ import annotations
 
 import errno
+import fcntl
 import functools
 import logging
 import os
@@ -19,6 +20,7 @@ from time import perf_counter
 from typing import Any, TypeVar, cast
 
 import pyfuse3
+import trio
 from pyfuse3 import (
     EntryAttributes,
     FileHandleT,
@@ -27,6 +29,7 @@ from pyfuse3 import (
     FlagT,
     FUSEError,
     InodeT,
+    LockRange,
     ModeT,
     ReaddirToken,
     RequestContext,
@@ -49,7 +52,13 @@ CAPABILITY_XATTR = b"security.capability"
 #: host and every change goes through it, so the kernel's caches stay coherent.
 CACHE_TIMEOUT = 60.0
 #: Handlers whose first argument is a file handle rather than an inode number.
-_BY_HANDLE = frozenset({"read", "write", "release", "fsync", "fallocate", "lseek"})
+_BY_HANDLE = frozenset({"read", "write", "release", "fsync", "fallocate", "lseek", "getlk",
+                        "setlk", "flock", "release_locks"})  # fmt: skip
+#: The lock requests the kernel hands over to a model that keeps locks (`VolumeView.lock`).
+LOCK_CAPABILITIES = ("POSIX_LOCKS", "FLOCK_LOCKS")
+#: A lock request that waits tries again this often even if it heard of no release (one
+#: whose notification was lost while the change feed reconnected).
+LOCK_RECHECK = 1.0
 #: A write with either flag (O_SYNC includes O_DSYNC) must be durable when it returns.
 _SYNC_WRITE = os.O_DSYNC
 
@@ -114,8 +123,16 @@ class VolumeOperations(pyfuse3.Operations):
     # its cache itself), so cached pages are never stale: a moved mtime must not drop them.
     disable_capabilities = pyfuse3_build.capability("AUTO_INVAL_DATA")
 
-    def __init__(self, model: VolumeModel, read_only: bool = False) -> None:
+    def __init__(self, model: VolumeModel, read_only: bool = False, locks: bool = False) -> None:
+        """*locks*: the model keeps POSIX and flock locks (a volume served from several
+        hosts), so the kernel is asked to hand lock requests over; otherwise it keeps them
+        itself, per mount, and the lock handlers are never called."""
         super().__init__()
+        if locks:
+            self.enable_capabilities = VolumeOperations.enable_capabilities
+            for name in LOCK_CAPABILITIES:
+                self.enable_capabilities |= pyfuse3_build.capability(name)
+        self._locked: set[int] = set()  #: inodes this process took locks on (`release_locks`)
         self.model = model
         self.read_only = read_only
         self.rules = posix.PosixRules(read_only)
@@ -338,7 +355,9 @@ class VolumeOperations(pyfuse3.Operations):
         uid, gid = ctx.uid, ctx.gid
         mode = stat.S_IFREG | (stat.S_IMODE(mode) & ~ctx.umask)
         node = await self.model.run(
-            lambda view: view.hold(self.rules.new(view, parent_inode, name, mode, uid, gid))
+            lambda view: view.hold(
+                self.rules.create(view, parent_inode, name, mode, uid, gid, flags)
+            )
         )
         entry = self._entry(node)
         return self._open(node), entry
@@ -384,6 +403,62 @@ class VolumeOperations(pyfuse3.Operations):
     @_errno_guard
     async def fsync(self, fh: FileHandleT, datasync: bool) -> None:
         await self.model.run(_sync)
+
+    # -- locks (only for a model that keeps them: see `__init__`) -------------------------
+
+    @_errno_guard
+    async def getlk(self, fh: FileHandleT, owner: int, lock: LockRange) -> LockRange:
+        node = self._files[fh]
+        return await self.model.run(lambda view: view.test_lock(node, owner, lock))
+
+    @_errno_guard
+    async def setlk(self, fh: FileHandleT, owner: int, lock: LockRange, sleep: bool) -> None:
+        await self._lock(fh, owner, False, lock, sleep, errno.EAGAIN)
+
+    @_errno_guard
+    async def flock(self, fh: FileHandleT, owner: int, op: int) -> None:
+        kind = (fcntl.F_UNLCK if op & fcntl.LOCK_UN else
+                fcntl.F_WRLCK if op & fcntl.LOCK_EX else fcntl.F_RDLCK)  # fmt: skip
+        sleep = not op & (fcntl.LOCK_NB | fcntl.LOCK_UN)
+        await self._lock(fh, owner, True, LockRange(kind, 0, 0, 0), sleep, errno.EWOULDBLOCK)
+
+    async def _lock(self, fh: FileHandleT, owner: int, flock: bool, lock: LockRange,
+                    sleep: bool, refusal: int) -> None:  # fmt: skip
+        """Take (or release) *lock*, refused with errno *refusal* while another owner's lock
+        conflicts, or (*sleep*) waiting without a connection until a release on the inode
+        is heard of, or `LOCK_RECHECK` has passed.  pyfuse3 runs a request that may wait
+        in a task of its own and cancels it if the kernel interrupts it (EINTR)."""
+        node = self._files[fh]
+        waiting = False
+        while True:
+            # Taken before trying: a release committed after the try's snapshot sets it.
+            released = self.model.unlock_event(node.ino) if sleep else None
+            if await self.model.run(lambda view: view.lock(node, owner, flock, lock)):
+                if lock.type != fcntl.F_UNLCK:
+                    self._locked.add(node.ino)
+                    with trio.CancelScope(shield=True):  # granted: an interrupt now is late
+                        await self.model.lock_taken(node.ino)
+                return
+            if released is None:
+                raise FUSEError(refusal)
+            if not waiting:
+                waiting = True
+                self.stats.lock_waits += 1
+            with trio.move_on_after(LOCK_RECHECK) as waited:
+                await released.wait()
+            if waited.cancelled_caught:
+                self.stats.lock_rechecks += 1
+            else:
+                self.stats.lock_wakeups += 1
+
+    @_errno_guard
+    async def release_locks(self, fh: FileHandleT, owner: int) -> None:
+        # Called at every close: only a file this process has locked costs a step.
+        node = self._files[fh]
+        if node.ino in self._locked and not await self.model.run(
+            lambda view: view.unlock_owner(node, owner)
+        ):
+            self._locked.discard(node.ino)
 
     # -- directories ----------------------------------------------------------------------
 

@@ -22,6 +22,8 @@ from volfs.store.readonly import ReadOnlyState
 from volfs.store.volume import Inode, Volume
 
 if TYPE_CHECKING:
+    import trio
+
     from volfs.model import Node, VolumeView
 
 T = TypeVar("T")
@@ -169,3 +171,12 @@ class LocalModel:
     async def run(self, step: Callable[[VolumeView], T]) -> T:
         """Run *step* at once: it does not await, so nothing else runs until it returns."""
         return step(self.view)
+
+    async def lock_taken(self, ino: int) -> None:
+        """Never called, as `unlock_event`."""
+        raise AssertionError("the kernel keeps the locks of a local volume")
+
+    def unlock_event(self, ino: int) -> trio.Event:
+        """Never asked for: the kernel keeps a local volume's locks (the worker asks for
+        lock requests only for a volume of an engine)."""
+        raise AssertionError("the kernel keeps the locks of a local volume")

@@ -21,7 +21,11 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Iterator
-from typing import Protocol, TypeVar
+from typing import TYPE_CHECKING, Protocol, TypeVar
+
+if TYPE_CHECKING:
+    import trio
+    from pyfuse3 import LockRange
 
 T = TypeVar("T")
 
@@ -179,6 +183,30 @@ class VolumeView(Protocol):
         """Make every change committed so far durable."""
         ...
 
+    # -- locks, of a model shared by several hosts ----------------------------------------------
+    #
+    # The local model keeps none: it does not ask the kernel for lock requests, which it then
+    # keeps itself, per mount, at no cost to this process.  A model served from several hosts
+    # keeps POSIX record locks and flock locks in the volume, each owned by this process's
+    # session and the *owner* the kernel names.
+
+    def lock(self, inode: Node, owner: int, flock: bool, lock: LockRange) -> bool:
+        """Take, change or release (``F_UNLCK``) *owner*'s lock on *inode*: a POSIX record
+        lock over *lock*'s range, or (*flock*) a flock lock of the whole file (``F_RDLCK``
+        shared, ``F_WRLCK`` exclusive); False if a lock of another owner conflicts (POSIX:
+        nothing changed; flock: a lock of *owner* being converted is dropped, as on Linux)."""
+        ...
+
+    def test_lock(self, inode: Node, owner: int, lock: LockRange) -> LockRange:
+        """F_GETLK: a POSIX lock of another owner that conflicts with *lock* (its type,
+        range and process), or *lock* with type ``F_UNLCK``."""
+        ...
+
+    def unlock_owner(self, inode: Node, owner: int) -> bool:
+        """Drop every lock of *owner* on *inode* (its descriptor closed); whether this process
+        still holds any lock there."""
+        ...
+
     # -- limits and figures ---------------------------------------------------------------------
 
     quota: int  #: most bytes the volume may hold; 0: no limit
@@ -206,4 +234,16 @@ class VolumeModel(Protocol):
         The step may be run more than once; what it raises (a `pyfuse3.FUSEError` answer, a
         store failure) ends it with nothing changed by that run.
         """
+        ...
+
+    async def lock_taken(self, ino: int) -> None:
+        """A lock on inode *ino* was just granted: before the caller learns so, make what
+        other hosts committed before it visible here (what the kernel cached of them
+        dropped), since the last holder's writes may be what the caller locked for."""
+        ...
+
+    def unlock_event(self, ino: int) -> trio.Event:
+        """An event set once a lock on inode *ino* may have been released, by any host,
+        after this call: a lock request that must wait takes it before it tries, and tries
+        again when it is set (only for a model that keeps locks: see `VolumeView.lock`)."""
         ...

@@ -35,6 +35,12 @@ class OpStats:
         self.bytes_written = 0
         self.damage_found = 0
         self.sync_writes = 0  #: writes made durable as they returned (O_DSYNC, O_SYNC)
+        #: Lock requests that began to wait (F_SETLKW, flock without LOCK_NB, refused at
+        #: first), and how often they tried again on a release they heard of and after
+        #: `volfs.fsops.LOCK_RECHECK` without one.
+        self.lock_waits = 0
+        self.lock_wakeups = 0
+        self.lock_rechecks = 0
         #: op -> [count per bucket (the last one +Inf)..., sum of seconds]
         self._latency: dict[str, list[float]] = {op: [0] * (len(BUCKETS) + 2) for op in TIMED}
         #: The store's flushes of its log (fsync, fsyncdir, synchronous writes, checkpoints)
@@ -69,6 +75,9 @@ class OpStats:
             "bytes_written": self.bytes_written,
             "damage_found": self.damage_found,
             "sync_writes": self.sync_writes,
+            "lock_waits": self.lock_waits,
+            "lock_wakeups": self.lock_wakeups,
+            "lock_rechecks": self.lock_rechecks,
         }
 
 

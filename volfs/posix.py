@@ -320,6 +320,20 @@ class PosixRules:
 
     # -- files ----------------------------------------------------------------------------
 
+    def create(self, view: VolumeView, parent_ino: int, name: bytes, mode: int, uid: int,
+               gid: int, flags: int) -> Node:  # fmt: skip
+        """open(O_CREAT): a new regular file; without O_EXCL, the file another host of a
+        shared volume made at *name* since this kernel found the name missing, opened as
+        `open` would (locally the kernel asks only for a name that is missing)."""
+        try:
+            return self.new(view, parent_ino, name, mode, uid, gid)
+        except FUSEError as exc:
+            if exc.errno != errno.EEXIST or flags & os.O_EXCL:
+                raise
+        found = view.child(directory(view, parent_ino), name)
+        assert found is not None  # `new` found it in this very step
+        return self.open(view, found.ino, flags)
+
     def open(self, view: VolumeView, ino: int, flags: int) -> Node:
         """The regular file to open, truncated first for O_TRUNC."""
         node = existing(view, ino)

@@ -252,6 +252,7 @@ async def _serve(
 
             feed = ChangeFeed(served.model, pyfuse3.invalidate_inode, pyfuse3.invalidate_entry)
             nursery.start_soon(feed.run)
+            nursery.start_soon(served.model.lease.keep)
             tasks = ENGINE_TASKS
         nursery.start_soon(_stop_on_signals)
         if control is not None:
@@ -288,11 +289,12 @@ class _FromEngine:
 
     volume = None  #: no local store volume: nothing to housekeep, resize or snapshot here
 
-    def __init__(self, url: str, name: str) -> None:
+    def __init__(self, url: str, name: str, lease: float | None) -> None:
         # Imported here: psycopg costs a local volume's worker a quarter of its start.
+        from volfs.pg.lease import LEASE
         from volfs.pg.model import PgModel
 
-        self.model: PgModel = PgModel(url, name)
+        self.model: PgModel = PgModel(url, name, lease_seconds=lease or LEASE)
         self.model.open()
 
     async def figures(self) -> dict[str, object]:
@@ -321,12 +323,14 @@ def serve(
     ready_fd: int | None,
     run_dir: Path | None = None,
     engine_url: str | None = None,
+    lease: float | None = None,
 ) -> None:
     """Serve volume *name* at *mountpoint* until it is unmounted or a signal arrives.
 
     With *run_dir* (a daemon's), also answer on the worker control socket there, so that
     the daemon, or the next one, can find and adopt this worker.  With *engine_url*, the
-    volume is the one of that name in that PostgreSQL engine, not in the store at *root*.
+    volume is the one of that name in that PostgreSQL engine, not in the store at *root*,
+    and this worker's session of it holds a lease of *lease* seconds (`volfs.pg.lease`).
     """
     # Loading makes an object or more per file and no reference cycles: collections during
     # it would only cost (half the load time at 300k files), and scanning those long-lived
@@ -335,8 +339,8 @@ def serve(
     store = StoreRoot(root)
     served: _Opened | _FromEngine
     if engine_url is not None:
-        served = _FromEngine(engine_url, name)
-        operations = VolumeOperations(served.model, read_only=read_only)
+        served = _FromEngine(engine_url, name, lease)
+        operations = VolumeOperations(served.model, read_only=read_only, locks=True)
     else:
         gc.disable()
         try:
@@ -414,12 +418,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--engine-url-fd", type=int,
                         help="serve the volume from the PostgreSQL engine whose URL this "
                         "inherited descriptor holds (read to its end, then closed)")  # fmt: skip
+    parser.add_argument("--lease", type=_seconds,
+                        help="seconds the session's lease on an engine volume lasts (default "
+                        "15): a dead host's locks outlive it by at most that")  # fmt: skip
     args = parser.parse_args(argv)
     logs.configure(args.log_format, logs.WORKER_LAYOUT, journal=args.journal, volume=args.name)
     try:
         url = None if args.engine_url_fd is None else _read_url(args.engine_url_fd)
         serve(args.root, args.name, args.mountpoint, args.read_only, args.ready_fd, args.run_dir,
-              url)  # fmt: skip
+              url, args.lease)  # fmt: skip
     except VolfsError as exc:
         log.error("%s", exc)
         if args.ready_fd is not None:
@@ -427,6 +434,17 @@ def main(argv: list[str] | None = None) -> int:
                 os.write(args.ready_fd, f"error: {exc}\n".encode())
         return 1
     return 0
+
+
+def _seconds(text: str) -> float:
+    """A positive number of seconds (argparse's type for ``--lease``)."""
+    try:
+        seconds = float(text)
+    except ValueError:
+        seconds = 0.0
+    if not 0 < seconds < 86400:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds above 0")
+    return seconds
 
 
 def _read_url(fd: int) -> str:

@@ -11,6 +11,11 @@ Invalidations run in a thread of their own, never in a request handler: the kern
 an invalidation wait for a request it is serving for that inode or directory (fuse-facts.md),
 and the trio thread must go on serving it meanwhile.
 
+A lock taken here waits for a *barrier*: a notification this session sends itself
+(`volfs.pg.model.PgModel.lock_taken`).  Notifications arrive in the order of their commits,
+so the barrier is passed once everything received before it has been invalidated (and the
+locked inode too): what another host wrote before it released the lock is visible here.
+
 A feed that loses its connection has missed what was committed until it listens again: it
 reconnects (with a growing pause), LISTENs, and only then drops every cache this process may
 have (every inode the kernel holds, every name steps looked up): a change committed before the
@@ -30,7 +35,7 @@ import trio
 
 from volfs.errors import VolfsError
 from volfs.pg import schema
-from volfs.pg.model import EVERYTHING, PgModel
+from volfs.pg.model import BARRIER, EVERYTHING, PgModel
 from volfs.pg.schema import ROOT_INO
 
 log = logging.getLogger(__name__)
@@ -53,6 +58,7 @@ class ChangeFeed:
         self._entry = entry
         self._inodes: set[int] = set()
         self._entries: set[tuple[int, bytes]] = set()
+        self._barriers: list[int] = []  #: this session's, to pass once what came before is done
         self._wake = trio.Event()
         self.connected = trio.Event()  #: set while listening (for tests and status)
         self.drops = 0  #: how often every cache was dropped after a lost connection
@@ -112,6 +118,13 @@ class ChangeFeed:
 
     def _handle(self, payload: str) -> None:
         session, _, rest = payload.partition(" ")
+        if rest.startswith(BARRIER):  # a lock taken here waits until what came before is done
+            if session == self.model.session:
+                _, token, ino = rest.split()
+                self._inodes.add(int(ino))
+                self._barriers.append(int(token))
+                self._wake.set()
+            return
         if rest == EVERYTHING:
             if session != self.model.session:
                 self._everything()
@@ -120,11 +133,14 @@ class ChangeFeed:
         if changes["s"] == self.model.session:
             return  # this host's own: its kernel saw it happen
         self.notices += 1
+        if "l" in changes:  # locks released there: the requests waiting here try again
+            self.model.wake(set(changes["l"]))
         self._inodes.update(changes["i"])
         self._entries.update((parent, bytes.fromhex(name)) for parent, name in changes["e"])
         self._wake.set()
 
     def _everything(self) -> None:
+        self.model.wake(None)  # any lock may have been released meanwhile
         self._inodes.update(self.model.referenced())
         self._entries.update(self.model.names_seen())
         self._wake.set()
@@ -135,7 +151,10 @@ class ChangeFeed:
             self._wake = trio.Event()
             inodes, self._inodes = self._inodes, set()
             entries, self._entries = self._entries, set()
+            barriers, self._barriers = self._barriers, []
             await trio.to_thread.run_sync(self._invalidate, inodes, entries)
+            for token in barriers:
+                self.model.barrier_passed(token)
 
     def _invalidate(self, inodes: Iterable[int], entries: Iterable[tuple[int, bytes]]) -> None:
         known = self._known

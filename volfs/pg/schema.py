@@ -103,7 +103,9 @@ CREATE TABLE IF NOT EXISTS sessions (
     host text NOT NULL,
     pid integer NOT NULL,
     started timestamptz NOT NULL DEFAULT now(),
-    synced timestamptz
+    synced timestamptz,
+    epoch bigint NOT NULL,
+    expires timestamptz NOT NULL
 );
 CREATE TABLE IF NOT EXISTS holds (
     volume bigint NOT NULL,
@@ -113,6 +115,38 @@ CREATE TABLE IF NOT EXISTS holds (
     FOREIGN KEY (volume, ino) REFERENCES inodes ON DELETE CASCADE
 );
 """
+#: The lease and lock tables (volfs.pg.lease, volfs.pg.locks): a session's epoch (its fencing
+#: number, from a sequence, so that no two sessions ever have the same) and expiry are
+#: columns of ``sessions`` above; ``locks`` holds POSIX record locks and flock locks;
+#: ``volfs_session_live`` is what every step's transaction calls first: it fails (with
+#: `SESSION_OVER`) once the session's row is gone, so a session taken over commits nothing.
+_LOCK_TABLES = """
+CREATE SEQUENCE IF NOT EXISTS session_epochs;
+CREATE TABLE IF NOT EXISTS locks (
+    volume bigint NOT NULL,
+    ino bigint NOT NULL,
+    flock boolean NOT NULL,
+    session uuid NOT NULL REFERENCES sessions ON DELETE CASCADE,
+    owner bigint NOT NULL,
+    start bigint NOT NULL,
+    stop bigint NOT NULL,
+    exclusive boolean NOT NULL,
+    pid integer NOT NULL,
+    PRIMARY KEY (volume, ino, flock, session, owner, start),
+    FOREIGN KEY (volume, ino) REFERENCES inodes ON DELETE CASCADE
+);
+CREATE INDEX IF NOT EXISTS locks_by_session ON locks (session);
+CREATE OR REPLACE FUNCTION volfs_session_live(sid uuid, ep bigint) RETURNS void
+LANGUAGE plpgsql AS $$
+BEGIN
+    IF NOT EXISTS (SELECT 1 FROM sessions WHERE id = sid AND epoch = ep) THEN
+        RAISE EXCEPTION 'session % (epoch %) is over: another host took it over', sid, ep
+            USING ERRCODE = 'VF001';
+    END IF;
+END $$;
+"""
+#: The SQLSTATE of `volfs_session_live`'s failure: the session's lease was taken over.
+SESSION_OVER = "VF001"
 
 
 @dataclass(frozen=True)
@@ -164,6 +198,7 @@ def ensure(conn: psycopg.Connection[Any]) -> None:
 def _ensure_locked(conn: psycopg.Connection[Any]) -> None:
     with conn.transaction():
         conn.execute(_TABLES)
+        conn.execute(_LOCK_TABLES)
         row = conn.execute("SELECT max(version) FROM volfs_schema").fetchone()
         version = row[0] if row else None
         if version is None:

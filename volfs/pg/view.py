@@ -21,10 +21,10 @@ from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
 import psycopg
-from pyfuse3 import FUSEError
+from pyfuse3 import FUSEError, LockRange
 
 from volfs.errors import NoSpace
-from volfs.pg import blocks
+from volfs.pg import blocks, locks
 from volfs.pg.schema import ROOT_INO
 from volfs.store.dirents import Listing
 
@@ -133,6 +133,7 @@ class _RowsView:
         self.changed_entries: set[tuple[int, bytes]] = set()
         self._counted: list[tuple[int, int, int]] = []  #: (ino, which, delta) this attempt
         self.after_commit: list[Callable[[], None]] = []
+        self.unlocked: set[int] = set()  #: inodes where this step released locks
         self._limits: tuple[int, int, int, int] | None = None  #: quota, inode limit, used, inodes
         self._used = self._inodes = 0  #: what this attempt adds to the volume's figures
         self.synced = False  #: whether the attempt commits synchronously (`sync`)
@@ -532,3 +533,14 @@ class PgView(_RowsView):
         self.conn.execute("SET LOCAL synchronous_commit TO on")
         self.conn.execute("UPDATE sessions SET synced = now() WHERE id = %s",
                           (self.model.session,))  # fmt: skip
+
+    # -- locks (volfs.pg.locks) -----------------------------------------------------------
+
+    def lock(self, inode: PgNode, owner: int, flock: bool, lock: LockRange) -> bool:
+        return locks.take(self, inode.ino, owner, flock, lock)
+
+    def test_lock(self, inode: PgNode, owner: int, lock: LockRange) -> LockRange:
+        return locks.conflicting(self, inode.ino, owner, lock)
+
+    def unlock_owner(self, inode: PgNode, owner: int) -> bool:
+        return locks.release(self, inode.ino, owner)
