@@ -191,8 +191,9 @@ def test_a_declared_volume_on_the_cluster_is_made_there_and_mounted(host, tmp_pa
     config = _config(tmp_path, pg_url)
     with open(config, "a") as f:
         f.write(f'[volumes.media]\nengine = "cluster"\nsize = "1G"\npaths = ["{mnt}"]\n')
-    host.serve("--config", str(config))
-    row = _ls(host)["media"]
+    host.serve("--config", str(config))  # answers while it still mounts what it declares
+    row = wait_until(lambda: _ls(host)["media"]["mounts"] and _ls(host)["media"],
+                     "the declared volume mounted")  # fmt: skip
     assert (row["engine"], row["size"], row["mounts"]) == ("cluster", 1 << 30, [str(mnt)])
     (mnt / "f").write_bytes(b"declared")
     host.refused("resize", "media", "2G", words=("cluster", "not"))

@@ -323,5 +323,6 @@ def test_o_creat_opens_a_file_another_host_made_since_this_kernel_missed_it(pg_u
     with psycopg.connect(pg_url, autocommit=True) as conn:
         conn.execute("INSERT INTO entries SELECT volume, parent, 'h', ino FROM entries"
                      " WHERE name = 'g'")  # fmt: skip
+        conn.execute("UPDATE inodes SET nlink = 3 WHERE ino > 1")  # the rows agree again
     with pytest.raises(FileExistsError):
         os.close(os.open(b.mountpoint / "h", os.O_RDWR | os.O_CREAT | os.O_EXCL))

@@ -177,6 +177,9 @@ def _store(view: PgView, ino: int, flock: bool, wanted: Lock, own: list[Lock],
     """Replace the owner's locks *own* with *new* (nothing if they are the same)."""
     if own == new:
         return
+    # A step that wrote must run again after a serialization failure: it is no reader
+    # whose snapshot may stand (`PgModel._attempts`), and a lock it "took" would be gone.
+    view.wrote_rows = True
     view.conn.execute(_DROP_OWN, (view.vid, ino, flock, wanted.session, wanted.owner))
     for lock in new:
         view.conn.execute(_INSERT, (view.vid, ino, flock, *lock))

@@ -134,6 +134,8 @@ class _RowsView:
         self._counted: list[tuple[int, int, int]] = []  #: (ino, which, delta) this attempt
         self.after_commit: list[Callable[[], None]] = []
         self.unlocked: set[int] = set()  #: inodes where this step released locks
+        #: Whether this step wrote rows of its own besides the changes above (locks taken).
+        self.wrote_rows = False
         self._limits: tuple[int, int, int, int] | None = None  #: quota, inode limit, used, inodes
         self._used = self._inodes = 0  #: what this attempt adds to the volume's figures
         self.synced = False  #: whether the attempt commits synchronously (`sync`)
@@ -257,7 +259,8 @@ class _RowsView:
     def wrote(self) -> bool:
         """Whether this attempt changed a row."""
         return bool(self.changed_inodes or self.changed_entries or self.after_commit
-                    or self._used or self._inodes or self.synced)  # fmt: skip
+                    or self._used or self._inodes or self.synced or self.unlocked
+                    or self.wrote_rows)  # fmt: skip
 
     def finish(self) -> None:
         """The step is done: write the volume's figures (one row, only if they changed)."""
