@@ -113,21 +113,27 @@ class PostgresServer:
             conn.execute(sql)  # type: ignore[arg-type]
 
 
-@pytest.fixture(scope="session")
-def pg_server() -> Iterator[PostgresServer]:
-    """The session's PostgreSQL server (see the module's docstring)."""
+def _server(prefix: str) -> Iterator[PostgresServer]:
+    """A started server in a new directory named *prefix*..., stopped and removed after;
+    without PostgreSQL's binaries a skip, but in CI (``CI=true``) a failure."""
     found = bin_dir()
     if found is None or shutil.which("runuser") is None:
         why = "PostgreSQL's binaries (Debian's postgresql) are not installed"
         if os.environ.get("CI") == "true":
             pytest.fail(f"{why}: .ci/run must install them", pytrace=False)
         pytest.skip(why)
-    server = PostgresServer(found, Path(tempfile.mkdtemp(prefix="volfs-pg-")))
+    server = PostgresServer(found, Path(tempfile.mkdtemp(prefix=prefix)))
     try:
         server.start()
         yield server
     finally:
         server.stop()
+
+
+@pytest.fixture(scope="session")
+def pg_server() -> Iterator[PostgresServer]:
+    """The session's PostgreSQL server (see the module's docstring)."""
+    yield from _server("volfs-pg-")
 
 
 @pytest.fixture
@@ -196,15 +202,7 @@ def pg_hosts(pg_url: str, request: pytest.FixtureRequest) -> Iterator[Callable[.
 def pg_own() -> Iterator[PostgresServer]:
     """A PostgreSQL server of this test's own, to stop and start (`halt`, `run`); removed at
     the end of the test.  `pg_own_hosts` serves its volumes."""
-    found = bin_dir()
-    if found is None:
-        pytest.skip("PostgreSQL's binaries (Debian's postgresql) are not installed")
-    server = PostgresServer(found, Path(tempfile.mkdtemp(prefix="volfs-pg-own-")))
-    try:
-        server.start()
-        yield server
-    finally:
-        server.stop()
+    yield from _server("volfs-pg-own-")
 
 
 @pytest.fixture
