@@ -85,7 +85,7 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
         item.stash[CALL_PASSED] = report.passed
 
 
-def call_passed(node: pytest.Item) -> bool:
+def _passed(node: pytest.Item) -> bool:
     return node.stash.get(CALL_PASSED, False)
 
 
@@ -235,9 +235,9 @@ class Volume:
 _CHECKED = {"stores": 0, "seconds": 0.0}
 
 
-def check_after(root: Path, node: pytest.Item) -> None:
+def _check_after(root: Path, node: pytest.Item) -> None:
     """The checks after a passed test (tests/audit.py), on store *root*, served no more."""
-    if call_passed(node):
+    if _passed(node):
         started = time.monotonic()
         try:
             audit.check_store(root, node, node.stash.get(EXPECTED_LOG, []))
@@ -258,12 +258,18 @@ def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
 def host(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Host]:
     """A store root and runtime dir of the test's own, and the CLI pointed at them; the
     daemon and workers they get are stopped after the test, and the store checked."""
-    h = Host(tmp_path)
+    yield from host_at(tmp_path, request.node)
+
+
+def host_at(path: Path, node: pytest.Item) -> Iterator[Host]:
+    """The `host` fixture's body for a host in *path*: a test with several hosts makes the
+    others with it."""
+    h = Host(path)
     try:
         yield h
     finally:
-        h.cleanup(call_passed(request.node))
-    check_after(h.root, request.node)
+        h.cleanup(_passed(node))
+    _check_after(h.root, node)
 
 
 @pytest.fixture
@@ -274,7 +280,7 @@ def store_root(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Path]
     request.node.stash[EXPECTED_LOG] = []
     yield root
     stop_daemon(run_dir_of(root))
-    check_after(root, request.node)
+    _check_after(root, request.node)
 
 
 @pytest.fixture
@@ -284,7 +290,7 @@ def volume(tmp_path: Path, store_root: Path, request: pytest.FixtureRequest) -> 
     try:
         yield vol
     finally:
-        vol.cleanup(call_passed(request.node))
+        vol.cleanup(_passed(request.node))
 
 
 @pytest.fixture
@@ -302,7 +308,7 @@ def copy(tmp_path: Path, volume: Volume, request: pytest.FixtureRequest) -> Iter
     try:
         yield vol
     finally:
-        vol.cleanup(call_passed(request.node))
+        vol.cleanup(_passed(request.node))
 
 
 @pytest.fixture(scope="session")

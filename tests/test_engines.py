@@ -17,7 +17,7 @@ import pytest
 
 from volfs.docker_driver import CLUSTER_SUFFIX
 
-from conftest import call_passed, check_after
+from conftest import host_at
 from helpers import VOLFSD, needs_root, wait_until
 from hosts import Host
 
@@ -204,12 +204,7 @@ def test_a_declared_volume_on_the_cluster_is_made_there_and_mounted(host, tmp_pa
 def second_host(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Host]:
     """Another host: a daemon with a store root, runtime dir and config of its own."""
     (tmp_path / "host-b").mkdir()
-    other = Host(tmp_path / "host-b")
-    try:
-        yield other
-    finally:
-        other.cleanup(call_passed(request.node))
-    check_after(other.root, request.node)
+    yield from host_at(tmp_path / "host-b", request.node)
 
 
 def test_two_daemons_serve_one_volume(host, second_host, tmp_path, pg_url):

@@ -133,18 +133,25 @@ class Engines:
         return found
 
     def locate(self, name: str) -> str | None:
-        """The engine that holds volume *name*, or None if none does; `VolfsError`
-        (unavailable) if none that could be asked does and a cluster engine could not be
-        asked: it may hold it."""
+        """The engine that holds volume *name*, or None if none does (see `find`)."""
+        found = self.find(name)
+        return None if found is None else found[0]
+
+    def find(self, name: str) -> tuple[str, VolumeRow | None] | None:
+        """The engine that holds volume *name* and, for a cluster engine, its row; None if
+        none does; `VolfsError` (unavailable) if none that could be asked does and a cluster
+        engine could not be asked: it may hold it."""
         if self.root.exists(name):
-            return LOCAL_ENGINE
+            return LOCAL_ENGINE, None
         missed = []
         for engine in self.clusters.values():
             try:
-                if name in engine.volumes():
-                    return engine.name
+                row = engine.volumes().get(name)
             except VolfsError as exc:
                 missed.append(str(exc))
+                continue
+            if row is not None:
+                return engine.name, row
         if missed:
             raise VolfsError(
                 f"volume {name} is not in the local store, and it may be on an engine that "

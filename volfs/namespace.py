@@ -54,14 +54,10 @@ class Namespace:
         if "@" in name or self.root.exists(name):
             self.check_exists(name)
             return self.describe(name)
-        engine = await self.locate(name)
-        row = None
-        if engine is not None:
-            rows = await trio.to_thread.run_sync(self.engines.cluster(engine).volumes)
-            row = rows.get(name)
-        if engine is None or row is None:
+        found = await trio.to_thread.run_sync(self.engines.find, name)
+        if found is None or found[1] is None:
             raise VolfsError(f"no such volume: {name[:80]}", ErrorCode.NOT_FOUND)
-        return self._with_mounts(describe_cluster(name, engine, row))
+        return self._with_mounts(describe_cluster(name, found[0], found[1]))
 
     def _with_mounts(self, row: VolumeInfo) -> VolumeInfo:
         """A cluster volume's *row* with what this host serves of it."""
